@@ -1,0 +1,156 @@
+"""The autograd layer: a chunk loop over tokens that never holds more than chunk x V logits.
+
+Per chunk of tokens (rows i0:i1):
+    S = H_s W_s^T + b_s     (chunk, V)   cuBLAS, in the compute dtype, into a reused buffer
+    T = H_t W_t[:K]^T + b_t (chunk, K)   cuBLAS; teacher logits beyond the shared ids are never needed
+    row op: per-token loss, and dloss/dS written over S (the Triton kernel, or the spec + autograd on CPU)
+    dH_s[i0:i1] = G W_s,   dW_s += G^T H_s,   db_s += sum_rows G        (dW_s, db_s accumulated in fp32)
+FLOPs: 2 N V (3 D_s + D_t), the floor; the teacher's logits are formed once.
+
+The loss is the last op of a training step, so for reduction "mean"/"sum" the gradients are computed in
+the forward pass with the reduction's scale folded in, and backward only multiplies them by the upstream
+scalar. For reduction "none" the upstream gradient differs per token, so backward recomputes the chunks
+with it as the row scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd import reference
+from fastkd.options import DistillOptions
+
+
+def _torch_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts, compute_grad):
+    """CPU row op: the spec's `token_losses` on one chunk in fp32, its logit gradient by autograd."""
+    with torch.enable_grad():
+        s32 = s.detach().float().requires_grad_(compute_grad)
+        loss, ce, kd = reference.token_losses(s32, t.float(), labels, opts)
+        if compute_grad:
+            (grad,) = torch.autograd.grad(loss, s32, grad_outputs=row_scale)
+            s.copy_(grad)
+    loss_out.copy_(loss.detach())
+    ce_out.copy_(ce.detach())
+    kd_out.copy_(kd.detach())
+
+
+def _triton_rows(*args):
+    from fastkd.kernels.distill import distill_rows
+
+    distill_rows(*args)
+
+
+ROW_OPS = {"torch": _torch_rows, "triton": _triton_rows}
+
+
+def default_chunk_size(n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device) -> int:
+    """Tokens per chunk so the two logit buffers fit a fixed budget (256 MiB on GPU, 64 MiB on CPU)."""
+    budget = (256 if device.type == "cuda" else 64) * 2**20
+    rows = max(1, budget // ((vocab + shared) * itemsize))
+    if rows >= 128:
+        rows -= rows % 128  # keep the GEMM's M dimension a multiple of the tile size
+    return min(rows, max(n_tokens, 1))
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtype, grads):
+    """Run the chunk loop. Returns per-token (loss, ce, kd) in fp32 and, if grads, (dH, dW, db)."""
+    n, d_s = h_s.shape
+    vocab, shared = w_s.shape[0], min(w_s.shape[0], w_t.shape[0])
+    dev = h_s.device
+    h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), _cast(b_s, dtype)
+    h_t, w_t, b_t = h_t.to(dtype), w_t[:shared].to(dtype), _cast(b_t, dtype)
+    if b_t is not None:
+        b_t = b_t[:shared]
+    loss, ce, kd = (torch.empty(n, device=dev, dtype=torch.float32) for _ in range(3))
+    s_buf = torch.empty(min(chunk, n), vocab, device=dev, dtype=dtype)
+    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=dtype)
+    dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
+    dw = torch.zeros(vocab, d_s, device=dev, dtype=torch.float32) if grads else None
+    db = torch.zeros(vocab, device=dev, dtype=torch.float32) if grads and b_s is not None else None
+    for i0 in range(0, n, chunk):
+        i1 = min(i0 + chunk, n)
+        s, t, hs = s_buf[: i1 - i0], t_buf[: i1 - i0], h_s[i0:i1]
+        _linear(hs, w_s, b_s, s)
+        _linear(h_t[i0:i1], w_t, b_t, t)
+        rows_labels = None if labels is None else labels[i0:i1]
+        row_op(s, t, rows_labels, row_scale[i0:i1], loss[i0:i1], ce[i0:i1], kd[i0:i1], opts, grads)
+        if grads:  # s now holds G = dloss/dS for this chunk
+            torch.mm(s, w_s, out=dh[i0:i1])
+            _accumulate_mm(dw, s.t(), hs)
+            if db is not None:
+                db += s.sum(0, dtype=torch.float32)
+    return loss, ce, kd, (dh, dw, db)
+
+
+def _linear(h, w, b, out):
+    if b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 and a, b possibly half precision."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += torch.mm(a, b).float()  # one (V, D) half-precision temporary per chunk
+
+
+class FusedDistillFunction(torch.autograd.Function):
+    """Inputs already flattened to (N, D); returns per-token (loss, ce, kd) reduced by opts.reduction."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk, dtype):
+        need = ctx.needs_input_grad[:3]
+        grads_now = any(need) and opts.reduction != "none"
+        n = h_s.shape[0]
+        valid = (
+            torch.ones(n, dtype=torch.bool, device=h_s.device)
+            if labels is None
+            else labels != opts.ignore_index
+        )
+        scale = valid.float()
+        if opts.reduction == "mean":
+            scale = scale / valid.sum().clamp(min=1)
+        row_op = ROW_OPS[backend]
+        loss_i, ce_i, kd_i, (dh, dw, db) = _chunked(
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, row_op, chunk, dtype, grads_now
+        )
+        ctx.opts, ctx.backend, ctx.chunk, ctx.dtype = opts, backend, chunk, dtype
+        ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        if grads_now:
+            ctx.save_for_backward(dh, dw, db)
+        elif opts.reduction == "none" and any(need):
+            ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, valid)
+        ctx.grads_now = grads_now
+        out = [reference.reduce(x, valid, opts.reduction) for x in (loss_i, ce_i, kd_i)]
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        need = ctx.needs_input_grad[:3]
+        if ctx.grads_now:
+            dh, dw, db = ctx.saved_tensors
+            g = grad_loss.float()
+        else:  # reduction "none": recompute the chunks with the upstream gradient as row scale
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, valid = ctx.saved_tensors
+            scale = grad_loss.float() * valid
+            _, _, _, (dh, dw, db) = _chunked(
+                h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ROW_OPS[ctx.backend],
+                ctx.chunk, ctx.dtype, True,
+            )
+            g = None
+        out = []
+        for grad, needed, dtype in zip((dh, dw, db), need, ctx.in_dtypes):
+            if not needed or grad is None:
+                out.append(None)
+                continue
+            grad = grad if g is None else grad * g
+            out.append(grad.to(dtype))
+        return (*out, None, None, None, None, None, None, None, None)

@@ -1,0 +1,117 @@
+"""The plain-torch definition of the distillation loss: the spec.
+
+Tests hold the kernels to it in float64, the CPU path reuses `token_losses` on chunks of logits (so the
+CPU path and the spec cannot drift apart), and benchmarks use it as the naive baseline. It materialises
+full N x V logits, so use it for checking, not for training at scale.
+
+Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared ids,
+temperature T, label y.
+
+    s <- c_s * tanh(s / c_s),  t <- c_t * tanh(t / c_t)          (optional softcaps)
+    CE  = logsumexp(s) - s_y                                      (full student vocab, T = 1)
+    q   = softmax(s[:K] / T),  p = softmax(t[:K] / T)
+    forward_kl: KL(p || q)     reverse_kl: KL(q || p)
+    jsd:        beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta * p + (1 - beta) * q
+    loss = ce_weight * CE + kd_weight * T**2 * D
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastkd.options import DistillOptions
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2 style logit softcapping `cap * tanh(logits / cap)`; identity for cap=None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
+    """Per-row divergence between teacher p and student q, both given as log-probabilities (..., K)."""
+    p, q = log_p.exp(), log_q.exp()
+    if opts.divergence == "forward_kl":
+        return (p * (log_p - log_q)).sum(-1)
+    if opts.divergence == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    beta = opts.beta
+    # log m as a logaddexp, never the log of a sum of small probabilities.
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return (beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)).sum(-1)
+
+
+def token_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (loss, ce, kd) from logits before softcap, (N, V) and (N, V_t) -> three (N,) tensors.
+
+    Ignored tokens (label == ignore_index) get 0 in all three. Computes in the logits' dtype; pass fp32
+    or fp64 logits (`distill_loss` upcasts half precision first).
+    """
+    s = softcap(student_logits, opts.student_softcap)
+    t = softcap(teacher_logits, opts.teacher_softcap)
+    k = min(s.shape[-1], t.shape[-1])
+    temp = opts.temperature
+    log_q = torch.log_softmax(s[..., :k] / temp, dim=-1)
+    log_p = torch.log_softmax(t[..., :k] / temp, dim=-1)
+    kd = divergence(log_q, log_p, opts)
+    if labels is None:
+        ce = torch.zeros_like(kd)
+        valid = torch.ones_like(kd, dtype=torch.bool)
+    else:
+        valid = labels != opts.ignore_index
+        ce = F.cross_entropy(s, torch.where(valid, labels, 0), reduction="none")
+        ce = torch.where(valid, ce, 0.0)
+        kd = torch.where(valid, kd, 0.0)
+    loss = opts.ce_weight * ce + (opts.kd_weight * temp * temp) * kd
+    return loss, ce, kd
+
+
+def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-token values that are already 0 at ignored tokens; mean divides by the counted ones."""
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd) with full logits; ce and kd reduced like loss, unweighted, kd without T**2.
+
+    Logits are formed in the inputs' dtype (as `F.linear` would) and the softmax math runs in fp32 for
+    half-precision inputs, in the inputs' dtype otherwise. `reduction="none"` returns the leading shape.
+    """
+    lead = student_hidden.shape[:-1]
+    s = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
+    with torch.no_grad():
+        t = F.linear(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    t = t.to(s.dtype)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    loss, ce, kd = token_losses(s, t, flat_labels, opts)
+    if flat_labels is None:
+        valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
+    else:
+        valid = flat_labels != opts.ignore_index
+    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
+    if opts.reduction == "none":
+        out = [x.reshape(lead) for x in out]
+    return out[0], out[1], out[2]

@@ -1,0 +1,261 @@
+"""Row kernel of the fused distillation loss: per-token loss and dloss/dlogits, streamed over the vocab.
+
+For one chunk of n tokens the caller has formed, with cuBLAS, the student logits z_s (n, V) and the
+teacher logits z_t (n, K), K = min(V, V_t), bias included. One program handles one row (token) and
+streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 whatever the buffer dtype:
+
+    s = c_s tanh(z_s / c_s)  (if HAS_S_CAP)     t = c_t tanh(z_t / c_t)  (if HAS_T_CAP)
+    a = s / T,  b = t / T  over v < K;  L_s = lse_{v<V} s,  L_a = lse_{v<K} a,  L_b = lse_{v<K} b
+    q = exp(a - L_a),  p = exp(b - L_b)
+
+    pass 1 (statistics):  m_s/l_s, m_a/l_a, m_b/l_b, and for the KL divergences the rescaled sums
+        forward_kl: D = sum_v p_v (b_v - a_v) - L_b + L_a
+        reverse_kl: D = sum_v q_v (a_v - b_v) - L_a + L_b
+    pass 2 (jsd only): with log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v)
+        D = sum_v beta p_v (log p_v - log m_v) + (1 - beta) q_v (log q_v - log m_v)
+        S = sum_v q_v g_v,  g_v = (1 - beta) (log q_v - log m_v)
+    last pass (if COMPUTE_GRAD): dloss/dz_s, written over z_s in place (so the caller's buffer becomes G):
+        1. CE:          w_ce (softmax(s)_v - [v = y])                         all v < V
+        2. forward_kl:  w_kd T (q_v - p_v)                                     v < K, 0 beyond
+        3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D)
+        4. jsd:         w_kd T q_v (g_v - S)
+        5. softcap:     times 1 - (s_v / c_s)^2;  everything times the row's scale r (0 if ignored)
+    (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
+
+Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row streams
+its logits 2 (KL) or 3 (jsd) times; bytes per row ~ (passes * (V + K) + V) * itemsize.
+Row offsets are int64: n * V passes 2^31 for large chunks at V = 256k.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+DIVERGENCE_IDS = {"forward_kl": FORWARD_KL.value, "reverse_kl": REVERSE_KL.value, "jsd": JSD.value}
+
+
+@triton.jit
+def _softcap(z, cap):
+    # cap * tanh(z / cap) with tanh(x) = 1 - 2 / (exp(2x) + 1): exp overflow gives +-cap, never NaN.
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+
+
+@triton.jit
+def _load_row_tile(row_ptr, offs, n_valid, cap, HAS_CAP: tl.constexpr):
+    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid."""
+    mask = offs < n_valid
+    z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        z = _softcap(z, cap)
+    return tl.where(mask, z, float("-inf"))
+
+
+@triton.jit
+def _online_update(m_i, l_i, x):
+    """Online logsumexp state (m_i, l_i) after seeing tile x (entries -inf are ignored)."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(tl.exp(x - m_new), axis=0), alpha
+
+
+@triton.jit
+def distill_rows_kernel(
+    # pointers
+    s_ptr,  # (n, V) student logits z_s, any float dtype; overwritten by dloss/dz_s if COMPUTE_GRAD
+    t_ptr,  # (n, K) teacher logits z_t
+    y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
+    scale_ptr,  # (n,) fp32 gradient scale r per row
+    loss_ptr,  # (n,) fp32 out: w_ce CE + w_kd T^2 D
+    ce_ptr,  # (n,) fp32 out: CE
+    kd_ptr,  # (n,) fp32 out: D
+    # sizes
+    V,
+    K,
+    # strides (elements, rows)
+    stride_s,
+    stride_t,
+    # scalars
+    ignore_index,
+    temperature,
+    ce_weight,
+    kd_weight,
+    beta,
+    s_cap,
+    t_cap,
+    # meta
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_S_CAP: tl.constexpr,
+    HAS_T_CAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    inv_t = 1.0 / temperature
+    offs0 = tl.arange(0, BLOCK_V)
+
+    y_safe = 0
+    valid = True
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        valid = y != ignore_index
+        y_safe = tl.where(valid, y, 0)
+
+    # ---- pass 1: statistics ------------------------------------------------------------------------
+    m_s = float("-inf")
+    l_s = 0.0
+    m_a = float("-inf")
+    l_a = 0.0
+    m_b = float("-inf")
+    l_b = 0.0
+    acc = 0.0  # forward: sum exp(b - m_b) (b - a);  reverse: sum exp(a - m_a) (a - b)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + offs0
+        s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
+        m_s, l_s, _ = _online_update(m_s, l_s, s)
+        if v0 < K:
+            in_k = offs < K
+            a = tl.where(in_k, s * inv_t, float("-inf"))
+            b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
+            m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
+            m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
+            if DIVERGENCE == FORWARD_KL:
+                term = tl.where(in_k, tl.exp(b - m_b) * (b - a), 0.0)
+                acc = acc * alpha_b + tl.sum(term, axis=0)
+            elif DIVERGENCE == REVERSE_KL:
+                term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
+                acc = acc * alpha_a + tl.sum(term, axis=0)
+    lse_s = m_s + tl.log(l_s)
+    lse_a = m_a + tl.log(l_a)
+    lse_b = m_b + tl.log(l_b)
+    if HAS_LABELS:
+        s_y = tl.load(s_row + y_safe).to(tl.float32)
+        if HAS_S_CAP:
+            s_y = _softcap(s_y, s_cap)
+        ce = lse_s - s_y
+    else:
+        ce = 0.0
+
+    # ---- pass 2 (jsd): divergence and S = sum q g ---------------------------------------------------
+    log_beta = tl.log(beta)
+    log_1mb = tl.log(1.0 - beta)
+    sum_qg = 0.0
+    if DIVERGENCE == FORWARD_KL:
+        kd = acc / l_b - lse_b + lse_a
+    elif DIVERGENCE == REVERSE_KL:
+        kd = acc / l_a - lse_a + lse_b
+    else:
+        kd = 0.0
+        for v0 in range(0, K, BLOCK_V):
+            offs = v0 + offs0
+            in_k = offs < K
+            log_q = _load_row_tile(s_row, offs, K, s_cap, HAS_S_CAP) * inv_t - lse_a
+            log_p = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t - lse_b
+            x = log_beta + log_p
+            z = log_1mb + log_q
+            mx = tl.maximum(x, z)
+            log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
+            p = tl.exp(log_p)
+            q = tl.exp(log_q)
+            g = (1.0 - beta) * (log_q - log_m)
+            d = beta * p * (log_p - log_m) + q * g
+            kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
+            sum_qg += tl.sum(tl.where(in_k, q * g, 0.0), axis=0)
+
+    loss = ce_weight * ce + kd_weight * temperature * temperature * kd
+    if HAS_LABELS:  # ignored rows count for nothing
+        loss = tl.where(valid, loss, 0.0)
+        ce = tl.where(valid, ce, 0.0)
+        kd = tl.where(valid, kd, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(ce_ptr + row, ce)
+    tl.store(kd_ptr + row, kd)
+
+    # ---- last pass: gradient, written in place --------------------------------------------------------
+    if COMPUTE_GRAD:
+        r = tl.load(scale_ptr + row)
+        if HAS_LABELS:
+            r = tl.where(valid, r, 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + offs0
+            in_v = offs < V
+            in_k = offs < K
+            s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
+            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            if HAS_LABELS:  # 1. CE
+                grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
+            if v0 < K:
+                log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
+                log_p = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t - lse_b
+                q = tl.exp(log_q)
+                if DIVERGENCE == FORWARD_KL:  # 2.
+                    dkd = q - tl.exp(log_p)
+                elif DIVERGENCE == REVERSE_KL:  # 3.
+                    dkd = q * (log_q - log_p - kd)
+                else:  # 4.
+                    x = log_beta + log_p
+                    z = log_1mb + log_q
+                    mx = tl.maximum(x, z)
+                    log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
+                    dkd = q * ((1.0 - beta) * (log_q - log_m) - sum_qg)
+                grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
+            if HAS_S_CAP:  # 5.
+                grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
+            grad = grad * r
+            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=in_v)
+
+
+def distill_rows(
+    student_logits,
+    teacher_logits,
+    labels,
+    row_scale,
+    loss_out,
+    ce_out,
+    kd_out,
+    opts,
+    compute_grad: bool,
+    block_v: int = 4096,
+    num_warps: int = 8,
+) -> None:
+    """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
+    over student_logits. Shapes as in the kernel's pointer comments; rows must have unit inner stride.
+    `opts` is a fastkd.DistillOptions (read, not checked: the caller checks)."""
+    n, vocab = student_logits.shape
+    shared = teacher_logits.shape[1]
+    if n == 0:
+        return
+    block = min(block_v, triton.next_power_of_2(vocab))
+    distill_rows_kernel[(n,)](
+        student_logits,
+        teacher_logits,
+        labels if labels is not None else row_scale,
+        row_scale,
+        loss_out,
+        ce_out,
+        kd_out,
+        vocab,
+        shared,
+        student_logits.stride(0),
+        teacher_logits.stride(0),
+        opts.ignore_index,
+        opts.temperature,
+        opts.ce_weight,
+        opts.kd_weight,
+        opts.beta,
+        opts.student_softcap or 1.0,
+        opts.teacher_softcap or 1.0,
+        DIVERGENCE=DIVERGENCE_IDS[opts.divergence],
+        HAS_LABELS=labels is not None,
+        HAS_S_CAP=opts.student_softcap is not None,
+        HAS_T_CAP=opts.teacher_softcap is not None,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
