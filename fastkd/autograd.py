@@ -105,8 +105,10 @@ class FusedDistillFunction(torch.autograd.Function):
     """Inputs already flattened to (N, D); returns per-token (loss, ce, kd) reduced by opts.reduction."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk, dtype):
-        need = ctx.needs_input_grad[:3]
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk, dtype,
+                grad_enabled):
+        # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not.
+        need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
         n = h_s.shape[0]
         valid = (
@@ -125,7 +127,7 @@ class FusedDistillFunction(torch.autograd.Function):
         ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         if grads_now:
             ctx.save_for_backward(dh, dw, db)
-        elif opts.reduction == "none" and any(need):
+        elif any(need):  # reduction "none"
             ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, valid)
         ctx.grads_now = grads_now
         out = [reference.reduce(x, valid, opts.reduction) for x in (loss_i, ce_i, kd_i)]
@@ -153,4 +155,4 @@ class FusedDistillFunction(torch.autograd.Function):
                 continue
             grad = grad if g is None else grad * g
             out.append(grad.to(dtype))
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)

@@ -198,7 +198,7 @@ def distill(
         loss, ce, kd = FusedDistillFunction.apply(
             h_s, student_weight, student_bias, h_t, teacher_weight.detach(),
             None if teacher_bias is None else teacher_bias.detach(),
-            flat_labels, opts, backend, chunk, dtype,
+            flat_labels, opts, backend, chunk, dtype, torch.is_grad_enabled(),
         )
     if opts.reduction == "none":
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)

@@ -17,7 +17,7 @@ streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 wha
     last pass (if COMPUTE_GRAD): dloss/dz_s, written over z_s in place (so the caller's buffer becomes G):
         1. CE:          w_ce (softmax(s)_v - [v = y])                         all v < V
         2. forward_kl:  w_kd T (q_v - p_v)                                     v < K, 0 beyond
-        3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D)
+        3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D) = w_kd T q_v ((a_v - b_v) - E_q[a - b])
         4. jsd:         w_kd T q_v (g_v - S)
         5. softcap:     times 1 - (s_v / c_s)^2;  everything times the row's scale r (0 if ignored)
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
@@ -108,29 +108,31 @@ def distill_rows_kernel(
         y_safe = tl.where(valid, y, 0)
 
     # ---- pass 1: statistics ------------------------------------------------------------------------
-    m_s = float("-inf")
-    l_s = 0.0
-    m_a = float("-inf")
-    l_a = 0.0
-    m_b = float("-inf")
-    l_b = 0.0
-    acc = 0.0  # forward: sum exp(b - m_b) (b - a);  reverse: sum exp(a - m_a) (a - b)
-    for v0 in range(0, V, BLOCK_V):
+    m_s = tl.full([], float("-inf"), tl.float32)
+    l_s = tl.zeros([], tl.float32)
+    m_a = m_s
+    l_a = l_s
+    m_b = m_s
+    l_b = l_s
+    acc = l_s  # forward: sum exp(b - m_b) (b - a);  reverse: sum exp(a - m_a) (a - b)
+    for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
         offs = v0 + offs0
+        in_k = offs < K
         s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
         m_s, l_s, _ = _online_update(m_s, l_s, s)
-        if v0 < K:
-            in_k = offs < K
-            a = tl.where(in_k, s * inv_t, float("-inf"))
-            b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
-            m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
-            m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
-            if DIVERGENCE == FORWARD_KL:
-                term = tl.where(in_k, tl.exp(b - m_b) * (b - a), 0.0)
-                acc = acc * alpha_b + tl.sum(term, axis=0)
-            elif DIVERGENCE == REVERSE_KL:
-                term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
-                acc = acc * alpha_a + tl.sum(term, axis=0)
+        a = tl.where(in_k, s * inv_t, float("-inf"))
+        b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
+        m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
+        m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
+        if DIVERGENCE == FORWARD_KL:
+            term = tl.where(in_k, tl.exp(b - m_b) * (b - a), 0.0)
+            acc = acc * alpha_b + tl.sum(term, axis=0)
+        elif DIVERGENCE == REVERSE_KL:
+            term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
+            acc = acc * alpha_a + tl.sum(term, axis=0)
+    for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
+        s = _load_row_tile(s_row, v0 + offs0, V, s_cap, HAS_S_CAP)
+        m_s, l_s, _ = _online_update(m_s, l_s, s)
     lse_s = m_s + tl.log(l_s)
     lse_a = m_a + tl.log(l_a)
     lse_b = m_b + tl.log(l_b)
@@ -149,7 +151,8 @@ def distill_rows_kernel(
     if DIVERGENCE == FORWARD_KL:
         kd = acc / l_b - lse_b + lse_a
     elif DIVERGENCE == REVERSE_KL:
-        kd = acc / l_a - lse_a + lse_b
+        mean_ab = acc / l_a  # E_q[a - b]: the gradient uses it directly, not kd + lse terms
+        kd = mean_ab - lse_a + lse_b
     else:
         kd = 0.0
         for v0 in range(0, K, BLOCK_V):
@@ -184,32 +187,31 @@ def distill_rows_kernel(
             r = tl.where(valid, r, 0.0)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + offs0
-            in_v = offs < V
             in_k = offs < K
             s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_LABELS:  # 1. CE
                 grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
-            if v0 < K:
-                log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
-                log_p = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t - lse_b
-                q = tl.exp(log_q)
-                if DIVERGENCE == FORWARD_KL:  # 2.
-                    dkd = q - tl.exp(log_p)
-                elif DIVERGENCE == REVERSE_KL:  # 3.
-                    dkd = q * (log_q - log_p - kd)
-                else:  # 4.
-                    x = log_beta + log_p
-                    z = log_1mb + log_q
-                    mx = tl.maximum(x, z)
-                    log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
-                    dkd = q * ((1.0 - beta) * (log_q - log_m) - sum_qg)
-                grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
+            # KD terms; tiles past K load nothing (all masked) and add 0
+            log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
+            b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
+            log_p = b - lse_b
+            q = tl.exp(log_q)
+            if DIVERGENCE == FORWARD_KL:  # 2.
+                dkd = q - tl.exp(log_p)
+            elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
+                dkd = q * ((s * inv_t - b) - mean_ab)
+            else:  # 4.
+                x = log_beta + log_p
+                z = log_1mb + log_q
+                mx = tl.maximum(x, z)
+                log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
+                dkd = q * ((1.0 - beta) * (log_q - log_m) - sum_qg)
+            grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
             if HAS_S_CAP:  # 5.
                 grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
             grad = grad * r
-            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=in_v)
-
+            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < V)
 
 def distill_rows(
     student_logits,

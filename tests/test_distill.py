@@ -1,0 +1,339 @@
+"""The fused loss against the float64 plain-torch spec, on both row ops: the chunked torch path and the
+Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient are compared.
+
+The bf16 cases through backend="triton" also guard the interpreter's known bf16 `tl.dot` fault (Triton
+3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import DistillOptions, reference
+
+BACKENDS = ["torch", "triton"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+# max |got - want| / max |want|, per tensor, against the float64 spec
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_inputs(n=77, d_s=24, d_t=40, vocab=1003, vocab_t=1011, dtype=torch.float32, bias=True,
+                ignore_every=5, scale=1.0, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
+
+    lead = lead or (n,)
+    inputs = dict(
+        student_hidden=randn(*lead, d_s, s=scale).requires_grad_(),
+        student_weight=randn(vocab, d_s, s=0.5).requires_grad_(),
+        teacher_hidden=randn(*lead, d_t, s=scale),
+        teacher_weight=randn(vocab_t, d_t, s=0.5),
+        labels=torch.randint(0, vocab, lead, generator=g),
+    )
+    if ignore_every:
+        inputs["labels"].view(-1)[::ignore_every] = -100
+    if bias:
+        inputs["student_bias"] = randn(vocab).requires_grad_()
+        inputs["teacher_bias"] = randn(vocab_t)
+    return inputs
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def run(inputs, backend, upstream=None, **kw):
+    """Loss and the student gradients; backend "spec" is the reference in float64."""
+    args = {}
+    for name, x in inputs.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.detach().double() if backend == "spec" else x.detach().clone()
+            x.requires_grad_(name in STUDENT and inputs[name].requires_grad)
+        args[name] = x
+    loss = fastkd.fused_distill_loss(**args, backend="reference" if backend == "spec" else backend,
+                                     **kw)
+    out = loss if upstream is None else loss * upstream.to(loss.dtype)
+    out.sum().backward()
+    grads = {k: args[k].grad for k in STUDENT if k in args and args[k].requires_grad}
+    return loss.detach(), grads
+
+
+def assert_close(got, want, dtype, what=""):
+    assert got.dtype != torch.float64 or want.dtype == torch.float64
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def check(inputs, backend, dtype, upstream=None, **kw):
+    loss, grads = run(inputs, backend, upstream, **kw)
+    want_loss, want_grads = run(inputs, "spec", upstream, **kw)
+    assert_close(loss, want_loss, dtype, "loss")
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert_close(grads[name], want_grads[name], dtype, name)
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_spec(backend, divergence, dtype):
+    # odd sizes, a padded teacher vocab, biases, ignored tokens, T != 1, chunks that split N unevenly
+    inputs = make_inputs(dtype=dtype)
+    check(inputs, backend, dtype, temperature=2.0, divergence=divergence, beta=0.3, chunk_size=20)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcaps(backend, divergence):
+    inputs = make_inputs(n=33, scale=3.0, seed=1)
+    for caps in ({"student_softcap": 4.0}, {"teacher_softcap": 3.0},
+                 {"student_softcap": 5.0, "teacher_softcap": 2.5}):
+        check(inputs, backend, torch.float32, temperature=1.5, divergence=divergence, **caps)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 10.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperatures(backend, temperature):
+    inputs = make_inputs(n=29, vocab=517, vocab_t=517, seed=2)
+    check(inputs, backend, torch.float32, temperature=temperature, divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.3, 2.0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_weights(backend, weights):
+    inputs = make_inputs(n=21, vocab=300, vocab_t=300, seed=3)
+    check(inputs, backend, torch.float32, ce_weight=weights[0], kd_weight=weights[1],
+          temperature=2.0, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_labels(backend):
+    inputs = make_inputs(n=19, vocab=257, vocab_t=250, seed=4)
+    inputs["labels"] = None
+    check(inputs, backend, torch.float32, ce_weight=0.0, kd_weight=1.0, temperature=3.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_with_upstream_gradient(backend, reduction):
+    inputs = make_inputs(n=23, vocab=411, vocab_t=400, seed=5, lead=(3, 23 // 3 + 1))
+    lead = inputs["labels"].shape
+    upstream = torch.randn(lead, generator=torch.Generator().manual_seed(9)) if reduction == "none" \
+        else torch.tensor(-2.5)  # "not the last layer": the loss is scaled before backward
+    loss, _ = check(inputs, backend, torch.float32, upstream, reduction=reduction,
+                    divergence="forward_kl", temperature=2.0, chunk_size=7)
+    assert loss.shape == (lead if reduction == "none" else ())
+    if reduction == "none":
+        assert (loss[inputs["labels"] == -100] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_tokens_ignored(backend, reduction):
+    inputs = make_inputs(n=9, vocab=130, vocab_t=130, seed=6)
+    inputs["labels"].fill_(-100)
+    loss, grads = run(inputs, backend, reduction=reduction, divergence="jsd")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for name, grad in grads.items():
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_vocabularies(backend):
+    for vocab, vocab_t in ((515, 500), (500, 515)):  # student larger, then teacher larger
+        inputs = make_inputs(n=17, vocab=vocab, vocab_t=vocab_t, seed=7)
+        check(inputs, backend, torch.float32, divergence="reverse_kl", temperature=0.7)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend, divergence):
+    # logits of magnitude ~1e4: the online max must keep every exp finite
+    inputs = make_inputs(n=13, d_s=8, d_t=8, vocab=200, vocab_t=200, seed=8, bias=False)
+    with torch.no_grad():
+        inputs["student_hidden"].mul_(2e3)
+        inputs["teacher_hidden"].mul_(2e3)
+    s = inputs["student_hidden"] @ inputs["student_weight"].T
+    assert s.abs().max() > 5e3
+    # fp32 logits near 1e4 carry ~1e-3 absolute rounding from the GEMM alone, which the cancelling
+    # reverse-KL gradient amplifies; 1e-4 of the largest gradient is what fp32 plain torch reaches.
+    loss, grads = run(inputs, backend, divergence=divergence, temperature=2.0)
+    want_loss, want_grads = run(inputs, "spec", divergence=divergence, temperature=2.0)
+    assert torch.isfinite(loss) and abs(loss.double() - want_loss) <= 1e-5 * want_loss.abs()
+    for name, grad in grads.items():
+        err = (grad.double() - want_grads[name]).abs().max() / want_grads[name].abs().max()
+        assert torch.isfinite(grad).all() and err <= 1e-4, (name, float(err))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocab(backend):
+    inputs = make_inputs(n=5, d_s=8, d_t=12, vocab=70001, vocab_t=70013, seed=10)
+    check(inputs, backend, torch.float32, divergence="forward_kl", temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16(backend):
+    inputs = make_inputs(n=31, vocab=600, vocab_t=610, dtype=torch.float16, seed=11)
+    check(inputs, backend, torch.float16, divergence="jsd", temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_sizes_agree(backend):
+    inputs = make_inputs(n=41, vocab=333, vocab_t=333, seed=12)
+    kw = dict(divergence="jsd", temperature=2.0)
+    want_loss, want_grads = run(inputs, backend, chunk_size=41, **kw)
+    for chunk in (1, 6, 40, 1000):
+        loss, grads = run(inputs, backend, chunk_size=chunk, **kw)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    inputs = make_inputs(n=30, vocab=257, vocab_t=260, seed=13, lead=(3, 10))
+    # typical next-token shift: hidden[:, :-1] with labels[:, 1:]; weights as transposed views
+    full = {k: v for k, v in inputs.items()}
+    args = dict(full)
+    args["student_hidden"] = full["student_hidden"].detach()[:, :-1].requires_grad_()
+    args["teacher_hidden"] = full["teacher_hidden"][:, :-1]
+    args["labels"] = full["labels"][:, 1:]
+    args["student_weight"] = full["student_weight"].detach().t().contiguous().t().requires_grad_()
+    assert not args["student_hidden"].is_contiguous()
+    assert not args["student_weight"].is_contiguous()
+    assert not args["labels"].is_contiguous()
+    check(args, backend, torch.float32, divergence="forward_kl", temperature=2.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_master_weights(backend):
+    inputs = make_inputs(n=25, vocab=301, vocab_t=301, seed=14)
+    kw = dict(divergence="forward_kl", temperature=2.0, chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run(inputs, backend, **kw)
+    want_loss, want_grads = run(inputs, "spec", **kw)
+    assert_close(loss, want_loss, torch.bfloat16, "loss")
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name  # each gradient in its input's own dtype
+        assert_close(grad, want_grads[name], torch.bfloat16, name)
+    # it really computed in bf16: not bitwise the fp32 answer
+    fp32_loss, _ = run(inputs, backend, **kw)
+    assert not torch.equal(loss.float(), fp32_loss)
+
+
+def test_no_worse_than_plain_torch_in_same_dtype():
+    # bf16 fused vs bf16 plain torch (the reference on bf16 inputs), both against the fp64 spec
+    inputs = make_inputs(n=64, vocab=2003, vocab_t=2003, dtype=torch.bfloat16, seed=15)
+    kw = dict(divergence="forward_kl", temperature=2.0)
+    want_loss, want_grads = run(inputs, "spec", **kw)
+    for backend in BACKENDS:
+        loss, grads = run(inputs, backend, **kw)
+        plain_loss, plain_grads = run(inputs, "reference", **kw)
+        err = (loss.double() - want_loss).abs()
+        plain_err = (plain_loss.double() - want_loss).abs()
+        assert err <= 2 * plain_err + 1e-6, (backend, float(err), float(plain_err))
+        for name in grads:
+            e = (grads[name].double() - want_grads[name]).abs().max()
+            pe = (plain_grads[name].double() - want_grads[name]).abs().max()
+            assert e <= 2 * pe + 1e-6, (backend, name, float(e), float(pe))
+
+
+def test_module_and_components():
+    inputs = make_inputs(n=20, vocab=211, vocab_t=205, seed=16)
+    kw = dict(temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4)
+    crit = fastkd.FusedDistillLoss(**kw, return_components=True)
+    loss, ce, kd = crit(**inputs)
+    assert not ce.requires_grad and not kd.requires_grad and loss.requires_grad
+    opts = DistillOptions(**kw)
+    d = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in inputs.items()}
+    want = reference.distill_loss(d["student_hidden"], d["student_weight"], d["teacher_hidden"],
+                                  d["teacher_weight"], d["labels"], opts, d["student_bias"],
+                                  d["teacher_bias"])
+    for got, exp in zip((loss, ce, kd), want):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), 0.3 * want[1] + 0.7 * 4.0 * want[2])
+    assert fastkd.fused_distill_loss(**inputs, **kw).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_only_student_tensors_get_gradients():
+    inputs = make_inputs(n=12, vocab=99, vocab_t=99, seed=17)
+    inputs["teacher_hidden"].requires_grad_()
+    inputs["teacher_weight"].requires_grad_()
+    inputs["student_weight"].requires_grad_(False)
+    loss = fastkd.fused_distill_loss(**inputs)
+    loss.backward()
+    assert inputs["student_hidden"].grad is not None
+    assert inputs["student_bias"].grad is not None
+    assert inputs["student_weight"].grad is None
+    assert inputs["teacher_hidden"].grad is None and inputs["teacher_weight"].grad is None
+
+
+def test_no_grad_mode_returns_the_same_loss():
+    inputs = make_inputs(n=12, vocab=99, vocab_t=99, seed=18)
+    with torch.no_grad():
+        loss = fastkd.fused_distill_loss(**inputs)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(fastkd.fused_distill_loss(**inputs).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kernel_writes_every_output(divergence):
+    """Poison the outputs, run the kernel on one chunk, compare row by row with the torch row op."""
+    from fastkd.autograd import ROW_OPS
+
+    g = torch.Generator().manual_seed(19)
+    n, vocab, shared = 11, 1500, 1400  # not multiples of the block; K < V
+    s = torch.randn(n, vocab, generator=g) * 4
+    t = torch.randn(n, shared, generator=g) * 4
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[3] = -100
+    scale = torch.rand(n, generator=g)
+    opts = DistillOptions(temperature=1.7, divergence=divergence, student_softcap=6.0,
+                          teacher_softcap=9.0)
+    results = {}
+    for name, row_op in ROW_OPS.items():
+        outs = [torch.full((n,), float("nan")) for _ in range(3)]
+        grad = s.clone()
+        row_op(grad, t, labels, scale, *outs, opts, True)
+        results[name] = (grad, *outs)
+    for got, want in zip(results["triton"], results["torch"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results["triton"][0][3], torch.zeros(vocab))  # ignored row: zero gradient
+
+
+COMPILE_SCRIPT = """
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastkd.kernels.distill import distill_rows_kernel as kernel
+types = ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i64", "i64",
+         "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 6
+sig = dict(zip(kernel.arg_names, types, strict=True))
+for div, labels, caps, grad in itertools.product((0, 1, 2), (True, False), (True, False), (True, False)):
+    consts = dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_S_CAP=caps, HAS_T_CAP=caps,
+                  COMPUTE_GRAD=grad, BLOCK_V=4096)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert len(compiled.asm["cubin"]) > 1000
+print("compiled", 24)
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """The interpreter is lenient; the real compiler is not. Build sm_90 cubins without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 24" in proc.stdout
