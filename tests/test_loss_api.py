@@ -1,0 +1,140 @@
+"""The public API's contract: bad input fails early and clearly; memory stays bounded by the chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastkd
+
+
+def good(n=6, d_s=4, d_t=5, vocab=11, vocab_t=11):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        student_hidden=torch.randn(n, d_s, generator=g, requires_grad=True),
+        student_weight=torch.randn(vocab, d_s, generator=g, requires_grad=True),
+        teacher_hidden=torch.randn(n, d_t, generator=g),
+        teacher_weight=torch.randn(vocab_t, d_t, generator=g),
+        labels=torch.randint(0, vocab, (n,), generator=g),
+    )
+
+
+def with_(**changes):
+    args = good()
+    args.update(changes)
+    return args
+
+
+BAD_TENSORS = [
+    ("student_hidden", with_(student_hidden=torch.randn(6, 3)), ValueError),
+    ("teacher_hidden", with_(teacher_hidden=torch.randn(6, 4)), ValueError),
+    ("leading shape", with_(teacher_hidden=torch.randn(7, 5)), ValueError),
+    ("labels shape", with_(labels=torch.zeros(5, dtype=torch.long)), ValueError),
+    ("labels must be an integer", with_(labels=torch.zeros(6)), TypeError),
+    ("labels must lie in", with_(labels=torch.tensor([0, 1, 2, 11, 3, 4])), ValueError),
+    ("labels must lie in", with_(labels=torch.tensor([0, 1, -5, 1, 3, 4])), ValueError),
+    ("student_hidden must be a floating", with_(student_hidden=torch.ones(6, 4, dtype=torch.long)),
+     TypeError),
+    ("teacher_weight must be a floating", with_(teacher_weight=torch.ones(11, 5, dtype=torch.int32)),
+     TypeError),
+    ("student_weight must have 2 dims", with_(student_weight=torch.randn(11, 4, 1)), ValueError),
+    ("student_hidden must be a torch.Tensor", with_(student_hidden=[[1.0] * 4] * 6), TypeError),
+    ("student_bias has 10 entries", with_(student_bias=torch.randn(10)), ValueError),
+    ("one device", with_(labels=torch.zeros(6, dtype=torch.long, device="meta")), ValueError),
+    ("one device", with_(teacher_weight=torch.randn(11, 5, device="meta")), ValueError),
+    ("dtypes differ", with_(student_weight=torch.randn(11, 4, dtype=torch.bfloat16)), TypeError),
+]
+
+
+@pytest.mark.parametrize("match,args,error", BAD_TENSORS, ids=[b[0] for b in BAD_TENSORS])
+def test_bad_tensors(match, args, error):
+    with pytest.raises(error, match=match):
+        fastkd.fused_distill_loss(**args)
+
+
+BAD_OPTIONS = [
+    ("temperature must be > 0", dict(temperature=0.0), ValueError),
+    ("temperature must be > 0", dict(temperature=-1.0), ValueError),
+    ("temperature must be finite", dict(temperature=float("nan")), ValueError),
+    ("temperature must be a real number", dict(temperature="2"), TypeError),
+    ("divergence must be one of", dict(divergence="kl"), ValueError),
+    ("reduction must be one of", dict(reduction="avg"), ValueError),
+    ("beta must lie strictly inside", dict(divergence="jsd", beta=0.0), ValueError),
+    ("beta must lie strictly inside", dict(divergence="jsd", beta=1.0), ValueError),
+    ("ce_weight must be >= 0", dict(ce_weight=-0.1), ValueError),
+    ("kd_weight must be >= 0", dict(kd_weight=-1.0), ValueError),
+    ("student_softcap must be > 0", dict(student_softcap=0.0), ValueError),
+    ("backend must be one of", dict(backend="cuda"), ValueError),
+    ("chunk_size must be a positive int", dict(chunk_size=0), ValueError),
+    ("ignore_index must be an int", dict(ignore_index=1.5), TypeError),
+]
+
+
+@pytest.mark.parametrize("match,kw,error", BAD_OPTIONS, ids=[b[0] + str(b[1]) for b in BAD_OPTIONS])
+def test_bad_options(match, kw, error):
+    with pytest.raises(error, match=match):
+        fastkd.fused_distill_loss(**good(), **kw)
+
+
+def test_labels_none_needs_zero_ce_weight():
+    with pytest.raises(ValueError, match="labels=None needs ce_weight == 0"):
+        fastkd.fused_distill_loss(**with_(labels=None))
+    assert torch.isfinite(fastkd.fused_distill_loss(**with_(labels=None), ce_weight=0.0))
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fastkd.fused_distill_loss(**good(), backend="triton")
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        fastkd.FusedDistillLoss(temperature=0)
+    with pytest.raises(ValueError, match="backend"):
+        fastkd.FusedDistillLoss(backend="gpu")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel() * x.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_never_allocates_n_by_v(backend):
+    n, d, vocab, chunk = 512, 16, 3001, 64
+    args = good(n=n, d_s=d, d_t=d, vocab=vocab, vocab_t=vocab)
+    # fp32 bytes of a chunk of logits, a weight, the hidden states
+    bound = 4 * max(chunk * vocab, vocab * d, n * d)
+    assert bound * 8 <= 4 * n * vocab
+    with LargestTensor() as probe:
+        fastkd.fused_distill_loss(**args, divergence="jsd", chunk_size=chunk,
+                                  backend=backend).backward()
+    assert probe.largest <= bound, (probe.largest, bound)
+    # the probe sees full logits when they exist: the spec materialises them
+    with LargestTensor() as probe:
+        fastkd.fused_distill_loss(**good(n=n, d_s=d, d_t=d, vocab=vocab, vocab_t=vocab),
+                                  backend="reference").backward()
+    assert probe.largest >= 4 * n * vocab
+
+
+def test_default_chunk_size_bounds_memory():
+    from fastkd.autograd import default_chunk_size
+
+    cpu = torch.device("cpu")
+    assert default_chunk_size(10, 128256, 128256, 4, cpu) == 10  # never more rows than tokens
+    rows = default_chunk_size(100_000, 128256, 128256, 4, cpu)
+    assert rows * (128256 * 2) * 4 <= 64 * 2**20 and rows >= 1
+    rows = default_chunk_size(100_000, 256000, 256000, 2, torch.device("cuda"))
+    assert rows % 128 == 0 and rows * 512000 * 2 <= 256 * 2**20
