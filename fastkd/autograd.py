@@ -1,16 +1,16 @@
 """The autograd layer: a chunk loop over tokens that never holds more than chunk x V logits.
 
-Per chunk of tokens (rows i0:i1):
-    S = H_s W_s^T + b_s     (chunk, V)   cuBLAS, in the compute dtype, into a reused buffer
-    T = H_t W_t[:K]^T + b_t (chunk, K)   cuBLAS; teacher logits beyond the shared ids are never needed
-    row op: per-token loss, and dloss/dS written over S (the Triton kernel, or the spec + autograd on CPU)
-    dH_s[i0:i1] = G W_s,   dW_s += G^T H_s,   db_s += sum_rows G        (dW_s, db_s accumulated in fp32)
+Per chunk of tokens (rows i0:i1), with G = dloss/dS:
+    S = H_s W_s^T + b_s      (chunk, V)  cuBLAS, in the compute dtype, into a reused buffer
+    T = H_t W_t[:K]^T + b_t  (chunk, K)  cuBLAS; teacher logits past the shared ids are never used
+    row op: per-token loss, and G written over S (the Triton kernel; on CPU the spec + autograd)
+    dH_s[i0:i1] = G W_s,  dW_s += G^T H_s,  db_s += sum_rows G    (dW_s, db_s accumulated in fp32)
 FLOPs: 2 N V (3 D_s + D_t), the floor; the teacher's logits are formed once.
 
-The loss is the last op of a training step, so for reduction "mean"/"sum" the gradients are computed in
-the forward pass with the reduction's scale folded in, and backward only multiplies them by the upstream
-scalar. For reduction "none" the upstream gradient differs per token, so backward recomputes the chunks
-with it as the row scale.
+The loss is the last op of a training step, so for reduction "mean"/"sum" the gradients are
+computed in the forward pass with the reduction's scale folded in, and backward only multiplies
+them by the upstream scalar. For reduction "none" the upstream gradient differs per token, so
+backward recomputes the chunks with it as the row scale.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastkd.options import DistillOptions
 
 
 def _torch_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` on one chunk in fp32, its logit gradient by autograd."""
+    """CPU row op: the spec's `token_losses` on one chunk in fp32; its gradient by autograd."""
     with torch.enable_grad():
         s32 = s.detach().float().requires_grad_(compute_grad)
         loss, ce, kd = reference.token_losses(s32, t.float(), labels, opts)
@@ -43,8 +43,10 @@ def _triton_rows(*args):
 ROW_OPS = {"torch": _torch_rows, "triton": _triton_rows}
 
 
-def default_chunk_size(n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device) -> int:
-    """Tokens per chunk so the two logit buffers fit a fixed budget (256 MiB on GPU, 64 MiB on CPU)."""
+def default_chunk_size(
+    n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device
+) -> int:
+    """Tokens per chunk so both logit buffers fit a budget: 256 MiB on GPU, 64 MiB on CPU."""
     budget = (256 if device.type == "cuda" else 64) * 2**20
     rows = max(1, budget // ((vocab + shared) * itemsize))
     if rows >= 128:
@@ -52,22 +54,24 @@ def default_chunk_size(n_tokens: int, vocab: int, shared: int, itemsize: int, de
     return min(rows, max(n_tokens, 1))
 
 
-def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def cast_or_none(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
-def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtype, grads):
-    """Run the chunk loop. Returns per-token (loss, ce, kd) in fp32 and, if grads, (dH, dW, db)."""
+def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtypes, grads):
+    """Run the chunk loop. Returns per-token (loss, ce, kd) in fp32 and, if grads, (dH, dW, db).
+    dtypes: the (student, teacher) compute dtypes; each model's GEMM runs in its own."""
+    dtype, t_dtype = dtypes
     n, d_s = h_s.shape
     vocab, shared = w_s.shape[0], min(w_s.shape[0], w_t.shape[0])
     dev = h_s.device
-    h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), _cast(b_s, dtype)
-    h_t, w_t, b_t = h_t.to(dtype), w_t[:shared].to(dtype), _cast(b_t, dtype)
+    h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
+    h_t, w_t, b_t = h_t.to(t_dtype), w_t[:shared].to(t_dtype), cast_or_none(b_t, t_dtype)
     if b_t is not None:
         b_t = b_t[:shared]
     loss, ce, kd = (torch.empty(n, device=dev, dtype=torch.float32) for _ in range(3))
     s_buf = torch.empty(min(chunk, n), vocab, device=dev, dtype=dtype)
-    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=dtype)
+    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=t_dtype)
     dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
     dw = torch.zeros(vocab, d_s, device=dev, dtype=torch.float32) if grads else None
     db = torch.zeros(vocab, device=dev, dtype=torch.float32) if grads and b_s is not None else None
@@ -102,11 +106,11 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class FusedDistillFunction(torch.autograd.Function):
-    """Inputs already flattened to (N, D); returns per-token (loss, ce, kd) reduced by opts.reduction."""
+    """Inputs flattened to (N, D); returns (loss, ce, kd) reduced by opts.reduction."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk, dtype,
-                grad_enabled):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk,
+                dtypes, grad_enabled):
         # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not.
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
@@ -121,9 +125,9 @@ class FusedDistillFunction(torch.autograd.Function):
             scale = scale / valid.sum().clamp(min=1)
         row_op = ROW_OPS[backend]
         loss_i, ce_i, kd_i, (dh, dw, db) = _chunked(
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, row_op, chunk, dtype, grads_now
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, row_op, chunk, dtypes, grads_now
         )
-        ctx.opts, ctx.backend, ctx.chunk, ctx.dtype = opts, backend, chunk, dtype
+        ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes = opts, backend, chunk, dtypes
         ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         if grads_now:
             ctx.save_for_backward(dh, dw, db)
@@ -145,11 +149,11 @@ class FusedDistillFunction(torch.autograd.Function):
             scale = grad_loss.float() * valid
             _, _, _, (dh, dw, db) = _chunked(
                 h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ROW_OPS[ctx.backend],
-                ctx.chunk, ctx.dtype, True,
+                ctx.chunk, ctx.dtypes, True,
             )
             g = None
         out = []
-        for grad, needed, dtype in zip((dh, dw, db), need, ctx.in_dtypes):
+        for grad, needed, dtype in zip((dh, dw, db), need, ctx.in_dtypes, strict=True):
             if not needed or grad is None:
                 out.append(None)
                 continue

@@ -7,7 +7,7 @@ import os
 import torch
 
 from fastkd import reference
-from fastkd.autograd import FusedDistillFunction, default_chunk_size
+from fastkd.autograd import FusedDistillFunction, cast_or_none, default_chunk_size
 from fastkd.options import DistillOptions
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -50,7 +50,9 @@ def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions):
         if b is not None:
             _check_tensor(name, b, 1)
             if b.shape[0] != w.shape[0]:
-                raise ValueError(f"{name} has {b.shape[0]} entries, its weight has {w.shape[0]} rows")
+                raise ValueError(
+                    f"{name} has {b.shape[0]} entries, its weight has {w.shape[0]} rows"
+                )
     if labels is None:
         if opts.ce_weight > 0:
             raise ValueError("labels=None needs ce_weight == 0 (cross-entropy needs labels)")
@@ -81,10 +83,14 @@ def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions):
             )
 
 
-def _compute_dtype(h_s, w_s, b_s, h_t, w_t, b_t) -> torch.dtype:
+def _compute_dtypes(h_s, w_s, b_s, h_t, w_t, b_t) -> tuple[torch.dtype, torch.dtype]:
+    """(student, teacher) compute dtypes: the autocast dtype for both under autocast, else each
+    model's own (its hidden, weight and bias must then agree)."""
     device_type = h_s.device.type
     if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype, dtype
+    out = []
     for model, tensors in (("student", (h_s, w_s, b_s)), ("teacher", (h_t, w_t, b_t))):
         dtypes = {x.dtype for x in tensors if x is not None}
         if len(dtypes) > 1:
@@ -92,7 +98,8 @@ def _compute_dtype(h_s, w_s, b_s, h_t, w_t, b_t) -> torch.dtype:
                 f"{model} hidden/weight/bias dtypes differ ({sorted(map(str, dtypes))}) outside "
                 "torch.autocast; cast them or run under autocast"
             )
-    return torch.promote_types(h_s.dtype, h_t.dtype)
+        out.append(dtypes.pop())
+    return out[0], out[1]
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -132,17 +139,18 @@ def fused_distill_loss(
 ):
     """Distillation loss through both LM heads without materialising the N x V logits.
 
-    Shapes: student_hidden (..., D_s), teacher_hidden (..., D_t) with the same leading shape (N tokens
-    once flattened); student_weight (V, D_s), teacher_weight (V_t, D_t); labels (...,) integer or None;
-    biases (V,) / (V_t,). fp32, fp16 or bf16 (fp64 on the torch/reference backends).
+    Shapes: student_hidden (..., D_s), teacher_hidden (..., D_t) with the same leading shape (N
+    tokens once flattened); student_weight (V, D_s), teacher_weight (V_t, D_t); labels (...,)
+    integer or None; biases (V,) / (V_t,). fp32, fp16 or bf16 (fp64 on the torch/reference
+    backends).
 
     Per token, with s = h_s W_s^T + b_s and t = h_t W_t^T + b_t (each optionally softcapped),
     K = min(V, V_t), p = softmax(t[:K] / T), q = softmax(s[:K] / T):
 
         loss = ce_weight * cross_entropy(s, y) + kd_weight * T**2 * D(p, q)
 
-    D is KL(p||q) ("forward_kl"), KL(q||p) ("reverse_kl") or beta KL(p||m) + (1-beta) KL(q||m),
-    m = beta p + (1-beta) q ("jsd"). Tokens labelled ignore_index count for nothing; "mean" divides by
+    D is KL(p||q) ("forward_kl"), KL(q||p) ("reverse_kl") or beta KL(p||m) + (1-beta) KL(q||m), m =
+    beta p + (1-beta) q ("jsd"). Tokens labelled ignore_index count for nothing; "mean" divides by
     the counted tokens. Plain-torch equivalent: `fastkd.reference.distill_loss`.
 
     Returns the loss (a scalar, or the leading shape for reduction="none"); with
@@ -167,23 +175,26 @@ def distill(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: DistillOptions, *,
     student_bias=None, teacher_bias=None, return_components=False, backend="auto", chunk_size=None,
 ):
-    """`fused_distill_loss` with the options as one `DistillOptions` (what the module and trainer use)."""
+    """`fused_distill_loss` with the options as one `DistillOptions` (the module's and trainer's
+    entry point)."""
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                   student_bias, teacher_bias, opts)
     backend = _resolve_backend(backend, student_hidden.device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    dtype = _compute_dtype(student_hidden, student_weight, student_bias,
-                           teacher_hidden, teacher_weight, teacher_bias)
-    if backend == "triton" and dtype == torch.float64:
+    dtypes = _compute_dtypes(student_hidden, student_weight, student_bias,
+                             teacher_hidden, teacher_weight, teacher_bias)
+    if backend == "triton" and torch.float64 in dtypes:
         raise TypeError("backend='triton' takes fp32, fp16 or bf16 inputs, got float64")
     if backend == "reference":
         with torch.autocast(student_hidden.device.type, enabled=False):
-            args = [x if x is None else x.to(dtype) for x in
-                    (student_hidden, student_weight, teacher_hidden, teacher_weight)]
-            biases = [x if x is None else x.to(dtype) for x in (student_bias, teacher_bias)]
-            loss, ce, kd = reference.distill_loss(*args, labels, opts, *biases)
+            s_dtype, t_dtype = dtypes
+            loss, ce, kd = reference.distill_loss(
+                student_hidden.to(s_dtype), student_weight.to(s_dtype), teacher_hidden.to(t_dtype),
+                teacher_weight.to(t_dtype), labels, opts, cast_or_none(student_bias, s_dtype),
+                cast_or_none(teacher_bias, t_dtype),
+            )
         return (loss, ce, kd) if return_components else loss
 
     lead = student_hidden.shape[:-1]
@@ -192,13 +203,13 @@ def distill(
     flat_labels = None if labels is None else labels.reshape(-1).long()
     vocab, shared = student_weight.shape[0], min(student_weight.shape[0], teacher_weight.shape[0])
     chunk = chunk_size or default_chunk_size(
-        h_s.shape[0], vocab, shared, torch.tensor([], dtype=dtype).element_size(), h_s.device
+        h_s.shape[0], vocab, shared, max(d.itemsize for d in dtypes), h_s.device
     )
     with torch.autocast(student_hidden.device.type, enabled=False):
         loss, ce, kd = FusedDistillFunction.apply(
             h_s, student_weight, student_bias, h_t, teacher_weight.detach(),
             None if teacher_bias is None else teacher_bias.detach(),
-            flat_labels, opts, backend, chunk, dtype, torch.is_grad_enabled(),
+            flat_labels, opts, backend, chunk, dtypes, torch.is_grad_enabled(),
         )
     if opts.reduction == "none":
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)

@@ -1,11 +1,11 @@
 """The plain-torch definition of the distillation loss: the spec.
 
-Tests hold the kernels to it in float64, the CPU path reuses `token_losses` on chunks of logits (so the
-CPU path and the spec cannot drift apart), and benchmarks use it as the naive baseline. It materialises
-full N x V logits, so use it for checking, not for training at scale.
+Tests hold the kernels to it in float64, the CPU path reuses `token_losses` on chunks of logits (so
+the CPU path and the spec cannot drift apart), and benchmarks use it as the naive baseline. It
+materialises full N x V logits, so use it for checking, not for training at scale.
 
-Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared ids,
-temperature T, label y.
+Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared
+ids, temperature T, label y.
 
     s <- c_s * tanh(s / c_s),  t <- c_t * tanh(t / c_t)          (optional softcaps)
     CE  = logsumexp(s) - s_y                                      (full student vocab, T = 1)
@@ -31,7 +31,7 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
-    """Per-row divergence between teacher p and student q, both given as log-probabilities (..., K)."""
+    """Per-row divergence of teacher p and student q, given as log-probabilities (..., K)."""
     p, q = log_p.exp(), log_q.exp()
     if opts.divergence == "forward_kl":
         return (p * (log_p - log_q)).sum(-1)
@@ -49,10 +49,10 @@ def token_losses(
     labels: torch.Tensor | None,
     opts: DistillOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (loss, ce, kd) from logits before softcap, (N, V) and (N, V_t) -> three (N,) tensors.
+    """Per-token (loss, ce, kd) from logits before softcap: (N, V), (N, V_t) -> three (N,).
 
-    Ignored tokens (label == ignore_index) get 0 in all three. Computes in the logits' dtype; pass fp32
-    or fp64 logits (`distill_loss` upcasts half precision first).
+    Ignored tokens (label == ignore_index) get 0 in all three. Computes in the logits' dtype; pass
+    fp32 or fp64 logits (`distill_loss` upcasts half precision first).
     """
     s = softcap(student_logits, opts.student_softcap)
     t = softcap(teacher_logits, opts.teacher_softcap)
@@ -74,7 +74,7 @@ def token_losses(
 
 
 def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce per-token values that are already 0 at ignored tokens; mean divides by the counted ones."""
+    """Reduce per-token values (already 0 at ignored tokens); mean divides by the counted ones."""
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -95,13 +95,15 @@ def distill_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, kd) with full logits; ce and kd reduced like loss, unweighted, kd without T**2.
 
-    Logits are formed in the inputs' dtype (as `F.linear` would) and the softmax math runs in fp32 for
-    half-precision inputs, in the inputs' dtype otherwise. `reduction="none"` returns the leading shape.
+    Logits are formed in the inputs' dtype (as `F.linear` would) and the softmax math runs in fp32
+    for half-precision inputs, in the inputs' dtype otherwise. `reduction="none"` returns the
+    leading shape.
     """
     lead = student_hidden.shape[:-1]
     s = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
     with torch.no_grad():
-        t = F.linear(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
+        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        t = F.linear(h_t, teacher_weight, teacher_bias)
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
     t = t.to(s.dtype)

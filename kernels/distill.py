@@ -1,8 +1,9 @@
-"""Row kernel of the fused distillation loss: per-token loss and dloss/dlogits, streamed over the vocab.
+"""Row kernel of the fused distillation loss: per-token loss and dloss/dlogits over the vocabulary.
 
 For one chunk of n tokens the caller has formed, with cuBLAS, the student logits z_s (n, V) and the
 teacher logits z_t (n, K), K = min(V, V_t), bias included. One program handles one row (token) and
-streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 whatever the buffer dtype:
+streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 whatever the buffer
+dtype:
 
     s = c_s tanh(z_s / c_s)  (if HAS_S_CAP)     t = c_t tanh(z_t / c_t)  (if HAS_T_CAP)
     a = s / T,  b = t / T  over v < K;  L_s = lse_{v<V} s,  L_a = lse_{v<K} a,  L_b = lse_{v<K} b
@@ -14,7 +15,7 @@ streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 wha
     pass 2 (jsd only): with log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v)
         D = sum_v beta p_v (log p_v - log m_v) + (1 - beta) q_v (log q_v - log m_v)
         S = sum_v q_v g_v,  g_v = (1 - beta) (log q_v - log m_v)
-    last pass (if COMPUTE_GRAD): dloss/dz_s, written over z_s in place (so the caller's buffer becomes G):
+    last pass (if COMPUTE_GRAD): G = dloss/dz_s, written over z_s in place:
         1. CE:          w_ce (softmax(s)_v - [v = y])                         all v < V
         2. forward_kl:  w_kd T (q_v - p_v)                                     v < K, 0 beyond
         3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D) = w_kd T q_v ((a_v - b_v) - E_q[a - b])
@@ -22,9 +23,9 @@ streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 wha
         5. softcap:     times 1 - (s_v / c_s)^2;  everything times the row's scale r (0 if ignored)
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
-Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row streams
-its logits 2 (KL) or 3 (jsd) times; bytes per row ~ (passes * (V + K) + V) * itemsize.
-Row offsets are int64: n * V passes 2^31 for large chunks at V = 256k.
+Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row
+streams its logits 2 (KL) or 3 (jsd) times; bytes per row ~ (passes * (V + K) + V) * itemsize. Row
+offsets are int64: n * V passes 2^31 for large chunks at V = 256k.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def distill_rows_kernel(
         valid = y != ignore_index
         y_safe = tl.where(valid, y, 0)
 
-    # ---- pass 1: statistics ------------------------------------------------------------------------
+    # ---- pass 1: statistics ----------------------------------------------------------------------
     m_s = tl.full([], float("-inf"), tl.float32)
     l_s = tl.zeros([], tl.float32)
     m_a = m_s
@@ -144,7 +145,7 @@ def distill_rows_kernel(
     else:
         ce = 0.0
 
-    # ---- pass 2 (jsd): divergence and S = sum q g ---------------------------------------------------
+    # ---- pass 2 (jsd): divergence and S = sum q g ------------------------------------------------
     log_beta = tl.log(beta)
     log_1mb = tl.log(1.0 - beta)
     sum_qg = 0.0
@@ -180,7 +181,7 @@ def distill_rows_kernel(
     tl.store(ce_ptr + row, ce)
     tl.store(kd_ptr + row, kd)
 
-    # ---- last pass: gradient, written in place --------------------------------------------------------
+    # ---- last pass: gradient, written in place ---------------------------------------------------
     if COMPUTE_GRAD:
         r = tl.load(scale_ptr + row)
         if HAS_LABELS:
@@ -227,7 +228,8 @@ def distill_rows(
     num_warps: int = 8,
 ) -> None:
     """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
-    over student_logits. Shapes as in the kernel's pointer comments; rows must have unit inner stride.
+    over student_logits. Shapes as in the kernel's pointer comments; rows must have unit inner
+    stride.
     `opts` is a fastkd.DistillOptions (read, not checked: the caller checks)."""
     n, vocab = student_logits.shape
     shared = teacher_logits.shape[1]

@@ -1,4 +1,5 @@
-"""Test set-up: the Triton kernels run under Triton's CPU interpreter, which must be chosen before the
+"""Test set-up: the Triton kernels run under Triton's CPU interpreter, which must be chosen before
+the
 first `@triton.jit` runs, so before fastkd.kernels is imported anywhere."""
 
 import os

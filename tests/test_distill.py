@@ -1,7 +1,9 @@
-"""The fused loss against the float64 plain-torch spec, on both row ops: the chunked torch path and the
+"""The fused loss against the float64 plain-torch spec, on both row ops: the chunked torch path and
+the
 Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient are compared.
 
-The bf16 cases through backend="triton" also guard the interpreter's known bf16 `tl.dot` fault (Triton
+The bf16 cases through backend="triton" also guard the interpreter's known bf16 `tl.dot` fault
+(Triton
 3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail them.
 """
 
@@ -83,7 +85,8 @@ def check(inputs, backend, dtype, upstream=None, **kw):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_spec(backend, divergence, dtype):
-    # odd sizes, a padded teacher vocab, biases, ignored tokens, T != 1, chunks that split N unevenly
+    # odd sizes, a padded teacher vocab, biases, ignored tokens, T != 1, chunks that split N
+    # unevenly
     inputs = make_inputs(dtype=dtype)
     check(inputs, backend, dtype, temperature=2.0, divergence=divergence, beta=0.3, chunk_size=20)
 
@@ -124,8 +127,10 @@ def test_without_labels(backend):
 def test_reductions_with_upstream_gradient(backend, reduction):
     inputs = make_inputs(n=23, vocab=411, vocab_t=400, seed=5, lead=(3, 23 // 3 + 1))
     lead = inputs["labels"].shape
-    upstream = torch.randn(lead, generator=torch.Generator().manual_seed(9)) if reduction == "none" \
-        else torch.tensor(-2.5)  # "not the last layer": the loss is scaled before backward
+    # "not the last layer": the loss is scaled (per token for "none") before backward
+    upstream = torch.tensor(-2.5)
+    if reduction == "none":
+        upstream = torch.randn(lead, generator=torch.Generator().manual_seed(9))
     loss, _ = check(inputs, backend, torch.float32, upstream, reduction=reduction,
                     divergence="forward_kl", temperature=2.0, chunk_size=7)
     assert loss.shape == (lead if reduction == "none" else ())
@@ -255,7 +260,7 @@ def test_module_and_components():
     want = reference.distill_loss(d["student_hidden"], d["student_weight"], d["teacher_hidden"],
                                   d["teacher_weight"], d["labels"], opts, d["student_bias"],
                                   d["teacher_bias"])
-    for got, exp in zip((loss, ce, kd), want):
+    for got, exp in zip((loss, ce, kd), want, strict=True):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(loss.double(), 0.3 * want[1] + 0.7 * 4.0 * want[2])
     assert fastkd.fused_distill_loss(**inputs, **kw).item() == pytest.approx(loss.item(), rel=1e-6)
@@ -302,7 +307,7 @@ def test_kernel_writes_every_output(divergence):
         grad = s.clone()
         row_op(grad, t, labels, scale, *outs, opts, True)
         results[name] = (grad, *outs)
-    for got, want in zip(results["triton"], results["torch"]):
+    for got, want in zip(results["triton"], results["torch"], strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(results["triton"][0][3], torch.zeros(vocab))  # ignored row: zero gradient
@@ -316,7 +321,8 @@ from fastkd.kernels.distill import distill_rows_kernel as kernel
 types = ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i64", "i64",
          "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 6
 sig = dict(zip(kernel.arg_names, types, strict=True))
-for div, labels, caps, grad in itertools.product((0, 1, 2), (True, False), (True, False), (True, False)):
+flags = (True, False)
+for div, labels, caps, grad in itertools.product((0, 1, 2), flags, flags, flags):
     consts = dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_S_CAP=caps, HAS_T_CAP=caps,
                   COMPUTE_GRAD=grad, BLOCK_V=4096)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
@@ -337,3 +343,14 @@ def test_kernel_compiles_for_hopper():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 24" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_in_its_own_dtype(backend):
+    # an fp32 student beside a bf16 teacher: each model's GEMM runs in its own dtype
+    inputs = make_inputs(n=19, vocab=301, vocab_t=310, seed=20)
+    for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+        inputs[name] = inputs[name].bfloat16()
+    # the teacher's logits are bf16-rounded (the spec forms them in fp64): bf16 tolerance
+    loss, grads = check(inputs, backend, torch.bfloat16, divergence="forward_kl", temperature=2.0)
+    assert loss.dtype == torch.float32 and grads["student_weight"].dtype == torch.float32

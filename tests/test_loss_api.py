@@ -1,4 +1,6 @@
-"""The public API's contract: bad input fails early and clearly; memory stays bounded by the chunk."""
+"""The public API's contract: bad input fails early and clearly; memory stays bounded by the
+chunk.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ BAD_TENSORS = [
     ("labels must lie in", with_(labels=torch.tensor([0, 1, -5, 1, 3, 4])), ValueError),
     ("student_hidden must be a floating", with_(student_hidden=torch.ones(6, 4, dtype=torch.long)),
      TypeError),
-    ("teacher_weight must be a floating", with_(teacher_weight=torch.ones(11, 5, dtype=torch.int32)),
-     TypeError),
+    ("teacher_weight must be a floating",
+     with_(teacher_weight=torch.ones(11, 5, dtype=torch.int32)), TypeError),
     ("student_weight must have 2 dims", with_(student_weight=torch.randn(11, 4, 1)), ValueError),
     ("student_hidden must be a torch.Tensor", with_(student_hidden=[[1.0] * 4] * 6), TypeError),
     ("student_bias has 10 entries", with_(student_bias=torch.randn(10)), ValueError),
