@@ -1,0 +1,156 @@
+"""python -m bench: fastkd beside its peers and the hardware's limit, in one command.
+
+    python -m bench                                  # every preset, sweep and case on this device
+    python -m bench --quick                          # fewer sizes and repeats
+    python -m bench --preset llama --cases distill --sweep-n 1024,4096,16384 --sweep-v none
+    python -m bench --methods fastkd,liger --dtype bf16 --out /tmp/bench
+
+On a machine without CUDA the same command runs CPU-sized shapes (the heads' widths / 16,
+vocabularies / 32, N <= 256, fp32) and labels everything "CPU numbers, not GPU". Writes
+results.json, results.md and bench_<case>.png into --out (default bench/results/<device-slug>/).
+Exit status 1 if any measurement failed with an error other than out-of-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import report
+from bench.harness import REPO, Settings, device_info, run
+from bench.methods import METHODS
+from bench.shapes import (
+    CPU_D_DIV,
+    CPU_V_DIV,
+    N_SWEEP,
+    PRESETS,
+    V_SWEEP,
+    V_SWEEP_N,
+    build_shapes,
+    cases,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _names(text: str, allowed: list[str], what: str) -> list[str]:
+    names = allowed if text == "all" else [t for t in text.split(",") if t and t != "none"]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {allowed}")
+    return names
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    if text in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected integers a,b,c; got {text!r}") from err
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="all",
+                   help=f"heads to sweep over N: comma list of {list(PRESETS)}, 'all' or 'none'")
+    p.add_argument("--sweep-n", type=_ints, help="token counts N for every preset (comma list)")
+    p.add_argument("--sweep-v", type=_ints,
+                   help="vocab sizes for the V sweep (Llama widths), or 'none' to skip it")
+    p.add_argument("--v-sweep-n", type=int, help="tokens N of the V sweep")
+    p.add_argument("--methods", default="all", help=f"comma list of {list(METHODS)} or 'all'")
+    p.add_argument("--cases", default="all", help="comma list of distill, kd, ce or 'all'")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--temperature", type=float, default=2.0, help="T of the distill and kd cases")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>/)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of --out's results.json (same device and dtype) that this "
+                        "run does not re-measure: one results folder from several shorter runs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        args.preset = _names(args.preset, list(PRESETS), "preset")
+        args.methods = _names(args.methods, list(METHODS), "method")
+        args.cases = _names(args.cases, ["distill", "kd", "ce"], "case")
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    return args
+
+
+def _keep_kernels_folder_off_path() -> None:
+    """`python -m bench` puts the working directory first on sys.path. From the repo root that
+    makes the folder kernels/ importable as a top-level `kernels`, the name of a Hugging Face
+    package that transformers (imported by liger-kernel) probes and imports. bench and fastkd are
+    imported by now (fastkd is installed, its kernels as `fastkd.kernels`): drop the entry."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kind = device.type
+    heads = [PRESETS[name] for name in args.preset]
+    v_head = PRESETS["llama"]
+    if kind == "cpu":
+        heads = [h.scaled(CPU_D_DIV, CPU_V_DIV) for h in heads]
+        v_head = v_head.scaled(CPU_D_DIV, CPU_V_DIV)
+    shapes = build_shapes(
+        heads,
+        args.sweep_n if args.sweep_n is not None else N_SWEEP[kind][args.quick],
+        args.sweep_v if args.sweep_v is not None else V_SWEEP[kind][args.quick],
+        args.v_sweep_n or V_SWEEP_N[kind], v_head,
+    )
+    all_cases = cases(args.temperature)
+    dtype = DTYPES[args.dtype or ("fp32" if kind == "cpu" else "bf16")]
+    return Settings(device, dtype, tuple(all_cases[c] for c in args.cases), tuple(shapes),
+                    quick=args.quick, seed=args.seed)
+
+
+def _earlier_run(out: Path, settings: Settings) -> dict | None:
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    here = (device_info(settings.device)["name"], str(settings.dtype).removeprefix("torch."))
+    if (earlier["device"]["name"], earlier["dtype"]) != here:
+        raise SystemExit(f"--merge: {path} holds {earlier['device']['name']}, {earlier['dtype']}; "
+                         f"this run is {here[0]}, {here[1]}")
+    return earlier
+
+
+def main(argv: list[str] | None = None) -> int:
+    _keep_kernels_folder_off_path()
+    args = parse_args(argv)
+    settings = settings_from(args)
+    out = args.out or REPO / "bench" / "results" / device_info(settings.device)["slug"]
+    earlier = _earlier_run(out, settings) if args.merge else None
+
+    def merged(doc: dict) -> dict:
+        return doc if earlier is None else report.merge(earlier, doc)
+
+    doc = run(settings, [METHODS[m] for m in args.methods],
+              emit=lambda d: report.write(merged(d), out, plots=False))
+    for path in report.write(merged(doc), out):
+        print(f"wrote {path}")
+    if doc["cpu"]:
+        print("CPU numbers, not GPU.")
+    errors = [r for r in doc["results"] if r["status"] == "error"]
+    for r in errors:
+        print(f"error: {r['case']} {r['sweep']} x={r['x']} {r['method']}: {r['reason']}",
+              file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The methods compared, each a small adapter with one call signature: `build(problem)` returns a
+function from `Inputs` to the scalar loss (with autograd to h_s and W_s); `skip(problem)` says why a
+method cannot compute this problem's loss (not installed, needs CUDA, lacks a loss term) or is None.
+
+Every adapter computes the loss `fastkd.reference` specifies, so one float64 ground truth holds all:
+- fastkd:    `fastkd.distill`, backend "auto" (Triton kernels on CUDA, chunked torch on CPU).
+- reference: the spec with full N x V logits in the benchmark dtype (`backend="reference"`).
+- compile:   `torch.compile(fastkd.reference.distill_loss)`, default options.
+- liger:     Liger-Kernel's `LigerFusedLinearJSDLoss`. Its beta = 0 is forward KL(p||q) (beta = 1
+             reverse KL) on logits / T without the T^2 factor, so its soft weight is kd_weight T^2:
+             the same loss as fastkd's (equivalently, fastkd at kd_weight / T^2 is Liger's loss at
+             kd_weight). Liger pads the student to the teacher's vocab, so it gets W_t[:V].
+- liger_kl:  Liger's `LigerFusedLinearKLDivLoss` where the installed version has it: KL against
+             given teacher probabilities, so softmax(h_t W_t[:V]^T / T) is formed inside the timed
+             call; its batchmean KL times kd_weight T^2 is the "kd" case.
+- cce:       Apple's cut-cross-entropy `linear_cross_entropy` (default impl and gradient filter),
+             in the "ce" case beside fastkd at kd_weight = 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fastkd
+from bench.shapes import Case, Shape, options
+from fastkd import DistillOptions, reference
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One measurement's problem: a loss case at a shape, in a dtype, on a device."""
+
+    case: Case
+    shape: Shape
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def opts(self) -> DistillOptions:
+        return options(self.case, self.shape)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """h_s (N, D_s), W_s (V, D_s), h_t (N, D_t), W_t (V_t, D_t), labels (N,) int64."""
+
+    h_s: torch.Tensor
+    w_s: torch.Tensor
+    h_t: torch.Tensor
+    w_t: torch.Tensor
+    labels: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.h_s, self.w_s, self.h_t, self.w_t, self.labels
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.tensors())
+
+    def clone(self) -> Inputs:
+        h_s, w_s, h_t, w_t, labels = (x.detach().clone() for x in self.tensors())
+        return Inputs(h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t, labels)
+
+    def detached(self) -> Inputs:
+        """The same storage without requires_grad: what a forward-only call gets."""
+        h_s, w_s, h_t, w_t, labels = (x.detach() for x in self.tensors())
+        return Inputs(h_s, w_s, h_t, w_t, labels)
+
+
+LossFn = Callable[[Inputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method under test: build(problem) gives its loss function; skip(problem), a reason."""
+
+    name: str
+    description: str
+    build: Callable[[Problem], LossFn]
+    skip: Callable[[Problem], str | None]
+    package: str | None = None  # distribution name of an optional peer
+
+
+def _never(problem: Problem) -> str | None:
+    return None
+
+
+def _build_fastkd(problem: Problem) -> LossFn:
+    opts = problem.opts
+    return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts)
+
+
+def _build_reference(problem: Problem) -> LossFn:
+    opts = problem.opts
+    return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts, backend="reference")
+
+
+def _build_compile(problem: Problem) -> LossFn:
+    opts = problem.opts
+    # One code object meets every case, softcap, grad mode and size of the run: more recompiles
+    # than dynamo's default limit of 8, past which it would fall back to eager for the rest.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    compiled = torch.compile(reference.distill_loss)
+    return lambda x: compiled(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts)[0]
+
+
+def _peer_unavailable(problem: Problem, module: str, package: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{package} not installed"
+    if problem.device.type != "cuda":
+        return f"{package} needs a CUDA device (Triton kernels)"
+    return None
+
+
+def _liger_jsd_class() -> type | None:
+    # Liger 0.5+ keeps it in chunked_loss; look in transformers too for versions that re-export it.
+    for module in ("liger_kernel.chunked_loss", "liger_kernel.transformers"):
+        cls = getattr(importlib.import_module(module), "LigerFusedLinearJSDLoss", None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def _liger_kl_class() -> type | None:
+    return getattr(importlib.import_module("liger_kernel.transformers"),
+                   "LigerFusedLinearKLDivLoss", None)
+
+
+def _liger_common_skip(problem: Problem) -> str | None:
+    if (reason := _peer_unavailable(problem, "liger_kernel", "liger-kernel")) is not None:
+        return reason
+    if problem.opts.kd_weight == 0:
+        return "CE-only case: compared with cce"
+    if problem.opts.student_softcap is not None:
+        return "Liger's distillation losses have no logit softcap"
+    if problem.shape.v > problem.shape.v_t:
+        return "student vocab larger than the teacher's: Liger pads the student, not the teacher"
+    return None
+
+
+def _skip_liger(problem: Problem) -> str | None:
+    if (reason := _liger_common_skip(problem)) is not None:
+        return reason
+    if _liger_jsd_class() is None:
+        return f"liger-kernel {_version('liger-kernel')} has no LigerFusedLinearJSDLoss"
+    return None
+
+
+def _build_liger(problem: Problem) -> LossFn:
+    opts, vocab = problem.opts, problem.shape.v
+    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": opts.beta}[opts.divergence]
+    crit = _liger_jsd_class()(
+        weight_hard_loss=opts.ce_weight, weight_soft_loss=opts.kd_weight * opts.temperature**2,
+        beta=beta, ignore_index=opts.ignore_index, temperature=opts.temperature,
+    )
+    return lambda x: crit(x.h_s, x.w_s, x.h_t, x.w_t[:vocab], x.labels)
+
+
+def _skip_liger_kl(problem: Problem) -> str | None:
+    if (reason := _liger_common_skip(problem)) is not None:
+        return reason
+    if problem.opts.ce_weight != 0:
+        return "KL only (no CE term): runs in the kd case"
+    if problem.opts.divergence != "forward_kl":
+        return "forward KL only"
+    if _liger_kl_class() is None:
+        return f"liger-kernel {_version('liger-kernel')} has no fused-linear KL loss"
+    return None
+
+
+def _build_liger_kl(problem: Problem) -> LossFn:
+    opts, vocab = problem.opts, problem.shape.v
+    temp = opts.temperature
+    crit = _liger_kl_class()(reduction="batchmean", ignore_index=opts.ignore_index,
+                             temperature=temp)
+    scale = opts.kd_weight * temp**2
+
+    def loss(x: Inputs) -> torch.Tensor:
+        with torch.no_grad():  # the teacher's probabilities: the N x V input this API needs
+            target = torch.softmax(torch.mm(x.h_t, x.w_t[:vocab].t()).div_(temp), dim=-1)
+        return crit(x.h_s, x.w_s, target, x.labels) * scale
+
+    return loss
+
+
+def _skip_cce(problem: Problem) -> str | None:
+    if (reason := _peer_unavailable(problem, "cut_cross_entropy", "cut-cross-entropy")) is not None:
+        return reason
+    if problem.opts.kd_weight != 0:
+        return "CE only: runs in the ce case"
+    return None
+
+
+def _build_cce(problem: Problem) -> LossFn:
+    from cut_cross_entropy import linear_cross_entropy
+
+    opts = problem.opts
+    return lambda x: opts.ce_weight * linear_cross_entropy(
+        x.h_s, x.w_s, x.labels, ignore_index=opts.ignore_index, softcap=opts.student_softcap,
+        reduction="mean",
+    )
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fastkd", "fastkd.distill, backend='auto' (Triton on CUDA, chunked torch on CPU)",
+           _build_fastkd, _never),
+    Method("reference", "fastkd.reference: full N x V logits in the benchmark dtype",
+           _build_reference, _never),
+    Method("compile", "torch.compile(fastkd.reference.distill_loss), default options",
+           _build_compile, _never),
+    Method("liger", "liger_kernel LigerFusedLinearJSDLoss (beta 0 = forward KL, soft weight x T^2)",
+           _build_liger, _skip_liger, "liger-kernel"),
+    Method("liger_kl", "liger_kernel LigerFusedLinearKLDivLoss on softmax(teacher logits / T)",
+           _build_liger_kl, _skip_liger_kl, "liger-kernel"),
+    Method("cce", "cut_cross_entropy.linear_cross_entropy (CE only)",
+           _build_cce, _skip_cce, "cut-cross-entropy"),
+)}
+
+
+def peer_versions() -> dict[str, str | None]:
+    """Installed versions of the optional peers (None when absent)."""
+    return {p: _version(p) for p in sorted({m.package for m in METHODS.values() if m.package})}

@@ -1,0 +1,140 @@
+"""What the benchmark measures: loss cases, the distillation heads of real model pairs, and sweeps.
+
+A head is the last layer of a teacher/student pair: student width D_s, teacher width D_t, student
+vocab V, teacher vocab V_t (K = min(V, V_t) ids are shared: the divergence runs over K ids, CE over
+V) and the final-logit softcap. A Shape is one head at N tokens. Each head is swept over N; one more
+sweep ("vocab") runs over V at a fixed N with the Llama head's widths.
+
+The FLOP floor is the matmul work no method can skip (the softmax work is O(N V), not O(N V D)):
+    forward:           2 N (V D_s + K D_t)          student and teacher logits
+    forward+backward:  2 N (3 V D_s + K D_t)        plus dH = G W_s and dW_s = G^T H_s
+With K = V that is the familiar 2 N V (3 D_s + D_t). The CE-only case has no teacher term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fastkd import DistillOptions
+
+
+@dataclass(frozen=True)
+class Head:
+    """One distillation head: the LM-head sizes of a teacher -> student pair."""
+
+    name: str
+    title: str
+    d_s: int
+    d_t: int
+    v: int
+    v_t: int
+    softcap: float | None = None
+
+    def scaled(self, d_div: int, v_div: int) -> Head:
+        """The same head with widths divided by d_div and vocabularies by v_div (CPU-sized)."""
+        return replace(
+            self, title=f"{self.title} (D /{d_div}, V /{v_div} for CPU)",
+            d_s=max(1, self.d_s // d_div), d_t=max(1, self.d_t // d_div),
+            v=max(1, self.v // v_div), v_t=max(1, self.v_t // v_div),
+        )
+
+
+PRESETS: dict[str, Head] = {
+    "llama": Head("llama", "Llama-3.1-8B -> Llama-3.2-1B", d_s=2048, d_t=4096, v=128256,
+                  v_t=128256),
+    # Qwen2.5-7B pads its vocabulary to 152064 rows; the 0.5B student has 151936.
+    "qwen": Head("qwen", "Qwen2.5-7B -> Qwen2.5-0.5B", d_s=896, d_t=3584, v=151936, v_t=152064),
+    "gemma": Head("gemma", "Gemma-2-9B -> Gemma-2-2B", d_s=2304, d_t=3584, v=256000, v_t=256000,
+                  softcap=30.0),
+}
+CPU_D_DIV, CPU_V_DIV = 16, 32  # CPU heads: D <= 256, V <= 8000
+
+# Default sweeps per device type, (full, quick).
+N_SWEEP = {
+    "cuda": ((1024, 2048, 4096, 8192, 16384, 32768), (1024, 4096, 16384)),
+    "cpu": ((64, 128, 256), (64, 256)),
+}
+V_SWEEP = {
+    "cuda": ((32000, 65536, 128256, 151936, 256000), (32000, 128256, 256000)),
+    "cpu": ((1000, 2000, 4000, 8000), (2000, 8000)),
+}
+V_SWEEP_N = {"cuda": 4096, "cpu": 128}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One problem size; sweep names its curve: a head's name (x = N) or "vocab" (x = V)."""
+
+    sweep: str
+    title: str
+    n: int
+    d_s: int
+    d_t: int
+    v: int
+    v_t: int
+    softcap: float | None
+
+    @property
+    def x(self) -> int:
+        """The swept variable: V for the vocab sweep, N otherwise."""
+        return self.v if self.sweep == "vocab" else self.n
+
+    @property
+    def x_name(self) -> str:
+        return "V" if self.sweep == "vocab" else "N"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A loss configuration; reduction is always "mean"."""
+
+    name: str
+    title: str
+    opts: DistillOptions
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.opts.kd_weight > 0
+
+
+def cases(temperature: float) -> dict[str, Case]:
+    """distill: the headline loss; kd: distillation only (Liger's fused-linear KL); ce: CE only."""
+    t = f"{temperature:g}"
+    return {
+        "distill": Case("distill", f"0.5 CE + 0.5 T^2 KL(p||q), T={t}",
+                        DistillOptions(temperature=temperature, ce_weight=0.5, kd_weight=0.5)),
+        "kd": Case("kd", f"T^2 KL(p||q), T={t}",
+                   DistillOptions(temperature=temperature, ce_weight=0.0, kd_weight=1.0)),
+        "ce": Case("ce", "CE only (kd_weight=0; a width-1 teacher fills the teacher arguments)",
+                   DistillOptions(ce_weight=1.0, kd_weight=0.0)),
+    }
+
+
+def problem_shape(case: Case, shape: Shape) -> Shape:
+    """The shape a case runs: CE-only has no teacher, so it gets a width-1 teacher (the smallest
+    input fastkd and the reference accept) instead of the head's."""
+    return shape if case.has_teacher else replace(shape, d_t=1, v_t=shape.v)
+
+
+def options(case: Case, shape: Shape) -> DistillOptions:
+    """The case's options with the head's softcap on both models."""
+    return replace(case.opts, student_softcap=shape.softcap, teacher_softcap=shape.softcap)
+
+
+def flop_floor(shape: Shape, *, backward: bool, teacher: bool = True) -> int:
+    """Matmul FLOPs: 2 N (V D_s + K D_t) forward, 2 N (3 V D_s + K D_t) with the backward."""
+    k = min(shape.v, shape.v_t)
+    student = (3 if backward else 1) * shape.v * shape.d_s
+    return 2 * shape.n * (student + (k * shape.d_t if teacher else 0))
+
+
+def build_shapes(heads: list[Head], n_sweep: tuple[int, ...], v_sweep: tuple[int, ...],
+                 v_sweep_n: int, v_head: Head) -> list[Shape]:
+    """Every head over n_sweep, then v_head's widths over v_sweep at v_sweep_n tokens (V_t = V)."""
+    shapes = [Shape(h.name, h.title, n, h.d_s, h.d_t, h.v, h.v_t, h.softcap)
+              for h in heads for n in n_sweep]
+    title = f"vocab sweep: {v_head.name} widths, N={v_sweep_n}"
+    shapes += [
+        Shape("vocab", title, v_sweep_n, v_head.d_s, v_head.d_t, v, v, None) for v in v_sweep
+    ]
+    return shapes

@@ -1,0 +1,162 @@
+"""bench: `python -m bench` end to end on tiny CPU shapes, out-of-memory as a result, the float64
+ground truth and the FLOP floor."""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd import reference
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _import_bench(module: str):
+    """Import bench.<module> from the repo without putting the repo root on sys.path, which would
+    expose the folder kernels/ as a top-level `kernels` to transformers in this test session."""
+    if "bench" not in sys.modules:
+        folder = REPO / "bench"
+        spec = importlib.util.spec_from_file_location(
+            "bench", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"bench.{module}")
+
+
+harness = _import_bench("harness")
+methods = _import_bench("methods")
+shapes = _import_bench("shapes")
+
+
+def _rows(doc: dict, method: str, case: str | None = None) -> list[dict]:
+    return [r for r in doc["results"] if r["method"] == method and case in (None, r["case"])]
+
+
+def test_cli_end_to_end_on_cpu(tmp_path):
+    """One command: JSON, markdown and plots, CPU-labelled, finite figures, fastkd matching float64,
+    absent peers recorded as skipped. Qwen's head has V_t > V, so the shared-vocab path runs too."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--preset", "qwen",
+           "--sweep-n", "16,48", "--sweep-v", "300", "--v-sweep-n", "16", "--cases", "distill,ce",
+           "--methods", "fastkd,reference,liger,liger_kl,cce", "--out", str(out)]
+    # One thread: shapes this small gain nothing from two, and lose a lot when the cores are shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CPU numbers, not GPU" in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["cpu"] is True and doc["note"] == "CPU numbers, not GPU"
+    assert doc["device"]["type"] == "cpu" and doc["versions"]["torch"] == torch.__version__
+    assert doc["matmul"]["tflops"] > 0 and math.isfinite(doc["matmul"]["tflops"])
+    assert {r["case"] for r in doc["results"]} == {"distill", "ce"}
+    for method in ("fastkd", "reference"):
+        rows = _rows(doc, method)
+        assert len(rows) == 2 * 3  # two cases x (two N + one V)
+        for row in rows:
+            assert row["status"] == "ok", row
+            for mode in ("fwd", "fwd_bwd"):
+                fig = row[mode]
+                assert fig["reps"] >= 3
+                assert 0 < fig["p20_ms"] <= fig["median_ms"] <= fig["p80_ms"]
+                for key in ("tflops", "x_floor"):
+                    assert math.isfinite(fig[key]) and fig[key] > 0
+                assert fig["peak_mib"] is None or fig["peak_mib"] >= 0
+            check = row["check"]
+            assert check["loss_rel_diff"] < 1e-5
+            assert check["dh_rel_diff"] < 1e-5 and check["dw_rel_diff"] < 1e-5
+    qwen = next(r for r in _rows(doc, "fastkd", "distill") if r["sweep"] == "qwen")
+    assert qwen["v_t"] > qwen["v"] and qwen["d_s"] <= 256 and qwen["v"] <= 8000
+    for peer in ("liger", "liger_kl", "cce"):
+        for row in _rows(doc, peer):
+            assert row["status"] == "skipped" and row["reason"]
+
+    table = (out / "results.md").read_text()
+    assert "CPU numbers, not GPU" in table and "| fastkd |" in table
+    assert "not run: cce" in table
+    for case in ("distill", "ce"):
+        png = (out / f"bench_{case}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def _tiny_settings(n_sweep=(8, 16)):
+    head = shapes.Head("tiny", "tiny head", d_s=8, d_t=12, v=40, v_t=44)
+    case = shapes.cases(2.0)["distill"]
+    return harness.Settings(
+        torch.device("cpu"), torch.float32, (case,),
+        tuple(shapes.build_shapes([head], n_sweep, (), 8, head)), quick=True,
+    )
+
+
+def _raising(name: str, error: Exception):
+    def build(problem):
+        def loss(x):
+            raise error
+        return loss
+    return methods.Method(name, f"raises {type(error).__name__}", build, lambda problem: None)
+
+
+def test_out_of_memory_is_a_result_not_a_crash():
+    oom = _raising("oom", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"))
+    cublas = _raising("cublas", RuntimeError("CUDA error: out of memory"))
+    broken = _raising("broken", ValueError("wrong shape"))
+    chosen = [methods.METHODS["fastkd"], oom, cublas, broken]
+    doc = harness.run(_tiny_settings(), chosen, log=lambda line: None)
+
+    assert [r["status"] for r in _rows(doc, "fastkd")] == ["ok", "ok"]
+    for name in ("oom", "cublas"):
+        first, second = _rows(doc, name)
+        assert first["status"] == "oom"
+        assert first["fwd"] == {"status": "oom", "reason": "OOM at N=8"}
+        assert first["fwd_bwd"]["reason"] == "OOM at N=8"
+        # larger N of the same sweep is not tried once a smaller one ran out of memory
+        assert second["fwd_bwd"] == {"status": "skipped", "reason": "OOM at N=8, larger not run"}
+    assert {r["status"] for r in _rows(doc, "broken")} == {"error"}
+    assert "ValueError: wrong shape" in _rows(doc, "broken")[0]["reason"]
+
+
+def test_fp64_reference_in_chunks_matches_the_spec():
+    """The ground truth, chunked over tokens, equals fastkd.reference on all tokens at once."""
+    head = shapes.Head("h", "h", d_s=6, d_t=10, v=30, v_t=34, softcap=5.0)
+    shape = shapes.build_shapes([head], (23,), (), 8, head)[0]
+    problem = methods.Problem(shapes.cases(2.0)["distill"], shape, torch.float64,
+                              torch.device("cpu"))
+    x = harness.make_inputs(problem, seed=3)
+    ref = harness.fp64_reference(x, problem.opts, rows=5)
+    loss, _, _ = reference.distill_loss(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, problem.opts)
+    dh, dw = torch.autograd.grad(loss, (x.h_s, x.w_s))
+    assert ref.loss == pytest.approx(loss.item(), rel=1e-12)
+    assert harness.max_rel_diff(dh, ref.dh) < 1e-12
+    assert harness.max_rel_diff(dw, ref.dw) < 1e-12
+    assert math.isnan(harness.max_rel_diff(torch.full_like(dh, math.nan), ref.dh))
+
+
+def test_flop_floor():
+    n, d_s, d_t, v = 1024, 2048, 4096, 128256
+    shape = shapes.Shape("llama", "", n, d_s, d_t, v, v, None)
+    assert shapes.flop_floor(shape, backward=True) == 2 * n * v * (3 * d_s + d_t)
+    assert shapes.flop_floor(shape, backward=False) == 2 * n * v * (d_s + d_t)
+    assert shapes.flop_floor(shape, backward=True, teacher=False) == 6 * n * v * d_s
+    # padded teacher vocab: only the K = min(V, V_t) shared ids need teacher logits
+    padded = replace(shape, v_t=v + 128)
+    assert shapes.flop_floor(padded, backward=True) == 2 * n * v * (3 * d_s + d_t)
+    smaller = replace(shape, v_t=v - 256)
+    assert shapes.flop_floor(smaller, backward=True) == 2 * n * (3 * v * d_s + (v - 256) * d_t)
+
+
+def test_cpu_presets_are_small_and_keep_their_ratios():
+    for head in shapes.PRESETS.values():
+        small = head.scaled(shapes.CPU_D_DIV, shapes.CPU_V_DIV)
+        assert max(small.d_s, small.d_t) <= 256 and max(small.v, small.v_t) <= 8000
+        assert (small.v_t > small.v) == (head.v_t > head.v) and small.softcap == head.softcap
+    assert max(shapes.N_SWEEP["cpu"][0]) <= 256
