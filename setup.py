@@ -1,5 +1,5 @@
-"""The folder kernels/ installs as the subpackage fastkd.kernels: a top-level `kernels` would shadow the
-Hugging Face package of that name, which transformers probes for."""
+"""The folder kernels/ installs as the subpackage fastkd.kernels: a top-level `kernels` would
+shadow the Hugging Face package of that name, which transformers probes for."""
 
 from setuptools import setup
 

@@ -1,10 +1,10 @@
 """Training data for the trainer: local text / jsonl files, tokenized, packed, split, batched.
 
-Every document is tokenized, followed by the tokenizer's end-of-sequence token (when it has one), and
-the token stream is cut into blocks of `seq_len`; the last, shorter block is padded (attention mask 0,
-label `ignore_index`). A fixed-seed split holds out some blocks for evaluation, so the held-out set does
-not move when the training seed does. `Batches` hands out training batches in a seeded order per epoch
-and can save and restore its position, which is what makes resume exact.
+Every document is tokenized and followed by the tokenizer's end-of-sequence token (if it has one);
+the token stream is cut into blocks of `seq_len`, the last, shorter block padded (attention mask 0,
+label `ignore_index`). A fixed-seed split holds out some blocks for evaluation, so the held-out set
+stays put when the training seed changes. `Batches` hands out training batches in a seeded order per
+epoch and saves and restores its position, which is what makes resume exact.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ SPLIT_SEED = 1234  # the held-out split is the same for every training seed
 def read_documents(path: str | Path) -> list[str]:
     """The documents in one file: each line's "text" field of a .jsonl file, else the whole file.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file with no text or a jsonl line
-    that is not a JSON object with a string "text" field (naming the file and line).
+    Raises FileNotFoundError for a missing file, ValueError for a file with no text or for a jsonl
+    line that is not a JSON object with a string "text" field (naming the file and line).
     """
     path = Path(path)
     if not path.is_file():
@@ -38,7 +38,8 @@ def read_documents(path: str | Path) -> list[str]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+                raise ValueError(
+                    f'{path}:{lineno}: expected a JSON object with a string "text" field')
             docs.append(record["text"])
     else:
         docs = [raw]
@@ -49,7 +50,7 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 def tokenize_files(paths: list[str], tokenizer) -> torch.Tensor:
-    """All documents of all files as one int64 token stream, each document followed by EOS if any."""
+    """All documents of all files as one int64 token stream, each followed by EOS if any."""
     if not paths:
         raise ValueError("data: pass at least one text or jsonl file")
     eos = tokenizer.eos_token_id
@@ -85,7 +86,8 @@ class Blocks:
 def pack(stream: torch.Tensor, seq_len: int, pad_id: int) -> Blocks:
     """Cut a token stream into (n, seq_len) blocks; the last partial block is padded and masked."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (next-token prediction needs two tokens), got {seq_len}")
+        raise ValueError(f"seq_len must be >= 2 (a next-token target needs 2 tokens), "
+                         f"got {seq_len}")
     n = -(-stream.numel() // seq_len)
     ids = torch.full((n * seq_len,), pad_id, dtype=torch.long)
     ids[: stream.numel()] = stream
@@ -95,21 +97,22 @@ def pack(stream: torch.Tensor, seq_len: int, pad_id: int) -> Blocks:
 
 
 def split(blocks: Blocks, eval_fraction: float) -> tuple[Blocks, Blocks]:
-    """(train, held-out): a fixed-seed random eval_fraction of the blocks (at least one) is held out."""
+    """(train, held-out): a fixed-seed random eval_fraction of the blocks (>= 1) is held out."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
     n = len(blocks)
     n_eval = max(1, round(n * eval_fraction))
     if n - n_eval < 1:
         raise ValueError(
-            f"the data packs into only {n} sequence(s): too few to hold out {n_eval} for evaluation "
-            "and train on the rest; add data or lower seq_len"
+            f"the data packs into only {n} sequence(s): too few to hold out {n_eval} for "
+            "evaluation and train on the rest; add data or lower seq_len"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     return blocks.select(order[n_eval:].sort().values), blocks.select(order[:n_eval].sort().values)
 
 
-def load_blocks(paths: list[str], tokenizer, seq_len: int, eval_fraction: float) -> tuple[Blocks, Blocks]:
+def load_blocks(paths: list[str], tokenizer, seq_len: int,
+                eval_fraction: float) -> tuple[Blocks, Blocks]:
     """Read, tokenize, pack and split the data files: (train, held-out)."""
     stream = tokenize_files(paths, tokenizer)
     if stream.numel() < 2:
@@ -123,14 +126,14 @@ def load_blocks(paths: list[str], tokenizer, seq_len: int, eval_fraction: float)
 class Batches:
     """Endless training batches: each epoch a seeded permutation, cut into full batches.
 
-    The position (epoch, offset) is the whole state: `state_dict` / `load_state_dict` resume it exactly.
+    The position (epoch, offset) is the whole state: `state_dict` / `load_state_dict` resume it.
     """
 
     def __init__(self, blocks: Blocks, batch_size: int, seed: int):
         if len(blocks) < batch_size:
             raise ValueError(
-                f"the training split has {len(blocks)} sequences, fewer than batch_size={batch_size}; "
-                "add data, lower seq_len or lower batch_size"
+                f"the training split has {len(blocks)} sequences, fewer than "
+                f"batch_size={batch_size}; add data, lower seq_len or lower batch_size"
             )
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.epoch, self.offset = 0, 0

@@ -1,0 +1,168 @@
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`) and `fastkd demo`.
+
+Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
+number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
+data or files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fastkd.loss import BACKENDS
+from fastkd.options import DIVERGENCES
+from fastkd.trainer import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
+            if f.default is not dataclasses.MISSING}
+# Flags that map to no DistillConfig field of the same name.
+FLAG_FIELDS = {"no_baseline": "baseline", "no_report": "report", "no_progress": "progress"}
+
+
+def _option(group, flag: str, help: str, **kwargs) -> None:
+    """An option whose value, when given, becomes the DistillConfig field of the same name.
+
+    Unset options stay out of the namespace (argparse.SUPPRESS), so a run gets DistillConfig's
+    defaults and `--resume` can tell which options were given.
+    """
+    dest = flag.removeprefix("--").replace("-", "_")
+    if DEFAULTS.get(dest) is not None and not isinstance(DEFAULTS[dest], bool):
+        help += f" (default: {DEFAULTS[dest]})"
+    group.add_argument(flag, dest=dest, help=help, default=argparse.SUPPRESS, **kwargs)
+
+
+def _distill_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a Hugging Face teacher into a student",
+        description="Distil --teacher into --student on --data; writes checkpoints, the students "
+                    "and a report under --out. `--resume RUN_DIR` continues a run exactly.")
+    g = p.add_argument_group("models and data")
+    _option(g, "--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID")
+    _option(g, "--student", "initial student: HF model directory or hub id", metavar="DIR_OR_ID")
+    _option(g, "--data", 'text or jsonl ("text" field) files', nargs="+", metavar="FILE")
+    _option(g, "--out", "run directory", metavar="RUN_DIR")
+    _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
+    _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
+    _option(g, "--seq-len", "tokens per packed sequence", type=int)
+    _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
+    _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
+            type=int)
+    g = p.add_argument_group("loss")
+    _option(g, "--temperature", "distillation temperature T", type=float)
+    _option(g, "--ce-weight", "weight of the hard-label cross-entropy", type=float)
+    _option(g, "--kd-weight", "weight of the T^2-scaled divergence to the teacher", type=float)
+    _option(g, "--divergence", "divergence to the teacher", choices=DIVERGENCES)
+    _option(g, "--beta", "JSD mixing weight", type=float)
+    g = p.add_argument_group("optimisation")
+    _option(g, "--steps", "optimizer steps", type=int)
+    _option(g, "--batch-size", "sequences per micro-batch", type=int)
+    _option(g, "--grad-accum", "micro-batches per optimizer step", type=int)
+    _option(g, "--lr", "peak AdamW learning rate", type=float)
+    _option(g, "--weight-decay", "AdamW weight decay (matrices only)", type=float)
+    _option(g, "--warmup", "linear warmup steps before the cosine decay", type=int)
+    _option(g, "--clip", "gradient-norm clipping threshold, 0 for none", type=float)
+    _option(g, "--seed", "random seed", type=int)
+    g = p.add_argument_group("precision and device")
+    _option(g, "--device", "torch device (default: cuda if available, else cpu)")
+    _option(g, "--bf16", "bf16 autocast (default: on CUDA only)",
+            action=argparse.BooleanOptionalAction)
+    _option(g, "--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
+            choices=TEACHER_DTYPES)
+    _option(g, "--backend", "fused-loss backend; reference = the plain-torch spec",
+            choices=BACKENDS)
+    g = p.add_argument_group("bookkeeping")
+    _option(g, "--eval-every", "held-out evaluation every N steps", type=int)
+    _option(g, "--save-every", "checkpoint every N steps", type=int)
+    _option(g, "--stop-after", "stop, with a checkpoint, after N steps in this call", type=int)
+    _option(g, "--no-baseline", "skip the hard-label baseline student", action="store_false")
+    _option(g, "--no-report", "skip the report", action="store_false")
+    _option(g, "--no-progress", "no progress bar", action="store_false")
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the embedded default: a complete distillation, nothing downloaded",
+        description="Trains a BPE tokenizer and a Llama teacher on the Python standard library's "
+                    "sources (the teacher is cached), distils a smaller student, trains a "
+                    "hard-label baseline with the same budget, and writes the report.")
+    p.add_argument("--out", default="fastkd-demo", help="run directory (default: fastkd-demo)")
+    p.add_argument("--fast", action="store_true", help="a smaller, faster plan (under a minute)")
+    p.add_argument("--cache-dir", default=None,
+                   help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkd", description="fastkd: fused distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _distill_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DistillConfig:
+    """A new run's config from the given options, or the saved config for --resume."""
+    given = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if k != "command"}
+    if given.get("clip") == 0:
+        given["clip"] = None
+    if "resume" in given:
+        run_dir = given.pop("resume")
+        fixed = sorted(set(given) - set(RUNTIME_FIELDS))
+        if fixed:
+            parser.error(f"--resume continues a run with its saved config; these options cannot "
+                         f"change it: {', '.join('--' + f.replace('_', '-') for f in fixed)}")
+        if given.setdefault("out", run_dir) != run_dir:
+            parser.error("--resume RUN_DIR continues the run where it lies: drop --out")
+        return dataclasses.replace(DistillConfig.load(run_dir), resume=True, **given)
+    missing = [f"--{f}" for f in ("teacher", "student", "data", "out") if f not in given]
+    if missing:
+        parser.error(f"a new run needs {', '.join(missing)} (or --resume RUN_DIR)")
+    return DistillConfig(**given)
+
+
+def _finish(results: dict, resume_hint: str) -> int:
+    if results.get("report"):
+        print(Path(results["report"]["md"]).read_text())
+        print(f"report: {results['report']['md']} (+ report.json, loss_curve.png)")
+    for phase in ("distill", "baseline"):
+        summary = results.get(phase)
+        if summary and summary["student_dir"]:
+            print(f"{phase}: student saved to {summary['student_dir']}")
+    if results["status"] != "completed":
+        print(f"{results['status']}: to continue, {resume_hint}")
+    print(f"{results['status']} in {results['seconds']:.0f} s")
+    return 128 + results["signal"] if results["status"] == "interrupted" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fastkd: %(message)s"))
+    log = logging.getLogger("fastkd")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # other libraries' logs keep their own format
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's own bar
+    try:
+        if args.command == "demo":
+            from fastkd.demo import run_demo
+
+            started = time.perf_counter()
+            results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
+                               progress=args.progress)
+            results["seconds"] = time.perf_counter() - started
+            return _finish(results, "run the same `fastkd demo` command again")
+        from fastkd.trainer import run_distillation
+
+        results = run_distillation(config_from_args(args, parser))
+        return _finish(results, f"run `fastkd distill --resume {results['run_dir']}`")
+    except (ValueError, OSError) as err:  # bad inputs, unloadable models, missing files
+        parser.exit(2, f"fastkd {args.command}: error: {err}\n")

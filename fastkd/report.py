@@ -1,0 +1,315 @@
+"""The trade-off report: teacher, distilled student, hard-label baseline and int8 student, measured.
+
+Each row: parameter count, size on disk, held-out perplexity, top-1 agreement with the teacher, KL
+from the teacher, and inference throughput. The held-out metrics use full logits (the held-out set
+is small) and the spec's per-token losses, `fastkd.reference.token_losses`, at temperature 1:
+
+    perplexity = exp(mean CE),  KL = mean KL(p_teacher || p_model) over the shared vocabulary ids,
+    agreement  = mean [argmax_{v<K} model logits == argmax_{v<K} teacher logits],
+
+all over the held-out next-token targets. Throughput is a full forward (logits included) over the
+held-out batches, timed after a warm-up. Writes RUN_DIR/report.md, report.json and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fastkd import reference
+from fastkd.data import Blocks, eval_batches
+from fastkd.options import DistillOptions
+
+METRIC_LOGITS = 2**26  # logits elements per held-out metric batch (256 MiB in fp32)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of one weight file, or of a model directory's *.safetensors (else *.bin) files."""
+    if path.is_file():
+        return path.stat().st_size
+    files = list(path.rglob("*.safetensors")) or list(path.rglob("*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy of model with every nn.Linear dynamically quantized to int8 (torch.ao)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    cpu_copy = copy.deepcopy(model).float().cpu().eval()
+    with warnings.catch_warnings():
+        # torch.ao eager quantization warns that it is deprecated in favour of torchao; it still
+        # works, and it is what this report measures.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(cpu_copy, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def save_int8(model: torch.nn.Module, path: Path) -> Path:
+    """Save an int8 dynamic model as safetensors: int8 weights with their scales, the rest as is."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()
+               if isinstance(t, torch.Tensor) and not t.is_quantized}
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicLinear):
+            weight = module.weight()
+            tensors[f"{name}.weight.int8"] = weight.int_repr().contiguous()
+            if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scales = torch.tensor([weight.q_scale()])
+                zeros = torch.tensor([weight.q_zero_point()])
+            else:
+                scales, zeros = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            tensors[f"{name}.weight.scale"] = scales.float()
+            tensors[f"{name}.weight.zero_point"] = zeros.to(torch.int32)
+            if module.bias() is not None:
+                tensors[f"{name}.bias"] = module.bias().detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+@torch.no_grad()
+def heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
+                    teacher: torch.nn.Module, heldout: Blocks, device: torch.device) -> dict:
+    """Per model: held-out ce, perplexity, top-1 agreement with the teacher, KL(teacher||model)."""
+    opts = DistillOptions(temperature=1.0, ce_weight=1.0, kd_weight=1.0)
+    seq_len = heldout.input_ids.shape[1]
+    vocab = max(teacher.get_output_embeddings().weight.shape[0],
+                *(m.config.get_text_config().vocab_size for m, _ in models.values()))
+    batch_size = max(1, METRIC_LOGITS // (seq_len * vocab))
+    sums = {name: torch.zeros(3, dtype=torch.float64) for name in models}
+    count = 0
+    for batch in eval_batches(heldout, batch_size):
+        labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1).to(device)
+        valid = labels != opts.ignore_index
+        count += int(batch.attention_mask[:, 1:].sum())
+        t_logits = teacher(input_ids=batch.input_ids.to(device),
+                           attention_mask=batch.attention_mask.to(device)).logits
+        t_logits = t_logits[:, :-1].float().flatten(0, 1)
+        for name, (model, model_device) in models.items():
+            if model is teacher:
+                s_logits = t_logits
+            else:
+                s_logits = model(input_ids=batch.input_ids.to(model_device),
+                                 attention_mask=batch.attention_mask.to(model_device)).logits
+                # Compared on the teacher's device, in fp32 (the int8 model runs on the CPU).
+                s_logits = s_logits[:, :-1].float().flatten(0, 1).to(device)
+            _, ce, kl = reference.token_losses(s_logits, t_logits, labels, opts)
+            shared = min(s_logits.shape[-1], t_logits.shape[-1])
+            agree = (s_logits[:, :shared].argmax(-1) == t_logits[:, :shared].argmax(-1)) & valid
+            sums[name] += torch.stack([ce.sum(), kl.sum(), agree.sum()]).double().cpu()
+    out = {}
+    for name, (ce, kl, agree) in sums.items():
+        ce_mean = ce.item() / count
+        out[name] = {"ce": ce_mean, "perplexity": math.exp(min(ce_mean, 50.0)),
+                     "top1_agreement": agree.item() / count, "kl_to_teacher": kl.item() / count}
+    return out
+
+
+@torch.inference_mode()
+def throughput(model: torch.nn.Module, heldout: Blocks, batch_size: int, device: torch.device,
+               min_seconds: float = 1.0) -> float:
+    """Tokens per second of a full forward over the held-out batches: the median of timed passes
+    (at least three, for at least min_seconds), after a warm-up pass."""
+    batches = [b.input_ids.to(device) for b in eval_batches(heldout, batch_size)]
+    rates: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while True:
+        start, tokens = time.perf_counter(), 0
+        for ids in batches:
+            model(input_ids=ids)
+            tokens += ids.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # sync: the pass's kernels must finish inside its timing
+        rates.append(tokens / (time.perf_counter() - start))
+        if len(rates) > 3 and time.perf_counter() >= deadline:
+            break
+    return statistics.median(rates[1:])  # the first pass is the warm-up
+
+
+def plot_losses(results: dict, teacher_ce: float, temperature: float, path: Path) -> Path:
+    """Train and held-out CE of both students (the teacher's held-out CE for scale); held-out KD."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_ce, ax_kd = fig.subplots(1, 2)
+    runs = [("distilled", results["history"], "tab:blue")]
+    if results.get("baseline_history"):
+        runs.append(("hard-label baseline", results["baseline_history"], "tab:orange"))
+    for label, history, color in runs:
+        train = [r for r in history if r.get("ce") is not None and r["step"] > 0]
+        evals = [r for r in history if r.get("eval_ce") is not None]
+        ax_ce.plot([r["step"] for r in train], [r["ce"] for r in train], color=color, alpha=0.35,
+                   lw=1, label=f"{label}: train CE")
+        ax_ce.plot([r["step"] for r in evals], [r["eval_ce"] for r in evals], color=color,
+                   marker="o", lw=2, label=f"{label}: held-out CE")
+        kd = [r for r in evals if r.get("eval_kd") is not None]
+        ax_kd.plot([r["step"] for r in kd], [r["eval_kd"] for r in kd], color=color, marker="o",
+                   label=label)
+    ax_ce.axhline(teacher_ce, color="black", ls="--", lw=1, label="teacher: held-out CE")
+    ax_ce.set(xlabel="optimizer step", ylabel="cross-entropy (nats / token)",
+              title="Cross-entropy")
+    ax_kd.set(xlabel="optimizer step", ylabel="divergence (nats / token)",
+              title=f"Held-out KD divergence to the teacher (T = {temperature:g})")
+    for ax in (ax_ce, ax_kd):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _fmt_count(n: float) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _change(new: float, old: float) -> str:
+    return f"{(new - old) / old * 100:+.1f}%"
+
+
+def measure_rows(config, run_dir: Path, teacher, heldout: Blocks, device: torch.device,
+                 results: dict) -> list[dict]:
+    """One row per model: params, size on disk, held-out metrics, throughput, device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    distilled_dir = Path(results["distill"]["student_dir"])
+    student = AutoModelForCausalLM.from_pretrained(distilled_dir, dtype=torch.float32)
+    # A hub teacher has no directory of ours to measure: count its parameter bytes instead.
+    teacher_path = Path(config.teacher)
+    teacher_size = (weights_size(teacher_path) if teacher_path.is_dir() else
+                    sum(p.numel() * p.element_size() for p in teacher.model.parameters()))
+    # name -> (model, its device, its size on disk)
+    models = {"teacher": (teacher.model, device, teacher_size),
+              "distilled student": (student.to(device).eval(), device,
+                                    weights_size(distilled_dir))}
+    if results.get("baseline"):
+        baseline_dir = Path(results["baseline"]["student_dir"])
+        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir, dtype=torch.float32)
+        models["hard-label student (same budget)"] = (baseline.to(device).eval(), device,
+                                                      weights_size(baseline_dir))
+    int8 = quantize_int8(student)
+    int8_path = save_int8(int8, run_dir / "int8" / "model.safetensors")
+    models["distilled student, int8 dynamic"] = (int8, torch.device("cpu"),
+                                                 weights_size(int8_path))
+
+    metrics = heldout_metrics({name: (m, dev) for name, (m, dev, _) in models.items()},
+                              teacher.model, heldout, device)
+    rows = []
+    for name, (model, model_device, size) in models.items():
+        quantized = model is int8
+        rows.append({
+            "model": name, "params": parameter_count(student if quantized else model),
+            "size_bytes": size, **metrics[name],
+            "tokens_per_s": throughput(model, heldout, config.batch_size, model_device),
+            "device": str(model_device),
+            "dtype": "int8 (dynamic)" if quantized else str(
+                next(model.parameters()).dtype).removeprefix("torch."),
+        })
+    return rows
+
+
+def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
+                    device: torch.device) -> str:
+    """report.md: the setting, the table, and the comparisons the table supports, as measured."""
+    by_name = {row["model"]: row for row in rows}
+    budget = results["distill"]
+    opts = config.loss_options()
+    loss_text = (f"{opts.ce_weight:g}·CE + {opts.kd_weight:g}·T²·{opts.divergence}"
+                 + (f"(β={opts.beta:g})" if opts.divergence == "jsd" else "")
+                 + f", T = {opts.temperature:g}")
+    lines = [
+        "# fastkd distillation report",
+        "",
+        f"Teacher `{config.teacher}` → student `{config.student}`. Budget per student: "
+        f"{config.steps} optimizer steps × {config.batch_size * config.grad_accum} sequences × "
+        f"{config.seq_len} tokens ({budget['tokens']:,} training tokens); loss {loss_text}; "
+        f"AdamW lr {config.lr:g}, warmup {config.warmup} + cosine, seed {config.seed}.",
+        f"Held-out: {len(heldout)} sequences ({int(heldout.attention_mask[:, 1:].sum()):,} "
+        f"next-token targets). Device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",
+        "",
+        "| model | params | size on disk | held-out ppl | top-1 agreement | KL(teacher‖model) | "
+        "tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {_fmt_count(row['params'])} | {_fmt_bytes(row['size_bytes'])} | "
+            f"{row['perplexity']:.2f} | {row['top1_agreement'] * 100:.1f}% | "
+            f"{row['kl_to_teacher']:.4f} | {row['tokens_per_s']:,.0f} ({row['device']}, "
+            f"{row['dtype']}) |")
+    lines.append("")
+    distilled = by_name["distilled student"]
+    hard = by_name.get("hard-label student (same budget)")
+    if hard is not None:
+        verdict = ("distillation beats" if distilled["perplexity"] < hard["perplexity"]
+                   else "distillation does not beat")
+        lines.append(
+            f"- **Distillation vs hard labels at the same budget**: {verdict} the hard-label "
+            f"baseline on held-out perplexity ({distilled['perplexity']:.2f} vs "
+            f"{hard['perplexity']:.2f}, {_change(distilled['perplexity'], hard['perplexity'])}); "
+            f"top-1 agreement {distilled['top1_agreement'] * 100:.1f}% vs "
+            f"{hard['top1_agreement'] * 100:.1f}%; KL to the teacher "
+            f"{distilled['kl_to_teacher']:.4f} vs {hard['kl_to_teacher']:.4f}.")
+    int8_row = by_name["distilled student, int8 dynamic"]
+    lines.append(
+        f"- **int8 dynamic quantization** of the distilled student: size "
+        f"{_change(int8_row['size_bytes'], distilled['size_bytes'])}, perplexity "
+        f"{_change(int8_row['perplexity'], distilled['perplexity'])}, throughput "
+        f"{int8_row['tokens_per_s'] / distilled['tokens_per_s']:.2f}× the fp32 student's "
+        f"({int8_row['device']} vs {distilled['device']}).")
+    teacher_row = by_name["teacher"]
+    lines.append(
+        f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
+        f"parameters, {distilled['tokens_per_s'] / teacher_row['tokens_per_s']:.2f}× the "
+        f"throughput, perplexity {_change(distilled['perplexity'], teacher_row['perplexity'])}.")
+    timing = f"- Training time (optimizer steps only): distillation {budget['train_seconds']:.1f} s"
+    if results.get("baseline"):
+        timing += f", hard-label baseline {results['baseline']['train_seconds']:.1f} s"
+    lines += [
+        timing + ".",
+        "",
+        "Held-out metrics use full logits at temperature 1; KL is KL(p_teacher ‖ p_model) over the "
+        "shared vocabulary ids, per token; top-1 agreement compares argmaxes over the shared ids. "
+        f"Throughput is a full forward (logits included) over held-out batches of "
+        f"{config.batch_size} × {config.seq_len} tokens after a warm-up; int8 dynamic quantization "
+        "runs on the CPU only.",
+        "",
+        "![loss curves](loss_curve.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.device,
+                 results: dict) -> dict:
+    """Measure every row, write report.md / report.json / loss_curve.png; returns paths and rows."""
+    rows = measure_rows(config, run_dir, teacher, heldout, device, results)
+    md_path, json_path = run_dir / "report.md", run_dir / "report.json"
+    teacher_ce = next(row["ce"] for row in rows if row["model"] == "teacher")
+    png_path = plot_losses(results, teacher_ce, config.temperature, run_dir / "loss_curve.png")
+    md_path.write_text(render_markdown(config, rows, results, heldout, device))
+    summary = {"rows": rows, "config": dataclasses.asdict(config),
+               "distill": results["distill"], "baseline": results.get("baseline"),
+               "heldout_sequences": len(heldout), "device": str(device),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    json_path.write_text(json.dumps(summary, indent=2))
+    return {"md": str(md_path), "json": str(json_path), "png": str(png_path), "rows": rows}

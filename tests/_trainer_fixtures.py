@@ -1,0 +1,67 @@
+"""Helpers for the trainer tests: a tiny BPE tokenizer, tiny Llama models and text files, all built
+locally from the Python standard library's sources (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Small, long-lived modules: a few tens of KB of real text on every Python install.
+SOURCES = ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "colorsys.py",
+           "keyword.py", "heapq.py")
+EOS = "<|endoftext|>"
+
+
+def corpus_texts() -> list[str]:
+    return [(STDLIB / name).read_text(encoding="utf-8") for name in SOURCES]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 320, texts: list[str] | None = None):
+    """A byte-level BPE trained on stdlib text, saved with save_pretrained; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts or corpus_texts(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS,
+                                        model_max_length=1 << 30)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def save_llama(out_dir: Path, tokenizer, hidden: int = 32, layers: int = 1,
+               vocab_size: int | None = None, tie: bool = False, seed: int = 0,
+               with_tokenizer: bool = True, **config) -> Path:
+    """A seeded random tiny Llama saved in HF format (loaded back through from_pretrained)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden,
+                      intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=None,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      **config)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    if with_tokenizer:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_data(out_dir: Path) -> list[str]:
+    """The corpus as one .txt file and one .jsonl file (a record per stdlib module)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = corpus_texts()
+    txt = out_dir / "part1.txt"
+    txt.write_text("\n\n".join(texts[:4]))
+    jsonl = out_dir / "part2.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "source": "stdlib"}) + "\n" for t in texts[4:]))
+    return [str(txt), str(jsonl)]

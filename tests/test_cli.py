@@ -1,0 +1,133 @@
+"""The command line end to end (in subprocesses), Ctrl-C handling, the report, and the demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _trainer_fixtures import build_tokenizer, save_llama, write_data
+
+from fastkd.cli import main
+from fastkd.demo import run_demo
+from fastkd.trainer import DistillConfig, latest_checkpoint, run_distillation
+
+ROWS = ["teacher", "distilled student", "hard-label student (same budget)",
+        "distilled student, int8 dynamic"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_assets")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    return {"teacher": save_llama(root / "teacher", tokenizer, hidden=48, layers=2, seed=1),
+            "student": save_llama(root / "student", tokenizer, hidden=24, seed=2),
+            "data": write_data(root / "data")}
+
+
+def fastkd(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fastkd", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def distill_args(models, out: Path, *extra: str) -> list[str]:
+    return ["distill", "--teacher", str(models["teacher"]), "--student", str(models["student"]),
+            "--data", *models["data"], "--out", str(out), "--seq-len", "32", "--batch-size", "4",
+            "--lr", "1e-2", "--warmup", "1", "--eval-sequences", "8", "--no-progress", *extra]
+
+
+def test_cli_end_to_end_writes_a_sensible_report(models, tmp_path):
+    out = tmp_path / "run"
+    proc = fastkd(*distill_args(models, out, "--steps", "4", "--eval-every", "2",
+                                "--divergence", "jsd", "--beta", "0.4", "--grad-accum", "2"))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "| model | params |" in stdout and "completed" in stdout
+
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows) == ROWS
+    for row in rows.values():
+        assert 1.0 < row["perplexity"] < 10 * report["config"]["seq_len"] ** 3
+        assert math.isfinite(row["perplexity"]) and 0.0 <= row["top1_agreement"] <= 1.0
+        assert row["kl_to_teacher"] >= -1e-6 and row["tokens_per_s"] > 0
+        assert row["params"] > 0 and row["size_bytes"] > 0
+    teacher, student = rows["teacher"], rows["distilled student"]
+    int8 = rows["distilled student, int8 dynamic"]
+    assert teacher["top1_agreement"] == 1.0 and abs(teacher["kl_to_teacher"]) < 1e-6
+    assert student["kl_to_teacher"] > 0 and teacher["params"] > student["params"]
+    assert int8["size_bytes"] < student["size_bytes"] and int8["params"] == student["params"]
+    assert abs(int8["perplexity"] / student["perplexity"] - 1) < 0.2  # int8 stays close
+    assert report["config"]["divergence"] == "jsd" and report["distill"]["step"] == 4
+
+    md = (out / "report.md").read_text()
+    for name in ROWS:
+        assert f"| {name} |" in md
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "baseline" / "student" / "model.safetensors").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(models, tmp_path):
+    out = tmp_path / "run"
+    proc = fastkd(*distill_args(models, out, "--steps", "100000", "--eval-every", "100000",
+                                "--save-every", "100000", "--no-baseline", "--no-report"))
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "SIGINT received" in stderr and "Traceback" not in stderr
+
+    checkpoint = latest_checkpoint(out)
+    stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
+    assert stopped_at >= 2 and checkpoint.name == f"step-{stopped_at:08d}"
+    config = DistillConfig.load(out)
+    result = run_distillation(DistillConfig(**{**vars(config), "resume": True, "stop_after": 2}))
+    assert result["status"] == "stopped" and result["distill"]["step"] == stopped_at + 2
+
+
+def test_cli_argument_errors(models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", str(models["teacher"]), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--student, --data" in capsys.readouterr().err
+
+    out = tmp_path / "run"
+    out.mkdir()
+    DistillConfig(teacher=str(models["teacher"]), student=str(models["student"]),
+                  data=models["data"], out=str(out)).save(out)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--resume", str(out), "--lr", "0.1"])
+    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", str(models["teacher"]), "--student", str(models["student"]),
+              "--data", "missing.jsonl", "--out", str(fresh)])
+    assert exit_info.value.code == 2
+    assert "data file not found: missing.jsonl" in capsys.readouterr().err
+    assert not (fresh / "config.json").exists()  # a failed start leaves no run to collide with
+
+
+def test_demo_fast_runs_and_caches_its_teacher(tmp_path):
+    first = run_demo(tmp_path / "demo", fast=True, cache_dir=tmp_path / "cache", progress=False)
+    assert first["status"] == "completed" and not first["teacher"]["cached"]
+    rows = {row["model"]: row for row in first["report"]["rows"]}
+    assert list(rows) == ROWS
+    teacher, student = rows["teacher"], rows["distilled student"]
+    assert teacher["perplexity"] < student["perplexity"] < 512  # both learned (vocab: 512)
+    assert (tmp_path / "demo" / "report.md").is_file()
+
+    again = run_demo(tmp_path / "demo2", fast=True, cache_dir=tmp_path / "cache", progress=False)
+    assert again["teacher"]["cached"] and again["teacher"]["dir"] == first["teacher"]["dir"]
+    assert [r["loss"] for r in again["history"][1:]] == [r["loss"] for r in first["history"][1:]]
