@@ -3,5 +3,21 @@
 from fastkd.loss import FusedDistillLoss, distill, fused_distill_loss
 from fastkd.options import DistillOptions
 
-__all__ = ["DistillOptions", "FusedDistillLoss", "distill", "fused_distill_loss"]
+__all__ = [
+    "DistillConfig",
+    "DistillOptions",
+    "FusedDistillLoss",
+    "distill",
+    "fused_distill_loss",
+    "run_distillation",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The trainer imports transformers; load it only when asked for.
+    if name in ("DistillConfig", "run_distillation"):
+        from fastkd import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
