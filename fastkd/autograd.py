@@ -157,6 +157,8 @@ class FusedDistillFunction(torch.autograd.Function):
             if not needed or grad is None:
                 out.append(None)
                 continue
-            grad = grad if g is None else grad * g
-            out.append(grad.to(dtype))
+            cast = grad.to(dtype)  # a new tensor only when the dtype changes: scale it in place
+            if g is not None:
+                cast = cast.mul_(g) if cast is not grad else grad * g
+            out.append(cast)
         return (*out, None, None, None, None, None, None, None, None, None)

@@ -8,7 +8,7 @@ The student's loss never sees full logits: the fused loss takes the base model's
 and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabulary. Run directory:
 
     RUN_DIR/config.json                  the DistillConfig (what `--resume RUN_DIR` reads)
-    RUN_DIR/checkpoints/step-XXXXXXXX/   model/ (HF, safetensors), trainer_state.pt, meta.json
+    RUN_DIR/checkpoints/step-NNNNNNNN/   model/ (HF, safetensors), trainer_state.pt, meta.json
     RUN_DIR/student/                     the distilled student, HF format
     RUN_DIR/log.jsonl                    one record per step (loss, lr, tokens/s, evaluations)
     RUN_DIR/baseline/...                 the same for the hard-label baseline
