@@ -354,3 +354,15 @@ def test_teacher_in_its_own_dtype(backend):
     # the teacher's logits are bf16-rounded (the spec forms them in fp64): bf16 tolerance
     loss, grads = check(inputs, backend, torch.bfloat16, divergence="forward_kl", temperature=2.0)
     assert loss.dtype == torch.float32 and grads["student_weight"].dtype == torch.float32
+
+
+def test_half_precision_dw_accumulates_in_fp32():
+    from fastkd import autograd
+
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(64, 24, generator=g).bfloat16()
+    b = torch.randn(24, 16, generator=g).bfloat16()
+    acc = torch.full((64, 16), 1e4)  # a bf16 accumulator would round away the product
+    autograd._accumulate_mm(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, 1e4 + a.double().matmul(b.double()).float(), rtol=0, atol=0.05)

@@ -139,4 +139,4 @@ def test_default_chunk_size_bounds_memory():
     rows = default_chunk_size(100_000, 128256, 128256, 4, cpu)
     assert rows * (128256 * 2) * 4 <= 64 * 2**20 and rows >= 1
     rows = default_chunk_size(100_000, 256000, 256000, 2, torch.device("cuda"))
-    assert rows % 128 == 0 and rows * 512000 * 2 <= 256 * 2**20
+    assert rows % 128 == 0 and rows * 512000 * 2 <= 512 * 2**20
