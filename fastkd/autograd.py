@@ -116,7 +116,7 @@ def _fp32_addmm_works(device: torch.device) -> bool:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             _FP32_ADDMM[device] = bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, TypeError):  # no such kernel here (NotImplementedError), old torch
+        except (RuntimeError, TypeError):  # no kernel for it on this device, or an older torch
             _FP32_ADDMM[device] = False
     return _FP32_ADDMM[device]
 
