@@ -22,12 +22,14 @@ from fastkd.options import DistillOptions
 
 
 def _torch_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` on one chunk in fp32; its gradient by autograd."""
+    """CPU row op: the spec's `token_losses` on one chunk in fp32 (fp64 for fp64 logits); its
+    gradient by autograd."""
+    acc_dtype = loss_out.dtype
     with torch.enable_grad():
-        s32 = s.detach().float().requires_grad_(compute_grad)
-        loss, ce, kd = reference.token_losses(s32, t.float(), labels, opts)
+        s_acc = s.detach().to(acc_dtype).requires_grad_(compute_grad)
+        loss, ce, kd = reference.token_losses(s_acc, t.to(acc_dtype), labels, opts)
         if compute_grad:
-            (grad,) = torch.autograd.grad(loss, s32, grad_outputs=row_scale)
+            (grad,) = torch.autograd.grad(loss, s_acc, grad_outputs=row_scale.to(acc_dtype))
             s.copy_(grad)
     loss_out.copy_(loss.detach())
     ce_out.copy_(ce.detach())
@@ -58,14 +60,21 @@ def default_chunk_size(
     return min(rows, max(n_tokens, 1))
 
 
+def accumulator_dtype(dtypes: tuple[torch.dtype, torch.dtype]) -> torch.dtype:
+    """fp32 for half-precision and fp32 compute, fp64 when either model computes in fp64."""
+    return torch.promote_types(torch.promote_types(*dtypes), torch.float32)
+
+
 def cast_or_none(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
 def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtypes, grads):
-    """Run the chunk loop. Returns per-token (loss, ce, kd) in fp32 and, if grads, (dH, dW, db).
+    """Run the chunk loop. Returns per-token (loss, ce, kd) and, if grads, (dH, dW, db); the
+    per-token values, dW and db are accumulated in fp32 (fp64 for fp64 inputs).
     dtypes: the (student, teacher) compute dtypes; each model's GEMM runs in its own."""
     dtype, t_dtype = dtypes
+    acc = accumulator_dtype(dtypes)
     n, d_s = h_s.shape
     vocab, shared = w_s.shape[0], min(w_s.shape[0], w_t.shape[0])
     dev = h_s.device
@@ -73,12 +82,12 @@ def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chun
     h_t, w_t, b_t = h_t.to(t_dtype), w_t[:shared].to(t_dtype), cast_or_none(b_t, t_dtype)
     if b_t is not None:
         b_t = b_t[:shared]
-    loss, ce, kd = (torch.empty(n, device=dev, dtype=torch.float32) for _ in range(3))
+    loss, ce, kd = (torch.empty(n, device=dev, dtype=acc) for _ in range(3))
     s_buf = torch.empty(min(chunk, n), vocab, device=dev, dtype=dtype)
     t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=t_dtype)
     dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
-    dw = torch.zeros(vocab, d_s, device=dev, dtype=torch.float32) if grads else None
-    db = torch.zeros(vocab, device=dev, dtype=torch.float32) if grads and b_s is not None else None
+    dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
+    db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
     for i0 in range(0, n, chunk):
         i1 = min(i0 + chunk, n)
         s, t, hs = s_buf[: i1 - i0], t_buf[: i1 - i0], h_s[i0:i1]
@@ -90,7 +99,7 @@ def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chun
             torch.mm(s, w_s, out=dh[i0:i1])
             _accumulate_mm(dw, s.t(), hs)
             if db is not None:
-                db += s.sum(0, dtype=torch.float32)
+                db += s.sum(0, dtype=acc)
     return loss, ce, kd, (dh, dw, db)
 
 
@@ -146,7 +155,7 @@ class FusedDistillFunction(torch.autograd.Function):
             if labels is None
             else labels != opts.ignore_index
         )
-        scale = valid.float()
+        scale = valid.to(accumulator_dtype(dtypes))
         if opts.reduction == "mean":
             scale = scale / valid.sum().clamp(min=1)
         row_op = ROW_OPS[backend]
@@ -169,10 +178,10 @@ class FusedDistillFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         if ctx.grads_now:
             dh, dw, db = ctx.saved_tensors
-            g = grad_loss.float()
+            g = grad_loss.to(dw.dtype)
         else:  # reduction "none": recompute the chunks with the upstream gradient as row scale
             h_s, w_s, b_s, h_t, w_t, b_t, labels, valid = ctx.saved_tensors
-            scale = grad_loss.float() * valid
+            scale = grad_loss.to(accumulator_dtype(ctx.dtypes)) * valid
             _, _, _, (dh, dw, db) = _chunked(
                 h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ROW_OPS[ctx.backend],
                 ctx.chunk, ctx.dtypes, True,

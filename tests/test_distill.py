@@ -366,3 +366,18 @@ def test_half_precision_dw_accumulates_in_fp32():
     autograd._accumulate_mm(acc, a, b)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, 1e4 + a.double().matmul(b.double()).float(), rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_on_the_torch_path_stays_float64(reduction):
+    # the chunked torch path must not round fp64 inputs through fp32 anywhere
+    inputs = make_inputs(n=23, vocab=301, vocab_t=290, dtype=torch.float64, seed=22)
+    upstream = torch.randn(23, dtype=torch.float64) if reduction == "none" else None
+    kw = dict(divergence="jsd", temperature=2.0, chunk_size=7, reduction=reduction)
+    loss, grads = run(inputs, "torch", upstream, **kw)
+    want_loss, want_grads = run(inputs, "spec", upstream, **kw)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float64, name
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-10, atol=1e-14)
