@@ -38,9 +38,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastkd import reference
 from fastkd.data import Batches, Blocks, eval_batches, load_blocks
 from fastkd.loss import BACKENDS, distill
+from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
+    LMHead,
+    check_tokenizers,
+    check_vocab,
+    from_pretrained,
+    lm_head,
+    load_lm,
+    load_tokenizer,
+)
 from fastkd.options import DistillOptions
 
 log = logging.getLogger("fastkd")
@@ -48,13 +56,6 @@ log = logging.getLogger("fastkd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device")
-# Config attributes of heads that rescale logits after the matmul (the fused loss would drop them).
-SCALED_LOGITS = {
-    "logit_scale": "multiplies its logits by it (Cohere)",
-    "logits_scaling": "divides its logits by it (Granite)",
-    "lm_head_multiplier": "multiplies its logits by it (Falcon-H1)",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -153,100 +154,7 @@ class DistillConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: load, freeze the teacher, and find what the fused loss needs (base, head weight, softcap).
-
-
-@dataclass
-class LMHead:
-    """A causal LM as the fused loss sees it: `softcap(base(x).last_hidden_state @ W^T + b)`."""
-
-    model: torch.nn.Module
-    base: torch.nn.Module
-    weight: torch.nn.Parameter
-    bias: torch.nn.Parameter | None
-    softcap: float | None
-
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) last hidden states of the base model: the HF head (full logits) never runs."""
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-
-def lm_head(model: torch.nn.Module, role: str) -> LMHead:
-    """Check that `model`'s logits are its head applied to its base's hidden states, and split it.
-
-    Gemma-2-style `final_logit_softcapping` becomes the loss's softcap; heads that rescale logits
-    (`logit_scale`, `logits_scaling`, ...) are refused. A probe on 8 tokens then compares the
-    model's own logits with the recomposed ones, which catches any other post-processing.
-    """
-    name = getattr(model, "name_or_path", "") or type(model).__name__
-    config = model.config.get_text_config()
-    for attr, what in SCALED_LOGITS.items():
-        value = getattr(config, attr, None)
-        if value is not None and value != 1:
-            raise ValueError(
-                f"{role} model {name}: its head {what} (config.{attr}={value}); fastkd computes "
-                "logits from the head weight and the base's hidden states and would drop that "
-                "scale, so it refuses this model"
-            )
-    softcap = getattr(config, "final_logit_softcapping", None)
-    base = model.base_model
-    head = model.get_output_embeddings()
-    if base is model or head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{role} model {name}: expected a causal LM with a base model and a "
-                         f"linear output layer, got {type(model).__name__}")
-    bias = getattr(head, "bias", None)
-    result = LMHead(model, base, head.weight, bias, None if softcap is None else float(softcap))
-
-    # The probe: one 8-token forward with full logits, once at load time.
-    was_training = model.training
-    model.eval()
-    ids = (torch.arange(8, device=head.weight.device) % result.vocab_size).unsqueeze(0)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        h = result.hidden(ids, mask).float()
-        got = reference.softcap(h @ head.weight.float().T + (0 if bias is None else bias.float()),
-                                result.softcap)
-    model.train(was_training)
-    tol = (1e-4 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, expected.abs().max())
-    err = (expected - got).abs().max().item()
-    if err > tol:
-        raise ValueError(
-            f"{role} model {name}: its logits are not its output layer applied to the base model's "
-            f"last hidden state (max |difference| {err:.3g} > {tol:.3g}): the model post-processes "
-            "logits in a way fastkd cannot reproduce, so it refuses this model"
-        )
-    return result
-
-
-def from_pretrained(auto_class, source: str, role: str, **kwargs):
-    """`auto_class.from_pretrained(source)`, with errors that name the role and the source.
-
-    A source that cannot be a hub id ("name" or "org/name") must be a local directory: fail at
-    once rather than after the hub's retries.
-    """
-    path = Path(source).expanduser()
-    if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))
-                              or source.count("/") > 1):
-        raise FileNotFoundError(f"{role}: no such model directory: {source}")
-    try:
-        return auto_class.from_pretrained(str(path) if path.exists() else source, **kwargs)
-    except OSError as err:
-        raise OSError(f"{role} {source!r}: not a loadable local directory, and not loadable from "
-                      f"the Hugging Face Hub: {err}") from err
-
-
-def load_lm(name_or_path: str, role: str, dtype: torch.dtype, device: torch.device) -> LMHead:
-    from transformers import AutoModelForCausalLM
-
-    model = from_pretrained(AutoModelForCausalLM, name_or_path, role, dtype=dtype)
-    model.config.use_cache = False
-    return lm_head(model.to(device), role)
+# Models: the teacher is frozen; fastkd.models splits each model into base and head.
 
 
 def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
@@ -256,40 +164,6 @@ def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
     teacher = load_lm(config.teacher, "teacher", dtype, device)
     teacher.model.eval().requires_grad_(False)
     return teacher
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    return from_pretrained(AutoTokenizer, source, "tokenizer")
-
-
-def check_tokenizers(teacher_source: str, tokenizer, student: str) -> None:
-    """Refuse a student that ships a different tokenizer: the loss compares ids one by one."""
-    from transformers import AutoTokenizer
-
-    local = Path(student)
-    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
-        return  # a bare model directory: it will use the teacher's tokenizer
-    try:
-        other = from_pretrained(AutoTokenizer, student, "student tokenizer")
-    except (OSError, ValueError):
-        return  # no tokenizer published with the student
-    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
-    if mine != theirs or tokenizer.all_special_tokens != other.all_special_tokens:
-        differing = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
-        raise ValueError(
-            f"different tokenizers: the teacher's ({teacher_source}, {len(mine)} tokens) and the "
-            f"student's ({student}, {len(theirs)} tokens) disagree (e.g. {differing}); "
-            "distillation compares logits id by id, so both models must share one tokenizer"
-        )
-
-
-def check_vocab(tokenizer, head: LMHead, role: str) -> None:
-    """Padded vocabularies are fine (the loss masks to shared ids); a too-small head is not."""
-    if len(tokenizer) > head.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {role}'s output layer "
-                         f"has only {head.vocab_size} rows")
 
 
 # ----------------------------------------------------------------------------------------------
