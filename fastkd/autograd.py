@@ -69,38 +69,53 @@ def cast_or_none(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return None if x is None else x.to(dtype)
 
 
-def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtypes, grads):
-    """Run the chunk loop. Returns per-token (loss, ce, kd) and, if grads, (dH, dW, db); the
-    per-token values, dW and db are accumulated in fp32 (fp64 for fp64 inputs).
-    dtypes: the (student, teacher) compute dtypes; each model's GEMM runs in its own."""
-    dtype, t_dtype = dtypes
-    acc = accumulator_dtype(dtypes)
+def student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows):
+    """The student side of every fused loss: per chunk of tokens i0:i1, form S = H_s W_s^T + b_s in
+    the compute dtype into a reused (chunk, V) buffer, call `rows(i0, i1, S)` (which computes the
+    chunk's per-token outputs and, if grads, writes G = dloss/dS over S), then dH_s[i0:i1] = G W_s,
+    dW_s += G^T H_s, db_s += sum_rows G. Returns (dH, dW, db), dW and db accumulated in `acc`."""
     n, d_s = h_s.shape
-    vocab, shared = w_s.shape[0], min(w_s.shape[0], w_t.shape[0])
-    dev = h_s.device
+    vocab, dev = w_s.shape[0], h_s.device
     h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
-    h_t, w_t, b_t = h_t.to(t_dtype), w_t[:shared].to(t_dtype), cast_or_none(b_t, t_dtype)
-    if b_t is not None:
-        b_t = b_t[:shared]
-    loss, ce, kd = (torch.empty(n, device=dev, dtype=acc) for _ in range(3))
     s_buf = torch.empty(min(chunk, n), vocab, device=dev, dtype=dtype)
-    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=t_dtype)
     dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
     dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
     db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
     for i0 in range(0, n, chunk):
         i1 = min(i0 + chunk, n)
-        s, t, hs = s_buf[: i1 - i0], t_buf[: i1 - i0], h_s[i0:i1]
+        s, hs = s_buf[: i1 - i0], h_s[i0:i1]
         _linear(hs, w_s, b_s, s)
-        _linear(h_t[i0:i1], w_t, b_t, t)
-        rows_labels = None if labels is None else labels[i0:i1]
-        row_op(s, t, rows_labels, row_scale[i0:i1], loss[i0:i1], ce[i0:i1], kd[i0:i1], opts, grads)
+        rows(i0, i1, s)
         if grads:  # s now holds G = dloss/dS for this chunk
             torch.mm(s, w_s, out=dh[i0:i1])
             _accumulate_mm(dw, s.t(), hs)
             if db is not None:
                 db += s.sum(0, dtype=acc)
-    return loss, ce, kd, (dh, dw, db)
+    return dh, dw, db
+
+
+def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtypes, grads):
+    """The dense loss's chunk loop. Returns per-token (loss, ce, kd) and, if grads, (dH, dW, db);
+    the per-token values, dW and db are accumulated in fp32 (fp64 for fp64 inputs).
+    dtypes: the (student, teacher) compute dtypes; each model's GEMM runs in its own."""
+    dtype, t_dtype = dtypes
+    acc = accumulator_dtype(dtypes)
+    n = h_s.shape[0]
+    shared = min(w_s.shape[0], w_t.shape[0])
+    dev = h_s.device
+    h_t, w_t, b_t = h_t.to(t_dtype), w_t[:shared].to(t_dtype), cast_or_none(b_t, t_dtype)
+    if b_t is not None:
+        b_t = b_t[:shared]
+    loss, ce, kd = (torch.empty(n, device=dev, dtype=acc) for _ in range(3))
+    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=t_dtype)
+
+    def rows(i0, i1, s):
+        t = t_buf[: i1 - i0]
+        _linear(h_t[i0:i1], w_t, b_t, t)
+        rows_labels = None if labels is None else labels[i0:i1]
+        row_op(s, t, rows_labels, row_scale[i0:i1], loss[i0:i1], ce[i0:i1], kd[i0:i1], opts, grads)
+
+    return loss, ce, kd, student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows)
 
 
 def _linear(h, w, b, out):
