@@ -60,6 +60,19 @@ def default_chunk_size(
     return min(rows, max(n_tokens, 1))
 
 
+ROW_ALIGN = 64  # elements: logit buffer rows start 128 bytes apart whatever V is
+
+
+def padded_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (rows, width) buffer whose row stride is width rounded up to ROW_ALIGN.
+
+    The row kernel masks its loads and stores by the stride, so a stride divisible by 16 keeps
+    them 128-bit wide at any vocabulary size (V = 50257 would give scalar loads); the GEMMs
+    write the (rows, width) view through cuBLAS's leading dimension, with no copy."""
+    stride = -(-width // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(rows, stride, device=device, dtype=dtype)[:, :width]
+
+
 def accumulator_dtype(dtypes: tuple[torch.dtype, torch.dtype]) -> torch.dtype:
     """fp32 for half-precision and fp32 compute, fp64 when either model computes in fp64."""
     return torch.promote_types(torch.promote_types(*dtypes), torch.float32)
@@ -77,7 +90,7 @@ def student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows):
     n, d_s = h_s.shape
     vocab, dev = w_s.shape[0], h_s.device
     h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
-    s_buf = torch.empty(min(chunk, n), vocab, device=dev, dtype=dtype)
+    s_buf = padded_rows(min(chunk, n), vocab, dtype, dev)
     dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
     dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
     db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
@@ -107,7 +120,7 @@ def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chun
     if b_t is not None:
         b_t = b_t[:shared]
     loss, ce, kd = (torch.empty(n, device=dev, dtype=acc) for _ in range(3))
-    t_buf = torch.empty(min(chunk, n), shared, device=dev, dtype=t_dtype)
+    t_buf = padded_rows(min(chunk, n), shared, t_dtype, dev)
 
     def rows(i0, i1, s):
         t = t_buf[: i1 - i0]

@@ -200,7 +200,8 @@ def distill(
     lead = student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    flat_labels = None if labels is None else labels.reshape(-1).long()
+    # contiguous: the row kernel reads label i at y_ptr + i (a strided or expanded view isn't)
+    flat_labels = None if labels is None else labels.reshape(-1).long().contiguous()
     vocab, shared = student_weight.shape[0], min(student_weight.shape[0], teacher_weight.shape[0])
     chunk = chunk_size or default_chunk_size(
         h_s.shape[0], vocab, shared, max(d.itemsize for d in dtypes), h_s.device

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -30,7 +30,8 @@ class DistillOptions:
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     divergence: str = "forward_kl"
-    beta: float = 0.5
+    beta: float = 0.5  # jsd's mixture weight, strictly inside (0, 1)
+    skew: float = 0.1  # skew_*_kl's mixture weight alpha, in [0, 1) (0 gives the plain KL)
     ignore_index: int = -100
     reduction: str = "mean"
     student_softcap: float | None = None
@@ -51,6 +52,9 @@ class DistillOptions:
         set_(self, "beta", _real("beta", self.beta))
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta must lie strictly inside (0, 1) for jsd, got {self.beta}")
+        set_(self, "skew", _real("skew", self.skew))
+        if self.divergence.startswith("skew_") and not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"skew must lie in [0, 1) for {self.divergence}, got {self.skew}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):

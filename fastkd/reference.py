@@ -12,6 +12,10 @@ ids, temperature T, label y.
     q   = softmax(s[:K] / T),  p = softmax(t[:K] / T)
     forward_kl: KL(p || q)     reverse_kl: KL(q || p)
     jsd:        beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta * p + (1 - beta) * q
+    skew_forward_kl: KL(p || alpha p + (1 - alpha) q)
+    skew_reverse_kl: KL(q || (1 - alpha) p + alpha q)
+    tvd:        1/2 sum |p - q|
+    (0 log 0 = 0: teacher ids at -inf, p = 0, contribute nothing)
     loss = ce_weight * CE + kd_weight * T**2 * D
 """
 
@@ -30,17 +34,43 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+def _xlog_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
+    """x * (log x - log y), with 0 where x = 0 (0 log 0 = 0: a teacher id at -inf adds nothing)."""
+    return torch.where(x > 0, x * (log_x - log_y), 0.0)
+
+
+def _log_mix(log_u: torch.Tensor, log_v: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w u + (1 - w) v) as a logaddexp, never the log of a sum of small probabilities."""
+    log_w = math.log(w) if w > 0 else float("-inf")
+    return torch.logaddexp(log_u + log_w, log_v + math.log1p(-w))
+
+
+def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor,
+                     opts: DistillOptions) -> torch.Tensor:
+    """Per-id terms d_v of the divergence D = sum_v d_v of teacher p and student q, both given as
+    log-probabilities (..., K). Every divergence fastkd offers is such a sum, which is what lets a
+    vocabulary split across ranks add up its partial sums."""
+    p, q = log_p.exp(), log_q.exp()
+    name = opts.divergence
+    if name == "forward_kl":  # KL(p || q)
+        return _xlog_ratio(p, log_p, log_q)
+    if name == "reverse_kl":  # KL(q || p): +inf where the student puts mass on a p = 0 id
+        return q * (log_q - log_p)
+    if name == "jsd":  # beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+        log_m = _log_mix(log_p, log_q, opts.beta)
+        return opts.beta * _xlog_ratio(p, log_p, log_m) + (1 - opts.beta) * q * (log_q - log_m)
+    if name == "skew_forward_kl":  # KL(p || alpha p + (1 - alpha) q)
+        return _xlog_ratio(p, log_p, _log_mix(log_p, log_q, opts.skew))
+    if name == "skew_reverse_kl":  # KL(q || (1 - alpha) p + alpha q)
+        return q * (log_q - _log_mix(log_q, log_p, opts.skew))
+    if name == "tvd":  # total variation; autograd's subgradient of |x| is sign(x), sign(0) = 0
+        return 0.5 * (p - q).abs()
+    raise ValueError(f"unknown divergence {name!r}")
+
+
 def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
     """Per-row divergence of teacher p and student q, given as log-probabilities (..., K)."""
-    p, q = log_p.exp(), log_q.exp()
-    if opts.divergence == "forward_kl":
-        return (p * (log_p - log_q)).sum(-1)
-    if opts.divergence == "reverse_kl":
-        return (q * (log_q - log_p)).sum(-1)
-    beta = opts.beta
-    # log m as a logaddexp, never the log of a sum of small probabilities.
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return (beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)).sum(-1)
+    return divergence_terms(log_q, log_p, opts).sum(-1)
 
 
 def token_losses(

@@ -26,12 +26,24 @@ dtype:
 Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row
 streams its logits 2 (KL) or 3 (jsd) times; bytes per row ~ (passes * (V + K) + V) * itemsize. Row
 offsets are int64: n * V passes 2^31 for large chunks at V = 256k.
+
+Teacher ids at -inf (banned or masked ids, p_v = 0) contribute 0 log 0 = 0 to forward_kl and jsd;
+reverse_kl is +inf when the student puts mass there, as the math says.
+
+Row padding: each buffer's row stride is its padded width (the caller rounds V and K up to a
+multiple of 64). Loads and stores are masked by that width, not by V or K, so the mask is constant
+over 16-element groups and the compiler keeps 128-bit accesses for any vocabulary size (V = 50257
+would otherwise give scalar loads); ids in [V, stride) read as -inf and the gradient there is
+written as 0. Those pad columns are scratch the kernel reads and overwrites.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+DEFAULT_BLOCK_V = 4096  # launch defaults: vocabulary tile and warps per row program
+DEFAULT_NUM_WARPS = 8
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -46,28 +58,31 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _load_row_tile(row_ptr, offs, n_valid, cap, HAS_CAP: tl.constexpr):
-    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid."""
-    mask = offs < n_valid
-    z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_row_tile(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr):
+    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid. The load's mask is the
+    padded row width (a multiple of 16 elements: vector loads), the -inf fill is by n_valid."""
+    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
     if HAS_CAP:
         z = _softcap(z, cap)
-    return tl.where(mask, z, float("-inf"))
+    return tl.where(offs < n_valid, z, float("-inf"))
 
 
 @triton.jit
 def _online_update(m_i, l_i, x):
-    """Online logsumexp state (m_i, l_i) after seeing tile x (entries -inf are ignored)."""
+    """Online logsumexp state (m_i, l_i) after seeing tile x (entries -inf are ignored; a state
+    still at -inf after the tile stays (-inf, 0), never exp(-inf - -inf) = NaN)."""
     m_new = tl.maximum(m_i, tl.max(x, axis=0))
-    alpha = tl.exp(m_i - m_new)
-    return m_new, l_i * alpha + tl.sum(tl.exp(x - m_new), axis=0), alpha
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    return m_new, l_i * alpha + tl.sum(tl.exp(x - m_ref), axis=0), alpha
 
 
 @triton.jit
 def distill_rows_kernel(
     # pointers
-    s_ptr,  # (n, V) student logits z_s, any float dtype; overwritten by dloss/dz_s if COMPUTE_GRAD
-    t_ptr,  # (n, K) teacher logits z_t
+    s_ptr,  # (n, V) student logits z_s, rows stride_s >= V apart, any float dtype; overwritten
+    #         by dloss/dz_s if COMPUTE_GRAD (and 0 in the pad columns [V, stride_s))
+    t_ptr,  # (n, K) teacher logits z_t, rows stride_t >= K apart
     y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
     scale_ptr,  # (n,) fp32 gradient scale r per row
     loss_ptr,  # (n,) fp32 out: w_ce CE + w_kd T^2 D
@@ -76,7 +91,7 @@ def distill_rows_kernel(
     # sizes
     V,
     K,
-    # strides (elements, rows)
+    # strides (elements, rows): the padded row widths, also the load/store masks' bound
     stride_s,
     stride_t,
     # scalars
@@ -119,20 +134,20 @@ def distill_rows_kernel(
     for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
         offs = v0 + offs0
         in_k = offs < K
-        s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
+        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
         m_s, l_s, _ = _online_update(m_s, l_s, s)
         a = tl.where(in_k, s * inv_t, float("-inf"))
-        b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
         m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
         m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
-        if DIVERGENCE == FORWARD_KL:
-            term = tl.where(in_k, tl.exp(b - m_b) * (b - a), 0.0)
+        if DIVERGENCE == FORWARD_KL:  # p_v = 0 (b = -inf, or v >= K) adds 0, not 0 * -inf
+            term = tl.where(b > float("-inf"), tl.exp(b - m_b) * (b - a), 0.0)
             acc = acc * alpha_b + tl.sum(term, axis=0)
         elif DIVERGENCE == REVERSE_KL:
             term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
             acc = acc * alpha_a + tl.sum(term, axis=0)
     for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
-        s = _load_row_tile(s_row, v0 + offs0, V, s_cap, HAS_S_CAP)
+        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
         m_s, l_s, _ = _online_update(m_s, l_s, s)
     lse_s = m_s + tl.log(l_s)
     lse_a = m_a + tl.log(l_a)
@@ -159,8 +174,8 @@ def distill_rows_kernel(
         for v0 in range(0, K, BLOCK_V):
             offs = v0 + offs0
             in_k = offs < K
-            log_q = _load_row_tile(s_row, offs, K, s_cap, HAS_S_CAP) * inv_t - lse_a
-            log_p = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t - lse_b
+            log_q = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP) * inv_t - lse_a
+            log_p = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t - lse_b
             x = log_beta + log_p
             z = log_1mb + log_q
             mx = tl.maximum(x, z)
@@ -168,7 +183,7 @@ def distill_rows_kernel(
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             g = (1.0 - beta) * (log_q - log_m)
-            d = beta * p * (log_p - log_m) + q * g
+            d = tl.where(p > 0.0, beta * p * (log_p - log_m), 0.0) + q * g  # 0 log 0 = 0
             kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
             sum_qg += tl.sum(tl.where(in_k, q * g, 0.0), axis=0)
 
@@ -189,13 +204,13 @@ def distill_rows_kernel(
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + offs0
             in_k = offs < K
-            s = _load_row_tile(s_row, offs, V, s_cap, HAS_S_CAP)
+            s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_LABELS:  # 1. CE
                 grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
             # KD terms; tiles past K load nothing (all masked) and add 0
             log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
-            b = _load_row_tile(t_row, offs, K, t_cap, HAS_T_CAP) * inv_t
+            b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
             log_p = b - lse_b
             q = tl.exp(log_q)
             if DIVERGENCE == FORWARD_KL:  # 2.
@@ -211,8 +226,8 @@ def distill_rows_kernel(
             grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
             if HAS_S_CAP:  # 5.
                 grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
-            grad = grad * r
-            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < V)
+            grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
+            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < stride_s)
 
 def distill_rows(
     student_logits,
@@ -224,12 +239,13 @@ def distill_rows(
     kd_out,
     opts,
     compute_grad: bool,
-    block_v: int = 4096,
-    num_warps: int = 8,
+    block_v: int = DEFAULT_BLOCK_V,
+    num_warps: int = DEFAULT_NUM_WARPS,
 ) -> None:
     """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
     over student_logits. Shapes as in the kernel's pointer comments; rows must have unit inner
-    stride.
+    stride, and the columns between a row's end and the next row's start are scratch (padded
+    buffers from `fastkd.autograd.padded_rows`: 128-bit loads at any V).
     `opts` is a fastkd.DistillOptions (read, not checked: the caller checks)."""
     n, vocab = student_logits.shape
     shared = teacher_logits.shape[1]

@@ -1,8 +1,9 @@
-"""Test set-up: the Triton kernels run under Triton's CPU interpreter, which must be chosen before
-the
-first `@triton.jit` runs, so before fastkd.kernels is imported anywhere."""
+"""Test set-up: on CPU the Triton kernels run under Triton's interpreter, which must be chosen
+before the first `@triton.jit` runs, so before fastkd.kernels is imported anywhere. With
+FASTKD_TEST_DEVICE=cuda (tests/_device.py) they are compiled for the GPU instead."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("FASTKD_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

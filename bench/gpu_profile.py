@@ -1,0 +1,285 @@
+"""python -m bench.gpu_profile: what a GPU session measures beside `python -m bench`.
+
+1. ceilings: device-to-device copy GB/s (bytes read + written) and an 8192^3 bf16 GEMM's TFLOP/s;
+2. per target shape (Llama-3.1-8B -> 3.2-1B and Gemma-2-9B -> 2B heads, N = 8192, bf16, the
+   "distill" case): fastkd fwd+bwd against the float64 reference (computed in chunks), its median
+   time, ratio to the FLOP floor at the measured GEMM rate, peak memory beyond the inputs, and a
+   breakdown of device time by kernel (GEMMs / row kernel / the rest) from torch.profiler;
+3. tuning sweeps at the Llama shape: tokens per chunk (time and memory), and the row kernel alone
+   over BLOCK_V x num_warps (GB/s against the copy ceiling);
+4. memory flat in N: fastkd's peak at N = 2k, 8k, 32k.
+
+Writes profile.json (rewritten after every step, so a cut-off run leaves its figures) and
+profile.md into --out. Timing: `triton.testing.do_bench` (CUDA events, L2 flushed before each
+call), median and [20th, 80th] percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton
+from fastkd.kernels import distill as kernel
+from triton.testing import do_bench
+
+import fastkd
+from bench.harness import compare, device_info, fp64_reference, make_inputs, measure_peak, versions
+from bench.methods import Problem
+from bench.shapes import PRESETS, Shape, cases, flop_floor
+from fastkd.autograd import ROW_ALIGN, padded_rows
+
+Q = [0.5, 0.2, 0.8]
+
+
+def bench(fn, rep_ms: float = 300) -> dict:
+    med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=Q)
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+
+
+def ceilings(dev: torch.device) -> dict:
+    src = torch.randn(2**29, device=dev, dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy = bench(lambda: dst.copy_(src))
+    nbytes = 2 * src.numel() * src.element_size()
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    gemm = bench(lambda: torch.mm(a, b))
+    return {"copy": {**copy, "gbps": nbytes / copy["median_ms"] / 1e6},
+            "gemm_bf16_8192": {**gemm, "tflops": 2 * 8192**3 / gemm["median_ms"] / 1e9}}
+
+
+def problem(head: str, n: int, dev: torch.device) -> Problem:
+    h = PRESETS[head]
+    shape = Shape(h.name, h.title, n, h.d_s, h.d_t, h.v, h.v_t, h.softcap)
+    return Problem(cases(2.0)["distill"], shape, torch.bfloat16, dev)
+
+
+def step_fn(x, opts, **kw):
+    def step():
+        loss = fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts, **kw)
+        return loss, torch.autograd.grad(loss, (x.h_s, x.w_s))
+    return step
+
+
+GEMM_NAMES = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "splitk")
+
+
+def breakdown(step, dev: torch.device, iters: int = 3) -> dict:
+    """Device time per call by kernel class, from torch.profiler over `iters` calls."""
+    step()
+    torch.cuda.synchronize(dev)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize(dev)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us and getattr(evt, "device_type", None) != torch.autograd.DeviceType.CPU:
+            per_kernel[evt.key] += us / 1e3 / iters
+    classes: dict[str, float] = defaultdict(float)
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        cls = ("row kernel" if "distill_rows" in low
+               else "gemm" if any(k in low for k in GEMM_NAMES) else "other")
+        classes[cls] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"ms_per_call": dict(classes), "total_ms": sum(classes.values()),
+            "top_kernels": [{"name": k[:160], "ms": v} for k, v in top]}
+
+
+def target(head: str, dev: torch.device, rate: float, log) -> dict:
+    prob = problem(head, 8192, dev)
+    x = make_inputs(prob, seed=0)
+    opts = prob.opts
+    ref = fp64_reference(x, opts)
+    torch.cuda.empty_cache()
+    step = step_fn(x, opts)
+    step()
+    (loss, grads), peak = measure_peak(step, dev)
+    check = compare(loss, grads, ref)
+    del loss, grads, ref
+    t = bench(step)
+    floor_ms = flop_floor(prob.shape, backward=True) / (rate * 1e12) * 1e3
+    out = {"shape": vars(prob.shape), "options": repr(opts), "fwd_bwd": t,
+           "floor_ms": floor_ms, "x_floor": t["median_ms"] / floor_ms,
+           "peak_mib": peak / 2**20, "check": check, "breakdown": breakdown(step, dev)}
+    with torch.no_grad():
+        fwd = bench(lambda: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts))
+    out["fwd"] = fwd
+    log(f"[{head} N=8192] fwd+bwd {t['median_ms']:.2f} ms ({out['x_floor']:.2f}x floor "
+        f"{floor_ms:.2f} ms), fwd {fwd['median_ms']:.2f} ms, peak {out['peak_mib']:.0f} MiB, "
+        f"loss rel {check['loss_rel_diff']:.1e} dH {check['dh_rel_diff']:.1e} "
+        f"dW {check['dw_rel_diff']:.1e}; breakdown {out['breakdown']['ms_per_call']}")
+    return out
+
+
+def chunk_sweep(dev: torch.device, chunks: list[int], log) -> list[dict]:
+    prob = problem("llama", 8192, dev)
+    x = make_inputs(prob, seed=1)
+    rows = []
+    for chunk in chunks:
+        step = step_fn(x, prob.opts, chunk_size=chunk)
+        step()
+        _, peak = measure_peak(step, dev)
+        t = bench(step, rep_ms=200)
+        rows.append({"chunk": chunk, **t, "peak_mib": peak / 2**20})
+        log(f"[chunk {chunk}] {t['median_ms']:.2f} ms, peak {peak / 2**20:.0f} MiB")
+    return rows
+
+
+def row_kernel_sweep(dev: torch.device, configs, log, n: int = 1024, vocab: int = 128256,
+                     divergence: str = "forward_kl") -> list[dict]:
+    """The row kernel alone on one chunk of bf16 logits (gradient written in place)."""
+    g = torch.Generator(dev).manual_seed(2)
+    s = padded_rows(n, vocab, torch.bfloat16, dev)
+    t = padded_rows(n, vocab, torch.bfloat16, dev)
+    s.copy_(torch.randn(n, vocab, generator=g, device=dev).mul_(2))
+    t.copy_(torch.randn(n, vocab, generator=g, device=dev).mul_(2))
+    labels = torch.randint(0, vocab, (n,), generator=g, device=dev)
+    scale = torch.full((n,), 1.0 / n, device=dev)
+    outs = [torch.empty(n, device=dev) for _ in range(3)]
+    opts = fastkd.DistillOptions(temperature=2.0, divergence=divergence)
+    passes = 3 if divergence == "jsd" else 2  # reads of S and T; plus one write of G
+    nbytes = n * (passes * 2 * vocab + vocab) * 2
+    rows = []
+    for block_v, warps in configs:
+        def call(block_v=block_v, warps=warps):
+            kernel.distill_rows(s, t, labels, scale, *outs, opts, True, block_v=block_v,
+                                num_warps=warps)
+        call()
+        r = bench(call, rep_ms=100)
+        rows.append({"divergence": divergence, "block_v": block_v, "num_warps": warps, **r,
+                     "gbps": nbytes / r["median_ms"] / 1e6})
+        log(f"[row kernel {divergence} BLOCK_V={block_v} warps={warps}] {r['median_ms']:.3f} ms "
+            f"{rows[-1]['gbps']:.0f} GB/s")
+    return rows
+
+
+def flat_in_n(dev: torch.device, ns: list[int], log) -> list[dict]:
+    rows = []
+    for n in ns:
+        prob = problem("llama", n, dev)
+        x = make_inputs(prob, seed=3)
+        step = step_fn(x, prob.opts)
+        step()
+        _, peak = measure_peak(step, dev)
+        t = bench(step, rep_ms=200)
+        rows.append({"n": n, **t, "peak_mib": peak / 2**20})
+        log(f"[flat N={n}] {t['median_ms']:.2f} ms, peak {peak / 2**20:.0f} MiB")
+        del x, step
+        torch.cuda.empty_cache()
+    return rows
+
+
+def guarded(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as err:  # one shape failing must not lose the others
+        torch.cuda.empty_cache()
+        return {"error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def markdown(doc: dict) -> str:
+    c = doc.get("ceilings", {})
+    lines = [f"# GPU profile: {doc['device']['name']}", "",
+             f"Copy {c.get('copy', {}).get('gbps', math.nan):.0f} GB/s, bf16 GEMM "
+             f"{c.get('gemm_bf16_8192', {}).get('tflops', math.nan):.0f} TFLOP/s (8192^3). "
+             "Times are medians (do_bench, L2 flushed).", "",
+             "| shape | fwd+bwd ms | × floor | fwd ms | peak MiB | loss / dH / dW rel err | "
+             "GEMM ms | row kernel ms | other ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for head, r in doc.get("targets", {}).items():
+        if "error" in r:
+            lines.append(f"| {head} | error: {r['error'][:80]} |||||||| ")
+            continue
+        b, ck = r["breakdown"]["ms_per_call"], r["check"]
+        lines.append(
+            f"| {head} N=8192 | {r['fwd_bwd']['median_ms']:.2f} [{r['fwd_bwd']['p20_ms']:.2f}, "
+            f"{r['fwd_bwd']['p80_ms']:.2f}] | {r['x_floor']:.2f} | {r['fwd']['median_ms']:.2f} | "
+            f"{r['peak_mib']:.0f} | {ck['loss_rel_diff']:.1e} / {ck['dh_rel_diff']:.1e} / "
+            f"{ck['dw_rel_diff']:.1e} | {b.get('gemm', 0):.2f} | {b.get('row kernel', 0):.2f} | "
+            f"{b.get('other', 0):.2f} |")
+    if doc.get("chunks"):
+        lines += ["", "| chunk | fwd+bwd ms | peak MiB |", "|---|---|---|"]
+        lines += [f"| {r['chunk']} | {r['median_ms']:.2f} | {r['peak_mib']:.0f} |"
+                  for r in doc["chunks"]]
+    if doc.get("row_kernel"):
+        lines += ["", "| row kernel | BLOCK_V | warps | ms | GB/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['divergence']} | {r['block_v']} | {r['num_warps']} | "
+                  f"{r['median_ms']:.3f} | {r['gbps']:.0f} |" for r in doc["row_kernel"]]
+    if doc.get("flat_in_n"):
+        lines += ["", "| N | fwd+bwd ms | peak MiB |", "|---|---|---|"]
+        lines += [f"| {r['n']} | {r['median_ms']:.2f} | {r['peak_mib']:.0f} |"
+                  for r in doc["flat_in_n"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", default="ceilings,targets,chunks,row_kernel,flat_in_n")
+    p.add_argument("--heads", default="llama,gemma")
+    p.add_argument("--chunks", default="512,1024,2048,4096")
+    p.add_argument("--blocks", default="1024,2048,4096,8192")
+    p.add_argument("--warps", default="4,8,16")
+    p.add_argument("--ns", default="2048,8192,32768")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    dev = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device_info(dev), "versions": versions(), "row_align": ROW_ALIGN,
+           "kernel_defaults": {"block_v": kernel.DEFAULT_BLOCK_V,
+                               "num_warps": kernel.DEFAULT_NUM_WARPS},
+           "triton": triton.__version__}
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+
+    def save() -> None:
+        (args.out / "profile.json").write_text(json.dumps(doc, indent=1, default=str))
+        (args.out / "profile.md").write_text(markdown(doc))
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v]
+
+    steps = args.steps.split(",")
+    rate = 790.0
+    if "ceilings" in steps:
+        doc["ceilings"] = ceilings(dev)
+        rate = doc["ceilings"]["gemm_bf16_8192"]["tflops"]
+        log(f"copy {doc['ceilings']['copy']['gbps']:.0f} GB/s, GEMM {rate:.0f} TFLOP/s")
+        save()
+    doc["gemm_rate_tflops"] = rate
+    for name, run in (
+        ("targets", lambda: {h: guarded(target, h, dev, rate, log) for h in args.heads.split(",")}),
+        ("chunks", lambda: chunk_sweep(dev, ints(args.chunks), log)),
+        ("row_kernel", lambda: row_kernel_sweep(
+            dev, [(b, w) for b in ints(args.blocks) for w in ints(args.warps)], log)
+            + row_kernel_sweep(dev, [(kernel.DEFAULT_BLOCK_V, kernel.DEFAULT_NUM_WARPS)], log,
+                               divergence="jsd")),
+        ("flat_in_n", lambda: flat_in_n(dev, ints(args.ns), log)),
+    ):
+        if name not in steps:
+            continue
+        try:
+            doc[name] = run()
+        except Exception as err:  # keep going: the other steps' figures still count
+            doc[name + "_error"] = f"{type(err).__name__}: {err}"[:2000]
+            log(f"{name} failed: {doc[name + '_error']}")
+        torch.cuda.empty_cache()
+        save()
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

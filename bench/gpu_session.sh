@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU session in one command, from the repo root: install, the loss tests on CUDA, the
+# profile (ceilings, target shapes with the fp64 check, breakdown, tuning sweeps, memory in N) and
+# `python -m bench` beside the peers. Everything lands under $OUT (default ./gpu_out):
+#   session.log          all output, as it happens (a run cut off at its limit still returns it)
+#   profile.json/.md     python -m bench.gpu_profile
+#   bench_results.json   python -m bench's results.json (re-render: python -m bench.report FILE)
+#   all.tgz              the above plus pytest's junit XML and the bench tables and plots
+# Budget: BUDGET_S seconds in all (default 560); each step gets a share and a hard timeout.
+# Peers travel as wheels in .whl/ (see bench/README.md); absent ones are recorded as skipped.
+# Extra arguments go to pytest's selection, e.g. `bench/gpu_session.sh -k jsd`.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+BUDGET_S=${BUDGET_S:-560}
+STEPS=${STEPS:-tests,profile,bench}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+stamp() { echo "=== [$(($(date +%s) - start))s] $*"; }
+pack() { tar czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null; }
+
+stamp "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+stamp "install"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . 2>"$OUT/pip.err"; then
+  echo "pip install -e . failed (see pip.err); importing from a copy instead"
+  rm -rf /tmp/fastkd_src && mkdir -p /tmp/fastkd_src && cp -r fastkd /tmp/fastkd_src/ \
+    && cp -r kernels /tmp/fastkd_src/fastkd/kernels
+  export PYTHONPATH=/tmp/fastkd_src${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import fastkd, fastkd.kernels.distill; print('fastkd', fastkd.__version__, \
+fastkd.__file__)" || exit 1
+python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|transformers|torch|triton) " || true
+
+if [[ $STEPS == *tests* ]]; then
+  stamp "pytest on CUDA (the loss and API tests; the kernels compiled, not interpreted)"
+  FASTKD_TEST_DEVICE=cuda timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider \
+    tests/test_distill.py tests/test_loss_api.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" \
+    "$@"
+  echo "pytest exit $?"
+  pack
+fi
+
+if [[ $STEPS == *profile* ]]; then
+  stamp "profile"
+  timeout $(( $(left) * 3 / 5 )) python3 -m bench.gpu_profile --out "$OUT" ${PROFILE_ARGS:-}
+  echo "profile exit $?"
+  pack
+fi
+
+if [[ $STEPS == *bench* ]]; then
+  stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
+  timeout $(( $(left) - 15 )) python3 -m bench --quick --out /tmp/bench_out \
+    ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none --cases distill,kd \
+    --methods fastkd,reference,liger,liger_kl}
+  echo "bench exit $?"
+  cp /tmp/bench_out/results.json "$OUT/bench_results.json" 2>/dev/null
+  mkdir -p "$OUT/bench" && cp /tmp/bench_out/* "$OUT/bench/" 2>/dev/null
+  pack
+  rm -rf "$OUT/bench"
+fi
+stamp "done"
+pack
