@@ -58,6 +58,7 @@ def _distill_parser(sub) -> None:
     _option(g, "--kd-weight", "weight of the T^2-scaled divergence to the teacher", type=float)
     _option(g, "--divergence", "divergence to the teacher", choices=DIVERGENCES)
     _option(g, "--beta", "JSD mixing weight", type=float)
+    _option(g, "--skew", "skew KL mixing weight alpha, in [0, 1)", type=float)
     g = p.add_argument_group("optimisation")
     _option(g, "--steps", "optimizer steps", type=int)
     _option(g, "--batch-size", "sequences per micro-batch", type=int)

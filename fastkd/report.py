@@ -234,6 +234,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
     opts = config.loss_options()
     loss_text = (f"{opts.ce_weight:g}·CE + {opts.kd_weight:g}·T²·{opts.divergence}"
                  + (f"(β={opts.beta:g})" if opts.divergence == "jsd" else "")
+                 + (f"(α={opts.skew:g})" if opts.divergence.startswith("skew_") else "")
                  + f", T = {opts.temperature:g}")
     lines = [
         "# fastkd distillation report",

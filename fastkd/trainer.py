@@ -75,7 +75,8 @@ class DistillConfig:
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     divergence: str = "forward_kl"
-    beta: float = 0.5
+    beta: float = 0.5  # jsd's mixture weight
+    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl's mixture weight alpha
     # Optimisation: AdamW, linear warmup then cosine decay, over `steps` optimizer steps.
     steps: int = 200
     batch_size: int = 8
@@ -109,7 +110,7 @@ class DistillConfig:
         self.data = [str(path) for path in self.data]
         if not self.data:
             raise ValueError("data: pass at least one text or jsonl file")
-        self.loss_options()  # validates temperature, weights, divergence, beta
+        self.loss_options()  # validates temperature, weights, divergence, beta, skew
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                     "eval_sequences")
         for name in positive:
@@ -139,7 +140,7 @@ class DistillConfig:
         # Summed over tokens: the loop divides by the token count of the whole accumulated step.
         return DistillOptions(temperature=self.temperature, ce_weight=self.ce_weight,
                               kd_weight=self.kd_weight, divergence=self.divergence,
-                              beta=self.beta, reduction="sum")
+                              beta=self.beta, skew=self.skew, reduction="sum")
 
     def save(self, run_dir: Path) -> None:
         _atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(self), indent=2))
