@@ -127,6 +127,7 @@ def fused_distill_loss(
     kd_weight: float = 0.5,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     reduction: str = "mean",
     student_bias: torch.Tensor | None = None,
@@ -149,9 +150,11 @@ def fused_distill_loss(
 
         loss = ce_weight * cross_entropy(s, y) + kd_weight * T**2 * D(p, q)
 
-    D is KL(p||q) ("forward_kl"), KL(q||p) ("reverse_kl") or beta KL(p||m) + (1-beta) KL(q||m), m =
-    beta p + (1-beta) q ("jsd"). Tokens labelled ignore_index count for nothing; "mean" divides by
-    the counted tokens. Plain-torch equivalent: `fastkd.reference.distill_loss`.
+    D is KL(p||q) ("forward_kl"), KL(q||p) ("reverse_kl"), beta KL(p||m) + (1-beta) KL(q||m) with
+    m = beta p + (1-beta) q ("jsd"), KL(p || skew p + (1-skew) q) ("skew_forward_kl"),
+    KL(q || (1-skew) p + skew q) ("skew_reverse_kl") or sum |p - q| / 2 ("tvd"). Tokens labelled
+    ignore_index count for nothing; "mean" divides by the counted tokens. Plain-torch equivalent:
+    `fastkd.reference.distill_loss`.
 
     Returns the loss (a scalar, or the leading shape for reduction="none"); with
     return_components=True, (loss, ce, kd): reduced, unweighted, detached, kd without T**2.
@@ -161,7 +164,7 @@ def fused_distill_loss(
     """
     opts = DistillOptions(
         temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, divergence=divergence,
-        beta=beta, ignore_index=ignore_index, reduction=reduction,
+        beta=beta, skew=skew, ignore_index=ignore_index, reduction=reduction,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap,
     )
     return distill(
@@ -225,14 +228,16 @@ class FusedDistillLoss(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, ce_weight: float = 0.5, kd_weight: float = 0.5,
-                 divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                 divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                 ignore_index: int = -100,
                  reduction: str = "mean", student_softcap: float | None = None,
                  teacher_softcap: float | None = None, return_components: bool = False,
                  backend: str = "auto", chunk_size: int | None = None):
         super().__init__()
         self.options = DistillOptions(
             temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
+            reduction=reduction,
             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
         )
         if backend not in BACKENDS:

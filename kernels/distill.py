@@ -9,26 +9,35 @@ dtype:
     a = s / T,  b = t / T  over v < K;  L_s = lse_{v<V} s,  L_a = lse_{v<K} a,  L_b = lse_{v<K} b
     q = exp(a - L_a),  p = exp(b - L_b)
 
-    pass 1 (statistics):  m_s/l_s, m_a/l_a, m_b/l_b, and for the KL divergences the rescaled sums
+    pass 1 (statistics): m_s/l_s, m_a/l_a, m_b/l_b, and for the two KL divergences the rescaled sums
         forward_kl: D = sum_v p_v (b_v - a_v) - L_b + L_a
         reverse_kl: D = sum_v q_v (a_v - b_v) - L_a + L_b
-    pass 2 (jsd only): with log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v)
-        D = sum_v beta p_v (log p_v - log m_v) + (1 - beta) q_v (log q_v - log m_v)
-        S = sum_v q_v g_v,  g_v = (1 - beta) (log q_v - log m_v)
+    pass 2 (the other divergences): D = sum_v d_v and S = sum_v q_v g_v, g_v = dD/dq_v (up to a
+        constant, which cancels below), with mixtures as logaddexps, log mix(u, v; w) =
+        log(w u + (1 - w) v), never the log of a sum of small probabilities:
+        jsd (beta):       m = mix(p, q; beta)
+                          d = beta p (log p - log m) + (1 - beta) q (log q - log m)
+                          g = (1 - beta) (log q - log m)
+        skew_forward_kl:  m = mix(p, q; alpha),  d = p (log p - log m),  g = -(1 - alpha) p / m
+        skew_reverse_kl:  m = mix(q, p; alpha),  d = q (log q - log m),
+                          g = log q - log m - alpha q / m
+        tvd:              d = |p - q| / 2,  g = sign(q - p) / 2  (subgradient, sign(0) = 0)
     last pass (if COMPUTE_GRAD): G = dloss/dz_s, written over z_s in place:
         1. CE:          w_ce (softmax(s)_v - [v = y])                         all v < V
         2. forward_kl:  w_kd T (q_v - p_v)                                     v < K, 0 beyond
         3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D) = w_kd T q_v ((a_v - b_v) - E_q[a - b])
-        4. jsd:         w_kd T q_v (g_v - S)
+        4. the others:  w_kd T q_v (g_v - S)            (dD/da_v through the softmax q = softmax(a))
         5. softcap:     times 1 - (s_v / c_s)^2;  everything times the row's scale r (0 if ignored)
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
 Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row
-streams its logits 2 (KL) or 3 (jsd) times; bytes per row ~ (passes * (V + K) + V) * itemsize. Row
-offsets are int64: n * V passes 2^31 for large chunks at V = 256k.
+streams its logits 2 (forward/reverse KL) or 3 (the others) times; bytes per row ~
+(passes * (V + K) + V) * itemsize. Row offsets are int64: n * V passes 2^31 for large chunks at
+V = 256k.
 
-Teacher ids at -inf (banned or masked ids, p_v = 0) contribute 0 log 0 = 0 to forward_kl and jsd;
-reverse_kl is +inf when the student puts mass there, as the math says.
+Teacher ids at -inf (banned or masked ids, p_v = 0) contribute 0 log 0 = 0 wherever p log p
+appears; reverse_kl (and skew_reverse_kl at alpha = 0) is +inf when the student puts mass there,
+as the math says.
 
 Row padding: each buffer's row stride is its padded width (the caller rounds V and K up to a
 multiple of 64). Loads and stores are masked by that width, not by V or K, so the mask is constant
@@ -42,13 +51,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DEFAULT_BLOCK_V = 4096  # launch defaults: vocabulary tile and warps per row program
-DEFAULT_NUM_WARPS = 8
+# Launch defaults: vocabulary tile and warps per row program. 16 warps put 8 elements (one 128-bit
+# bf16 load) per thread per tile; at 8 warps ptxas 13.4 spilled inside the row loops of some
+# variants (tests/test_distill.py checks the SASS). Unmeasured on a GPU: bench/gpu_profile.py
+# sweeps both.
+DEFAULT_BLOCK_V = 4096
+DEFAULT_NUM_WARPS = 16
 
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
 JSD = tl.constexpr(2)
-DIVERGENCE_IDS = {"forward_kl": FORWARD_KL.value, "reverse_kl": REVERSE_KL.value, "jsd": JSD.value}
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
+                  "skew_reverse_kl": 4, "tvd": 5}
 
 
 @triton.jit
@@ -65,6 +82,40 @@ def _load_row_tile(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr
     if HAS_CAP:
         z = _softcap(z, cap)
     return tl.where(offs < n_valid, z, float("-inf"))
+
+
+@triton.jit
+def _log_mix(log_u, log_v, w):
+    """log(w u + (1 - w) v) from log u, log v as a logaddexp; -inf (not NaN) when both are 0."""
+    x = tl.log(w) + log_u
+    z = tl.log(1.0 - w) + log_v
+    mx = tl.maximum(x, z)
+    mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log(tl.exp(x - mx_ref) + tl.exp(z - mx_ref))
+
+
+@triton.jit
+def _divergence_terms(log_p, log_q, mix, DIVERGENCE: tl.constexpr):
+    """(d_v, g_v) of the three-pass divergences: D = sum d_v, g_v = dD/dq_v up to a constant.
+    mix is beta for jsd, alpha for the skew KLs. Terms with p_v = 0 add 0 log 0 = 0."""
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    if DIVERGENCE == JSD:
+        log_m = _log_mix(log_p, log_q, mix)
+        g = (1.0 - mix) * (log_q - log_m)
+        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + q * g
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        log_m = _log_mix(log_p, log_q, mix)
+        d = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
+        g = -(1.0 - mix) * tl.exp(log_p - log_m)
+    elif DIVERGENCE == SKEW_REVERSE_KL:
+        log_m = _log_mix(log_q, log_p, mix)
+        d = q * (log_q - log_m)
+        g = log_q - log_m - mix * tl.exp(log_q - log_m)
+    else:  # TVD
+        d = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, g
 
 
 @triton.jit
@@ -99,7 +150,7 @@ def distill_rows_kernel(
     temperature,
     ce_weight,
     kd_weight,
-    beta,
+    mix,  # beta for jsd, alpha for the skew KLs
     s_cap,
     t_cap,
     # meta
@@ -160,9 +211,7 @@ def distill_rows_kernel(
     else:
         ce = 0.0
 
-    # ---- pass 2 (jsd): divergence and S = sum q g ------------------------------------------------
-    log_beta = tl.log(beta)
-    log_1mb = tl.log(1.0 - beta)
+    # ---- pass 2 (all but forward/reverse KL): divergence D and S = sum q g --------------------
     sum_qg = 0.0
     if DIVERGENCE == FORWARD_KL:
         kd = acc / l_b - lse_b + lse_a
@@ -176,16 +225,9 @@ def distill_rows_kernel(
             in_k = offs < K
             log_q = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP) * inv_t - lse_a
             log_p = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t - lse_b
-            x = log_beta + log_p
-            z = log_1mb + log_q
-            mx = tl.maximum(x, z)
-            log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
-            p = tl.exp(log_p)
-            q = tl.exp(log_q)
-            g = (1.0 - beta) * (log_q - log_m)
-            d = tl.where(p > 0.0, beta * p * (log_p - log_m), 0.0) + q * g  # 0 log 0 = 0
+            d, g = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
             kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
-            sum_qg += tl.sum(tl.where(in_k, q * g, 0.0), axis=0)
+            sum_qg += tl.sum(tl.where(in_k, tl.exp(log_q) * g, 0.0), axis=0)
 
     loss = ce_weight * ce + kd_weight * temperature * temperature * kd
     if HAS_LABELS:  # ignored rows count for nothing
@@ -218,11 +260,8 @@ def distill_rows_kernel(
             elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
                 dkd = q * ((s * inv_t - b) - mean_ab)
             else:  # 4.
-                x = log_beta + log_p
-                z = log_1mb + log_q
-                mx = tl.maximum(x, z)
-                log_m = mx + tl.log(tl.exp(x - mx) + tl.exp(z - mx))
-                dkd = q * ((1.0 - beta) * (log_q - log_m) - sum_qg)
+                _, g = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+                dkd = q * (g - sum_qg)
             grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
             if HAS_S_CAP:  # 5.
                 grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
@@ -268,7 +307,7 @@ def distill_rows(
         opts.temperature,
         opts.ce_weight,
         opts.kd_weight,
-        opts.beta,
+        opts.skew if opts.divergence.startswith("skew_") else opts.beta,
         opts.student_softcap or 1.0,
         opts.teacher_softcap or 1.0,
         DIVERGENCE=DIVERGENCE_IDS[opts.divergence],

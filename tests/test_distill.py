@@ -17,7 +17,7 @@ import fastkd
 from fastkd import DistillOptions, reference
 
 BACKENDS = ["torch", "triton"]
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 # max |got - want| / max |want|, per tensor, against the float64 spec
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -89,7 +89,8 @@ def test_matches_spec(backend, divergence, dtype):
     # odd sizes, a padded teacher vocab, biases, ignored tokens, T != 1, chunks that split N
     # unevenly
     inputs = make_inputs(dtype=dtype)
-    check(inputs, backend, dtype, temperature=2.0, divergence=divergence, beta=0.3, chunk_size=20)
+    check(inputs, backend, dtype, temperature=2.0, divergence=divergence, beta=0.3, skew=0.2,
+          chunk_size=20)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -325,6 +326,7 @@ from pathlib import Path
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
+from fastkd.kernels.distill import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
 from fastkd.kernels.distill import distill_rows_kernel as kernel
 PTXAS = get_ptxas(90).path  # the ptxas Triton itself builds sm_90 with; cuobjdump ships beside it
 CUOBJDUMP = str(Path(PTXAS).with_name("cuobjdump"))
@@ -336,7 +338,7 @@ aligned = [kernel.arg_names.index(a) for a in
 attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
 flags = (True, False)
 report = []
-for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), (0, 1, 2), flags, flags,
+for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6), flags, flags,
                                                      flags):
     if dt == "fp32" and not (labels and grad):
         continue
@@ -344,9 +346,10 @@ for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), (0, 1, 2)
              "i64", "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 6
     sig = dict(zip(kernel.arg_names, types, strict=True))
     consts = dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_S_CAP=caps, HAS_T_CAP=caps,
-                  COMPUTE_GRAD=grad, BLOCK_V=4096)
+                  COMPUTE_GRAD=grad, BLOCK_V=DEFAULT_BLOCK_V)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": DEFAULT_NUM_WARPS})
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.ptx").write_text(ptx)
@@ -388,7 +391,7 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report) == 24 + 6
+    assert len(report) == 6 * 8 + 6 * 2
     for r in report:
         dt, _, labels, _, grad = r["variant"]
         assert r["cubin"] > 1000, r["variant"]
@@ -468,3 +471,32 @@ def test_teacher_ids_at_minus_inf(backend, divergence):
         assert loss.item() == float("inf")
         return
     check(inputs, backend, torch.float32, **kw)
+
+
+NEW_DIVERGENCES = ["skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 10.0])
+@pytest.mark.parametrize("divergence", NEW_DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_and_tvd_temperatures_and_padded_vocab(backend, divergence, temperature):
+    # T at both ends (1 and 2 run in test_matches_spec), a padded vocabulary either way
+    for vocab, vocab_t in ((263, 250), (250, 263)):
+        inputs = make_inputs(n=15, vocab=vocab, vocab_t=vocab_t, seed=25)
+        check(inputs, backend, torch.float32, divergence=divergence, skew=0.3,
+              temperature=temperature, chunk_size=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_at_its_ends(backend):
+    inputs = make_inputs(n=18, vocab=211, vocab_t=211, seed=26)
+    kw = dict(temperature=2.0, chunk_size=7)
+    for skewed, plain in (("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+        # alpha = 0 is the plain KL, to rounding
+        loss, grads = run(inputs, backend, divergence=skewed, skew=0.0, **kw)
+        want_loss, want_grads = run(inputs, backend, divergence=plain, **kw)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6)
+        # alpha near 1: the mixture is almost the distribution itself, D -> 0, still exact
+        check(inputs, backend, torch.float32, divergence=skewed, skew=0.99, **kw)
