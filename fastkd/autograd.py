@@ -22,18 +22,18 @@ from fastkd.options import DistillOptions
 
 
 def _torch_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` on one chunk in fp32 (fp64 for fp64 logits); its
-    gradient by autograd."""
+    """CPU row op: the spec's `token_losses` (and its closed-form logit gradient) on one chunk in
+    fp32 (fp64 for fp64 logits)."""
     acc_dtype = loss_out.dtype
-    with torch.enable_grad():
-        s_acc = s.detach().to(acc_dtype).requires_grad_(compute_grad)
-        loss, ce, kd = reference.token_losses(s_acc, t.to(acc_dtype), labels, opts)
-        if compute_grad:
-            (grad,) = torch.autograd.grad(loss, s_acc, grad_outputs=row_scale.to(acc_dtype))
-            s.copy_(grad)
-    loss_out.copy_(loss.detach())
-    ce_out.copy_(ce.detach())
-    kd_out.copy_(kd.detach())
+    s_acc, t_acc = s.to(acc_dtype), t.to(acc_dtype)
+    if compute_grad:
+        loss, ce, kd, grad = reference.token_losses_and_grad(s_acc, t_acc, labels, opts)
+        s.copy_(grad.mul_(row_scale.to(acc_dtype).unsqueeze(-1)))
+    else:
+        loss, ce, kd = reference.token_losses(s_acc, t_acc, labels, opts)
+    loss_out.copy_(loss)
+    ce_out.copy_(ce)
+    kd_out.copy_(kd)
 
 
 def _triton_rows(*args):
@@ -45,16 +45,28 @@ def _triton_rows(*args):
 ROW_OPS = {"torch": _torch_rows, "triton": _triton_rows}
 
 
+GPU_CHUNK_BUDGET = 512 * 2**20  # bytes of the two logit buffers (the kernel allocates nothing)
+CPU_CHUNK_BUDGET = 256 * 2**20  # bytes of the buffers and the torch row op's temporaries
+# The torch row op (the spec's closed-form gradient) holds at most about this many (V + K)-wide
+# rows of its accumulation dtype per token at its peak, the buffers included: 5.5 to 9 measured
+# for jsd, the largest (tests/test_loss_api.py checks the peak against the budget).
+CPU_ROW_OP_COPIES = 10
+
+
 def default_chunk_size(
     n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device
 ) -> int:
-    """Tokens per chunk so both logit buffers fit a budget: 512 MiB on GPU, 64 MiB on CPU.
+    """Tokens per chunk so a chunk's memory fits a budget: on GPU the two logit buffers in 512
+    MiB; on CPU the buffers and the row op's temporaries in 256 MiB.
 
     Each chunk re-reads and re-writes the fp32 dW accumulator (V x D_s), so fewer, larger chunks
     cost less traffic; 512 MiB gives 1024-token chunks at V = 128k in bf16 (unmeasured on a GPU).
     """
-    budget = (512 if device.type == "cuda" else 64) * 2**20
-    rows = max(1, budget // ((vocab + shared) * itemsize))
+    if device.type == "cuda":
+        rows = GPU_CHUNK_BUDGET // ((vocab + shared) * itemsize)
+    else:
+        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * CPU_ROW_OP_COPIES)
+    rows = max(1, rows)
     if rows >= 128:
         rows -= rows % 128  # keep the GEMM's M dimension a multiple of the tile size
     return min(rows, max(n_tokens, 1))
@@ -131,6 +143,51 @@ def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chun
     return loss, ce, kd, student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows)
 
 
+# The chunk loop as one custom op: opaque to torch.compile (its buffers, out= GEMMs and kernel
+# launches stay eager), so a compiled graph holds the loss whole when check_labels=False.
+@torch.library.custom_op("fastkd::distill_chunks", mutates_args=())
+def _distill_chunks(
+    h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, h_t: torch.Tensor,
+    w_t: torch.Tensor, b_t: torch.Tensor | None, labels: torch.Tensor | None,
+    row_scale: torch.Tensor, temperature: float, ce_weight: float, kd_weight: float,
+    divergence: str, beta: float, skew: float, ignore_index: int,
+    student_softcap: float | None, teacher_softcap: float | None, backend: str, chunk: int,
+    s_dtype: torch.dtype, t_dtype: torch.dtype, grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd, dH, dW, db) of `_chunked`; absent gradients as empty tensors."""
+    opts = DistillOptions(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
+                          divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
+                          student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+    loss, ce, kd, grads_out = _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts,
+                                       ROW_OPS[backend], chunk, (s_dtype, t_dtype), grads)
+    return loss, ce, kd, *(h_s.new_empty(0) if g is None else g for g in grads_out)
+
+
+@_distill_chunks.register_fake
+def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, temperature, ce_weight, kd_weight,
+      divergence, beta, skew, ignore_index, student_softcap, teacher_softcap, backend, chunk,
+      s_dtype, t_dtype, grads):
+    acc = accumulator_dtype((s_dtype, t_dtype))
+    n, (vocab, d_s) = h_s.shape[0], w_s.shape
+    per_token = [h_s.new_empty(n, dtype=acc) for _ in range(3)]
+    dh = h_s.new_empty((n, d_s) if grads else (0,), dtype=s_dtype)
+    dw = h_s.new_empty((vocab, d_s) if grads else (0,), dtype=acc)
+    db = h_s.new_empty((vocab,) if grads and b_s is not None else (0,), dtype=acc)
+    return *per_token, dh, dw, db
+
+
+def _chunked_op(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk, dtypes,
+                grads):
+    """`_chunked` through the custom op: (loss, ce, kd, (dH, dW, db)), None for absent grads."""
+    out = torch.ops.fastkd.distill_chunks(
+        h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts.temperature, opts.ce_weight,
+        opts.kd_weight, opts.divergence, opts.beta, opts.skew, opts.ignore_index,
+        opts.student_softcap, opts.teacher_softcap, backend, chunk, dtypes[0], dtypes[1], grads,
+    )
+    dh, dw, db = out[3:] if grads else (None, None, None)
+    return *out[:3], (dh, dw, None if b_s is None else db)
+
+
 def _linear(h, w, b, out):
     if b is None:
         torch.mm(h, w.t(), out=out)
@@ -186,9 +243,8 @@ class FusedDistillFunction(torch.autograd.Function):
         scale = valid.to(accumulator_dtype(dtypes))
         if opts.reduction == "mean":
             scale = scale / valid.sum().clamp(min=1)
-        row_op = ROW_OPS[backend]
-        loss_i, ce_i, kd_i, (dh, dw, db) = _chunked(
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, row_op, chunk, dtypes, grads_now
+        loss_i, ce_i, kd_i, (dh, dw, db) = _chunked_op(
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, backend, chunk, dtypes, grads_now
         )
         ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes = opts, backend, chunk, dtypes
         ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
@@ -203,6 +259,13 @@ class FusedDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph
+            raise RuntimeError(
+                "fastkd's fused loss has no second derivative: its gradients come from kernels, "
+                "not from differentiable ops, so create_graph=True (double backward, Hessian-"
+                "vector products, gradient penalties) would silently drop terms. Use "
+                "backend='reference' for those."
+            )
         need = ctx.needs_input_grad[:3]
         if ctx.grads_now:
             dh, dw, db = ctx.saved_tensors
@@ -210,9 +273,9 @@ class FusedDistillFunction(torch.autograd.Function):
         else:  # reduction "none": recompute the chunks with the upstream gradient as row scale
             h_s, w_s, b_s, h_t, w_t, b_t, labels, valid = ctx.saved_tensors
             scale = grad_loss.to(accumulator_dtype(ctx.dtypes)) * valid
-            _, _, _, (dh, dw, db) = _chunked(
-                h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ROW_OPS[ctx.backend],
-                ctx.chunk, ctx.dtypes, True,
+            _, _, _, (dh, dw, db) = _chunked_op(
+                h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ctx.backend, ctx.chunk,
+                ctx.dtypes, True,
             )
             g = None
         out = []

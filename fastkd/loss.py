@@ -26,7 +26,11 @@ def _check_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor
     return x
 
 
-def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions):
+def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions,
+                  check_labels: bool = True) -> int | None:
+    """Raise a ValueError/TypeError naming the first bad argument. Returns the number of counted
+    tokens (labels != ignore_index), read in the same host sync as the label-range check, or None
+    (no labels, or check_labels=False: then nothing syncs)."""
     h_s = _check_tensor("student_hidden", h_s)
     h_t = _check_tensor("teacher_hidden", h_t)
     w_s = _check_tensor("student_weight", w_s, 2)
@@ -71,16 +75,21 @@ def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions):
     devices = {name: x.device for name, x in tensors.items() if x is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    if labels is not None and labels.numel() > 0:
-        # The one host sync: an out-of-range label must be an error, not an out-of-bounds read.
-        vocab = w_s.shape[0]
-        bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
-                f"found {first}"
-            )
+    if labels is None or not check_labels:
+        return None
+    # The one host sync: an out-of-range label must be an error, not an out-of-bounds read; the
+    # count of counted tokens comes with it (the compaction of ignored tokens needs it).
+    vocab = w_s.shape[0]
+    counted = labels != opts.ignore_index
+    bad = counted & ((labels < 0) | (labels >= vocab))
+    n_bad, n_counted = torch.stack([bad.sum(), counted.sum()]).tolist()
+    if n_bad:
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
+            f"found {first}"
+        )
+    return n_counted
 
 
 def _compute_dtypes(h_s, w_s, b_s, h_t, w_t, b_t) -> tuple[torch.dtype, torch.dtype]:
@@ -137,6 +146,7 @@ def fused_distill_loss(
     return_components: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_labels: bool = True,
 ):
     """Distillation loss through both LM heads without materialising the N x V logits.
 
@@ -161,6 +171,12 @@ def fused_distill_loss(
     Gradients reach student_hidden, student_weight and student_bias (each in its own dtype); the
     teacher gets none. backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton", "torch",
     "reference". chunk_size: tokens per step (default from a memory budget).
+
+    Ignored tokens cost nothing: the counted ones are gathered before the chunk loop (their count
+    comes with the label-range check, the one host sync). check_labels=False skips that sync, so
+    the loss can sit inside a `torch.compile(fullgraph=True)` graph: labels are then the caller's
+    promise (in [0, V) or ignore_index; an id out of range reads out of bounds in the kernel), and
+    ignored tokens are computed and masked instead of skipped.
     """
     opts = DistillOptions(
         temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, divergence=divergence,
@@ -171,17 +187,19 @@ def fused_distill_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
         student_bias=student_bias, teacher_bias=teacher_bias,
         return_components=return_components, backend=backend, chunk_size=chunk_size,
+        check_labels=check_labels,
     )
 
 
 def distill(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: DistillOptions, *,
     student_bias=None, teacher_bias=None, return_components=False, backend="auto", chunk_size=None,
+    check_labels=True,
 ):
     """`fused_distill_loss` with the options as one `DistillOptions` (the module's and trainer's
     entry point)."""
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                  student_bias, teacher_bias, opts)
+    n_counted = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                              labels, student_bias, teacher_bias, opts, check_labels)
     backend = _resolve_backend(backend, student_hidden.device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -205,6 +223,14 @@ def distill(
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     # contiguous: the row kernel reads label i at y_ptr + i (a strided or expanded view isn't)
     flat_labels = None if labels is None else labels.reshape(-1).long().contiguous()
+    n = h_s.shape[0]
+    counted = None  # indices of the counted tokens, when some are ignored
+    if n_counted is not None and n_counted < n:
+        # Ignored tokens cost no compute: gather the counted rows (index_select is differentiable:
+        # its backward scatters dH back, zeros at ignored rows, so no ignored row enters a GEMM).
+        counted = torch.argsort((flat_labels == opts.ignore_index).to(torch.uint8),
+                                stable=True)[:n_counted]
+        h_s, h_t, flat_labels = (x.index_select(0, counted) for x in (h_s, h_t, flat_labels))
     vocab, shared = student_weight.shape[0], min(student_weight.shape[0], teacher_weight.shape[0])
     chunk = chunk_size or default_chunk_size(
         h_s.shape[0], vocab, shared, max(d.itemsize for d in dtypes), h_s.device
@@ -215,7 +241,16 @@ def distill(
             None if teacher_bias is None else teacher_bias.detach(),
             flat_labels, opts, backend, chunk, dtypes, torch.is_grad_enabled(),
         )
+    if torch.float16 in dtypes and check_labels and not bool(torch.isfinite(loss).all()):
+        # fp16 only (a second host sync): logits past 65504 overflow the fp16 GEMM output
+        raise ValueError(
+            "the loss is not finite in fp16: logits beyond +-65504 overflow fp16 (or the hidden "
+            "states/weights hold inf or NaN); compute in bf16 (torch.autocast(dtype="
+            "torch.bfloat16)) or fp32"
+        )
     if opts.reduction == "none":
+        if counted is not None:  # back to every token, 0 at the ignored ones
+            loss, ce, kd = (x.new_zeros(n).index_copy(0, counted, x) for x in (loss, ce, kd))
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
     return (loss, ce, kd) if return_components else loss
 
@@ -232,7 +267,7 @@ class FusedDistillLoss(torch.nn.Module):
                  ignore_index: int = -100,
                  reduction: str = "mean", student_softcap: float | None = None,
                  teacher_softcap: float | None = None, return_components: bool = False,
-                 backend: str = "auto", chunk_size: int | None = None):
+                 backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True):
         super().__init__()
         self.options = DistillOptions(
             temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -245,13 +280,14 @@ class FusedDistillLoss(torch.nn.Module):
         self.return_components = return_components
         self.backend = backend
         self.chunk_size = chunk_size
+        self.check_labels = check_labels
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):
         return distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                        self.options, student_bias=student_bias, teacher_bias=teacher_bias,
                        return_components=self.return_components, backend=self.backend,
-                       chunk_size=self.chunk_size)
+                       chunk_size=self.chunk_size, check_labels=self.check_labels)
 
     def extra_repr(self) -> str:
         return f"{self.options}, backend={self.backend!r}"

@@ -1,8 +1,12 @@
 """The plain-torch definition of the distillation loss: the spec.
 
-Tests hold the kernels to it in float64, the CPU path reuses `token_losses` on chunks of logits (so
-the CPU path and the spec cannot drift apart), and benchmarks use it as the naive baseline. It
-materialises full N x V logits, so use it for checking, not for training at scale.
+Tests hold the kernels to it in float64, the CPU path runs `token_losses_and_grad` on chunks of
+logits (so the CPU path and the spec cannot drift apart), and benchmarks use it as the naive
+baseline. It materialises full N x V logits, so use it for checking, not for training at scale.
+
+The gradient w.r.t. the student logits is given in closed form too (`token_losses_and_grad`, the
+formulas of MATH.md), so the CPU path needs no autograd graph per chunk; tests hold it to autograd
+of `token_losses` in float64.
 
 Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared
 ids, temperature T, label y.
@@ -73,6 +77,55 @@ def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -
     return divergence_terms(log_q, log_p, opts).sum(-1)
 
 
+def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
+                    opts: DistillOptions) -> torch.Tensor:
+    """dD/da, a = s[:K] / T (so q = softmax(a)), in closed form, (..., K):
+        forward_kl  q - p
+        reverse_kl  q (log q - log p - D)
+        the others  q (g - sum_u q_u g_u) with g_v = dD/dq_v (up to a constant, which cancels):
+            jsd              (1 - beta) (log q - log m),   m = beta p + (1 - beta) q
+            skew_forward_kl  -(1 - alpha) p / m,           m = alpha p + (1 - alpha) q
+            skew_reverse_kl  log q - log m - alpha q / m,  m = (1 - alpha) p + alpha q
+            tvd              sign(q - p) / 2               (the subgradient, sign(0) = 0)"""
+    q = log_q.exp()
+    name = opts.divergence
+    if name == "forward_kl":
+        return q - log_p.exp()
+    if name == "reverse_kl":
+        g = log_q - log_p
+    elif name == "jsd":
+        g = (1 - opts.beta) * (log_q - _log_mix(log_p, log_q, opts.beta))
+    elif name == "skew_forward_kl":
+        g = -(1 - opts.skew) * (log_p - _log_mix(log_p, log_q, opts.skew)).exp()
+    elif name == "skew_reverse_kl":
+        log_ratio = log_q - _log_mix(log_q, log_p, opts.skew)
+        g = log_ratio - opts.skew * log_ratio.exp()
+    elif name == "tvd":
+        g = 0.5 * torch.sign(q - log_p.exp())
+    else:
+        raise ValueError(f"unknown divergence {name!r}")
+    return q * (g - (q * g).sum(-1, keepdim=True))
+
+
+def _student_teacher(student_logits, teacher_logits, opts):
+    """Softcapped logits and the tempered log-probabilities over the K shared ids."""
+    s = softcap(student_logits, opts.student_softcap)
+    t = softcap(teacher_logits, opts.teacher_softcap)
+    k = min(s.shape[-1], t.shape[-1])
+    log_q = torch.log_softmax(s[..., :k] / opts.temperature, dim=-1)
+    log_p = torch.log_softmax(t[..., :k] / opts.temperature, dim=-1)
+    return s, log_q, log_p
+
+
+def _weigh(ce, kd, labels, opts):
+    """(loss, ce, kd) per token, 0 at ignored tokens, and the counted-token mask."""
+    if labels is None:
+        return opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd, ce, kd, None
+    valid = labels != opts.ignore_index
+    ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
+    return opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd, ce, kd, valid
+
+
 def token_losses(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -84,23 +137,48 @@ def token_losses(
     Ignored tokens (label == ignore_index) get 0 in all three. Computes in the logits' dtype; pass
     fp32 or fp64 logits (`distill_loss` upcasts half precision first).
     """
-    s = softcap(student_logits, opts.student_softcap)
-    t = softcap(teacher_logits, opts.teacher_softcap)
-    k = min(s.shape[-1], t.shape[-1])
-    temp = opts.temperature
-    log_q = torch.log_softmax(s[..., :k] / temp, dim=-1)
-    log_p = torch.log_softmax(t[..., :k] / temp, dim=-1)
+    s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
     kd = divergence(log_q, log_p, opts)
     if labels is None:
         ce = torch.zeros_like(kd)
-        valid = torch.ones_like(kd, dtype=torch.bool)
     else:
-        valid = labels != opts.ignore_index
-        ce = F.cross_entropy(s, torch.where(valid, labels, 0), reduction="none")
-        ce = torch.where(valid, ce, 0.0)
-        kd = torch.where(valid, kd, 0.0)
-    loss = opts.ce_weight * ce + (opts.kd_weight * temp * temp) * kd
-    return loss, ce, kd
+        ce = F.cross_entropy(s, torch.where(labels != opts.ignore_index, labels, 0),
+                             reduction="none")
+    return _weigh(ce, kd, labels, opts)[:3]
+
+
+def token_losses_and_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_losses` and d loss_i / d student_logits (N, V) in closed form, no autograd graph:
+
+        CE:       w_ce (softmax(s) - onehot(y))                    all V ids
+        KD:       w_kd T dD/da  (`divergence_grad`; a = s / T)      the K shared ids, 0 beyond
+        softcap:  times 1 - (s / c_s)^2;  ignored tokens: exactly 0
+    """
+    s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
+    kd = divergence(log_q, log_p, opts)
+    grad = torch.zeros_like(s)
+    if labels is None:
+        ce = torch.zeros_like(kd)
+    else:
+        log_soft = torch.log_softmax(s, dim=-1)
+        y = torch.where(labels != opts.ignore_index, labels, 0).unsqueeze(-1)
+        ce = -log_soft.gather(-1, y).squeeze(-1)
+        grad = log_soft.exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=s.dtype))
+        grad.mul_(opts.ce_weight)
+        del log_soft
+    k = log_q.shape[-1]
+    grad[..., :k] += (opts.kd_weight * opts.temperature) * divergence_grad(log_q, log_p, opts)
+    if opts.student_softcap is not None:
+        grad.mul_(1 - (s / opts.student_softcap) ** 2)
+    loss, ce, kd, valid = _weigh(ce, kd, labels, opts)
+    if valid is not None:
+        grad.masked_fill_(~valid.unsqueeze(-1), 0.0)  # not a product: NaN * 0 would stay NaN
+    return loss, ce, kd, grad
 
 
 def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -241,8 +241,6 @@ def distill_rows_kernel(
     # ---- last pass: gradient, written in place ---------------------------------------------------
     if COMPUTE_GRAD:
         r = tl.load(scale_ptr + row)
-        if HAS_LABELS:
-            r = tl.where(valid, r, 0.0)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + offs0
             in_k = offs < K
@@ -266,6 +264,8 @@ def distill_rows_kernel(
             if HAS_S_CAP:  # 5.
                 grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
             grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
+            if HAS_LABELS:  # an ignored row's gradient is exactly 0, whatever its logits hold
+                grad = tl.where(valid, grad, 0.0)
             tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < stride_s)
 
 def distill_rows(

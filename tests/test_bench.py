@@ -1,41 +1,22 @@
 """bench: `python -m bench` end to end on tiny CPU shapes, out-of-memory as a result, the float64
 ground truth and the FLOP floor."""
 
-import importlib
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from _bench import REPO, import_bench
 
 from fastkd import reference
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _import_bench(module: str):
-    """Import bench.<module> from the repo without putting the repo root on sys.path, which would
-    expose the folder kernels/ as a top-level `kernels` to transformers in this test session."""
-    if "bench" not in sys.modules:
-        folder = REPO / "bench"
-        spec = importlib.util.spec_from_file_location(
-            "bench", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"bench.{module}")
-
-
-harness = _import_bench("harness")
-methods = _import_bench("methods")
-shapes = _import_bench("shapes")
+harness = import_bench("harness")
+methods = import_bench("methods")
+shapes = import_bench("shapes")
 
 
 def _rows(doc: dict, method: str, case: str | None = None) -> list[dict]:

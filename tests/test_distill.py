@@ -500,3 +500,74 @@ def test_skew_at_its_ends(backend):
             torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6)
         # alpha near 1: the mixture is almost the distribution itself, D -> 0, still exact
         check(inputs, backend, torch.float32, divergence=skewed, skew=0.99, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_logit_overflow_is_an_error_not_nan(backend):
+    inputs = make_inputs(n=9, d_s=8, d_t=8, vocab=120, vocab_t=120, dtype=torch.float16, seed=27,
+                         bias=False)
+    with torch.no_grad():
+        inputs["student_hidden"].mul_(8e3)  # logits ~1e5: past fp16's 65504
+        inputs["student_weight"].mul_(4)
+    assert torch.isfinite(inputs["student_hidden"]).all()
+    assert (inputs["student_hidden"].float() @ inputs["student_weight"].float().T).abs().max() > 7e4
+    with pytest.raises(ValueError, match="not finite in fp16.*bf16"):
+        run(inputs, backend)
+    # the same values in bf16 (fp32's range) are fine
+    bf16 = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) if v.is_floating_point()
+            else v for k, v in inputs.items()}
+    loss, _ = run(bf16, backend)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_second_derivative_is_a_clear_error(backend):
+    inputs = make_inputs(n=6, vocab=50, vocab_t=50, seed=28)
+    loss = fastkd.fused_distill_loss(**inputs, backend=backend)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, inputs["student_hidden"], create_graph=True)
+    # the reference (plain autograd) has one
+    loss = fastkd.fused_distill_loss(**inputs, backend="reference")
+    (g,) = torch.autograd.grad(loss, inputs["student_hidden"], create_graph=True)
+    assert g.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_an_ignored_token_does_not_reach_the_gradients(backend):
+    # ignored tokens are skipped, not masked: a NaN hidden state there must not enter G^T H
+    inputs = make_inputs(n=20, vocab=130, vocab_t=130, seed=29)
+    ignored = inputs["labels"] == -100
+    clean = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    with torch.no_grad():
+        inputs["student_hidden"][ignored] = float("nan")
+        inputs["teacher_hidden"][ignored] = float("inf")
+    for reduction in ("mean", "none"):
+        upstream = torch.randn(20, device=DEVICE) if reduction == "none" else None
+        loss, grads = run(inputs, backend, upstream, reduction=reduction, divergence="jsd")
+        want_loss, want_grads = run(clean, backend, upstream, reduction=reduction,
+                                    divergence="jsd")
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), name
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7)
+        assert (grads["student_hidden"][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_share_of_ignored_tokens(backend, reduction, fraction):
+    inputs = make_inputs(n=100, vocab=97, vocab_t=101, seed=30, ignore_every=0)
+    g = torch.Generator().manual_seed(31)
+    drop = (torch.rand(100, generator=g) < fraction).to(DEVICE)
+    drop[: int(fraction * 100) - int(drop.sum())] = fraction > 0  # exactly the share (0.99: 1 left)
+    inputs["labels"][drop] = -100
+    upstream = torch.randn(100, device=DEVICE) if reduction == "none" else None
+    loss, grads = check(inputs, backend, torch.float32, upstream, reduction=reduction,
+                        divergence="forward_kl", temperature=2.0, chunk_size=16)
+    # the same with the ignored tokens computed and masked (no compaction) agrees
+    loss2, grads2 = run(inputs, backend, upstream, reduction=reduction, divergence="forward_kl",
+                        temperature=2.0, chunk_size=16, check_labels=False)
+    torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=1e-7)
+    for name in grads:  # chunks hold other rows, so sums run in another order: fp32 rounding
+        torch.testing.assert_close(grads[name], grads2[name], rtol=1e-4, atol=1e-6)

@@ -140,11 +140,38 @@ def test_never_allocates_n_by_v(backend):
 
 
 def test_default_chunk_size_bounds_memory():
-    from fastkd.autograd import default_chunk_size
+    from fastkd.autograd import CPU_CHUNK_BUDGET, CPU_ROW_OP_COPIES, default_chunk_size
 
     cpu = torch.device("cpu")
     assert default_chunk_size(10, 128256, 128256, 4, cpu) == 10  # never more rows than tokens
     rows = default_chunk_size(100_000, 128256, 128256, 4, cpu)
-    assert rows * (128256 * 2) * 4 <= 64 * 2**20 and rows >= 1
+    assert rows * (128256 * 2) * 4 * CPU_ROW_OP_COPIES <= CPU_CHUNK_BUDGET and rows >= 1
     rows = default_chunk_size(100_000, 256000, 256000, 2, torch.device("cuda"))
     assert rows % 128 == 0 and rows * 512000 * 2 <= 512 * 2**20
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="measures the CPU path's resident memory")
+@pytest.mark.parametrize("divergence", ["jsd", "forward_kl"])
+def test_cpu_default_chunk_keeps_its_memory_budget(divergence):
+    """The CPU budget counts what the torch row op really allocates, not just the logits: the
+    peak resident memory of a fwd+bwd beyond the inputs stays within it (plus the gradients)."""
+    from _bench import import_bench
+
+    from fastkd.autograd import CPU_CHUNK_BUDGET, default_chunk_size
+
+    measure_peak = import_bench("harness").measure_peak
+    n, d, vocab = 1536, 32, 32000
+    args = good(n=n, d_s=d, d_t=d, vocab=vocab, vocab_t=vocab)
+    chunk = default_chunk_size(n, vocab, vocab, 4, torch.device("cpu"))
+    assert 8 <= chunk < n  # several chunks
+
+    def step():
+        loss = fastkd.fused_distill_loss(**args, divergence=divergence, temperature=2.0)
+        return torch.autograd.grad(loss, (args["student_hidden"], args["student_weight"]))
+
+    step()
+    grads, peak = measure_peak(step, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc peak-RSS accounting on this system")
+    extra = peak - sum(g.numel() * g.element_size() for g in grads)
+    assert extra <= 1.15 * CPU_CHUNK_BUDGET, (divergence, extra / 2**20)
