@@ -3,6 +3,7 @@
     python -m bench                                  # every preset, sweep and case on this device
     python -m bench --quick                          # fewer sizes and repeats
     python -m bench --preset llama --cases distill --sweep-n 1024,4096,16384 --sweep-v none
+    python -m bench --preset none --sweep-v none --sweep-ignored 0,50,90,99  # ignored tokens
     python -m bench --methods fastkd,liger --dtype bf16 --out /tmp/bench
 
 On a machine without CUDA the same command runs CPU-sized shapes (the heads' widths / 16,
@@ -26,6 +27,7 @@ from bench.methods import METHODS
 from bench.shapes import (
     CPU_D_DIV,
     CPU_V_DIV,
+    IGNORED_SWEEP,
     N_SWEEP,
     PRESETS,
     V_SWEEP,
@@ -57,6 +59,18 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _percents(text: str) -> tuple[float, ...]:
+    if text in ("", "none"):
+        return ()
+    try:
+        values = tuple(float(t) / 100 for t in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected percents a,b,c; got {text!r}") from err
+    if any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"percents must lie in [0, 100), got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-n", type=_ints, help="token counts N for every preset (comma list)")
     p.add_argument("--sweep-v", type=_ints,
                    help="vocab sizes for the V sweep (Llama widths), or 'none' to skip it")
-    p.add_argument("--v-sweep-n", type=int, help="tokens N of the V sweep")
+    p.add_argument("--v-sweep-n", type=int, help="tokens N of the V and counted sweeps")
+    p.add_argument("--sweep-ignored", type=_percents,
+                   help="percent of ignored tokens for the counted sweep (Llama head), or 'none'")
     p.add_argument("--methods", default="all", help=f"comma list of {list(METHODS)} or 'all'")
     p.add_argument("--cases", default="all", help="comma list of distill, kd, ce or 'all'")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
@@ -110,6 +126,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         args.sweep_n if args.sweep_n is not None else N_SWEEP[kind][args.quick],
         args.sweep_v if args.sweep_v is not None else V_SWEEP[kind][args.quick],
         args.v_sweep_n or V_SWEEP_N[kind], v_head,
+        args.sweep_ignored if args.sweep_ignored is not None else IGNORED_SWEEP[kind][args.quick],
     )
     all_cases = cases(args.temperature)
     dtype = DTYPES[args.dtype or ("fp32" if kind == "cpu" else "bf16")]

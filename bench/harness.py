@@ -46,7 +46,6 @@ from fastkd import DistillOptions, reference
 
 QUANTILES = (0.5, 0.2, 0.8)
 MODES = ("fwd", "fwd_bwd")
-IGNORED_FRACTION = 0.1  # share of tokens labelled ignore_index, as prompt tokens would be
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -146,7 +145,8 @@ def is_oom(err: BaseException) -> bool:
 # ---- inputs and the float64 ground truth ---------------------------------------------------------
 
 def make_inputs(problem: Problem, seed: int) -> Inputs:
-    """Hidden states ~ N(0, 1), weights ~ N(0, 4 / D) (logits of std ~2), 10% of labels ignored."""
+    """Hidden states ~ N(0, 1), weights ~ N(0, 4 / D) (logits of std ~2), the shape's share of
+    labels (10% by default) set to ignore_index at random positions."""
     s, dev, dtype = problem.shape, problem.device, problem.dtype
     gen = torch.Generator(dev).manual_seed(seed)
 
@@ -154,8 +154,8 @@ def make_inputs(problem: Problem, seed: int) -> Inputs:
         return torch.randn(rows, cols, generator=gen, device=dev, dtype=dtype).mul_(std)
 
     labels = torch.randint(0, s.v, (s.n,), generator=gen, device=dev)
-    ignored = torch.rand(s.n, generator=gen, device=dev) < IGNORED_FRACTION
-    labels = labels.masked_fill_(ignored, problem.opts.ignore_index)
+    ignored = torch.randperm(s.n, generator=gen, device=dev)[:s.n_ignored]
+    labels[ignored] = problem.opts.ignore_index
     return Inputs(randn(s.n, s.d_s, 1.0).requires_grad_(),
                   randn(s.v, s.d_s, 2 / math.sqrt(s.d_s)).requires_grad_(),
                   randn(s.n, s.d_t, 1.0), randn(s.v_t, s.d_t, 2 / math.sqrt(s.d_t)), labels)

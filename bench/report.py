@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from bench.shapes import X_NAMES  # noqa: E402
+
 COLUMNS = """Columns: **fwd ms**: forward only (the loss under `no_grad`), median. **fwd+bwd ms**:
 loss and dH, dW_s, median [20th, 80th percentile]. **TFLOP/s**: the fwd+bwd FLOP floor
 2·N·(3·V·D_s + K·D_t) (= 2·N·V·(3·D_s + D_t) when K = min(V, V_t) = V; no teacher term in the
@@ -55,12 +57,12 @@ def _row_cells(row: dict) -> list[str]:
 
 def _sections(doc: dict) -> list[tuple[str, str, list[dict]]]:
     """(case, sweep, rows sorted by x): cases and sweeps in order of first appearance (merged runs
-    included), the vocab sweep last in each case."""
+    included), the vocab and counted sweeps last in each case."""
     order: dict[tuple[str, str], list[dict]] = {}
     for row in doc["results"]:
         order.setdefault((row["case"], row["sweep"]), []).append(row)
     cases = list(dict.fromkeys(case for case, _ in order))
-    keys = sorted(order, key=lambda k: (cases.index(k[0]), k[1] == "vocab"))
+    keys = sorted(order, key=lambda k: (cases.index(k[0]), k[1] in X_NAMES))
     return [(case, sweep, sorted(order[case, sweep], key=lambda r: r["x"]))
             for case, sweep in keys]
 
@@ -79,6 +81,8 @@ def merge(earlier: dict, doc: dict) -> dict:
 
 def _sweep_heading(sweep: str, rows: list[dict]) -> str:
     r = rows[0]
+    if sweep == "counted":
+        return f"{r['title']} (N {r['n']}, D_s {r['d_s']}, D_t {r['d_t']}, V {r['v']})"
     if sweep == "vocab":
         return f"{r['title']}, D_s {r['d_s']}, D_t {r['d_t']}"
     cap = f", softcap {r['softcap']:g}" if r["softcap"] else ""
@@ -122,7 +126,7 @@ def markdown(doc: dict) -> str:
         if case != case_shown:
             lines += [f"## {case}: {doc['cases'][case]['title']}", ""]
             case_shown = case
-        x_name = "V" if sweep == "vocab" else "N"
+        x_name = X_NAMES.get(sweep, "N")
         lines += [f"### {_sweep_heading(sweep, rows)}", "",
                   "| " + " | ".join([x_name, *header]) + " |",
                   "|" + "|".join(["---:", "---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -167,7 +171,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
 
 
 def _plot_sweep(rows: list[dict], ax_t, ax_m) -> None:
-    x_name = "V" if rows[0]["sweep"] == "vocab" else "N"
+    x_name = X_NAMES.get(rows[0]["sweep"], "N")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, method in enumerate(methods):
         mine = [r for r in rows if r["method"] == method]
@@ -204,7 +208,7 @@ def _plot_sweep(rows: list[dict], ax_t, ax_m) -> None:
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="both", labelsize=7)
-        ax.set_xlabel("V (vocab)" if x_name == "V" else "N (tokens)")
+        ax.set_xlabel({"V": "V (vocab)", "N": "N (tokens)"}.get(x_name, x_name))
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

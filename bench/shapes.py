@@ -2,8 +2,11 @@
 
 A head is the last layer of a teacher/student pair: student width D_s, teacher width D_t, student
 vocab V, teacher vocab V_t (K = min(V, V_t) ids are shared: the divergence runs over K ids, CE over
-V) and the final-logit softcap. A Shape is one head at N tokens. Each head is swept over N; one more
-sweep ("vocab") runs over V at a fixed N with the Llama head's widths.
+V) and the final-logit softcap. A Shape is one head at N tokens, a share of them labelled
+ignore_index (10% by default, as prompt tokens would be). Each head is swept over N; one more
+sweep ("vocab") runs over V at a fixed N with the Llama head's widths, and one ("counted") over the
+share of ignored tokens at that N: ignored tokens cost fastkd nothing, so its time should follow
+the counted tokens.
 
 The FLOP floor is the matmul work no method can skip (the softmax work is O(N V), not O(N V D)):
     forward:           2 N (V D_s + K D_t)          student and teacher logits
@@ -59,6 +62,11 @@ V_SWEEP = {
     "cpu": ((1000, 2000, 4000, 8000), (2000, 8000)),
 }
 V_SWEEP_N = {"cuda": 4096, "cpu": 128}
+IGNORED_SWEEP = {  # shares of ignored tokens of the "counted" sweep (at V_SWEEP_N tokens)
+    "cuda": ((0.0, 0.5, 0.9, 0.99), (0.0, 0.5, 0.9)),
+    "cpu": ((0.0, 0.5, 0.9), (0.0, 0.9)),
+}
+X_NAMES = {"vocab": "V", "counted": "counted tokens"}  # the swept variable; N elsewhere
 
 
 @dataclass(frozen=True)
@@ -73,15 +81,23 @@ class Shape:
     v: int
     v_t: int
     softcap: float | None
+    ignored: float = 0.1  # share of the N tokens labelled ignore_index
+
+    @property
+    def n_ignored(self) -> int:
+        return round(self.n * self.ignored)
 
     @property
     def x(self) -> int:
-        """The swept variable: V for the vocab sweep, N otherwise."""
-        return self.v if self.sweep == "vocab" else self.n
+        """The swept variable: V for the vocab sweep, counted tokens for the counted sweep, N
+        otherwise."""
+        if self.sweep == "vocab":
+            return self.v
+        return self.n - self.n_ignored if self.sweep == "counted" else self.n
 
     @property
     def x_name(self) -> str:
-        return "V" if self.sweep == "vocab" else "N"
+        return X_NAMES.get(self.sweep, "N")
 
 
 @dataclass(frozen=True)
@@ -129,12 +145,20 @@ def flop_floor(shape: Shape, *, backward: bool, teacher: bool = True) -> int:
 
 
 def build_shapes(heads: list[Head], n_sweep: tuple[int, ...], v_sweep: tuple[int, ...],
-                 v_sweep_n: int, v_head: Head) -> list[Shape]:
-    """Every head over n_sweep, then v_head's widths over v_sweep at v_sweep_n tokens (V_t = V)."""
+                 v_sweep_n: int, v_head: Head,
+                 ignored_sweep: tuple[float, ...] = ()) -> list[Shape]:
+    """Every head over n_sweep, then v_head's widths over v_sweep at v_sweep_n tokens (V_t = V),
+    then v_head at v_sweep_n tokens over the shares of ignored tokens in ignored_sweep."""
     shapes = [Shape(h.name, h.title, n, h.d_s, h.d_t, h.v, h.v_t, h.softcap)
               for h in heads for n in n_sweep]
     title = f"vocab sweep: {v_head.name} widths, N={v_sweep_n}"
     shapes += [
         Shape("vocab", title, v_sweep_n, v_head.d_s, v_head.d_t, v, v, None) for v in v_sweep
+    ]
+    h = v_head
+    shapes += [
+        Shape("counted", f"counted sweep: {h.name} head, N={v_sweep_n}, a share of it ignored",
+              v_sweep_n, h.d_s, h.d_t, h.v, h.v_t, h.softcap, ignored)
+        for ignored in ignored_sweep
     ]
     return shapes

@@ -28,7 +28,8 @@ def test_cli_end_to_end_on_cpu(tmp_path):
     absent peers recorded as skipped. Qwen's head has V_t > V, so the shared-vocab path runs too."""
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--preset", "qwen",
-           "--sweep-n", "16,48", "--sweep-v", "300", "--v-sweep-n", "16", "--cases", "distill,ce",
+           "--sweep-n", "16,48", "--sweep-v", "300", "--v-sweep-n", "16", "--sweep-ignored", "0,75",
+           "--cases", "distill,ce",
            "--methods", "fastkd,reference,liger,liger_kl,cce", "--out", str(out)]
     # One thread: shapes this small gain nothing from two, and lose a lot when the cores are shared.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -43,7 +44,8 @@ def test_cli_end_to_end_on_cpu(tmp_path):
     assert {r["case"] for r in doc["results"]} == {"distill", "ce"}
     for method in ("fastkd", "reference"):
         rows = _rows(doc, method)
-        assert len(rows) == 2 * 3  # two cases x (two N + one V)
+        assert len(rows) == 2 * 5  # two cases x (two N + one V + two shares ignored)
+        assert sorted(r["x"] for r in rows if r["sweep"] == "counted") == [4, 4, 16, 16]
         for row in rows:
             assert row["status"] == "ok", row
             for mode in ("fwd", "fwd_bwd"):
