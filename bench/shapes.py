@@ -8,9 +8,10 @@ sweep ("vocab") runs over V at a fixed N with the Llama head's widths, and one (
 share of ignored tokens at that N: ignored tokens cost fastkd nothing, so its time should follow
 the counted tokens.
 
-The FLOP floor is the matmul work no method can skip (the softmax work is O(N V), not O(N V D)):
-    forward:           2 N (V D_s + K D_t)          student and teacher logits
-    forward+backward:  2 N (3 V D_s + K D_t)        plus dH = G W_s and dW_s = G^T H_s
+The FLOP floor is the matmul work no method can skip (the softmax work is O(N V), not O(N V D)),
+over the N_c counted tokens (ignored ones need nothing):
+    forward:           2 N_c (V D_s + K D_t)          student and teacher logits
+    forward+backward:  2 N_c (3 V D_s + K D_t)        plus dH = G W_s and dW_s = G^T H_s
 With K = V that is the familiar 2 N V (3 D_s + D_t). The CE-only case has no teacher term.
 """
 
@@ -138,10 +139,11 @@ def options(case: Case, shape: Shape) -> DistillOptions:
 
 
 def flop_floor(shape: Shape, *, backward: bool, teacher: bool = True) -> int:
-    """Matmul FLOPs: 2 N (V D_s + K D_t) forward, 2 N (3 V D_s + K D_t) with the backward."""
+    """Matmul FLOPs: 2 N_c (V D_s + K D_t) forward, 2 N_c (3 V D_s + K D_t) with the backward,
+    N_c = the counted tokens: an ignored token needs no logits, so no method must pay for it."""
     k = min(shape.v, shape.v_t)
     student = (3 if backward else 1) * shape.v * shape.d_s
-    return 2 * shape.n * (student + (k * shape.d_t if teacher else 0))
+    return 2 * (shape.n - shape.n_ignored) * (student + (k * shape.d_t if teacher else 0))
 
 
 def build_shapes(heads: list[Head], n_sweep: tuple[int, ...], v_sweep: tuple[int, ...],

@@ -126,7 +126,7 @@ def test_fp64_reference_in_chunks_matches_the_spec():
 
 def test_flop_floor():
     n, d_s, d_t, v = 1024, 2048, 4096, 128256
-    shape = shapes.Shape("llama", "", n, d_s, d_t, v, v, None)
+    shape = shapes.Shape("llama", "", n, d_s, d_t, v, v, None, ignored=0.0)
     assert shapes.flop_floor(shape, backward=True) == 2 * n * v * (3 * d_s + d_t)
     assert shapes.flop_floor(shape, backward=False) == 2 * n * v * (d_s + d_t)
     assert shapes.flop_floor(shape, backward=True, teacher=False) == 6 * n * v * d_s
@@ -135,6 +135,9 @@ def test_flop_floor():
     assert shapes.flop_floor(padded, backward=True) == 2 * n * v * (3 * d_s + d_t)
     smaller = replace(shape, v_t=v - 256)
     assert shapes.flop_floor(smaller, backward=True) == 2 * n * (3 * v * d_s + (v - 256) * d_t)
+    # ignored tokens need no work: the floor counts the counted ones (10% ignored by default)
+    assert shapes.flop_floor(replace(shape, ignored=0.1), backward=False) == (
+        2 * (n - 102) * v * (d_s + d_t))
 
 
 def test_cpu_presets_are_small_and_keep_their_ratios():
