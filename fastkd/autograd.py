@@ -188,6 +188,27 @@ def _chunked_op(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, 
     return *out[:3], (dh, dw, None if b_s is None else db)
 
 
+def _chunks(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk, dtypes, grads,
+            shard):
+    """One process: the custom op. Vocab-parallel (shard given): `_chunked` with the vocab-parallel
+    row op, then dH summed over the ranks (each rank's G W_r is a partial sum), once per call."""
+    if shard is None:
+        return _chunked_op(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk,
+                           dtypes, grads)
+    from fastkd.vocab_parallel import vocab_parallel_rows
+
+    def row_op(*args):
+        vocab_parallel_rows(*args, shard=shard, backend=backend)
+
+    loss, ce, kd, (dh, dw, db) = _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts,
+                                          row_op, chunk, dtypes, grads)
+    if dh is not None:
+        dh_sum = dh.to(dw.dtype)  # summed in fp32: half-precision partial sums would round
+        torch.distributed.all_reduce(dh_sum, group=shard.group)
+        dh = dh_sum.to(dh.dtype)
+    return loss, ce, kd, (dh, dw, db)
+
+
 def _linear(h, w, b, out):
     if b is None:
         torch.mm(h, w.t(), out=out)
@@ -230,7 +251,7 @@ class FusedDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk,
-                dtypes, grad_enabled):
+                dtypes, grad_enabled, shard=None):
         # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not.
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
@@ -243,10 +264,12 @@ class FusedDistillFunction(torch.autograd.Function):
         scale = valid.to(accumulator_dtype(dtypes))
         if opts.reduction == "mean":
             scale = scale / valid.sum().clamp(min=1)
-        loss_i, ce_i, kd_i, (dh, dw, db) = _chunked_op(
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, backend, chunk, dtypes, grads_now
+        loss_i, ce_i, kd_i, (dh, dw, db) = _chunks(
+            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, backend, chunk, dtypes, grads_now,
+            shard,
         )
         ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes = opts, backend, chunk, dtypes
+        ctx.shard = shard
         ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         if grads_now:
             ctx.save_for_backward(dh, dw, db)
@@ -273,9 +296,9 @@ class FusedDistillFunction(torch.autograd.Function):
         else:  # reduction "none": recompute the chunks with the upstream gradient as row scale
             h_s, w_s, b_s, h_t, w_t, b_t, labels, valid = ctx.saved_tensors
             scale = grad_loss.to(accumulator_dtype(ctx.dtypes)) * valid
-            _, _, _, (dh, dw, db) = _chunked_op(
+            _, _, _, (dh, dw, db) = _chunks(
                 h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ctx.backend, ctx.chunk,
-                ctx.dtypes, True,
+                ctx.dtypes, True, ctx.shard,
             )
             g = None
         out = []
@@ -287,4 +310,4 @@ class FusedDistillFunction(torch.autograd.Function):
             if g is not None:
                 cast = cast.mul_(g) if cast is not grad else grad * g
             out.append(cast)
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None)

@@ -27,10 +27,11 @@ def _check_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor
 
 
 def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions,
-                  check_labels: bool = True) -> int | None:
+                  check_labels: bool = True, vocab: int | None = None) -> int | None:
     """Raise a ValueError/TypeError naming the first bad argument. Returns the number of counted
     tokens (labels != ignore_index), read in the same host sync as the label-range check, or None
-    (no labels, or check_labels=False: then nothing syncs)."""
+    (no labels, or check_labels=False: then nothing syncs). vocab: the student's full vocabulary
+    when the heads are vocab-parallel shards (a teacher shard may then be empty)."""
     h_s = _check_tensor("student_hidden", h_s)
     h_t = _check_tensor("teacher_hidden", h_t)
     w_s = _check_tensor("student_weight", w_s, 2)
@@ -48,7 +49,7 @@ def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions,
             f"student_hidden and teacher_hidden must have the same leading shape (tokens), got "
             f"{tuple(h_s.shape[:-1])} and {tuple(h_t.shape[:-1])}"
         )
-    if w_s.shape[0] == 0 or w_t.shape[0] == 0:
+    if w_s.shape[0] == 0 or (w_t.shape[0] == 0 and vocab is None):
         raise ValueError("student_weight and teacher_weight need at least one vocabulary row")
     for name, b, w in (("student_bias", b_s, w_s), ("teacher_bias", b_t, w_t)):
         if b is not None:
@@ -79,7 +80,7 @@ def _check_inputs(h_s, w_s, h_t, w_t, labels, b_s, b_t, opts: DistillOptions,
         return None
     # The one host sync: an out-of-range label must be an error, not an out-of-bounds read; the
     # count of counted tokens comes with it (the compaction of ignored tokens needs it).
-    vocab = w_s.shape[0]
+    vocab = vocab or w_s.shape[0]
     counted = labels != opts.ignore_index
     bad = counted & ((labels < 0) | (labels >= vocab))
     n_bad, n_counted = torch.stack([bad.sum(), counted.sum()]).tolist()
@@ -147,6 +148,8 @@ def fused_distill_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     check_labels: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ):
     """Distillation loss through both LM heads without materialising the N x V logits.
 
@@ -177,6 +180,14 @@ def fused_distill_loss(
     the loss can sit inside a `torch.compile(fullgraph=True)` graph: labels are then the caller's
     promise (in [0, V) or ignore_index; an id out of range reads out of bounds in the kernel), and
     ignored tokens are computed and masked instead of skipped.
+
+    Vocab-parallel heads (tensor parallelism): with process_group, every rank of the group passes
+    the same hidden states and global labels and its own rows of both heads, student rows
+    [vocab_start, vocab_start + V_r) and teacher rows [vocab_start, vocab_start + V_t,r) (biases
+    likewise); in rank order the shards tile each vocabulary (checked on every call). Every rank
+    gets the single-process loss; gradients reach its own weight/bias rows, and student_hidden gets
+    dL/dh_s summed over the ranks (the same on every rank). Ranks exchange a few floats per token,
+    never logits (`fastkd.vocab_parallel`).
     """
     opts = DistillOptions(
         temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, divergence=divergence,
@@ -187,19 +198,33 @@ def fused_distill_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
         student_bias=student_bias, teacher_bias=teacher_bias,
         return_components=return_components, backend=backend, chunk_size=chunk_size,
-        check_labels=check_labels,
+        check_labels=check_labels, process_group=process_group, vocab_start=vocab_start,
     )
 
 
 def distill(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: DistillOptions, *,
     student_bias=None, teacher_bias=None, return_components=False, backend="auto", chunk_size=None,
-    check_labels=True,
+    check_labels=True, process_group=None, vocab_start=0,
 ):
     """`fused_distill_loss` with the options as one `DistillOptions` (the module's and trainer's
     entry point)."""
+    shard = None
+    if process_group is not None:
+        from fastkd.vocab_parallel import check_tiling
+
+        if backend == "reference":
+            raise ValueError("backend='reference' forms full logits: it takes no process_group")
+        h_s = _check_tensor("student_hidden", student_hidden)
+        w_s = _check_tensor("student_weight", student_weight, 2)
+        w_t = _check_tensor("teacher_weight", teacher_weight, 2)
+        shard = check_tiling(process_group, vocab_start, h_s.shape[:-1].numel(), w_s.shape[0],
+                             w_t.shape[0], h_s.device)
+    elif vocab_start != 0:
+        raise ValueError(f"vocab_start={vocab_start!r} needs a process_group (vocab-parallel)")
     n_counted = _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                              labels, student_bias, teacher_bias, opts, check_labels)
+                              labels, student_bias, teacher_bias, opts, check_labels,
+                              None if shard is None else shard.vocab)
     backend = _resolve_backend(backend, student_hidden.device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -239,7 +264,7 @@ def distill(
         loss, ce, kd = FusedDistillFunction.apply(
             h_s, student_weight, student_bias, h_t, teacher_weight.detach(),
             None if teacher_bias is None else teacher_bias.detach(),
-            flat_labels, opts, backend, chunk, dtypes, torch.is_grad_enabled(),
+            flat_labels, opts, backend, chunk, dtypes, torch.is_grad_enabled(), shard,
         )
     if torch.float16 in dtypes and check_labels and not bool(torch.isfinite(loss).all()):
         # fp16 only (a second host sync): logits past 65504 overflow the fp16 GEMM output
@@ -267,7 +292,8 @@ class FusedDistillLoss(torch.nn.Module):
                  ignore_index: int = -100,
                  reduction: str = "mean", student_softcap: float | None = None,
                  teacher_softcap: float | None = None, return_components: bool = False,
-                 backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True):
+                 backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
+                 process_group=None):
         super().__init__()
         self.options = DistillOptions(
             temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -281,13 +307,15 @@ class FusedDistillLoss(torch.nn.Module):
         self.backend = backend
         self.chunk_size = chunk_size
         self.check_labels = check_labels
+        self.process_group = process_group
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-                student_bias=None, teacher_bias=None):
+                student_bias=None, teacher_bias=None, vocab_start=0):
         return distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                        self.options, student_bias=student_bias, teacher_bias=teacher_bias,
                        return_components=self.return_components, backend=self.backend,
-                       chunk_size=self.chunk_size, check_labels=self.check_labels)
+                       chunk_size=self.chunk_size, check_labels=self.check_labels,
+                       process_group=self.process_group, vocab_start=vocab_start)
 
     def extra_repr(self) -> str:
         return f"{self.options}, backend={self.backend!r}"

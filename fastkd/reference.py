@@ -77,34 +77,42 @@ def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -
     return divergence_terms(log_q, log_p, opts).sum(-1)
 
 
-def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
-                    opts: DistillOptions) -> torch.Tensor:
-    """dD/da, a = s[:K] / T (so q = softmax(a)), in closed form, (..., K):
-        forward_kl  q - p
-        reverse_kl  q (log q - log p - D)
-        the others  q (g - sum_u q_u g_u) with g_v = dD/dq_v (up to a constant, which cancels):
-            jsd              (1 - beta) (log q - log m),   m = beta p + (1 - beta) q
-            skew_forward_kl  -(1 - alpha) p / m,           m = alpha p + (1 - alpha) q
-            skew_reverse_kl  log q - log m - alpha q / m,  m = (1 - alpha) p + alpha q
-            tvd              sign(q - p) / 2               (the subgradient, sign(0) = 0)"""
+def divergence_qg(log_q: torch.Tensor, log_p: torch.Tensor,
+                  opts: DistillOptions) -> torch.Tensor:
+    """Per-id q_v g_v, g_v = dD/dq_v up to a constant (which cancels in `divergence_grad`), formed
+    without dividing by q, (..., K):
+        forward_kl       -p                              (g = -p / q)
+        reverse_kl       q (log q - log p)               (the terms d_v themselves)
+        jsd              (1 - beta) q (log q - log m),   m = beta p + (1 - beta) q
+        skew_forward_kl  -(1 - alpha) q p / m,           m = alpha p + (1 - alpha) q
+        skew_reverse_kl  q (log q - log m) - alpha q^2 / m,  m = (1 - alpha) p + alpha q
+        tvd              q sign(q - p) / 2               (the subgradient, sign(0) = 0)"""
     q = log_q.exp()
     name = opts.divergence
     if name == "forward_kl":
-        return q - log_p.exp()
+        return -log_p.exp()
     if name == "reverse_kl":
-        g = log_q - log_p
-    elif name == "jsd":
-        g = (1 - opts.beta) * (log_q - _log_mix(log_p, log_q, opts.beta))
-    elif name == "skew_forward_kl":
-        g = -(1 - opts.skew) * (log_p - _log_mix(log_p, log_q, opts.skew)).exp()
-    elif name == "skew_reverse_kl":
+        return q * (log_q - log_p)
+    if name == "jsd":
+        return (1 - opts.beta) * q * (log_q - _log_mix(log_p, log_q, opts.beta))
+    if name == "skew_forward_kl":
+        return -(1 - opts.skew) * (log_q + log_p - _log_mix(log_p, log_q, opts.skew)).exp()
+    if name == "skew_reverse_kl":
         log_ratio = log_q - _log_mix(log_q, log_p, opts.skew)
-        g = log_ratio - opts.skew * log_ratio.exp()
-    elif name == "tvd":
-        g = 0.5 * torch.sign(q - log_p.exp())
-    else:
-        raise ValueError(f"unknown divergence {name!r}")
-    return q * (g - (q * g).sum(-1, keepdim=True))
+        return q * log_ratio - opts.skew * (log_q + log_ratio).exp()
+    if name == "tvd":
+        return 0.5 * q * torch.sign(q - log_p.exp())
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
+                    opts: DistillOptions) -> torch.Tensor:
+    """dD/da, a = s[:K] / T (so q = softmax(a)), in closed form, (..., K): through the softmax,
+    q_v (g_v - sum_u q_u g_u) = qg_v - q_v S with qg = `divergence_qg` and S = sum_u qg_u (for
+    forward_kl S = -1 and this is q - p; for reverse_kl S = D and it is q (log q - log p - D)).
+    A vocabulary split across ranks adds up S from the ranks' partial sums."""
+    qg = divergence_qg(log_q, log_p, opts)
+    return qg - log_q.exp() * qg.sum(-1, keepdim=True)
 
 
 def _student_teacher(student_logits, teacher_logits, opts):

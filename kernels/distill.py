@@ -96,26 +96,33 @@ def _log_mix(log_u, log_v, w):
 
 @triton.jit
 def _divergence_terms(log_p, log_q, mix, DIVERGENCE: tl.constexpr):
-    """(d_v, g_v) of the three-pass divergences: D = sum d_v, g_v = dD/dq_v up to a constant.
-    mix is beta for jsd, alpha for the skew KLs. Terms with p_v = 0 add 0 log 0 = 0."""
+    """(d_v, qg_v): D = sum d_v, and qg_v = q_v g_v with g_v = dD/dq_v up to a constant (which
+    cancels in q (g - sum q g)), formed without dividing by q. mix is beta for jsd, alpha for the
+    skew KLs. Terms with p_v = 0 add 0 log 0 = 0."""
     p = tl.exp(log_p)
     q = tl.exp(log_q)
-    if DIVERGENCE == JSD:
+    if DIVERGENCE == FORWARD_KL:
+        d = tl.where(p > 0.0, p * (log_p - log_q), 0.0)
+        qg = -p
+    elif DIVERGENCE == REVERSE_KL:
+        d = q * (log_q - log_p)
+        qg = d
+    elif DIVERGENCE == JSD:
         log_m = _log_mix(log_p, log_q, mix)
-        g = (1.0 - mix) * (log_q - log_m)
-        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + q * g
+        qg = q * (1.0 - mix) * (log_q - log_m)
+        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + qg
     elif DIVERGENCE == SKEW_FORWARD_KL:
         log_m = _log_mix(log_p, log_q, mix)
         d = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
-        g = -(1.0 - mix) * tl.exp(log_p - log_m)
+        qg = -(1.0 - mix) * tl.exp(log_q + log_p - log_m)
     elif DIVERGENCE == SKEW_REVERSE_KL:
         log_m = _log_mix(log_q, log_p, mix)
         d = q * (log_q - log_m)
-        g = log_q - log_m - mix * tl.exp(log_q - log_m)
+        qg = d - mix * q * tl.exp(log_q - log_m)
     else:  # TVD
         d = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-    return d, g
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, qg
 
 
 @triton.jit
@@ -126,6 +133,119 @@ def _online_update(m_i, l_i, x):
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_ref)
     return m_new, l_i * alpha + tl.sum(tl.exp(x - m_ref), axis=0), alpha
+
+
+@triton.jit
+def _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_cap, HAS_LABELS: tl.constexpr,
+           HAS_S_CAP: tl.constexpr):
+    """(valid, y_local, s_y): whether the row counts, its label as a column of this row (may lie
+    outside [0, V) when another rank owns it), and the softcapped logit there (0 if not here)."""
+    valid = True
+    y_local = -1
+    s_y = 0.0
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        valid = y != ignore_index
+        y_local = y - vocab_start
+        here = valid & (y_local >= 0) & (y_local < V)
+        s_y = tl.load(s_row + tl.where(here, y_local, 0)).to(tl.float32)
+        if HAS_S_CAP:
+            s_y = _softcap(s_y, s_cap)
+        s_y = tl.where(here, s_y, 0.0)
+    return valid, y_local, s_y
+
+
+@triton.jit
+def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap, t_cap,
+                DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """Pass 1: online logsumexp states of s (all V), a = s/T and b = t/T (v < K), and e, the
+    expectation of b - a under p (forward_kl) or of a - b under q (reverse_kl) over the row."""
+    offs0 = tl.arange(0, BLOCK_V)
+    m_s = tl.full([], float("-inf"), tl.float32)
+    l_s = tl.zeros([], tl.float32)
+    m_a = m_s
+    l_a = l_s
+    m_b = m_s
+    l_b = l_s
+    acc = l_s  # forward: sum exp(b - m_b) (b - a);  reverse: sum exp(a - m_a) (a - b)
+    for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
+        offs = v0 + offs0
+        in_k = offs < K
+        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+        m_s, l_s, _ = _online_update(m_s, l_s, s)
+        a = tl.where(in_k, s * inv_t, float("-inf"))
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
+        m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
+        m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
+        if DIVERGENCE == FORWARD_KL:  # p_v = 0 (b = -inf, or v >= K) adds 0, not 0 * -inf
+            term = tl.where(b > float("-inf"), tl.exp(b - m_b) * (b - a), 0.0)
+            acc = acc * alpha_b + tl.sum(term, axis=0)
+        elif DIVERGENCE == REVERSE_KL:
+            term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
+            acc = acc * alpha_a + tl.sum(term, axis=0)
+    for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
+        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
+        m_s, l_s, _ = _online_update(m_s, l_s, s)
+    l_e = l_b if DIVERGENCE == FORWARD_KL else l_a
+    e = tl.where(l_e > 0.0, acc / l_e, 0.0)  # a shard without shared ids has no mass: 0
+    return m_s + tl.log(l_s), m_a + tl.log(l_a), m_b + tl.log(l_b), e
+
+
+@triton.jit
+def _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, lse_a, lse_b, mix, s_cap, t_cap,
+                   DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    """Pass 2 (all but forward/reverse KL): D = sum d and S = sum q g over the row's shared ids,
+    given the (global) log-normalisers L_a and L_b."""
+    offs0 = tl.arange(0, BLOCK_V)
+    kd = tl.zeros([], tl.float32)
+    sum_qg = tl.zeros([], tl.float32)
+    for v0 in range(0, K, BLOCK_V):
+        offs = v0 + offs0
+        in_k = offs < K
+        log_q = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP) * inv_t - lse_a
+        log_p = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t - lse_b
+        d, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+        kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
+        sum_qg += tl.sum(tl.where(in_k, qg, 0.0), axis=0)
+    return kd, sum_qg
+
+
+@triton.jit
+def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, lse_a, lse_b, c,
+               y_local, valid, r, ce_weight, kd_weight, temperature, mix, s_cap, t_cap,
+               DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
+               HAS_T_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Last pass: G = r dloss/dz_s over the row, written to out_row (the student row itself).
+    c is E_q[a - b] for reverse_kl, S = sum q g for the three-pass divergences."""
+    offs0 = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + offs0
+        in_k = offs < K
+        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+        grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if HAS_LABELS:  # 1. CE (the label's column may belong to another rank: no -1 here)
+            grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_local, 1.0, 0.0))
+        # KD terms; tiles past K load nothing (all masked) and add 0
+        log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
+        log_p = b - lse_b
+        q = tl.exp(log_q)
+        if DIVERGENCE == FORWARD_KL:  # 2.
+            dkd = q - tl.exp(log_p)
+        elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
+            dkd = q * ((s * inv_t - b) - c)
+        else:  # 4.
+            _, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+            dkd = qg - q * c
+        grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
+        if HAS_S_CAP:  # 5.
+            grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
+        grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
+        if HAS_LABELS:  # an ignored row's gradient is exactly 0, whatever its logits hold
+            grad = tl.where(valid, grad, 0.0)
+        tl.store(out_row + offs, grad.to(out_row.dtype.element_ty), mask=offs < stride_s)
 
 
 @triton.jit
@@ -161,73 +281,24 @@ def distill_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """The whole row in one program: pass 1, pass 2 (three-pass divergences), the gradient."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     inv_t = 1.0 / temperature
-    offs0 = tl.arange(0, BLOCK_V)
-
-    y_safe = 0
-    valid = True
-    if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        valid = y != ignore_index
-        y_safe = tl.where(valid, y, 0)
-
-    # ---- pass 1: statistics ----------------------------------------------------------------------
-    m_s = tl.full([], float("-inf"), tl.float32)
-    l_s = tl.zeros([], tl.float32)
-    m_a = m_s
-    l_a = l_s
-    m_b = m_s
-    l_b = l_s
-    acc = l_s  # forward: sum exp(b - m_b) (b - a);  reverse: sum exp(a - m_a) (a - b)
-    for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
-        offs = v0 + offs0
-        in_k = offs < K
-        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
-        m_s, l_s, _ = _online_update(m_s, l_s, s)
-        a = tl.where(in_k, s * inv_t, float("-inf"))
-        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
-        m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
-        m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
-        if DIVERGENCE == FORWARD_KL:  # p_v = 0 (b = -inf, or v >= K) adds 0, not 0 * -inf
-            term = tl.where(b > float("-inf"), tl.exp(b - m_b) * (b - a), 0.0)
-            acc = acc * alpha_b + tl.sum(term, axis=0)
-        elif DIVERGENCE == REVERSE_KL:
-            term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
-            acc = acc * alpha_a + tl.sum(term, axis=0)
-    for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
-        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
-        m_s, l_s, _ = _online_update(m_s, l_s, s)
-    lse_s = m_s + tl.log(l_s)
-    lse_a = m_a + tl.log(l_a)
-    lse_b = m_b + tl.log(l_b)
-    if HAS_LABELS:
-        s_y = tl.load(s_row + y_safe).to(tl.float32)
-        if HAS_S_CAP:
-            s_y = _softcap(s_y, s_cap)
-        ce = lse_s - s_y
-    else:
-        ce = 0.0
-
-    # ---- pass 2 (all but forward/reverse KL): divergence D and S = sum q g --------------------
-    sum_qg = 0.0
+    lse_s, lse_a, lse_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap,
+                                         t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+    valid, y_local, s_y = _label(y_ptr, row, s_row, 0, V, ignore_index, s_cap, HAS_LABELS,
+                                 HAS_S_CAP)  # after pass 1: fewer registers live in its loops
+    ce = lse_s - s_y if HAS_LABELS else 0.0
+    c = e  # E_q[a - b] for reverse_kl: the gradient uses it directly, not kd + lse terms
     if DIVERGENCE == FORWARD_KL:
-        kd = acc / l_b - lse_b + lse_a
+        kd = e - lse_b + lse_a
     elif DIVERGENCE == REVERSE_KL:
-        mean_ab = acc / l_a  # E_q[a - b]: the gradient uses it directly, not kd + lse terms
-        kd = mean_ab - lse_a + lse_b
+        kd = e - lse_a + lse_b
     else:
-        kd = 0.0
-        for v0 in range(0, K, BLOCK_V):
-            offs = v0 + offs0
-            in_k = offs < K
-            log_q = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP) * inv_t - lse_a
-            log_p = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t - lse_b
-            d, g = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
-            kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
-            sum_qg += tl.sum(tl.where(in_k, tl.exp(log_q) * g, 0.0), axis=0)
+        kd, c = _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, lse_a, lse_b, mix,
+                               s_cap, t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
 
     loss = ce_weight * ce + kd_weight * temperature * temperature * kd
     if HAS_LABELS:  # ignored rows count for nothing
@@ -237,36 +308,106 @@ def distill_rows_kernel(
     tl.store(loss_ptr + row, loss)
     tl.store(ce_ptr + row, ce)
     tl.store(kd_ptr + row, kd)
-
-    # ---- last pass: gradient, written in place ---------------------------------------------------
     if COMPUTE_GRAD:
-        r = tl.load(scale_ptr + row)
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + offs0
-            in_k = offs < K
-            s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
-            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
-            if HAS_LABELS:  # 1. CE
-                grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
-            # KD terms; tiles past K load nothing (all masked) and add 0
-            log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
-            b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
-            log_p = b - lse_b
-            q = tl.exp(log_q)
-            if DIVERGENCE == FORWARD_KL:  # 2.
-                dkd = q - tl.exp(log_p)
-            elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
-                dkd = q * ((s * inv_t - b) - mean_ab)
-            else:  # 4.
-                _, g = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
-                dkd = q * (g - sum_qg)
-            grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
-            if HAS_S_CAP:  # 5.
-                grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
-            grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
-            if HAS_LABELS:  # an ignored row's gradient is exactly 0, whatever its logits hold
-                grad = tl.where(valid, grad, 0.0)
-            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < stride_s)
+        _grad_pass(s_row, t_row, s_row, stride_s, stride_t, V, K, inv_t, lse_s, lse_a, lse_b, c,
+                   y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight, temperature,
+                   mix, s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+
+
+# ---- vocab-parallel entry points: the same passes, split around the ranks' all-reduces --------
+# On a rank holding vocabulary ids [vocab_start, vocab_start + V) of the student (K of them shared
+# with the teacher), the caller runs distill_stats_kernel, combines the rows' statistics over the
+# ranks (logsumexps, e weighted by each rank's mass, s_y summed), then for the three-pass
+# divergences distill_partials_kernel and an all-reduce of (D, S), then distill_grad_kernel.
+STATS = 5  # per row: L_s, L_a, L_b, e, s_y (local)
+ROW_PARAMS = 4  # per row: L_s, L_a, L_b, c (global)
+
+
+@triton.jit
+def distill_stats_kernel(
+    s_ptr, t_ptr, y_ptr,  # as distill_rows_kernel
+    stats_ptr,  # (n, STATS) fp32 out: this shard's L_s, L_a, L_b, e and s_y (0 if y elsewhere)
+    V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, s_cap, t_cap,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
+    HAS_T_CAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    lse_s, lse_a, lse_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K,
+                                         1.0 / temperature, s_cap, t_cap, DIVERGENCE, HAS_S_CAP,
+                                         HAS_T_CAP, BLOCK_V)
+    _, _, s_y = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_cap, HAS_LABELS,
+                       HAS_S_CAP)
+    out = stats_ptr + row * 5
+    tl.store(out, lse_s)
+    tl.store(out + 1, lse_a)
+    tl.store(out + 2, lse_b)
+    tl.store(out + 3, e)
+    tl.store(out + 4, s_y)
+
+
+@triton.jit
+def distill_partials_kernel(
+    s_ptr, t_ptr,  # as distill_rows_kernel
+    params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b (c unused)
+    out_ptr,  # (n, 2) fp32 out: this shard's D and S = sum q g
+    K, stride_s, stride_t, temperature, mix, s_cap, t_cap,
+    DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    params = params_ptr + row * 4
+    kd, sum_qg = _partials_pass(s_ptr + row * stride_s, t_ptr + row * stride_t, stride_s,
+                                stride_t, K, 1.0 / temperature, tl.load(params + 1),
+                                tl.load(params + 2), mix, s_cap, t_cap, DIVERGENCE, HAS_S_CAP,
+                                HAS_T_CAP, BLOCK_V)
+    tl.store(out_ptr + row * 2, kd)
+    tl.store(out_ptr + row * 2 + 1, sum_qg)
+
+
+@triton.jit
+def distill_grad_kernel(
+    s_ptr, t_ptr, y_ptr, scale_ptr,  # as distill_rows_kernel; G is written over s_ptr
+    params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b and c (E_q[a - b] or S)
+    V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, ce_weight, kd_weight, mix,
+    s_cap, t_cap,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
+    HAS_T_CAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    valid, y_local, _ = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_cap,
+                               HAS_LABELS, HAS_S_CAP)
+    params = params_ptr + row * 4
+    _grad_pass(s_row, t_ptr + row * stride_t, s_row, stride_s, stride_t, V, K, 1.0 / temperature,
+               tl.load(params), tl.load(params + 1), tl.load(params + 2), tl.load(params + 3),
+               y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight, temperature, mix,
+               s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+
+
+def _mix(opts) -> float:
+    return opts.skew if opts.divergence.startswith("skew_") else opts.beta
+
+
+def _caps(opts) -> tuple[float, float]:
+    return opts.student_softcap or 1.0, opts.teacher_softcap or 1.0
+
+
+def _meta(opts, labels, vocab: int, block_v: int, num_warps: int) -> dict:
+    return dict(DIVERGENCE=DIVERGENCE_IDS[opts.divergence], HAS_LABELS=labels is not None,
+                HAS_S_CAP=opts.student_softcap is not None,
+                HAS_T_CAP=opts.teacher_softcap is not None,
+                BLOCK_V=min(block_v, triton.next_power_of_2(max(vocab, 1))), num_warps=num_warps)
+
+
+def _teacher_rows(student_logits, teacher_logits):
+    """A vocab-parallel rank may hold no teacher ids (K = 0): hand the kernel a (n, 0) view with
+    a valid base pointer and row width 0, so every teacher load is masked off."""
+    if teacher_logits.numel() or teacher_logits.shape[1]:
+        return teacher_logits
+    return student_logits.as_strided((student_logits.shape[0], 0), (0, 1))
+
 
 def distill_rows(
     student_logits,
@@ -287,34 +428,61 @@ def distill_rows(
     buffers from `fastkd.autograd.padded_rows`: 128-bit loads at any V).
     `opts` is a fastkd.DistillOptions (read, not checked: the caller checks)."""
     n, vocab = student_logits.shape
-    shared = teacher_logits.shape[1]
     if n == 0:
         return
-    block = min(block_v, triton.next_power_of_2(vocab))
+    teacher_logits = _teacher_rows(student_logits, teacher_logits)
     distill_rows_kernel[(n,)](
-        student_logits,
-        teacher_logits,
-        labels if labels is not None else row_scale,
-        row_scale,
-        loss_out,
-        ce_out,
-        kd_out,
-        vocab,
-        shared,
-        student_logits.stride(0),
-        teacher_logits.stride(0),
-        opts.ignore_index,
-        opts.temperature,
-        opts.ce_weight,
-        opts.kd_weight,
-        opts.skew if opts.divergence.startswith("skew_") else opts.beta,
-        opts.student_softcap or 1.0,
-        opts.teacher_softcap or 1.0,
-        DIVERGENCE=DIVERGENCE_IDS[opts.divergence],
-        HAS_LABELS=labels is not None,
-        HAS_S_CAP=opts.student_softcap is not None,
-        HAS_T_CAP=opts.teacher_softcap is not None,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block,
-        num_warps=num_warps,
+        student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
+        loss_out, ce_out, kd_out, vocab, teacher_logits.shape[1], student_logits.stride(0),
+        teacher_logits.stride(0), opts.ignore_index, opts.temperature, opts.ce_weight,
+        opts.kd_weight, _mix(opts), *_caps(opts), COMPUTE_GRAD=compute_grad,
+        **_meta(opts, labels, vocab, block_v, num_warps),
+    )
+
+
+def distill_stats(student_logits, teacher_logits, labels, stats_out, vocab_start: int, opts,
+                  block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    """This shard's per-row statistics into stats_out (n, STATS), for the vocab-parallel loss."""
+    n, vocab = student_logits.shape
+    if n == 0:
+        return
+    teacher_logits = _teacher_rows(student_logits, teacher_logits)
+    distill_stats_kernel[(n,)](
+        student_logits, teacher_logits, labels if labels is not None else stats_out, stats_out,
+        vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
+        vocab_start, opts.ignore_index, opts.temperature, *_caps(opts),
+        **_meta(opts, labels, vocab, block_v, num_warps),
+    )
+
+
+def distill_partials(student_logits, teacher_logits, params, out, opts,
+                     block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    """This shard's (D, S) per row into out (n, 2), given the global params (n, ROW_PARAMS)."""
+    n, vocab = student_logits.shape
+    if n == 0:
+        return
+    teacher_logits = _teacher_rows(student_logits, teacher_logits)
+    meta = _meta(opts, None, vocab, block_v, num_warps)
+    del meta["HAS_LABELS"]
+    distill_partials_kernel[(n,)](
+        student_logits, teacher_logits, params, out, teacher_logits.shape[1],
+        student_logits.stride(0), teacher_logits.stride(0), opts.temperature, _mix(opts),
+        *_caps(opts), **meta,
+    )
+
+
+def distill_grad(student_logits, teacher_logits, labels, row_scale, params, vocab_start: int,
+                 opts, block_v: int = DEFAULT_BLOCK_V,
+                 num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    """G = r dloss/dz_s over student_logits, given the global params (n, ROW_PARAMS)."""
+    n, vocab = student_logits.shape
+    if n == 0:
+        return
+    teacher_logits = _teacher_rows(student_logits, teacher_logits)
+    distill_grad_kernel[(n,)](
+        student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
+        params, vocab, teacher_logits.shape[1], student_logits.stride(0),
+        teacher_logits.stride(0), vocab_start, opts.ignore_index, opts.temperature,
+        opts.ce_weight, opts.kd_weight, _mix(opts), *_caps(opts),
+        **_meta(opts, labels, vocab, block_v, num_warps),
     )
