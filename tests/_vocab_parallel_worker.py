@@ -153,6 +153,32 @@ def memory_probe(rank, world, group):
     assert max(torch.Size(s).numel() for s in seen) < n * vocab
 
 
+def dtensor_head(rank, world, group):
+    """The README's example: ColwiseParallel on the student's lm_head (torch.distributed.tensor
+    .parallel) gives each rank a Shard(0) DTensor of vocabulary rows; its local shard goes in."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    vocab, n = 37, 11  # 37 rows over 2 ranks: torch.chunk's layout, 19 + 18
+    h_s, w_s, h_t, w_t, _, _, labels, _ = make_inputs(n, vocab, vocab, False, 3)
+    mesh = init_device_mesh("cpu", (world,))
+    head = torch.nn.Linear(D_S, vocab, bias=False)
+    head.weight.data.copy_(w_s)
+    parallelize_module(head, mesh, ColwiseParallel())
+    w = head.weight.to_local()
+    v0 = -(-vocab // world) * rank
+    w_t_local = w_t[v0:v0 + w.shape[0]]
+    hs = h_s.clone().requires_grad_()
+    loss = fused_distill_loss(hs, w, h_t, w_t_local, labels, process_group=mesh.get_group(),
+                       vocab_start=v0, temperature=2.0)
+    loss.backward()
+    hs1, w1 = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    want = fused_distill_loss(hs1, w1, h_t, w_t, labels, temperature=2.0)
+    want.backward()
+    assert max_err(loss, want) < 1e-5 and max_err(hs.grad, hs1.grad) < 1e-5
+    assert max_err(head.weight.grad.full_tensor(), w1.grad) < 1e-5
+
+
 def bad_tiling(rank, world, group):
     """A gap between shards: the same ValueError on every rank, no hang."""
     w = torch.randn(10, D_S)
@@ -175,6 +201,7 @@ def main(rank, world, name, store):
                 run_case(rank, world, group, case)
         elif name == "probe":
             memory_probe(rank, world, group)
+            dtensor_head(rank, world, group)
             bad_tiling(rank, world, group)
         dist.barrier()
     finally:
