@@ -175,3 +175,24 @@ def test_cpu_default_chunk_keeps_its_memory_budget(divergence):
         pytest.skip("no /proc peak-RSS accounting on this system")
     extra = peak - sum(g.numel() * g.element_size() for g in grads)
     assert extra <= 1.15 * CPU_CHUNK_BUDGET, (divergence, extra / 2**20)
+
+
+def test_fits_a_fullgraph_compiled_graph_with_check_labels_false():
+    """check_labels=False has no host sync and the chunk loop is one custom op: torch.compile(
+    fullgraph=True) traces the loss whole (a graph break would raise), and the compiled loss and
+    gradients equal eager ones (ignored tokens included, computed and masked)."""
+    args = good(n=9, vocab=50, vocab_t=53)
+    args["labels"][:3] = -100
+
+    def loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
+        return fastkd.fused_distill_loss(student_hidden, student_weight, teacher_hidden,
+                                         teacher_weight, labels, temperature=2.0,
+                                         divergence="jsd", check_labels=False)
+
+    def step(fn):
+        loss = fn(**args)
+        return loss, *torch.autograd.grad(loss, (args["student_hidden"], args["student_weight"]))
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for got, want in zip(step(compiled), step(loss_fn), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
