@@ -236,8 +236,8 @@ def distill_loss(
 #     S = the set of used ids,  P = sum_j p_j,  Q = sum_{v in S} q_v.
 #     bucket:       D over the k + 1 buckets (p_1..p_k, 1 - P) and (q_id_1..q_id_k, 1 - Q), with
 #                   log(1 - Q) = logsumexp_{v not in S} a_v - logsumexp_v a_v (no cancellation)
-#                   and log(1 - P) = log(-expm1(log P)) (0 where P rounds to >= 1); the rest bucket
-#                   is dropped when S covers the whole vocabulary
+#                   and log(1 - P) = log(-expm1(log P)) in fp64 (-inf where P rounds to >= 1);
+#                   the rest bucket is dropped when S covers the whole vocabulary
 #     renormalize:  D of p / P and q / Q over S (rows with P = 0 carry no divergence)
 #     ignore:       forward_kl only, D = sum_j p_j (log M_j - log q_id_j), M_j = the mass of id_j
 #                   summed over its duplicate slots (entries add up)
@@ -287,12 +287,14 @@ def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
     member = torch.zeros(a.shape, dtype=torch.long, device=a.device).scatter_add_(
         -1, safe, used.long()) > 0
     lse_out = torch.logsumexp(a.masked_fill(member, float("-inf")), -1, keepdim=True)
-    log_big_p = torch.logsumexp(log_p, -1, keepdim=True).clamp(max=0.0)
+    # log(1 - P) in fp64 whatever the compute dtype: 1 - P cancels when P is near 1
+    log_big_p = torch.logsumexp(log_p.double(), -1, keepdim=True).clamp(max=0.0)
+    log_p_rest = torch.log(-torch.expm1(log_big_p)).to(a.dtype)
     no_rest = lse_out == float("-inf")  # S covers the vocabulary
     log_q = torch.cat([torch.where(used, a_k - lse_a, EMPTY_LOG),
                        torch.where(no_rest, EMPTY_LOG, lse_out - lse_a)], -1)
     log_p = torch.cat([torch.where(used, log_p, EMPTY_LOG),
-                       torch.where(no_rest, EMPTY_LOG, torch.log(-torch.expm1(log_big_p)))], -1)
+                       torch.where(no_rest, EMPTY_LOG, log_p_rest)], -1)
     extra.update(member=member, lse_out=lse_out)
     return s, a, lse_a, used, safe, log_q, log_p, extra
 

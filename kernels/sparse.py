@@ -89,10 +89,11 @@ def _logaddexp(x, y):
 
 
 @triton.jit
-def _log1mexp(x):
-    """log(1 - e^x) for x <= 0: a series for -expm1(x) near 0 (where 1 - e^x cancels); -inf at 0."""
-    small = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
-    return tl.log(tl.where(x > -1e-2, small, 1.0 - tl.exp(x)))
+def _log_rest(log_p):
+    """log(1 - sum exp(log_p)) in fp64 (k values per row: cheap), -inf where the sum reaches 1.
+    In fp32, 1 - P near P = 1 keeps only the digits fp32's exp rounding left."""
+    rest = 1.0 - tl.sum(tl.exp(log_p.to(tl.float64)), axis=0)
+    return tl.log(tl.maximum(rest, 0.0)).to(tl.float32)
 
 
 @triton.jit
@@ -231,7 +232,7 @@ def sparse_rows_kernel(
     else:  # BUCKET: slot K_SLOTS is the rest bucket, dropped when S covers the vocabulary
         is_rest = offs_k == K_SLOTS
         no_rest = lse_out == float("-inf")
-        log_p_rest = _log1mexp(tl.minimum(_lse(log_p), 0.0))
+        log_p_rest = _log_rest(log_p)
         log_q = tl.where(used, a_k - lse_a, EMPTY_LOG)
         log_q = tl.where(is_rest, tl.where(no_rest, EMPTY_LOG, lse_out - lse_a), log_q)
         log_pb = tl.where(used, log_p, EMPTY_LOG)
