@@ -288,7 +288,7 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     g = torch.Generator().manual_seed(13)
     vocab, n_tok, samples, repeats, temperature = 40, 6, 16, 400, 1.5
     s = torch.randn(n_tok, vocab, generator=g, dtype=torch.float64)
-    t = torch.randn(n_tok, vocab, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(n_tok, vocab, generator=g, dtype=torch.float64)
     opts = DistillOptions(temperature=temperature, ce_weight=0.0, kd_weight=1.0)
     grad_dense = reference.token_losses_and_grad(s, t, None, opts)[3]
     mean = torch.zeros_like(s)
@@ -302,6 +302,7 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     sd = temperature * (p * (1 - p) / (samples * repeats)).sqrt()
     z = (mean - grad_dense).abs() / sd
     assert z.max() < 5.0, f"max z-score {z.max():.2f}"
+    assert z.mean() < 1.5  # the errors look like noise of the predicted size, not a bias
     topk_lp, topk_ids = torch.log_softmax(t / temperature, -1).topk(samples, -1)
     grad_topk = reference.sparse_token_losses_and_grad(s, topk_ids, topk_lp, None, opts,
                                                        "ignore")[3]
