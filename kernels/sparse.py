@@ -176,7 +176,6 @@ def sparse_rows_kernel(
         s_k = _softcap(s_k, s_cap)
     s_k = tl.where(used, s_k, float("-inf"))
     a_k = s_k * inv_t
-    s_y = 0.0
     if HAS_LABELS:
         s_y = tl.load(s_row + y_safe).to(tl.float32)
         if HAS_S_CAP:
@@ -202,7 +201,9 @@ def sparse_rows_kernel(
     if TAIL == BUCKET:
         lse_s = _logaddexp(lse_s, _lse(s_k))
         lse_a = _logaddexp(lse_out, _lse(a_k))
-    ce = lse_s - s_y
+    ce = 0.0
+    if HAS_LABELS:
+        ce = lse_s - s_y
 
     # ---- 2. the divergence over the slots -------------------------------------------------------
     dense_coef = 0.0  # KD gradient outside S: dense_coef exp(a_v - lse_dense)
