@@ -2,14 +2,18 @@
 
 from fastkd.loss import FusedDistillLoss, distill, fused_distill_loss
 from fastkd.options import DistillOptions
+from fastkd.sparse import FusedSparseDistillLoss, fused_sparse_distill_loss, sparse_distill
 
 __all__ = [
     "DistillConfig",
     "DistillOptions",
     "FusedDistillLoss",
+    "FusedSparseDistillLoss",
     "distill",
     "fused_distill_loss",
+    "fused_sparse_distill_loss",
     "run_distillation",
+    "sparse_distill",
 ]
 __version__ = "0.1.0"
 

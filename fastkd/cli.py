@@ -48,6 +48,10 @@ def _distill_parser(sub) -> None:
     _option(g, "--out", "run directory", metavar="RUN_DIR")
     _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
     _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
+    _option(g, "--teacher-cache", "train from a `fastkd cache-teacher` directory: no teacher "
+            "loaded, the sparse loss (needs --no-report)", metavar="CACHE_DIR")
+    _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
+            "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))
     _option(g, "--seq-len", "tokens per packed sequence", type=int)
     _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
     _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
@@ -98,11 +102,60 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _cache_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache-teacher", help="run a teacher once over the data and cache its top-k or sampled "
+                              "targets (for `fastkd distill --teacher-cache`)",
+        description="Tokenizes and packs --data as `fastkd distill` does, runs --teacher over it "
+                    "and writes k (id, log-probability) pairs per position at temperature T as "
+                    "safetensors shards plus manifest.json. Rerunning resumes an interrupted "
+                    "cache at its first missing shard.")
+    p.add_argument("--teacher", required=True, metavar="DIR_OR_ID")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE")
+    p.add_argument("--out", required=True, metavar="CACHE_DIR")
+    p.add_argument("--mode", choices=("topk", "sample"), default="topk",
+                   help="top-k ids, or ids sampled from the teacher (unbiased; default: topk)")
+    p.add_argument("--k", type=int, default=64, help="slots per position (default: 64)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="sample mode: draws per position, <= k (default: k)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="the distillation temperature T (default: 2.0, as fastkd distill)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="fraction of the sequences held out (as fastkd distill)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
+                   help="tokenizer (default: the teacher's)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="stored log-probabilities (default: float16)")
+    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _run_cache(args) -> int:
+    from fastkd.cache import CachePlan, bytes_per_token, cache_teacher
+
+    plan = CachePlan(**{k: v for k, v in vars(args).items() if k != "command"})
+    per_million = bytes_per_token(plan.k, plan.dtype) * 1e6 / 2**20
+    print(f"cache size: about {per_million:,.0f} MiB per million tokens "
+          f"(k={plan.k}, {plan.dtype} log-probabilities)")
+    manifest = cache_teacher(plan)
+    tokens = sum(s["rows"] for s in manifest["shards"]) * (plan.seq_len - 1)
+    print(f"cache: {args.out} ({manifest['bytes'] / 2**20:,.1f} MiB, {len(manifest['shards'])} "
+          f"shards, {tokens:,} positions)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description="fastkd: fused distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub)
     _demo_parser(sub)
+    _cache_parser(sub)
     return parser
 
 
@@ -120,9 +173,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         if given.setdefault("out", run_dir) != run_dir:
             parser.error("--resume RUN_DIR continues the run where it lies: drop --out")
         return dataclasses.replace(DistillConfig.load(run_dir), resume=True, **given)
-    missing = [f"--{f}" for f in ("teacher", "student", "data", "out") if f not in given]
+    required = ("student", "data", "out") if "teacher_cache" in given else (
+        "teacher", "student", "data", "out")
+    missing = [f"--{f}" for f in required if f not in given]
     if missing:
         parser.error(f"a new run needs {', '.join(missing)} (or --resume RUN_DIR)")
+    given.setdefault("teacher", None)  # --teacher-cache: no teacher model
     return DistillConfig(**given)
 
 
@@ -153,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's own bar
     try:
+        if args.command == "cache-teacher":
+            return _run_cache(args)
         if args.command == "demo":
             from fastkd.demo import run_demo
 

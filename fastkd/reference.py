@@ -233,3 +233,179 @@ def distill_loss(
     if opts.reduction == "none":
         out = [x.reshape(lead) for x in out]
     return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse loss (`fastkd.fused_sparse_distill_loss`): the teacher as k (id, log-probability)
+# pairs per token, e.g. from a teacher cache, instead of its logits.
+#
+#     a = s / T over the full student vocabulary,  q = softmax(a);  per token, slots j < k with
+#     ids id_j (-1: unused slot) and teacher log-probabilities lp_j = log p_j (already at T);
+#     S = the set of used ids,  P = sum_j p_j,  Q = sum_{v in S} q_v.
+#     bucket:       D over the k + 1 buckets (p_1..p_k, 1 - P) and (q_id_1..q_id_k, 1 - Q), with
+#                   log(1 - Q) = logsumexp_{v not in S} a_v - logsumexp_v a_v (no cancellation)
+#                   and log(1 - P) = log(-expm1(log P)) in fp64 (-inf where P rounds to >= 1);
+#                   the rest bucket is dropped when S covers the whole vocabulary
+#     renormalize:  D of p / P and q / Q over S (rows with P = 0 carry no divergence)
+#     ignore:       forward_kl only, D = sum_j p_j (log M_j - log q_id_j), M_j = the mass of id_j
+#                   summed over its duplicate slots (entries add up)
+#     loss = ce_weight * CE + kd_weight * T**2 * D, CE over the full vocabulary at T = 1.
+#
+# Every divergence of `divergence_terms` applies to bucket and renormalize: the buckets are a
+# distribution, student buckets a softmax of c = (a_id_1..a_id_k, logsumexp_{v not in S} a_v),
+# so dD/dc is `divergence_grad` over the buckets and the chain rule gives, per student id v,
+#     bucket:       dD/da_v = G_j at v = id_j,  G_rest q_v / (1 - Q) = G_rest exp(a_v - lse_out)
+#                   outside S
+#     renormalize:  dD/da_v = G_j at v = id_j (a softmax over S alone), 0 outside S
+#     ignore:       dD/da_v = P q_v - M_v   (M_v = 0 outside S)
+# and the student logit gradient is w_kd T dD/da, as for the dense loss.
+
+SPARSE_TAILS = ("bucket", "renormalize", "ignore")
+# The log-probability given to a slot that holds no bucket (an unused slot, an empty rest bucket)
+# on both sides: finite, so x (log x - log y) and q (g - sum q g) give exactly 0, not 0 * NaN.
+EMPTY_LOG = -1e30
+
+
+def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
+    """The softcapped logits s, a = s / T, logsumexp(a), the used-slot mask, the slots' ids (0 in
+    unused slots) and the per-slot (log_q, log_p) the divergence sees, plus for "bucket" the
+    membership mask (..., V) and logsumexp of a outside S, for "ignore" log M (merged masses)."""
+    s = softcap(student_logits, opts.student_softcap)
+    a = s / opts.temperature
+    lse_a = torch.logsumexp(a, -1, keepdim=True)
+    used = ids >= 0
+    safe = torch.where(used, ids, 0).long()
+    a_k = a.gather(-1, safe)
+    log_p = torch.where(used, logprobs.to(a.dtype), float("-inf"))
+    extra = {}
+    if tail == "ignore":
+        same = (safe.unsqueeze(-1) == safe.unsqueeze(-2)) & used.unsqueeze(-2)
+        extra["log_m"] = torch.logsumexp(
+            torch.where(same, log_p.unsqueeze(-2), float("-inf")), -1)
+        return s, a, lse_a, used, safe, a_k - lse_a, log_p, extra
+    if tail == "renormalize":
+        lse_p = torch.logsumexp(log_p, -1, keepdim=True)  # log P
+        used = used & (lse_p > float("-inf"))
+        lse_in = torch.logsumexp(torch.where(used, a_k, float("-inf")), -1, keepdim=True)  # log Q
+        log_q = torch.where(used, a_k - lse_in, EMPTY_LOG)
+        log_p = torch.where(used, log_p - lse_p, EMPTY_LOG)
+        return s, a, lse_a, used, safe, log_q, log_p, extra
+    if tail != "bucket":
+        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
+    member = torch.zeros(a.shape, dtype=torch.long, device=a.device).scatter_add_(
+        -1, safe, used.long()) > 0
+    lse_out = torch.logsumexp(a.masked_fill(member, float("-inf")), -1, keepdim=True)
+    # log(1 - P) in fp64 whatever the compute dtype: 1 - P cancels when P is near 1
+    log_big_p = torch.logsumexp(log_p.double(), -1, keepdim=True).clamp(max=0.0)
+    log_p_rest = torch.log(-torch.expm1(log_big_p)).to(a.dtype)
+    no_rest = lse_out == float("-inf")  # S covers the vocabulary
+    log_q = torch.cat([torch.where(used, a_k - lse_a, EMPTY_LOG),
+                       torch.where(no_rest, EMPTY_LOG, lse_out - lse_a)], -1)
+    log_p = torch.cat([torch.where(used, log_p, EMPTY_LOG),
+                       torch.where(no_rest, EMPTY_LOG, log_p_rest)], -1)
+    extra.update(member=member, lse_out=lse_out)
+    return s, a, lse_a, used, safe, log_q, log_p, extra
+
+
+def _sparse_divergence(used, log_q, log_p, extra, opts, tail):
+    if tail == "ignore":
+        if opts.divergence != "forward_kl":
+            raise ValueError(f'tail="ignore" is forward_kl only, got {opts.divergence!r}')
+        terms = _xlog_ratio(log_p.exp(), extra["log_m"], log_q)
+        return torch.where(used, terms, 0.0).sum(-1)
+    return divergence(log_q, log_p, opts)
+
+
+def _ce(s, labels, opts):
+    if labels is None:
+        return torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device)
+    return F.cross_entropy(s, torch.where(labels != opts.ignore_index, labels, 0),
+                           reduction="none")
+
+
+def sparse_token_losses(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+    tail: str = "bucket",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (loss, ce, kd) of the sparse loss: logits (N, V), ids (N, k) integer (-1 for an
+    unused slot), logprobs (N, k) -> three (N,), 0 at ignored tokens. Computes in the logits'
+    dtype (pass fp32 or fp64)."""
+    s, _, _, used, _, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs, opts,
+                                                            tail)
+    kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
+    return _weigh(_ce(s, labels, opts), kd, labels, opts)[:3]
+
+
+def sparse_token_losses_and_grad(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+    tail: str = "bucket",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sparse_token_losses` and d loss_i / d student_logits (N, V) in closed form (the chain rule
+    above; tests hold it to autograd in float64)."""
+    s, a, lse_a, used, safe, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs,
+                                                                   opts, tail)
+    kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
+    k = ids.shape[-1]
+    if tail == "ignore":  # P q_v - M_v
+        p = torch.where(used, log_p.exp(), 0.0)
+        grad_kd = ((a - lse_a).exp() * p.sum(-1, keepdim=True)).scatter_add_(-1, safe, -p)
+    elif tail == "renormalize":
+        g = torch.where(used, divergence_grad(log_q, log_p, opts), 0.0)
+        grad_kd = torch.zeros_like(a).scatter_add_(-1, safe, g)
+    else:
+        g = divergence_grad(log_q, log_p, opts)
+        lse_out = extra["lse_out"]
+        outside = g[..., k:] * (a - torch.where(lse_out > float("-inf"), lse_out, 0.0)).exp()
+        grad_kd = torch.where(extra["member"], 0.0, outside).scatter_add_(
+            -1, safe, torch.where(used, g[..., :k], 0.0))
+    ce = _ce(s, labels, opts)
+    grad = (opts.kd_weight * opts.temperature) * grad_kd
+    if labels is not None:
+        y = torch.where(labels != opts.ignore_index, labels, 0).unsqueeze(-1)
+        soft = torch.softmax(s, -1).scatter_add_(-1, y, torch.full_like(y, -1, dtype=s.dtype))
+        grad += opts.ce_weight * soft
+    if opts.student_softcap is not None:
+        grad.mul_(1 - (s / opts.student_softcap) ** 2)
+    loss, ce, kd, valid = _weigh(ce, kd, labels, opts)
+    if valid is not None:
+        grad.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    return loss, ce, kd, grad
+
+
+def sparse_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: DistillOptions,
+    tail: str = "bucket",
+    student_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd) of the sparse loss with full logits, reduced like `distill_loss`:
+    hidden (..., D), weight (V, D), teacher_ids / teacher_logprobs (..., k)."""
+    lead = student_hidden.shape[:-1]
+    s = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    k = teacher_ids.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    loss, ce, kd = sparse_token_losses(s, teacher_ids.reshape(-1, k),
+                                       teacher_logprobs.reshape(-1, k).detach(), flat_labels,
+                                       opts, tail)
+    if flat_labels is None:
+        valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
+    else:
+        valid = flat_labels != opts.ignore_index
+    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
+    if opts.reduction == "none":
+        out = [x.reshape(lead) for x in out]
+    return out[0], out[1], out[2]

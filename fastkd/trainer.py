@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
 from fastkd.data import Batches, Blocks, eval_batches, load_blocks
 from fastkd.loss import BACKENDS, distill
 from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
@@ -65,7 +66,7 @@ class DistillConfig:
     Paths are strings so the config round-trips through RUN_DIR/config.json.
     """
 
-    teacher: str | None  # HF model dir or hub id
+    teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
     student: str  # HF model dir or hub id: the initial student
     data: list[str]  # .txt / .jsonl ("text" field) files
     out: str  # the run directory
@@ -103,6 +104,10 @@ class DistillConfig:
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
     progress: bool = True
+    # Offline distillation (fastkd.cache): train from a `fastkd cache-teacher` directory through
+    # the sparse loss; cache_tail None picks "ignore" for sampled caches, "bucket" for top-k.
+    teacher_cache: str | None = None
+    cache_tail: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -132,7 +137,11 @@ class DistillConfig:
                              f"{self.teacher_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.teacher is None and (self.kd_weight > 0 or self.baseline or self.report):
+        if self.teacher_cache is not None and self.report:
+            raise ValueError("teacher_cache: the trade-off report needs the teacher model; pass "
+                             "report=False (--no-report): held-out CE and KD are still logged")
+        if self.teacher is None and self.teacher_cache is None and (
+                self.kd_weight > 0 or self.baseline or self.report):
             raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
                              "baseline=False and report=False")
 
@@ -178,6 +187,8 @@ def batch_loss(student: LMHead, teacher: LMHead | None, batch: Blocks, opts: Dis
     teacher=None (hard labels only, kd_weight=0): the student stands in as its own detached
     teacher, so no teacher forward runs and the KD term, weighted 0, adds nothing.
     """
+    if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
+        return cached_batch_loss(student, batch, opts, backend, device)
     input_ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True)
     # Next-token shift: position i predicts token i + 1; padding is labelled ignore_index.
@@ -214,7 +225,8 @@ def evaluate(student: LMHead, teacher: LMHead | None, heldout: Blocks, opts: Dis
     student.model.train()
     ce_mean = ce_sum / count
     return {"eval_ce": ce_mean, "eval_ppl": math.exp(min(ce_mean, 50.0)),
-            "eval_kd": None if teacher is None else kd_sum / count}
+            "eval_kd": None if teacher is None and not isinstance(heldout, CachedBlocks)
+            else kd_sum / count}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,9 +546,14 @@ def run_distillation(config: DistillConfig) -> dict:
     tokenizer_source = config.tokenizer or config.teacher or config.student
     tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizers(tokenizer_source, tokenizer, config.student)
-    train, heldout = load_blocks(config.data, tokenizer, config.seq_len, config.eval_fraction)
+    if config.teacher_cache is not None:  # offline: no teacher, the cache's sequences
+        train, heldout, _ = open_for_run(config, tokenizer)
+    else:
+        train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
+                                     config.eval_fraction)
     heldout = heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
-    teacher = load_teacher(config, device) if config.teacher is not None else None
+    teacher = (load_teacher(config, device)
+               if config.teacher is not None and config.teacher_cache is None else None)
     if teacher is not None:
         check_vocab(tokenizer, teacher, "teacher")
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
@@ -548,7 +565,8 @@ def run_distillation(config: DistillConfig) -> dict:
     baseline = None
     budget = config.stop_after
     with StopSignals() as stop:
-        distilled = train_phase("distill" if teacher is not None else "hard-label", config,
+        distilled = train_phase("distill" if teacher is not None or config.teacher_cache
+                                else "hard-label", config,
                                 run_dir, teacher, tokenizer, train, heldout, device, stop, budget)
         if config.baseline and distilled.status == "completed":
             if budget is not None:

@@ -1,0 +1,333 @@
+"""Row kernel of the fused sparse distillation loss: the teacher as k (id, log-probability) pairs.
+
+For one chunk of n tokens the caller has formed, with cuBLAS, the student logits z (n, V), bias
+included; per token it passes k slots: teacher ids id_j (-1: an unused slot) and log-probabilities
+lp_j = log p_j, already at temperature T. One program handles one row, in fp32 whatever the buffer
+dtype (the spec is `fastkd.reference.sparse_token_losses`):
+
+    s = c tanh(z / c) (if HAS_S_CAP),  a = s / T,  S = the used ids,  P = sum_j p_j
+    L_s = lse_v s_v,  L_a = lse_v a_v,  q = exp(a - L_a),  CE = L_s - s_y
+
+    0. gather s at the k ids (and s_y); for TAIL=bucket, write -inf over the ids in the buffer
+       (a barrier on each side), so that
+    1. pass 1 (online max/sum over V) gives lse over the ids outside S: log(1 - Q) = lse_out - L_a
+       without cancellation; L = logaddexp(lse_out, lse over the gathered ids). Other tails: pass
+       1 gives L_s, L_a directly.
+    2. the divergence on one BLOCK_K tile of slots (slot k = the rest bucket for TAIL=bucket;
+       empty slots get log-probability EMPTY_LOG on both sides and add exactly 0):
+        bucket:       buckets (p_1..p_k, 1 - P) vs (q_id_1..q_id_k, 1 - Q); G = dD/dc over the
+                      buckets, c = (a_id_1..a_id_k, lse_out), as in the dense kernel:
+                      forward_kl Q - P;  the others Q g - Q sum(Q g), Q g from
+                      `_divergence_terms` (reverse_kl: g = log Q - log P)
+        renormalize:  the same over p / P and softmax(a_id) restricted to S (no rest bucket)
+        ignore:       D = sum_j p_j (log M_j - log q_id_j), M_j = the summed mass of id_j's
+                      duplicate slots (a BLOCK_K x BLOCK_M comparison per column tile)
+    3. last pass (if COMPUTE_GRAD), written over z: the dense term for every v, as if v were
+       outside S,
+        1. CE:          w_ce (softmax(s)_v - [v = y])
+        2. bucket:      w_kd T G_rest exp(a_v - lse_out)     (q_v / (1 - Q) times dD/dc_rest)
+           ignore:      w_kd T P q_v
+           renormalize: 0
+        3. softcap:     times 1 - (s_v / c)^2;  everything times the row's scale r (0 if ignored)
+    4. a barrier, then the sparse fix-up: at each used id v = id_j the full value, from the
+       gathered s_v: CE as in 1., KD w_kd T G_j (bucket, renormalize) or w_kd T (P q_v - M_j)
+       (ignore; duplicate slots write the same value), softcap as in 3.
+    (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
+
+Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. The row
+streams its logits twice (pass 1, gradient) and touches k ids three times; bytes per row about
+3 V itemsize + k (ids + logprobs). Row offsets are int64 (n V passes 2^31 at large V). With
+COMPUTE_GRAD off the buffer is scratch (bucket leaves -inf at the ids).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from fastkd.kernels.distill import (
+    DEFAULT_BLOCK_V,
+    DEFAULT_NUM_WARPS,
+    DIVERGENCE_IDS,
+    FORWARD_KL,
+    _divergence_terms,
+    _online_update,
+    _softcap,
+)
+
+BUCKET = tl.constexpr(0)
+RENORMALIZE = tl.constexpr(1)
+IGNORE = tl.constexpr(2)
+TAIL_IDS = {"bucket": 0, "renormalize": 1, "ignore": 2}
+EMPTY_LOG: tl.constexpr = tl.constexpr(-1e30)  # as fastkd.reference.EMPTY_LOG
+BLOCK_M_DEFAULT = 16  # slots per column tile of the duplicate merge (tail="ignore")
+
+
+@triton.jit
+def _load_logits(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr):
+    """fp32 logits of one tile, softcapped except at -inf (the bucket tail's mark of the ids in
+    S), -inf where offs >= n_valid; loads masked by the padded row width (vector loads)."""
+    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        z = tl.where(z == float("-inf"), z, _softcap(z, cap))
+    return tl.where(offs < n_valid, z, float("-inf"))
+
+
+@triton.jit
+def _lse(x):
+    """logsumexp of a tile; -inf (not NaN) when every entry is -inf."""
+    m = tl.max(x, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.sum(tl.exp(x - m_ref), axis=0))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    m = tl.maximum(x, y)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.exp(x - m_ref) + tl.exp(y - m_ref))
+
+
+@triton.jit
+def _log_rest(log_p):
+    """log(1 - sum exp(log_p)) in fp64 (k values per row: cheap), -inf where the sum reaches 1.
+    In fp32, 1 - P near P = 1 keeps only the digits fp32's exp rounding left."""
+    rest = 1.0 - tl.sum(tl.exp(log_p.to(tl.float64)), axis=0)
+    return tl.log(tl.maximum(rest, 0.0)).to(tl.float32)
+
+
+@triton.jit
+def _bucket_divergence(log_q, log_p, mix, DIVERGENCE: tl.constexpr):
+    """D and G = dD/dc over a tile of buckets given as log-probabilities, q = softmax(c):
+    G = q g - q sum(q g) with q g from `_divergence_terms` (q - p for forward_kl)."""
+    d, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+    if DIVERGENCE == FORWARD_KL:
+        grad = tl.exp(log_q) - tl.exp(log_p)
+    else:
+        grad = qg - tl.exp(log_q) * tl.sum(qg, axis=0)
+    return tl.sum(d, axis=0), grad
+
+
+@triton.jit
+def sparse_rows_kernel(
+    # pointers
+    s_ptr,  # (n, V) student logits z, rows stride_s >= V apart; overwritten by dloss/dz if
+    #         COMPUTE_GRAD (0 in the pad columns [V, stride_s)), else scratch
+    ids_ptr,  # (n, k) int32/int64 teacher ids, -1 for an unused slot
+    lp_ptr,  # (n, k) teacher log-probabilities at T, any float dtype
+    y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
+    scale_ptr,  # (n,) fp32 gradient scale r per row
+    loss_ptr,  # (n,) fp32 out: w_ce CE + w_kd T^2 D
+    ce_ptr,  # (n,) fp32 out: CE
+    kd_ptr,  # (n,) fp32 out: D
+    # sizes
+    V,
+    K_SLOTS,
+    # strides (elements, rows); stride_s is the padded row width, also the load/store bound
+    stride_s,
+    stride_ids,
+    stride_lp,
+    # scalars
+    ignore_index,
+    temperature,
+    ce_weight,
+    kd_weight,
+    mix,  # beta for jsd, alpha for the skew KLs
+    s_cap,
+    # meta
+    TAIL: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_S_CAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= k + 1 (the rest bucket's slot)
+    BLOCK_M: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    ids_row = ids_ptr + row * stride_ids
+    lp_row = lp_ptr + row * stride_lp
+    inv_t = 1.0 / temperature
+    offs0 = tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    y_safe = 0
+    valid = True
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        valid = y != ignore_index
+        y_safe = tl.where(valid, y, 0)
+
+    # ---- 0. the slots: ids, teacher log-probabilities, the gathered student logits -------------
+    ids = tl.load(ids_row + offs_k, mask=offs_k < K_SLOTS, other=-1).to(tl.int64)
+    used = ids >= 0
+    safe = tl.where(used, ids, 0)
+    log_p = tl.load(lp_row + offs_k, mask=used, other=0.0).to(tl.float32)
+    log_p = tl.where(used, log_p, float("-inf"))
+    s_k = tl.load(s_row + safe, mask=used, other=0.0).to(tl.float32)
+    if HAS_S_CAP:
+        s_k = _softcap(s_k, s_cap)
+    s_k = tl.where(used, s_k, float("-inf"))
+    a_k = s_k * inv_t
+    if HAS_LABELS:
+        s_y = tl.load(s_row + y_safe).to(tl.float32)
+        if HAS_S_CAP:
+            s_y = _softcap(s_y, s_cap)
+    if TAIL == BUCKET:  # mark S in the buffer: pass 1 then sums the ids outside it only
+        tl.debug_barrier()
+        tl.store(s_row + safe, tl.full([BLOCK_K], float("-inf"), s_ptr.dtype.element_ty),
+                 mask=used)
+        tl.debug_barrier()
+
+    # ---- 1. pass 1: logsumexp of s and a (outside S for the bucket tail) ------------------------
+    m_s = tl.full([], float("-inf"), tl.float32)
+    l_s = tl.zeros([], tl.float32)
+    m_a = m_s
+    l_a = l_s
+    for v0 in range(0, V, BLOCK_V):
+        z = _load_logits(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
+        m_s, l_s, _ = _online_update(m_s, l_s, z)
+        m_a, l_a, _ = _online_update(m_a, l_a, z * inv_t)
+    lse_s = m_s + tl.log(l_s)
+    lse_a = m_a + tl.log(l_a)
+    lse_out = lse_a
+    if TAIL == BUCKET:
+        lse_s = _logaddexp(lse_s, _lse(s_k))
+        lse_a = _logaddexp(lse_out, _lse(a_k))
+    ce = 0.0
+    if HAS_LABELS:
+        ce = lse_s - s_y
+
+    # ---- 2. the divergence over the slots -------------------------------------------------------
+    dense_coef = 0.0  # KD gradient outside S: dense_coef exp(a_v - lse_dense)
+    lse_dense = lse_a
+    if TAIL == IGNORE:
+        log_q = a_k - lse_a
+        p = tl.where(used, tl.exp(log_p), 0.0)
+        m_j = tl.zeros([BLOCK_K], tl.float32)  # duplicate slots' masses, summed
+        for j0 in range(0, K_SLOTS, BLOCK_M):
+            offs_m = j0 + tl.arange(0, BLOCK_M)
+            ids_m = tl.load(ids_row + offs_m, mask=offs_m < K_SLOTS, other=-1).to(tl.int64)
+            lp_m = tl.load(lp_row + offs_m, mask=ids_m >= 0, other=0.0).to(tl.float32)
+            p_m = tl.where(ids_m >= 0, tl.exp(lp_m), 0.0)
+            same = ids[:, None] == ids_m[None, :]
+            m_j += tl.sum(tl.where(same, p_m[None, :], 0.0), axis=1)
+        kd = tl.sum(tl.where(p > 0.0, p * (tl.log(m_j) - log_q), 0.0), axis=0)
+        dense_coef = tl.sum(p, axis=0)
+        g_k = dense_coef * tl.exp(log_q) - m_j
+    elif TAIL == RENORMALIZE:
+        lse_p = _lse(log_p)
+        used_d = tl.where(lse_p > float("-inf"), used, False)  # P = 0: no divergence
+        lse_in = _lse(tl.where(used_d, a_k, float("-inf")))
+        log_q = tl.where(used_d, a_k - lse_in, EMPTY_LOG)
+        log_pn = tl.where(used_d, log_p - lse_p, EMPTY_LOG)
+        kd, g_k = _bucket_divergence(log_q, log_pn, mix, DIVERGENCE)
+        g_k = tl.where(used_d, g_k, 0.0)
+    else:  # BUCKET: slot K_SLOTS is the rest bucket, dropped when S covers the vocabulary
+        is_rest = offs_k == K_SLOTS
+        no_rest = lse_out == float("-inf")
+        log_p_rest = _log_rest(log_p)
+        log_q = tl.where(used, a_k - lse_a, EMPTY_LOG)
+        log_q = tl.where(is_rest, tl.where(no_rest, EMPTY_LOG, lse_out - lse_a), log_q)
+        log_pb = tl.where(used, log_p, EMPTY_LOG)
+        log_pb = tl.where(is_rest, tl.where(no_rest, EMPTY_LOG, log_p_rest), log_pb)
+        kd, g = _bucket_divergence(log_q, log_pb, mix, DIVERGENCE)
+        dense_coef = tl.sum(tl.where(is_rest, g, 0.0), axis=0)
+        lse_dense = tl.where(no_rest, 0.0, lse_out)
+        g_k = tl.where(used, g, 0.0)
+
+    loss = ce_weight * ce + kd_weight * temperature * temperature * kd
+    if HAS_LABELS:  # ignored rows count for nothing
+        loss = tl.where(valid, loss, 0.0)
+        ce = tl.where(valid, ce, 0.0)
+        kd = tl.where(valid, kd, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(ce_ptr + row, ce)
+    tl.store(kd_ptr + row, kd)
+
+    # ---- 3. gradient: the dense term over the whole row, written in place -----------------------
+    if COMPUTE_GRAD:
+        r = tl.load(scale_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + offs0
+            z = _load_logits(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            if HAS_LABELS:  # 1. CE
+                grad = ce_weight * (tl.exp(z - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
+            if TAIL != RENORMALIZE:  # 2.
+                grad += kd_weight * temperature * dense_coef * tl.exp(z * inv_t - lse_dense)
+            if HAS_S_CAP:  # 3. (0 at the bucket tail's -inf marks: the fix-up rewrites them)
+                grad = grad * tl.where(z == float("-inf"), 0.0, 1.0 - (z / s_cap) * (z / s_cap))
+            grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
+            if HAS_LABELS:  # an ignored row's gradient is exactly 0, whatever its logits hold
+                grad = tl.where(valid, grad, 0.0)
+            tl.store(s_row + offs, grad.to(s_ptr.dtype.element_ty), mask=offs < stride_s)
+
+        # ---- 4. the sparse fix-up at the used ids ---------------------------------------------
+        tl.debug_barrier()
+        grad_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if HAS_LABELS:
+            grad_k = ce_weight * (tl.exp(s_k - lse_s) - tl.where(safe == y_safe, 1.0, 0.0))
+        grad_k += kd_weight * temperature * g_k
+        if HAS_S_CAP:
+            grad_k = grad_k * (1.0 - (s_k / s_cap) * (s_k / s_cap))
+        grad_k = grad_k * r
+        if HAS_LABELS:
+            grad_k = tl.where(valid, grad_k, 0.0)
+        tl.store(s_row + safe, grad_k.to(s_ptr.dtype.element_ty), mask=used)
+
+
+def sparse_rows(
+    student_logits,
+    ids,
+    logprobs,
+    labels,
+    row_scale,
+    loss_out,
+    ce_out,
+    kd_out,
+    opts,
+    tail: str,
+    compute_grad: bool,
+    block_v: int = DEFAULT_BLOCK_V,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> None:
+    """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
+    over student_logits (else the buffer is scratch). Shapes as in the kernel's pointer comments;
+    rows of every tensor have unit inner stride. `opts` is a fastkd.DistillOptions and `tail` one
+    of TAIL_IDS (read, not checked: the caller checks)."""
+    n, vocab = student_logits.shape
+    k = ids.shape[1]
+    if n == 0:
+        return
+    block_k = triton.next_power_of_2(k + 1)
+    sparse_rows_kernel[(n,)](
+        student_logits,
+        ids,
+        logprobs,
+        labels if labels is not None else row_scale,
+        row_scale,
+        loss_out,
+        ce_out,
+        kd_out,
+        vocab,
+        k,
+        student_logits.stride(0),
+        ids.stride(0),
+        logprobs.stride(0),
+        opts.ignore_index,
+        opts.temperature,
+        opts.ce_weight,
+        opts.kd_weight,
+        opts.skew if opts.divergence.startswith("skew_") else opts.beta,
+        opts.student_softcap or 1.0,
+        TAIL=TAIL_IDS[tail],
+        DIVERGENCE=DIVERGENCE_IDS[opts.divergence],
+        HAS_LABELS=labels is not None,
+        HAS_S_CAP=opts.student_softcap is not None,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+        BLOCK_K=block_k,
+        BLOCK_M=min(BLOCK_M_DEFAULT, block_k),
+        num_warps=num_warps,
+    )
