@@ -10,11 +10,13 @@ How the loss gets the hidden states and the head weights without full logits, un
 the student's own forward runs, through whatever accelerate wrapped it in (DDP, FSDP, DeepSpeed),
 with its output layer's `forward` swapped for one that feeds the hidden states it receives
 (B, L, D) and the layer's own `weight`/`bias` *at that moment* to the fused loss, and returns an
-empty (B, L, 0) tensor as the logits. Inside the wrapped forward an FSDP- or ZeRO-3-sharded head
-weight is gathered (the wrapper unshards a layer for its forward), and the loss's backward reaches
-the weight through the same graph ordinary logits would. Adding the empty logits' sum (exactly 0)
-to the loss keeps the model's outputs in the backward graph: FSDP hangs its pre-backward hooks
-(unshard, the final reduce-scatter callback) on them. DDP sees an ordinary forward. The teacher
+empty (B, L, 0) tensor, plus the loss (broadcast: still empty), as the logits. Inside the wrapped
+forward an FSDP- or ZeRO-3-sharded head weight is gathered (the wrapper unshards a layer for its
+forward), and the loss's backward reaches the weight through the same graph ordinary logits
+would. The empty logits depend on the loss, so DDP with find_unused_parameters (transformers'
+default) finds the head weight used when it walks the graph from the forward's outputs, and the
+returned loss adds their sum (exactly 0) so its backward runs through those outputs, where FSDP
+hangs its pre-backward hooks (unshard, the final reduce-scatter callback). The teacher
 runs the same way under no_grad, its output layer recording (hidden, weight, bias) — copied when
 the teacher is sharded, since the gathered weight is freed after its forward.
 
@@ -150,14 +152,17 @@ def fused_lm_loss(
                        student_bias=getattr(head, "bias", None), teacher_bias=b_t,
                        backend=backend, chunk_size=chunk_size)
         seen.append((hidden, loss))
-        return hidden[..., :0]
+        # Empty logits (B, L, 0) that depend on the loss: a wrapper that walks the graph from
+        # the forward's outputs (DDP with find_unused_parameters, FSDP's hooks) finds the head.
+        return hidden[..., :0] + loss.to(hidden.dtype)
 
     with _head_replaced(student, student_head):
         outputs = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     _check_calls("student", seen, input_ids)
     loss = seen.pop()[1]
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    # + 0, exactly, but it puts the model's outputs in the backward graph (FSDP's hooks live there)
+    # + 0, exactly, but the backward then runs through the model's outputs, where DDP and FSDP
+    # hang their hooks
     return loss + logits.sum(), outputs
 
 
