@@ -223,6 +223,9 @@ class DistillationTrainer(Trainer):
                              "(set ce_weight/kd_weight in distill_options)")
         if self.compute_loss_func is not None:
             raise ValueError("compute_loss_func is not supported: the loss is fastkd's")
+        # Our loss is already normalised over the step (get_batch_samples): with this set, older
+        # transformers (no loss_is_scaled_for_ga) do not divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
         student = lm_head(_inner_model(self.model), "student")
         if isinstance(teacher_model, str):
             teacher_model = from_pretrained(AutoModelForCausalLM, teacher_model, "teacher")
