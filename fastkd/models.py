@@ -44,12 +44,14 @@ class LMHead:
         return self.weight.shape[0]
 
 
-def lm_head(model: torch.nn.Module, role: str) -> LMHead:
+def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     """Check that `model`'s logits are its head applied to its base's hidden states, and split it.
 
     Gemma-2-style `final_logit_softcapping` becomes the loss's softcap; heads that rescale logits
     (`logit_scale`, `logits_scaling`, ...) are refused. A probe on 8 tokens then compares the
     model's own logits with the recomposed ones, which catches any other post-processing.
+    probe=False skips it (the config checks stay): for a model already sharded by FSDP or
+    DeepSpeed ZeRO-3, whose weights outside its own forward are shards.
     """
     name = getattr(model, "name_or_path", "") or type(model).__name__
     config = model.config.get_text_config()
@@ -69,6 +71,8 @@ def lm_head(model: torch.nn.Module, role: str) -> LMHead:
                          f"linear output layer, got {type(model).__name__}")
     bias = getattr(head, "bias", None)
     result = LMHead(model, base, head.weight, bias, None if softcap is None else float(softcap))
+    if not probe:
+        return result
 
     # The probe: one 8-token forward with full logits, once at load time.
     was_training = model.training

@@ -1,0 +1,279 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is fastkd's fused distillation loss.
+
+    from fastkd.integrations.transformers import DistillationTrainer
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
+                                  train_dataset=ds,
+                                  distill_options=fastkd.DistillOptions(temperature=2.0))
+    trainer.train()
+
+How the loss gets the hidden states and the head weights without full logits, under any wrapper:
+the student's own forward runs, through whatever accelerate wrapped it in (DDP, FSDP, DeepSpeed),
+with its output layer's `forward` swapped for one that feeds the hidden states it receives
+(B, L, D) and the layer's own `weight`/`bias` *at that moment* to the fused loss, and returns an
+empty (B, L, 0) tensor, plus the loss (broadcast: still empty), as the logits. Inside the wrapped
+forward an FSDP- or ZeRO-3-sharded head weight is gathered (the wrapper unshards a layer for its
+forward), and the loss's backward reaches the weight through the same graph ordinary logits
+would. The empty logits depend on the loss, so DDP with find_unused_parameters (transformers'
+default) finds the head weight used when it walks the graph from the forward's outputs, and the
+returned loss adds their sum (exactly 0) so its backward runs through those outputs, where FSDP
+hangs its pre-backward hooks (unshard, the final reduce-scatter callback). The teacher
+runs the same way under no_grad, its output layer recording (hidden, weight, bias) — copied when
+the teacher is sharded, since the gathered weight is freed after its forward.
+
+Normalisation: the per-token losses are summed (reduction="sum") and divided by the number of
+counted tokens in the whole optimizer step (all gradient-accumulation micro-batches, and all
+processes when `average_tokens_across_devices`), so accumulation and data parallelism give the
+gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from fastkd.loss import distill
+from fastkd.models import from_pretrained, lm_head
+from fastkd.options import DistillOptions
+
+try:
+    from accelerate.utils import extract_model_from_parallel
+    from transformers import AutoModelForCausalLM, Trainer
+except ImportError as err:  # transformers.Trainer needs accelerate
+    raise ImportError(
+        f"fastkd.integrations.transformers needs transformers' Trainer and accelerate ({err}): "
+        "pip install fastkd[hf]"
+    ) from err
+
+__all__ = ["DistillationTrainer", "fused_lm_loss", "output_layer", "shifted_labels"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/FSDP/DeepSpeed/torch.compile wrappers and PEFT."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that computes `model`'s logits (its LM head), under any wrapper; an FSDP1 unit
+    wrapping the head is looked through, so its unshard still runs around the head's forward."""
+    head = _inner_model(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output layer (get_output_embeddings())")
+    while hasattr(head, "_fsdp_wrapped_module"):
+        head = head._fsdp_wrapped_module
+    return head
+
+
+@contextmanager
+def _head_replaced(model: torch.nn.Module, fn: Callable) -> Iterator[torch.nn.Module]:
+    """Within the block, `model`'s output layer runs `fn(layer, hidden)` instead of its forward.
+
+    The instance attribute shadows the class's `forward`; `nn.Module.__call__` still runs the
+    layer's hooks (FSDP2 / ZeRO-3 unshard) around it. A `forward` already set on the instance
+    (accelerate's device hooks) is put back afterwards."""
+    head = output_layer(model)
+    saved = head.__dict__.get("forward")
+    head.forward = types.MethodType(fn, head)
+    try:
+        yield head
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def shifted_labels(inputs: dict, ignore_index: int) -> torch.Tensor:
+    """(B, L-1) next-token targets: `labels[:, 1:]`, or, without labels, `input_ids[:, 1:]` with
+    padding (attention_mask == 0) set to ignore_index."""
+    labels = inputs.get("labels")
+    if labels is None:
+        labels = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, ignore_index)
+    return labels[:, 1:]
+
+
+def fused_lm_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    opts: DistillOptions,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    copy_teacher_head: bool = False,
+):
+    """`fastkd.distill` of `student` against `teacher` on the next-token predictions of one batch,
+    with no (N, V) logits formed outside the fused loss's chunks: returns (loss, student outputs).
+
+    input_ids, attention_mask (B, L); labels (B, L-1), already shifted (`shifted_labels`). The loss
+    is reduced as `opts.reduction` says (the trainers pass "sum" and divide by the counted tokens
+    themselves). The outputs' `logits` are empty, (B, L, 0). Both models may be wrapped (DDP, FSDP,
+    DeepSpeed): each runs its own forward (see the module docstring). copy_teacher_head=True
+    copies the teacher's head weight out of its forward (needed when the teacher is sharded).
+    Plain-torch equivalent (full logits): `fastkd.reference.token_losses(student(ids).logits[:,
+    :-1], teacher(ids).logits[:, :-1], labels, opts)` reduced over tokens whose label is counted.
+    """
+    expected = (input_ids.shape[0], input_ids.shape[1] - 1)
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels must be shifted, shape {expected} for input_ids "
+                         f"{tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    seen = []
+
+    def teacher_head(head, hidden):
+        weight, bias = head.weight.detach(), getattr(head, "bias", None)
+        bias = None if bias is None else bias.detach()
+        if copy_teacher_head:  # sharded: the gathered weight is freed after the forward
+            weight, bias = weight.clone(), None if bias is None else bias.clone()
+        seen.append((hidden, weight, bias))
+        return hidden[..., :0]
+
+    with torch.no_grad(), _head_replaced(teacher, teacher_head):
+        teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    _check_calls("teacher", seen, input_ids)
+    h_t, w_t, b_t = seen.pop()
+    h_t = h_t[:, :-1]
+
+    def student_head(head, hidden):
+        loss = distill(hidden[:, :-1], head.weight, h_t, w_t, labels, opts,
+                       student_bias=getattr(head, "bias", None), teacher_bias=b_t,
+                       backend=backend, chunk_size=chunk_size)
+        seen.append((hidden, loss))
+        # Empty logits (B, L, 0) that depend on the loss: a wrapper that walks the graph from
+        # the forward's outputs (DDP with find_unused_parameters, FSDP's hooks) finds the head.
+        return hidden[..., :0] + loss.to(hidden.dtype)
+
+    with _head_replaced(student, student_head):
+        outputs = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    _check_calls("student", seen, input_ids)
+    loss = seen.pop()[1]
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    # + 0, exactly, but the backward then runs through the model's outputs, where DDP and FSDP
+    # hang their hooks
+    return loss + logits.sum(), outputs
+
+
+def _check_calls(role: str, seen: list, input_ids: torch.Tensor) -> None:
+    if len(seen) != 1:
+        raise ValueError(f"the {role} model's forward called its output layer {len(seen)} times "
+                         "(expected once): fastkd cannot take the hidden states from it")
+    hidden = seen[0][0]
+    if hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"the {role} model's output layer got hidden states of shape "
+                         f"{tuple(hidden.shape)}, expected ({tuple(input_ids.shape)}, D)")
+
+
+class DistillationTrainer(Trainer):
+    """`transformers.Trainer` for distillation: the student (`model`) learns from `teacher_model`
+    through fastkd's fused loss, per counted token
+
+        ce_weight * CE(student, label) + kd_weight * T**2 * D(teacher || student)
+
+    (`distill_options`, a `fastkd.DistillOptions`; its reduction is replaced: the trainer sums and
+    divides by the counted tokens of the whole optimizer step). Next-token shift: position i
+    predicts label i+1; without a `labels` column, the labels are the input ids with padding
+    ignored. The student's and teacher's softcaps come from their configs; heads that rescale
+    logits are refused (`fastkd.models.lm_head`).
+
+    teacher_model: a causal LM (or a path / hub id) sharing the student's tokenizer; it is moved to
+    the student's device, put in eval mode without gradients, and cast to teacher_dtype ("bfloat16",
+    torch.bfloat16, ...; None keeps its dtype). It is not wrapped by accelerate: each process holds
+    the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
+
+    Evaluation reports the loss only (no logits are ever formed: `compute_metrics` gets none).
+    Label smoothing and `compute_loss_func` are refused (the loss is fastkd's).
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the counted tokens of the whole step
+
+    def __init__(self, model=None, teacher_model=None, args=None, *,
+                 distill_options: DistillOptions | None = None,
+                 teacher_dtype: torch.dtype | str | None = None, backend: str = "auto",
+                 chunk_size: int | None = None, **kwargs):
+        if teacher_model is None:
+            raise TypeError("DistillationTrainer needs teacher_model (a causal LM, path or hub id)")
+        opts = DistillOptions() if distill_options is None else distill_options
+        if not isinstance(opts, DistillOptions):
+            raise TypeError(f"distill_options must be a fastkd.DistillOptions, got "
+                            f"{type(opts).__name__}")
+        if isinstance(teacher_dtype, str):
+            if teacher_dtype not in _DTYPES:
+                raise ValueError(f"teacher_dtype must be one of {sorted(_DTYPES)} or a "
+                                 f"torch.dtype, got {teacher_dtype!r}")
+            teacher_dtype = _DTYPES[teacher_dtype]
+        elif teacher_dtype is not None and not isinstance(teacher_dtype, torch.dtype):
+            raise TypeError(f"teacher_dtype must be a str, torch.dtype or None, got "
+                            f"{type(teacher_dtype).__name__}")
+        super().__init__(model=model, args=args, **kwargs)
+        if self.label_smoother is not None:
+            raise ValueError("label_smoothing_factor is not supported: the loss is fastkd's "
+                             "(set ce_weight/kd_weight in distill_options)")
+        if self.compute_loss_func is not None:
+            raise ValueError("compute_loss_func is not supported: the loss is fastkd's")
+        # Our loss is already normalised over the step (get_batch_samples): with this set, older
+        # transformers (no loss_is_scaled_for_ga) do not divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        student = lm_head(_inner_model(self.model), "student")
+        if isinstance(teacher_model, str):
+            teacher_model = from_pretrained(AutoModelForCausalLM, teacher_model, "teacher")
+        teacher_model = teacher_model.to(device=self.args.device, dtype=teacher_dtype)
+        teacher_model.eval().requires_grad_(False)
+        teacher = lm_head(teacher_model, "teacher")
+        self.teacher_model = teacher_model
+        self.distill_options = dataclasses.replace(
+            opts, reduction="sum", student_softcap=student.softcap, teacher_softcap=teacher.softcap)
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def _tokens_across_processes(self) -> bool:
+        return self.args.average_tokens_across_devices and self.args.world_size > 1
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and its number of counted (shifted, not ignored) tokens, summed
+        over processes when `average_tokens_across_devices`: what compute_loss divides by."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches:
+            return batches, None
+        ignore = self.distill_options.ignore_index
+        count = sum(int((shifted_labels(b, ignore) != ignore).sum()) for b in batches)
+        count = torch.tensor(count, device=device)
+        if self._tokens_across_processes():
+            count = self.accelerator.gather(count).sum()  # a collective: every process counts
+        return batches, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Summed fused loss over the batch's counted tokens, divided by num_items_in_batch (the
+        step's count, from get_batch_samples) in training, by the batch's own count otherwise."""
+        opts = self.distill_options
+        labels = shifted_labels(inputs, opts.ignore_index)
+        self.teacher_model.eval()
+        loss, outputs = fused_lm_loss(
+            model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"), labels,
+            opts, backend=self.backend, chunk_size=self.chunk_size)
+        if num_items_in_batch is None or not model.training:
+            loss = loss / (labels != opts.ignore_index).sum().clamp(min=1)
+        else:
+            loss = loss / torch.as_tensor(num_items_in_batch).to(loss.device).clamp(min=1)
+            if self._tokens_across_processes():
+                # each process divided by the global count; DDP averages gradients over processes
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, None, None): the fused loss never forms the logits metrics would need."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
