@@ -254,7 +254,7 @@ def wrap_student(module: StudentLoss, parallel: str, bf16: bool, device: torch.d
         from torch.nn.parallel import DistributedDataParallel
 
         # Buffers (rotary tables) are equal on every rank: no broadcast before each forward.
-        return DistributedDataParallel(module.to(device), broadcast_buffers=False,
+        return DistributedDataParallel(module.to(device), forward_sync_buffers=False,
                                        device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -338,5 +338,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, on CPU (empty elsewhere; a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    # Tied weights (embeddings and head) arrive as two copies: make them one tensor again, so
+    # save_pretrained writes it once, as it does for the model itself.
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for first, *tied in names.values():
+        for name in tied:
+            if first in state and name in state:
+                state[name] = state[first]
+    return state
