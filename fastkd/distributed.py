@@ -39,6 +39,7 @@ log = logging.getLogger("fastkd")
 PARALLEL = ("fsdp", "ddp")
 TEACHER_PLACEMENTS = ("shard", "replicate")
 _MESH = None  # the 1-D device mesh FSDP shards over, set by init()
+_OWNED = False  # whether init() created the process group (then teardown() destroys it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def init(device: str | None, timeout_s: float) -> torch.device | None:
     initialised is used as it is. Collectives that wait longer than timeout_s raise, so a rank
     that dies or hangs ends the others instead of leaving them waiting.
     """
-    global _MESH
+    global _MESH, _OWNED
     if launched_world_size() <= 1:
         return None
     kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +93,7 @@ def init(device: str | None, timeout_s: float) -> torch.device | None:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=local if kind == "cuda" else None)
+        _OWNED = True
     from torch.distributed.device_mesh import init_device_mesh
 
     _MESH = init_device_mesh(kind, (dist.get_world_size(),))
@@ -103,19 +105,21 @@ def init(device: str | None, timeout_s: float) -> torch.device | None:
 
 
 def teardown(clean: bool) -> None:
-    """End the process group: a barrier first when every rank got here (clean), then destroy.
+    """End the process group: a barrier first when every rank got here (clean), then destroy it
+    if init() created it.
 
     Destroying it before the interpreter exits is what lets the backend's threads stop: a process
     that exits with a live group can die in std::terminate ("terminate called ...", SIGABRT).
     After an error the barrier is skipped: the other ranks may be gone.
     """
-    global _MESH
+    global _MESH, _OWNED
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
         dist.barrier()
-    dist.destroy_process_group()
-    _MESH = None
+    if _OWNED:
+        dist.destroy_process_group()
+    _MESH, _OWNED = None, False
 
 
 def barrier() -> None:

@@ -486,7 +486,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
     check_vocab(tokenizer, head, "student")  # fp32 master weights; bf16 comes from autocast
     opts = dataclasses.replace(opts, student_softcap=head.softcap,
-                               teacher_softcap=(teacher or head).softcap)
+                               teacher_softcap=(head if teacher is None else teacher).softcap)
     # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
     train_teacher = teacher if opts.kd_weight > 0 else None
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
