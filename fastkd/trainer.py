@@ -479,12 +479,13 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
         device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    # One process reloads the checkpoint's HF model; several load the initial student and then
-    # the checkpoint's DCP shards (load_checkpoint). FSDP moves each shard to the device itself.
+    # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
+    # model; several load the initial student, then the checkpoint's DCP shards
+    # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
     sharded = distributed.is_distributed() and config.parallel == "fsdp"
     head = load_lm(str(checkpoint / "model") if checkpoint and world == 1 else config.student,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
-    check_vocab(tokenizer, head, "student")  # fp32 master weights; bf16 comes from autocast
+    check_vocab(tokenizer, head, "student")
     opts = dataclasses.replace(opts, student_softcap=head.softcap,
                                teacher_softcap=(head if teacher is None else teacher).softcap)
     # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
