@@ -32,6 +32,7 @@ import torch
 
 from fastkd import reference
 from fastkd.data import SPLIT_SEED, Blocks, load_blocks
+from fastkd.options import DistillOptions
 
 log = logging.getLogger("fastkd")
 
@@ -436,15 +437,12 @@ def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, Teacher
     return cache.blocks("train"), cache.blocks("heldout"), cache
 
 
-def cached_batch_loss(student, batch: CachedBlocks, opts, backend: str, device: torch.device):
-    """Summed (loss, ce, kd) over a batch through the sparse loss, from the cached targets."""
-    from fastkd.sparse import sparse_distill
-
+def cached_batch_loss(student, batch: CachedBlocks, device: torch.device):
+    """Summed (loss, ce, kd) over a batch through the sparse loss, from the cached targets.
+    student: the trainer's `distributed.StudentLoss` (maybe wrapped in DDP or FSDP)."""
     input_ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True)
-    labels = batch.labels(opts.ignore_index).to(device, non_blocking=True)[:, 1:]
+    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
     ids, logprobs = batch.targets.load()
-    h_s = student.hidden(input_ids, mask)[:, :-1]
-    return sparse_distill(h_s, student.weight, ids.to(device), logprobs.to(device), labels, opts,
-                          tail=batch.targets.cache.tail, student_bias=student.bias,
-                          return_components=True, backend=backend)
+    return student(input_ids, mask, labels,
+                   cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))

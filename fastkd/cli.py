@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastkd import distributed
+from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
 from fastkd.loss import BACKENDS
 from fastkd.options import DIVERGENCES
 from fastkd.trainer import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
@@ -80,6 +82,12 @@ def _distill_parser(sub) -> None:
             choices=TEACHER_DTYPES)
     _option(g, "--backend", "fused-loss backend; reference = the plain-torch spec",
             choices=BACKENDS)
+    g = p.add_argument_group("several processes (under torchrun)")
+    _option(g, "--parallel", "the student: FSDP2 fully_shard per decoder layer and root, or DDP",
+            choices=PARALLEL)
+    _option(g, "--teacher-placement", "the teacher: sharded forward-only (FSDP2), or replicated",
+            choices=TEACHER_PLACEMENTS)
+    _option(g, "--dist-timeout", "seconds a collective waits for the other ranks", type=float)
     g = p.add_argument_group("bookkeeping")
     _option(g, "--eval-every", "held-out evaluation every N steps", type=int)
     _option(g, "--save-every", "checkpoint every N steps", type=int)
@@ -183,6 +191,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _finish(results: dict, resume_hint: str) -> int:
+    code = 128 + results["signal"] if results["status"] == "interrupted" else 0
+    if not distributed.is_main():
+        return code  # under torchrun, rank 0 speaks for all
     if results.get("report"):
         print(Path(results["report"]["md"]).read_text())
         print(f"report: {results['report']['md']} (+ report.json, loss_curve.png)")
@@ -193,7 +204,7 @@ def _finish(results: dict, resume_hint: str) -> int:
     if results["status"] != "completed":
         print(f"{results['status']}: to continue, {resume_hint}")
     print(f"{results['status']} in {results['seconds']:.0f} s")
-    return 128 + results["signal"] if results["status"] == "interrupted" else 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastkd.trainer import run_distillation
 
         results = run_distillation(config_from_args(args, parser))
-        return _finish(results, f"run `fastkd distill --resume {results['run_dir']}`")
+        launcher = ("torchrun [the same options] -m fastkd"
+                    if distributed.launched_world_size() > 1 else "fastkd")
+        return _finish(results, f"run `{launcher} distill --resume {results['run_dir']}`")
     except (ValueError, OSError) as err:  # bad inputs, unloadable models, missing files
         parser.exit(2, f"fastkd {args.command}: error: {err}\n")

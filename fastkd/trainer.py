@@ -4,11 +4,14 @@ Reads top to bottom: the config; loading the models and checking their heads; th
 batch; evaluation; checkpoints (atomic) and RNG state; the one training loop; `run_distillation`,
 which runs the distillation, the hard-label baseline with the same budget, and the report.
 
+Under torchrun the same loop runs on every rank (fastkd.distributed: FSDP2 or DDP, DCP shards).
+
 The student's loss never sees full logits: the fused loss takes the base model's last hidden states
 and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabulary. Run directory:
 
     RUN_DIR/config.json                  the DistillConfig (what `--resume RUN_DIR` reads)
     RUN_DIR/checkpoints/step-NNNNNNNN/   model/ (HF, safetensors), trainer_state.pt, meta.json
+                                         (under torchrun: dcp/ shards and rng-RANK.pt, no model/)
     RUN_DIR/student/                     the distilled student, HF format
     RUN_DIR/log.jsonl                    one record per step (loss, lr, tokens/s, evaluations)
     RUN_DIR/baseline/...                 the same for the hard-label baseline
@@ -38,9 +41,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastkd import distributed
 from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
-from fastkd.data import Batches, Blocks, eval_batches, load_blocks
-from fastkd.loss import BACKENDS, distill
+from fastkd.data import Batches, Blocks, load_blocks
+from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS, StudentLoss, TeacherForward
+from fastkd.loss import BACKENDS
 from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
     LMHead,
     check_tokenizers,
@@ -56,7 +61,8 @@ log = logging.getLogger("fastkd")
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
-RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device")
+RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
+                  "dist_timeout")
 
 
 @dataclass
@@ -96,6 +102,11 @@ class DistillConfig:
     bf16: bool | None = None
     teacher_dtype: str = "auto"
     backend: str = "auto"
+    # Several processes (torchrun, WORLD_SIZE > 1): batch_size is then the global number of
+    # sequences per micro-batch, split evenly across the ranks.
+    parallel: str = "fsdp"  # the student: "fsdp" (FSDP2 fully_shard) or "ddp"
+    teacher_placement: str = "shard"  # the teacher: "shard" (FSDP2, forward-only) or "replicate"
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
     # Bookkeeping.
     eval_every: int = 50
     save_every: int = 100
@@ -135,6 +146,13 @@ class DistillConfig:
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got "
                              f"{self.teacher_dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher_placement must be one of {TEACHER_PLACEMENTS}, got "
+                             f"{self.teacher_placement!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.teacher_cache is not None and self.report:
@@ -180,29 +198,25 @@ def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
 # The loss on one batch, and held-out evaluation.
 
 
-def batch_loss(student: LMHead, teacher: LMHead | None, batch: Blocks, opts: DistillOptions,
-               backend: str, device: torch.device):
+def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Blocks,
+               device: torch.device):
     """Summed (loss, ce, kd) over the batch's next-token predictions, through the fused loss.
 
-    teacher=None (hard labels only, kd_weight=0): the student stands in as its own detached
-    teacher, so no teacher forward runs and the KD term, weighted 0, adds nothing.
+    student: a StudentLoss (its options and backend), maybe wrapped in DDP or FSDP; teacher: a
+    TeacherForward, or None (hard labels only, kd_weight=0: no teacher forward runs).
     """
     if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
-        return cached_batch_loss(student, batch, opts, backend, device)
+        return cached_batch_loss(student, batch, device)
     input_ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True)
     # Next-token shift: position i predicts token i + 1; padding is labelled ignore_index.
-    labels = batch.labels(opts.ignore_index).to(device, non_blocking=True)[:, 1:]
-    h_s = student.hidden(input_ids, mask)[:, :-1]
+    # The trainer's loss options keep DistillOptions' default ignore_index.
+    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
     if teacher is None:
-        h_t, w_t, b_t = h_s.detach(), student.weight.detach(), student.bias
-    else:
-        with torch.no_grad():
-            h_t = teacher.hidden(input_ids, mask)[:, :-1]
-        w_t, b_t = teacher.weight, teacher.bias
-    return distill(h_s, student.weight, h_t, w_t, labels, opts, student_bias=student.bias,
-                   teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                   backend=backend)
+        return student(input_ids, mask, labels)
+    with torch.no_grad():
+        teacher_out = teacher(input_ids, mask)
+    return student(input_ids, mask, labels, teacher_out)
 
 
 def count_targets(batch: Blocks) -> int:
@@ -211,18 +225,21 @@ def count_targets(batch: Blocks) -> int:
 
 
 @torch.no_grad()
-def evaluate(student: LMHead, teacher: LMHead | None, heldout: Blocks, opts: DistillOptions,
+def evaluate(student: StudentLoss, teacher: TeacherForward | None, heldout: Blocks,
              config: DistillConfig, device: torch.device, autocast) -> dict:
-    """Held-out CE (and perplexity) and KD divergence to the teacher at the run's temperature."""
-    student.model.eval()
-    ce_sum = kd_sum = 0.0
-    count = 0
-    for batch in eval_batches(heldout, config.batch_size):
+    """Held-out CE (and perplexity) and KD divergence to the teacher at the run's temperature.
+
+    Under torchrun each rank evaluates its share of the held-out blocks; the sums are all-reduced.
+    """
+    student.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, counted targets
+    for batch, counted in distributed.eval_shards(heldout, config.batch_size):
         with autocast:
-            _, ce, kd = batch_loss(student, teacher, batch, opts, config.backend, device)
-        ce_sum, kd_sum = ce_sum + float(ce), kd_sum + float(kd)  # host syncs, once per eval batch
-        count += count_targets(batch)
-    student.model.train()
+            _, ce, kd = batch_loss(student, teacher, batch, device)
+        if counted:  # host syncs, once per eval batch
+            sums += torch.tensor([float(ce), float(kd), count_targets(batch)], dtype=torch.float64)
+    student.train()
+    ce_sum, kd_sum, count = distributed.all_reduce_sum(sums.to(device)).tolist()
     ce_mean = ce_sum / count
     return {"eval_ce": ce_mean, "eval_ppl": math.exp(min(ce_mean, 50.0)),
             "eval_kd": None if teacher is None and not isinstance(heldout, CachedBlocks)
@@ -299,25 +316,80 @@ def latest_checkpoint(phase_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(phase_dir: Path, step: int, student: LMHead, tokenizer, optimizer, scheduler,
-                    batches: Batches, history: list[dict]) -> Path:
-    """Write checkpoints/step-{step}: HF model + tokenizer, trainer state, step/data/history."""
+def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer, optimizer,
+                    scheduler, batches: Batches, history: list[dict]) -> Path:
+    """Write checkpoints/step-{step}: HF model + tokenizer, trainer state, step/data/history.
+
+    Under torchrun (a collective): DCP shards of the model and optimizer, written by every rank,
+    and each rank's RNG state, instead of the HF model; rank 0 writes the rest and renames.
+    """
     root = phase_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    student.model.save_pretrained(tmp / "model")  # safetensors
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "trainer_state.pt")
-    meta = {"step": step, "data": batches.state_dict(), "history": history}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    _fsync_tree(tmp)
+    tmp = root / f".tmp-step-{step:08d}"
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    state = {"scheduler": scheduler.state_dict()}
+    if distributed.is_distributed():
+        distributed.barrier()  # the temp dir exists
+        distributed.save_shards(tmp / "dcp", student, optimizer)
+        _atomic_torch_save(rng_state(), tmp / f"rng-{distributed.rank()}.pt")
+        distributed.barrier()  # every rank's part is written and fsynced
+    else:
+        student.model.save_pretrained(tmp / "model")  # safetensors
+        tokenizer.save_pretrained(tmp / "model")
+        state.update(optimizer=optimizer.state_dict(), rng=rng_state())
     final = root / f"step-{step:08d}"
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for _, old in _checkpoints(phase_dir)[:-1]:
-        shutil.rmtree(old)
+    if distributed.is_main():
+        torch.save(state, tmp / "trainer_state.pt")
+        meta = {"step": step, "data": batches.state_dict(), "history": history,
+                "world_size": distributed.world_size()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for _, old in _checkpoints(phase_dir)[:-1]:
+            shutil.rmtree(old)
+    distributed.barrier()  # the checkpoint is in place for every rank
     return final
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_world_size(checkpoint: Path) -> None:
+    """An exact resume needs the world size the checkpoint was written with."""
+    saved = json.loads((checkpoint / "meta.json").read_text()).get("world_size", 1)
+    if saved != distributed.world_size():
+        how = ("without torchrun (or with --nproc-per-node 1)" if saved == 1 else
+               f"under torchrun with {saved} processes in all (--nnodes x --nproc-per-node)")
+        raise ValueError(
+            f"resume: checkpoint {checkpoint} was written by {saved} process(es), this run has "
+            f"{distributed.world_size()}; resume it {how}: a different world size would change "
+            "the per-rank data shards and RNG streams, so fastkd refuses it")
+
+
+def load_checkpoint(checkpoint: Path, student: StudentLoss, optimizer, scheduler,
+                    batches: Batches) -> tuple[int, list[dict]]:
+    """Restore what save_checkpoint wrote (the HF model itself was loaded from model/ by one
+    process; under torchrun the DCP shards are loaded here); returns (step, history)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    if distributed.is_distributed():
+        distributed.load_shards(checkpoint / "dcp", student, optimizer)
+        rng = torch.load(checkpoint / f"rng-{distributed.rank()}.pt", weights_only=True)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(meta["data"])
+    set_rng_state(rng)  # last: everything above may draw random numbers
+    return meta["step"], meta["history"]
 
 
 def _remove_partial_checkpoints(phase_dir: Path) -> None:
@@ -335,6 +407,23 @@ def _export_model(checkpoint: Path, target: Path) -> None:
     shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
     _fsync_tree(tmp)
     os.rename(tmp, target)
+
+
+def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
+                          device: torch.device) -> None:
+    """Under torchrun: gather the whole student to rank 0 (on CPU, once), which saves it as an HF
+    safetensors model, atomically (a collective)."""
+    if distributed.any_rank(target.exists(), device):
+        return
+    model = distributed.unwrap(student).model
+    state = distributed.full_state_dict(model)  # empty except on rank 0
+    if distributed.is_main():
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, target)
+    distributed.barrier()
 
 
 class StopSignals:
@@ -380,29 +469,44 @@ class PhaseResult:
     student_dir: Path | None
 
 
-def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHead | None,
-                tokenizer, train: Blocks, heldout: Blocks, device: torch.device,
-                stop: StopSignals, max_steps: int | None) -> PhaseResult:
+def train_phase(name: str, config: DistillConfig, phase_dir: Path,
+                teacher: TeacherForward | None, tokenizer, train: Blocks, heldout: Blocks,
+                device: torch.device, stop: StopSignals, max_steps: int | None) -> PhaseResult:
     """Train config.student for config.steps optimizer steps (resuming from phase_dir if it holds
-    a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call."""
-    phase_dir.mkdir(parents=True, exist_ok=True)
-    _remove_partial_checkpoints(phase_dir)
+    a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call.
+
+    Under torchrun every rank runs this, in step: the collectives are in the wrapped student's
+    forward/backward, the clip norm, the per-step sums, the evaluation and the checkpoints.
+    """
+    main, world = distributed.is_main(), distributed.world_size()
+    if main:
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partial_checkpoints(phase_dir)
+    distributed.barrier()
     checkpoint = latest_checkpoint(phase_dir)
+    if checkpoint is not None:
+        _check_world_size(checkpoint)
     opts = config.loss_options()
     use_bf16 = config.bf16 if config.bf16 is not None else (
         device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    student = load_lm(str(checkpoint / "model") if checkpoint else config.student, "student",
-                      torch.float32, device)  # fp32 master weights; bf16 comes from autocast
-    check_vocab(tokenizer, student, "student")
-    opts = dataclasses.replace(opts, student_softcap=student.softcap,
-                               teacher_softcap=(teacher or student).softcap)
+    # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
+    # model; several load the initial student, then the checkpoint's DCP shards
+    # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
+    sharded = distributed.is_distributed() and config.parallel == "fsdp"
+    head = load_lm(str(checkpoint / "model") if checkpoint and world == 1 else config.student,
+                   "student", torch.float32, torch.device("cpu") if sharded else device)
+    check_vocab(tokenizer, head, "student")
+    opts = dataclasses.replace(opts, student_softcap=head.softcap,
+                               teacher_softcap=(head if teacher is None else teacher).softcap)
     # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
     train_teacher = teacher if opts.kd_weight > 0 else None
-    student.model.train()
+    student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
+                                       use_bf16, device)
+    student.train()
 
-    params = [p for p in student.model.parameters() if p.requires_grad]  # tied weights: once
+    params = [p for p in student.parameters() if p.requires_grad]  # tied weights: once
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -413,43 +517,45 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
     batches = Batches(train, config.batch_size, config.seed)
     log_path = phase_dir / "log.jsonl"
     if checkpoint is not None:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
-        meta = json.loads((checkpoint / "meta.json").read_text())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(meta["data"])
-        step, history = meta["step"], meta["history"]
-        set_rng_state(state["rng"])  # last: everything above may draw random numbers
+        step, history = load_checkpoint(checkpoint, student, optimizer, scheduler, batches)
         log.info("resuming %s from step %d", phase_dir, step)
     else:
         from transformers import set_seed
 
-        set_seed(config.seed)
-        step, history = 0, [{"step": 0, **evaluate(student, teacher, heldout, opts, config,
-                                                      device, autocast)}]
-    log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
+        # Each rank its own seed: dropout on disjoint rows must not repeat one mask.
+        set_seed(config.seed + distributed.rank())
+        step, history = 0, [{"step": 0, **evaluate(student, teacher, heldout, config, device,
+                                                      autocast)}]
+    if main:
+        log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
     saved_step = step if checkpoint is not None else None
     start_step = step
 
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not (config.progress and main), dynamic_ncols=True)
     postfix = {}
-    with open(log_path, "a") as log_file:
+    with open(log_path if main else os.devnull, "a") as log_file:  # the log is rank 0's
         while step < config.steps:
-            if stop.signum is not None or step - start_step == max_steps:
-                break  # a signal, or --stop-after: checkpoint below and return
+            # A signal (any rank's: all stop at the same step), or --stop-after.
+            if distributed.any_rank(stop.signum is not None, device) or (
+                    step - start_step == max_steps):
+                break  # checkpoint below and return
             t0 = time.perf_counter()
+            # Every rank draws the whole global batch (so the global target count needs no
+            # communication) and runs its own rows of it.
             micro_batches = [next(batches) for _ in range(config.grad_accum)]
             n_targets = sum(count_targets(b) for b in micro_batches)
-            totals = torch.zeros(3, device=device)  # summed loss, ce, kd of this step
-            for batch in micro_batches:
-                with autocast:
-                    loss, ce, kd = batch_loss(student, train_teacher, batch, opts, config.backend,
-                                              device)
-                # Sum-reduced losses over the whole step's targets: accumulation == one big batch.
-                (loss / n_targets).backward()
+            totals = torch.zeros(3, device=device)  # this rank's summed loss, ce, kd
+            for i, batch in enumerate(micro_batches):
+                with distributed.no_sync(student, skip=i < len(micro_batches) - 1):
+                    with autocast:
+                        loss, ce, kd = batch_loss(student, train_teacher,
+                                                  distributed.local_rows(batch), device)
+                    # Sum-reduced losses over the whole step's targets on all ranks: accumulation
+                    # == one big batch. DDP and FSDP average gradients over the ranks: times P.
+                    (loss / (n_targets / world)).backward()
                 totals += torch.stack([loss.detach(), ce, kd])
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.clip)
+            grad_norm = (distributed.clip_grad_norm(params, config.clip)
                          if config.clip is not None else None)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -457,6 +563,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
+            totals = distributed.all_reduce_sum(totals)
             loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
             seconds = time.perf_counter() - t0
             record = {"step": step, "loss": loss_v, "ce": ce_v,
@@ -465,7 +572,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
                       "tokens": n_targets, "seconds": seconds, "tokens_per_s": n_targets / seconds}
             postfix.update(loss=f"{loss_v:.3f}", tok_s=f"{n_targets / seconds:,.0f}")
             if step % config.eval_every == 0 or step == config.steps:
-                record.update(evaluate(student, teacher, heldout, opts, config, device, autocast))
+                record.update(evaluate(student, teacher, heldout, config, device, autocast))
                 postfix["eval_ppl"] = f"{record['eval_ppl']:.2f}"
             history.append(record)
             log_file.write(json.dumps(record) + "\n")
@@ -482,7 +589,10 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
                                      batches, history)
     if step == config.steps:
         status, student_dir = "completed", phase_dir / "student"
-        _export_model(checkpoint, student_dir)
+        if distributed.is_distributed():
+            _export_sharded_model(student, tokenizer, student_dir, device)
+        else:
+            _export_model(checkpoint, student_dir)
     else:
         status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
         log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
@@ -539,10 +649,40 @@ def run_distillation(config: DistillConfig) -> dict:
     tokens, student_dir, checkpoint, final held-out eval_ce / eval_ppl / eval_kd), "history" /
     "baseline_history" (per-step records), "report" (paths and metric rows, when written),
     "seconds" (wall time of this call).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, trains in
+    step with the others, and leaves the group (barrier, then destroy) before returning; rank 0
+    then writes the report alone.
     """
     started = time.perf_counter()
     run_dir = _check_run_dir(config)
-    device = resolve_device(config.device)
+    device = distributed.init(config.device, config.dist_timeout)  # None: one process
+    if device is None:
+        device = resolve_device(config.device)
+    try:
+        results, teacher, heldout = _run_phases(config, run_dir, device)
+    except BaseException:
+        distributed.teardown(clean=False)
+        raise
+    distributed.teardown(clean=True)
+    if results["status"] == "completed" and config.report and distributed.is_main():
+        from fastkd.report import write_report
+
+        if teacher is None:  # it was sharded: rank 0 loads it whole, alone
+            teacher = load_teacher(config, device)
+        results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def _run_phases(config: DistillConfig, run_dir: Path,
+                device: torch.device) -> tuple[dict, LMHead | None, Blocks]:
+    """The distillation, then the baseline: (results, the teacher if the report can use it, the
+    held-out blocks)."""
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} is the global number of sequences per "
+                         f"micro-batch: it must split evenly across the {world} processes")
     tokenizer_source = config.tokenizer or config.teacher or config.student
     tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizers(tokenizer_source, tokenizer, config.student)
@@ -552,28 +692,36 @@ def run_distillation(config: DistillConfig) -> dict:
         train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
                                      config.eval_fraction)
     heldout = heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
-    teacher = (load_teacher(config, device)
-               if config.teacher is not None and config.teacher_cache is None else None)
-    if teacher is not None:
+    teacher = teacher_module = None
+    if config.teacher is not None and config.teacher_cache is None:
+        # A sharded teacher is loaded on the CPU: FSDP moves each rank's shards to the device.
+        shard_teacher = distributed.is_distributed() and config.teacher_placement == "shard"
+        teacher = load_teacher(config, torch.device("cpu") if shard_teacher else device)
         check_vocab(tokenizer, teacher, "teacher")
+        teacher_module = distributed.wrap_teacher(TeacherForward(teacher),
+                                                  config.teacher_placement, device)
+        if shard_teacher:
+            teacher = None  # its LMHead now holds shards
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
-    if not config.resume:  # only now: a start that fails on its inputs leaves no run behind
+    distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    if not config.resume and distributed.is_main():
+        # Only now: a start that fails on its inputs leaves no run behind.
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir)
 
     baseline = None
     budget = config.stop_after
     with StopSignals() as stop:
-        distilled = train_phase("distill" if teacher is not None or config.teacher_cache
-                                else "hard-label", config,
-                                run_dir, teacher, tokenizer, train, heldout, device, stop, budget)
+        distilled = train_phase("distill" if teacher_module is not None or config.teacher_cache
+                                else "hard-label", config, run_dir, teacher_module, tokenizer,
+                                train, heldout, device, stop, budget)
         if config.baseline and distilled.status == "completed":
             if budget is not None:
                 budget -= distilled.steps_run
             hard = dataclasses.replace(config, ce_weight=1.0, kd_weight=0.0)
             if budget is None or budget > 0:
-                baseline = train_phase("baseline", hard, run_dir / "baseline", teacher,
+                baseline = train_phase("baseline", hard, run_dir / "baseline", teacher_module,
                                        tokenizer, train, heldout, device, stop, budget)
     phases = [distilled] + ([baseline] if config.baseline else [])
     if all(p is not None and p.status == "completed" for p in phases):
@@ -585,9 +733,4 @@ def run_distillation(config: DistillConfig) -> dict:
                "history": distilled.history,
                "baseline_history": baseline.history if baseline is not None else None,
                "report": None}
-    if status == "completed" and config.report:
-        from fastkd.report import write_report
-
-        results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
-    results["seconds"] = time.perf_counter() - started
-    return results
+    return results, teacher, heldout

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastkd import reference
 from fastkd.data import load_blocks
+from fastkd.distributed import StudentLoss, TeacherForward
 from fastkd.options import DistillOptions
 from fastkd.trainer import (
     DistillConfig,
@@ -193,7 +194,8 @@ def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
     batch = train.select(torch.arange(3))
     opts = DistillOptions(temperature=2.0, reduction="sum")
 
-    loss, _, _ = batch_loss(student, teacher, batch, opts, "auto", torch.device("cpu"))
+    loss, _, _ = batch_loss(StudentLoss(student, opts, "auto"), TeacherForward(teacher), batch,
+                            torch.device("cpu"))
     loss.backward()
     fused_grad = model.get_input_embeddings().weight.grad.clone()
     model.zero_grad()

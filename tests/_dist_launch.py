@@ -1,0 +1,45 @@
+"""`python -m fastkd` for torchrun, with one fault injected (tests/test_distributed.py only).
+
+FASTKD_TEST_FAULT="RANK:STEP:ACTION": on rank RANK, at the STEP-th training step this process
+runs (counted at the gradient clipping, after the step's backward), ACTION is
+
+    kill              SIGKILL itself: a rank dies mid-run;
+    sigterm-launcher  SIGTERM to torchrun (what a scheduler's preemption or Ctrl-C does), then wait
+                      3 s, so torchrun's SIGTERM reaches every rank before the next step begins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import fastkd.distributed as distributed
+from fastkd.cli import main
+
+
+def inject(spec: str) -> None:
+    rank, at, action = spec.split(":")
+    clip = distributed.clip_grad_norm
+    calls = 0
+
+    def clip_with_fault(params, max_norm):
+        nonlocal calls
+        calls += 1
+        if calls == int(at) and distributed.rank() == int(rank):
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "sigterm-launcher":
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(3)
+            else:
+                raise ValueError(f"FASTKD_TEST_FAULT: unknown action {action!r}")
+        return clip(params, max_norm)
+
+    distributed.clip_grad_norm = clip_with_fault
+
+
+if __name__ == "__main__":
+    inject(os.environ["FASTKD_TEST_FAULT"])
+    sys.exit(main(sys.argv[1:]))

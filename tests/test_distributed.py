@@ -1,0 +1,248 @@
+"""The trainer under torchrun: 2 CPU processes (gloo) against 1, with FSDP2 and with DDP; a rank
+killed mid-run, a SIGTERM to the launcher, and resumes.
+
+Every launch is the user's command, `python -m torch.distributed.run --standalone
+--nproc-per-node 2 -m fastkd distill ...` (a free rendezvous port each time), under a timeout:
+a hang fails the test instead of stalling the suite, and so do a non-zero exit status and
+"terminate called" / SIGABRT in the output (a process group left alive at exit).
+
+Tolerance, 2 processes against 1 (fp32): the runs differ only in the order of fp32 sums (each rank
+sums its rows, then the gradients are averaged across ranks), ~1e-7 relative per sum. AdamW turns
+a gradient's relative error into the same relative error of the update (m / sqrt(v)), times
+lr=1e-2, over 4 steps: parameters agree to ~1e-6 (measured: <= 7e-7). We allow rtol = atol = 1e-5,
+against updates of ~2e-2 per parameter: a wrong shard, a lost micro-batch or a local clip norm
+moves them by orders of magnitude more. Adam and clipping would hide a wrong loss scale in the
+parameters, so the logged loss and gradient norm are compared too (rel 1e-5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _trainer_fixtures import build_tokenizer, save_llama, write_data
+from safetensors.torch import load_file
+
+from fastkd import distributed
+from fastkd.trainer import DistillConfig, latest_checkpoint, run_distillation
+
+TESTS = Path(__file__).parent
+# 4 optimizer steps of 2 micro-batches of 4 sequences (2 per rank); clip 0.05 < every step's
+# gradient norm, so clipping acts on each step; 5 held-out sequences split 3 + 2 over the ranks.
+OPTIONS = {"steps": 4, "batch_size": 4, "grad_accum": 2, "seq_len": 32, "lr": 1e-2, "warmup": 1,
+           "clip": 0.05, "eval_every": 2, "save_every": 2, "eval_sequences": 5, "seed": 0,
+           "device": "cpu", "baseline": False, "report": False, "progress": False,
+           "dist_timeout": 60.0}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_assets")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    return SimpleNamespace(
+        root=root, data=write_data(root / "data"),
+        teacher=save_llama(root / "teacher", tokenizer, hidden=32, layers=2, seed=1),
+        student=save_llama(root / "student", tokenizer, hidden=24, layers=2, seed=2),
+        tied=save_llama(root / "tied", tokenizer, hidden=24, layers=2, tie=True, seed=4))
+
+
+def config(assets, out: Path, student: Path, **overrides) -> DistillConfig:
+    return DistillConfig(teacher=str(assets.teacher), student=str(student), data=assets.data,
+                         out=str(out), **{**OPTIONS, **overrides})
+
+
+def cli_args(cfg: DistillConfig) -> list[str]:
+    """The `fastkd distill` options of a config (the ones these tests change)."""
+    args = ["--teacher", cfg.teacher, "--student", cfg.student, "--data", *cfg.data,
+            "--out", cfg.out, "--parallel", cfg.parallel,
+            "--teacher-placement", cfg.teacher_placement, "--no-progress"]
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "clip",
+                 "eval_every", "save_every", "eval_sequences", "seed", "device", "dist_timeout"):
+        args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    return args + ([] if cfg.baseline else ["--no-baseline"]) + (
+        [] if cfg.report else ["--no-report"])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes under pid (torchrun starts its workers in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def torchrun(args: list[str], fault: str | None = None, timeout: float = 150.0):
+    """2 processes; returns (returncode, stdout, stderr, seconds). A hang fails the test."""
+    target = [str(TESTS / "_dist_launch.py")] if fault else ["-m", "fastkd"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *target, "distill", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    if fault:
+        env["FASTKD_TEST_FAULT"] = fault
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s: {' '.join(cmd)}\n{err[-3000:]}")
+    return proc.returncode, out, err, time.perf_counter() - started
+
+
+def assert_clean(rc: int, err: str) -> None:
+    assert rc == 0, err[-4000:]
+    assert "terminate called" not in err and "SIGABRT" not in err, err[-4000:]
+
+
+def assert_ended_without_abort(err: str) -> None:
+    assert "terminate called" not in err and "SIGABRT" not in err, err[-4000:]
+
+
+def weights(run_dir: str | Path, phase: str = "student") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / phase / "model.safetensors"))
+
+
+def log_records(run_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(got: dict, want: dict, history_got: list, history_want: list) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert [r["step"] for r in history_got] == [r["step"] for r in history_want]
+    for a, b in zip(history_got, history_want, strict=True):
+        for key in ("loss", "ce", "kd", "grad_norm", "eval_ce", "eval_kd", "tokens"):
+            if b.get(key) is None:
+                assert a.get(key) is None, key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in history]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(assets, tmp_path_factory):
+    """Tied embeddings, FSDP2 student, sharded teacher: 2 processes and the same run in 1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    cfg = config(assets, root / "two", assets.tied, parallel="fsdp", teacher_placement="shard")
+    rc, out, err, seconds = torchrun(cli_args(cfg))
+    assert_clean(rc, err)
+    one = run_distillation(config(assets, root / "one", assets.tied))
+    assert one["status"] == "completed"
+    return SimpleNamespace(cfg=cfg, out=out, err=err, seconds=seconds, one=one, root=root)
+
+
+def test_fsdp_two_processes_equal_one(fsdp_run, assets):
+    two = Path(fsdp_run.cfg.out)
+    history = log_records(two)
+    assert_same_training(weights(two), weights(fsdp_run.one["run_dir"]), history,
+                         fsdp_run.one["history"])
+    assert all(r["grad_norm"] > OPTIONS["clip"] for r in history[1:])  # clipping acted
+    # The tied head's gradient reached the shards: the tied weight moved (equally, above).
+    moved = weights(two)["model.embed_tokens.weight"] - load_file(
+        str(assets.tied / "model.safetensors"))["model.embed_tokens.weight"]
+    assert moved.abs().max() > 1e-3
+    assert "lm_head.weight" not in weights(two)  # tied: stored once, as save_pretrained does
+    # Each rank wrote its own shards; rank 0 alone wrote the log, the output and the report.
+    checkpoint = latest_checkpoint(two)
+    assert checkpoint.name == "step-00000004"
+    assert sorted(p.name for p in (checkpoint / "dcp").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert (checkpoint / "rng-0.pt").is_file() and (checkpoint / "rng-1.pt").is_file()
+    assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in history] == [0, 1, 2, 3, 4]
+    assert fsdp_run.out.count("completed in") == 1
+    assert fsdp_run.err.count("fastkd: data:") == 1
+
+
+def test_resume_with_another_world_size_is_refused(fsdp_run):
+    resumed = DistillConfig.load(fsdp_run.cfg.out)
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
+        run_distillation(dataclasses.replace(resumed, resume=True))
+
+
+def test_batch_size_must_split_across_the_ranks(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="batch_size=3 .* split evenly across the 2 processes"):
+        run_distillation(config(assets, tmp_path / "run", assets.student, batch_size=3))
+
+
+def test_ddp_two_processes_equal_one_with_baseline_and_report(assets, tmp_path):
+    """DDP student, sharded teacher, both phases; rank 0 writes the report after teardown (it
+    loads the teacher whole for it)."""
+    cfg = config(assets, tmp_path / "two", assets.student, parallel="ddp",
+                 teacher_placement="shard", steps=3, baseline=True, report=True)
+    rc, out, err, _ = torchrun(cli_args(cfg))
+    assert_clean(rc, err)
+    one = run_distillation(config(assets, tmp_path / "one", assets.student, steps=3,
+                                  baseline=True))
+    assert_same_training(weights(cfg.out), weights(one["run_dir"]), log_records(cfg.out),
+                         one["history"])
+    assert_same_training(weights(cfg.out, "baseline/student"),
+                         weights(one["run_dir"], "baseline/student"),
+                         log_records(Path(cfg.out) / "baseline"), one["baseline_history"])
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert [row["model"] for row in report["rows"]][:2] == ["teacher", "distilled student"]
+    assert out.count("report:") == 1
+
+
+def test_killed_rank_then_sigterm_then_resume_equal_the_uninterrupted_run(fsdp_run):
+    cfg = dataclasses.replace(fsdp_run.cfg, out=str(fsdp_run.root / "faults"))
+    out = Path(cfg.out)
+
+    # Rank 1 dies (SIGKILL) in step 3: the launch fails promptly instead of hanging, and the
+    # step-2 checkpoint is the one left.
+    rc, _, err, seconds = torchrun(cli_args(cfg), fault="1:3:kill")
+    assert rc != 0 and seconds < 120, err[-3000:]
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not (out / "student").exists()
+
+    # Resume; in its first step (step 3) the launcher gets SIGTERM: every rank finishes the step,
+    # writes its part of the step-3 checkpoint, and exits.
+    resume = ["--resume", cfg.out, "--no-progress"]
+    rc, _, err, _ = torchrun(resume, fault="0:1:sigterm-launcher")
+    assert rc != 0, err[-3000:]
+    assert_ended_without_abort(err)
+    assert err.count("SIGTERM received: finishing this step") == 2, err[-3000:]
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint.name == "step-00000003"
+    assert sorted(p.name for p in (checkpoint / "dcp").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert not list((out / "checkpoints").glob(".tmp-step-*"))
+
+    # The last resume, with the teacher replicated instead of sharded (where it runs is not part
+    # of the run), completes: the same parameters, bit for bit, and the same log.
+    rc, _, err, _ = torchrun([*resume, "--teacher-placement", "replicate"])
+    assert_clean(rc, err)
+    want, got = weights(fsdp_run.cfg.out), weights(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert untimed(log_records(out)) == untimed(log_records(fsdp_run.cfg.out))
