@@ -193,6 +193,9 @@ def bad_tiling(rank, world, group):
 
 
 def main(rank, world, name, store):
+    from _interpreter import speed_up
+
+    speed_up()
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         group = dist.group.WORLD

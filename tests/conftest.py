@@ -7,3 +7,8 @@ import os
 if os.environ.get("FASTKD_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from _interpreter import speed_up
+
+    speed_up()
