@@ -49,7 +49,8 @@ def _distill_parser(sub) -> None:
     _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
     _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
     _option(g, "--teacher-cache", "train from a `fastkd cache-teacher` directory: no teacher "
-            "loaded, the sparse loss (needs --no-report)", metavar="CACHE_DIR")
+            "loaded, the sparse loss; the report measures KL on the cached held-out rows",
+            metavar="CACHE_DIR")
     _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
             "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))
     _option(g, "--seq-len", "tokens per packed sequence", type=int)

@@ -137,9 +137,6 @@ class DistillConfig:
                              f"{self.teacher_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.teacher_cache is not None and self.report:
-            raise ValueError("teacher_cache: the trade-off report needs the teacher model; pass "
-                             "report=False (--no-report): held-out CE and KD are still logged")
         if self.teacher is None and self.teacher_cache is None and (
                 self.kd_weight > 0 or self.baseline or self.report):
             raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
