@@ -100,6 +100,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a smaller, faster plan (under a minute)")
     p.add_argument("--cache-dir", default=None,
                    help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
+    p.add_argument("--offline", action="store_true",
+                   help="also cache the teacher (top-k and sampled), distil from each cache and "
+                        "compare online, offline and hard-label students in the report")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
             started = time.perf_counter()
             results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
-                               progress=args.progress)
+                               progress=args.progress, offline=args.offline)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
         from fastkd.trainer import run_distillation

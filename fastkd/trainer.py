@@ -41,6 +41,7 @@ from tqdm import tqdm
 from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
 from fastkd.data import Batches, Blocks, eval_batches, load_blocks
 from fastkd.loss import BACKENDS, distill
+from fastkd.memory import PeakMemory
 from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
     LMHead,
     check_tokenizers,
@@ -375,6 +376,7 @@ class PhaseResult:
     history: list[dict]
     checkpoint: Path | None
     student_dir: Path | None
+    peak_memory_bytes: int | None = None  # of this call's steps (fastkd.memory.PeakMemory)
 
 
 def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHead | None,
@@ -428,6 +430,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
     saved_step = step if checkpoint is not None else None
     start_step = step
 
+    memory = PeakMemory(device).start()
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
                disable=not config.progress, dynamic_ncols=True)
     postfix = {}
@@ -474,6 +477,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
                                              scheduler, batches, history)
                 saved_step = step
     bar.close()
+    peak_memory = memory.stop()
     if saved_step != step:
         checkpoint = save_checkpoint(phase_dir, step, student, tokenizer, optimizer, scheduler,
                                      batches, history)
@@ -484,7 +488,8 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path, teacher: LMHe
         status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
         log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
                  checkpoint)
-    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir)
+    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
+                       peak_memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +530,7 @@ def _phase_summary(result: PhaseResult | None) -> dict | None:
             "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
             "tokens": sum(r.get("tokens", 0) for r in result.history),
             "eval_ce": final.get("eval_ce"), "eval_ppl": final.get("eval_ppl"),
-            "eval_kd": final.get("eval_kd")}
+            "eval_kd": final.get("eval_kd"), "peak_memory_bytes": result.peak_memory_bytes}
 
 
 def run_distillation(config: DistillConfig) -> dict:
