@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-ignored", type=_percents,
                    help="percent of ignored tokens for the counted sweep (Llama head), or 'none'")
     p.add_argument("--methods", default="all", help=f"comma list of {list(METHODS)} or 'all'")
-    p.add_argument("--cases", default="all", help="comma list of distill, kd, ce or 'all'")
+    p.add_argument("--cases", default="all",
+                   help="comma list of distill, kd, ce, sparse (the sparse loss on the teacher's "
+                        "top-64) or 'all'")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--temperature", type=float, default=2.0, help="T of the distill and kd cases")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.preset = _names(args.preset, list(PRESETS), "preset")
         args.methods = _names(args.methods, list(METHODS), "method")
-        args.cases = _names(args.cases, ["distill", "kd", "ce"], "case")
+        args.cases = _names(args.cases, ["distill", "kd", "ce", "sparse"], "case")
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -44,7 +44,7 @@ python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|transformers|tor
 if [[ $STEPS == *tests* ]]; then
   stamp "pytest on CUDA (the loss and API tests; the kernels compiled, not interpreted)"
   FASTKD_TEST_DEVICE=cuda timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider \
-    tests/test_distill.py tests/test_loss_api.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" \
+    tests/test_distill.py tests/test_loss_api.py tests/test_sparse.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" \
     "$@"
   echo "pytest exit $?"
   pack
@@ -60,7 +60,7 @@ fi
 if [[ $STEPS == *bench* ]]; then
   stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
   timeout $(( $(left) - 15 )) python3 -m bench --quick --out /tmp/bench_out \
-    ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none --cases distill,kd \
+    ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none --cases distill,kd,sparse \
     --methods fastkd,reference,liger,liger_kl}
   echo "bench exit $?"
   cp /tmp/bench_out/results.json "$OUT/bench_results.json" 2>/dev/null

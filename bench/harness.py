@@ -32,7 +32,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,9 +156,30 @@ def make_inputs(problem: Problem, seed: int) -> Inputs:
     labels = torch.randint(0, s.v, (s.n,), generator=gen, device=dev)
     ignored = torch.randperm(s.n, generator=gen, device=dev)[:s.n_ignored]
     labels[ignored] = problem.opts.ignore_index
-    return Inputs(randn(s.n, s.d_s, 1.0).requires_grad_(),
-                  randn(s.v, s.d_s, 2 / math.sqrt(s.d_s)).requires_grad_(),
-                  randn(s.n, s.d_t, 1.0), randn(s.v_t, s.d_t, 2 / math.sqrt(s.d_t)), labels)
+    x = Inputs(randn(s.n, s.d_s, 1.0).requires_grad_(),
+               randn(s.v, s.d_s, 2 / math.sqrt(s.d_s)).requires_grad_(),
+               randn(s.n, s.d_t, 1.0), randn(s.v_t, s.d_t, 2 / math.sqrt(s.d_t)), labels)
+    if problem.case.sparse_k is None:
+        return x
+    return replace(x, **sparse_targets(x, problem.opts, problem.case.sparse_k))
+
+
+def sparse_targets(x: Inputs, opts: DistillOptions, k: int) -> dict:
+    """The teacher's top-k (ids int32, log softmax(t / T) there in the inputs' dtype), as
+    `fastkd cache-teacher` stores them, over the shared ids; in row blocks (never N x V)."""
+    from fastkd.cache import topk_targets
+
+    shared = min(x.w_s.shape[0], x.w_t.shape[0])
+    rows = max(1, 2**26 // shared)
+    ids, logprobs = [], []
+    for i0 in range(0, x.h_t.shape[0], rows):
+        logits = torch.mm(x.h_t[i0:i0 + rows], x.w_t[:shared].t())
+        block_ids, block_lp = topk_targets(reference.softcap(logits.float(), opts.teacher_softcap),
+                                           opts.temperature, k)
+        ids.append(block_ids)
+        logprobs.append(block_lp.to(x.h_t.dtype))
+        del logits
+    return {"ids": torch.cat(ids), "logprobs": torch.cat(logprobs)}
 
 
 def input_copies(first: Inputs, device: torch.device) -> list[Inputs]:
@@ -191,19 +212,26 @@ def fp64_reference(x: Inputs, opts: DistillOptions, rows: int | None = None) -> 
         budget = torch.cuda.mem_get_info(dev)[0] // 8 if dev.type == "cuda" else 256 * 2**20
         rows = max(1, budget // ((vocab + shared) * 8 * 6))  # ~6 float64 logit-sized temporaries
     w_s, w_t = x.w_s.detach().double(), x.w_t.detach()[:shared].double()
+    sparse = x.ids is not None  # the sparse case: the spec of the sparse loss, tail "bucket"
     dh = torch.empty(n, d_s, dtype=torch.float64)
     dw = torch.zeros_like(w_s)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     for i0 in range(0, n, rows):
         h = x.h_s.detach()[i0:i0 + rows].double()
         s = torch.mm(h, w_s.t()).requires_grad_()
-        t = torch.mm(x.h_t[i0:i0 + rows].double(), w_t.t())
-        loss, _, _ = reference.token_losses(s, t, x.labels[i0:i0 + rows], opts)
+        if sparse:
+            loss, _, _ = reference.sparse_token_losses(
+                s, x.ids[i0:i0 + rows], x.logprobs[i0:i0 + rows].double(),
+                x.labels[i0:i0 + rows], opts, "bucket")
+        else:
+            t = torch.mm(x.h_t[i0:i0 + rows].double(), w_t.t())
+            loss, _, _ = reference.token_losses(s, t, x.labels[i0:i0 + rows], opts)
+            del t
         (g,) = torch.autograd.grad(loss.sum(), s)
         total += loss.detach().sum()
         dh[i0:i0 + rows] = torch.mm(g, w_s).cpu()
         dw.addmm_(g.t(), h)
-        del s, t, loss, g
+        del s, loss, g
     count = (x.labels != opts.ignore_index).sum().clamp(min=1).item()
     return Reference(loss=total.item() / count, dh=dh / count, dw=dw.cpu() / count)
 
@@ -356,7 +384,8 @@ def measure_mode(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inpu
     del loss, grads
     rotation = itertools.cycle(feeds)
     stats = time_calls(lambda: step(next(rotation)), dev, settings, estimate_ms)
-    flops = flop_floor(problem.shape, backward=mode == "fwd_bwd", teacher=problem.case.has_teacher)
+    flops = flop_floor(problem.shape, backward=mode == "fwd_bwd",
+                       teacher=problem.case.teacher_gemm)
     floor_ms = flops / (rate_tflops * 1e12) * 1e3
     return {"status": "ok", **stats, "first_call_ms": first_ms,
             "peak_mib": None if peak is None else peak / 2**20, "flops": flops,

@@ -15,6 +15,8 @@ Every adapter computes the loss `fastkd.reference` specifies, so one float64 gro
              call; its batchmean KL times kd_weight T^2 is the "kd" case.
 - cce:       Apple's cut-cross-entropy `linear_cross_entropy` (default impl and gradient filter),
              in the "ce" case beside fastkd at kd_weight = 0.
+In the "sparse" case fastkd is `fastkd.sparse_distill` (the fused sparse loss) and reference its
+spec with full logits; the teacher's top-k targets are inputs, formed before any timing.
 """
 
 from __future__ import annotations
@@ -48,29 +50,34 @@ class Problem:
 
 @dataclass(frozen=True)
 class Inputs:
-    """h_s (N, D_s), W_s (V, D_s), h_t (N, D_t), W_t (V_t, D_t), labels (N,) int64."""
+    """h_s (N, D_s), W_s (V, D_s), h_t (N, D_t), W_t (V_t, D_t), labels (N,) int64; for the
+    sparse case also the teacher's top-k targets, ids (N, k) int32 and logprobs (N, k)."""
 
     h_s: torch.Tensor
     w_s: torch.Tensor
     h_t: torch.Tensor
     w_t: torch.Tensor
     labels: torch.Tensor
+    ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.h_s, self.w_s, self.h_t, self.w_t, self.labels
 
     @property
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in self.tensors())
+        extra = [x for x in (self.ids, self.logprobs) if x is not None]
+        return sum(x.numel() * x.element_size() for x in (*self.tensors(), *extra))
 
     def clone(self) -> Inputs:
         h_s, w_s, h_t, w_t, labels = (x.detach().clone() for x in self.tensors())
-        return Inputs(h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t, labels)
+        return Inputs(h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t, labels, self.ids,
+                      self.logprobs)
 
     def detached(self) -> Inputs:
         """The same storage without requires_grad: what a forward-only call gets."""
         h_s, w_s, h_t, w_t, labels = (x.detach() for x in self.tensors())
-        return Inputs(h_s, w_s, h_t, w_t, labels)
+        return Inputs(h_s, w_s, h_t, w_t, labels, self.ids, self.logprobs)
 
 
 LossFn = Callable[[Inputs], torch.Tensor]
@@ -91,14 +98,22 @@ def _never(problem: Problem) -> str | None:
     return None
 
 
-def _build_fastkd(problem: Problem) -> LossFn:
+def _build_fastkd(problem: Problem, backend: str = "auto") -> LossFn:
     opts = problem.opts
-    return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts)
+    if problem.case.sparse_k is not None:
+        from fastkd.sparse import sparse_distill
+
+        return lambda x: sparse_distill(x.h_s, x.w_s, x.ids, x.logprobs, x.labels, opts,
+                                        backend=backend)
+    return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts, backend=backend)
 
 
 def _build_reference(problem: Problem) -> LossFn:
-    opts = problem.opts
-    return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts, backend="reference")
+    return _build_fastkd(problem, backend="reference")
+
+
+def _dense_only(problem: Problem) -> str | None:
+    return "dense teacher only" if problem.case.sparse_k is not None else None
 
 
 def _build_compile(problem: Problem) -> LossFn:
@@ -133,6 +148,8 @@ def _liger_kl_class() -> type | None:
 
 
 def _liger_common_skip(problem: Problem) -> str | None:
+    if (reason := _dense_only(problem)) is not None:
+        return reason
     if (reason := _peer_unavailable(problem, "liger_kernel", "liger-kernel")) is not None:
         return reason
     if problem.opts.kd_weight == 0:
@@ -220,7 +237,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("reference", "fastkd.reference: full N x V logits in the benchmark dtype",
            _build_reference, _never),
     Method("compile", "torch.compile(fastkd.reference.distill_loss), default options",
-           _build_compile, _never),
+           _build_compile, _dense_only),
     Method("liger", "liger_kernel LigerFusedLinearJSDLoss (beta 0 = forward KL, soft weight x T^2)",
            _build_liger, _skip_liger, "liger-kernel"),
     Method("liger_kl", "liger_kernel LigerFusedLinearKLDivLoss on softmax(teacher logits / T)",

@@ -22,7 +22,8 @@ from bench.shapes import X_NAMES  # noqa: E402
 COLUMNS = """Columns: **fwd ms**: forward only (the loss under `no_grad`), median. **fwd+bwd ms**:
 loss and dH, dW_s, median [20th, 80th percentile]. **TFLOP/s**: the fwd+bwd FLOP floor
 2·N_c·(3·V·D_s + K·D_t) over the N_c counted (not ignored) tokens (= 2·N·V·(3·D_s + D_t) when
-K = min(V, V_t) = V and no token is ignored; no teacher term in the CE-only case) over the median
+K = min(V, V_t) = V and no token is ignored; no teacher term in the CE-only and sparse cases:
+2·N_c·V·3·D_s) over the median
 time. **× floor**: the median time over the time the measured matmul
 rate needs for that floor (1.0 is the hardware's limit). **peak MiB**: peak memory of one fwd+bwd
 call beyond the inputs (the returned gradients included). **loss / dH / dW rel err**: against

@@ -12,7 +12,9 @@ The FLOP floor is the matmul work no method can skip (the softmax work is O(N V)
 over the N_c counted tokens (ignored ones need nothing):
     forward:           2 N_c (V D_s + K D_t)          student and teacher logits
     forward+backward:  2 N_c (3 V D_s + K D_t)        plus dH = G W_s and dW_s = G^T H_s
-With K = V that is the familiar 2 N V (3 D_s + D_t). The CE-only case has no teacher term.
+With K = V that is the familiar 2 N V (3 D_s + D_t). The CE-only case has no teacher term, nor
+has the sparse case (`fastkd.fused_sparse_distill_loss` on the teacher's top-k ids, as a teacher
+cache holds them: no teacher GEMM, floor 2 N_c V 3 D_s).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ IGNORED_SWEEP = {  # shares of ignored tokens of the "counted" sweep (at V_SWEEP
     "cpu": ((0.0, 0.5, 0.9), (0.0, 0.9)),
 }
 X_NAMES = {"vocab": "V", "counted": "counted tokens"}  # the swept variable; N elsewhere
+SPARSE_K = 64  # teacher ids per token of the sparse case (the cache's default k)
 
 
 @dataclass(frozen=True)
@@ -108,14 +111,21 @@ class Case:
     name: str
     title: str
     opts: DistillOptions
+    sparse_k: int | None = None  # the sparse loss on the teacher's top-k (log-probs precomputed)
 
     @property
     def has_teacher(self) -> bool:
         return self.opts.kd_weight > 0
 
+    @property
+    def teacher_gemm(self) -> bool:
+        """Whether the loss forms teacher logits (the sparse loss gets them as top-k log-probs)."""
+        return self.has_teacher and self.sparse_k is None
+
 
 def cases(temperature: float) -> dict[str, Case]:
-    """distill: the headline loss; kd: distillation only (Liger's fused-linear KL); ce: CE only."""
+    """distill: the headline loss; kd: distillation only (Liger's fused-linear KL); ce: CE only;
+    sparse: the headline loss's sparse form, on the teacher's top SPARSE_K ids (tail "bucket")."""
     t = f"{temperature:g}"
     return {
         "distill": Case("distill", f"0.5 CE + 0.5 T^2 KL(p||q), T={t}",
@@ -124,6 +134,10 @@ def cases(temperature: float) -> dict[str, Case]:
                    DistillOptions(temperature=temperature, ce_weight=0.0, kd_weight=1.0)),
         "ce": Case("ce", "CE only (kd_weight=0; a width-1 teacher fills the teacher arguments)",
                    DistillOptions(ce_weight=1.0, kd_weight=0.0)),
+        "sparse": Case("sparse", f"0.5 CE + 0.5 T^2 KL over the teacher's top-{SPARSE_K} ids + "
+                       f"the rest bucket (fastkd sparse loss, precomputed targets), T={t}",
+                       DistillOptions(temperature=temperature, ce_weight=0.5, kd_weight=0.5),
+                       sparse_k=SPARSE_K),
     }
 
 

@@ -51,7 +51,8 @@ def _distill_parser(sub) -> None:
     _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
     _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
     _option(g, "--teacher-cache", "train from a `fastkd cache-teacher` directory: no teacher "
-            "loaded, the sparse loss (needs --no-report)", metavar="CACHE_DIR")
+            "loaded, the sparse loss; the report measures KL on the cached held-out rows",
+            metavar="CACHE_DIR")
     _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
             "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))
     _option(g, "--seq-len", "tokens per packed sequence", type=int)
@@ -107,6 +108,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a smaller, faster plan (under a minute)")
     p.add_argument("--cache-dir", default=None,
                    help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
+    p.add_argument("--offline", action="store_true",
+                   help="also cache the teacher (top-k and sampled), distil from each cache and "
+                        "compare online, offline and hard-label students in the report")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
             started = time.perf_counter()
             results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
-                               progress=args.progress)
+                               progress=args.progress, offline=args.offline)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
         from fastkd.trainer import run_distillation

@@ -7,6 +7,11 @@
    corpus, the plan and the fastkd version: a second run skips it, an interrupted one resumes it.
 4. Student: a smaller Llama distilled from the teacher; then the same student trained on hard
    labels with the same budget; then the report (teacher, distilled, hard-label, int8 distilled).
+5. `offline=True` (`fastkd demo --offline`): the teacher cached twice (`fastkd.cache`, top-k and
+   sampled, kept beside the teacher), the same student distilled from each cache with no teacher
+   in memory, and a section of the report that puts the online, top-k, sampled and hard-label
+   students side by side (held-out perplexity, KL to the teacher, wall time, peak memory, cache
+   size on disk). The offline students' budget, seed and loss are the online student's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,8 @@ log = logging.getLogger("fastkd")
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 MAX_FILE_BYTES = 100_000  # skip generated giants (e.g. pydoc_data/topics.py): the sample mixes more
+# The offline variant's caches: k slots per position; the sampled cache draws as many samples.
+OFFLINE_K = 16
 
 
 @dataclass(frozen=True)
@@ -157,12 +165,14 @@ def _run(config: DistillConfig) -> dict:
 
 
 def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
-             cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+             cache_dir: str | Path | None = None, progress: bool = True,
+             offline: bool = False) -> dict:
     """Tokenizer, cached teacher, distilled student, hard-label baseline and report, under out/.
 
     Returns run_distillation's results for the student run, plus "teacher" (the trained teacher's
-    directory, "cached": whether it was reused). Re-running with the same out resumes (or repeats
-    only the report); an interrupted teacher resumes from its cache.
+    directory, "cached": whether it was reused) and with offline=True "offline" (`run_offline`).
+    Re-running with the same out resumes (or repeats only the report); an interrupted teacher
+    resumes from its cache.
     """
     plan = FAST if fast else FULL
     out = Path(out)
@@ -207,4 +217,57 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
                           teacher=str(teacher_dir), student=str(student_init), data=data,
                           out=str(out), progress=progress))
     result["teacher"] = {"dir": str(teacher_dir), "cached": cached}
+    if offline and result["status"] == "completed":
+        result["offline"] = run_offline(plan, out, teacher_root, data, progress, result)
+        if result["offline"]["status"] != "completed":
+            result["status"] = result["offline"]["status"]
+            result["signal"] = result["offline"]["signal"]
     return result
+
+
+def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: str,
+                   progress: bool) -> dict:
+    """The demo teacher's cache in `mode` (built once, kept beside the teacher): its directory,
+    size on disk, and the seconds its build took."""
+    from fastkd.cache import CachePlan, cache_teacher
+
+    cache = teacher_root / f"cache-{mode}-k{OFFLINE_K}"
+    timing = cache / "build_seconds.json"
+    started = time.perf_counter()
+    manifest = cache_teacher(CachePlan(
+        teacher=str(teacher_root / "run" / "student"), data=data, out=str(cache), mode=mode,
+        k=OFFLINE_K, samples=OFFLINE_K if mode == "sample" else None, temperature=2.0,
+        seq_len=plan.seq_len, batch_size=plan.batch_size, eval_fraction=0.05, seed=plan.seed,
+        device="cpu", progress=progress))
+    if not timing.is_file():  # built now (a reused cache keeps its first build's time)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    return {"dir": str(cache), "mode": mode, "k": OFFLINE_K, "bytes": manifest["bytes"],
+            "build_seconds": json.loads(timing.read_text())["seconds"]}
+
+
+def run_offline(plan: DemoPlan, out: Path, teacher_root: Path, data: list[str], progress: bool,
+                online: dict) -> dict:
+    """Distil the demo's student from a top-k and a sampled cache of its teacher (no teacher in
+    memory while training), measure every student against the teacher as the report does, and
+    append the side-by-side section to out/report.md (and out/offline.json)."""
+    students = {"online distillation (teacher in memory)":
+                {"summary": online["distill"], "cache": None, "online": True},
+                "hard labels (same budget)":
+                {"summary": online["baseline"], "cache": None, "online": False}}
+    names = {"topk": f"offline, top-{OFFLINE_K} cache", "sample":
+             f"offline, sampled cache ({OFFLINE_K} samples)"}
+    for mode, name in names.items():
+        cache = _teacher_cache(plan, teacher_root, data, mode, progress)
+        run = _run(_config(plan, plan.student_steps, plan.student_eval_every, lr=plan.student_lr,
+                           teacher=None, teacher_cache=cache["dir"],
+                           student=str(out / "student-init"), data=data,
+                           out=str(out / f"offline-{mode}"), baseline=False, report=False,
+                           progress=progress))
+        if run["status"] != "completed":
+            return {"status": run["status"], "signal": run["signal"]}
+        students[name] = {"summary": run["distill"], "cache": cache, "online": False}
+
+    from fastkd.report import offline_comparison
+
+    return {"status": "completed", "signal": None,
+            **offline_comparison(plan, out, teacher_root / "run" / "student", data, students)}

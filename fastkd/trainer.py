@@ -46,6 +46,7 @@ from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
 from fastkd.data import Batches, Blocks, load_blocks
 from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS, StudentLoss, TeacherForward
 from fastkd.loss import BACKENDS
+from fastkd.memory import PeakMemory
 from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
     LMHead,
     check_tokenizers,
@@ -155,9 +156,6 @@ class DistillConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.teacher_cache is not None and self.report:
-            raise ValueError("teacher_cache: the trade-off report needs the teacher model; pass "
-                             "report=False (--no-report): held-out CE and KD are still logged")
         if self.teacher is None and self.teacher_cache is None and (
                 self.kd_weight > 0 or self.baseline or self.report):
             raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
@@ -467,6 +465,7 @@ class PhaseResult:
     history: list[dict]
     checkpoint: Path | None
     student_dir: Path | None
+    peak_memory_bytes: int | None = None  # of this call's steps (fastkd.memory.PeakMemory)
 
 
 def train_phase(name: str, config: DistillConfig, phase_dir: Path,
@@ -531,6 +530,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
     saved_step = step if checkpoint is not None else None
     start_step = step
 
+    memory = PeakMemory(device).start()
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
                disable=not (config.progress and main), dynamic_ncols=True)
     postfix = {}
@@ -584,6 +584,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
                                              scheduler, batches, history)
                 saved_step = step
     bar.close()
+    peak_memory = memory.stop()
     if saved_step != step:
         checkpoint = save_checkpoint(phase_dir, step, student, tokenizer, optimizer, scheduler,
                                      batches, history)
@@ -597,7 +598,8 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
         status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
         log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
                  checkpoint)
-    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir)
+    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
+                       peak_memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +640,7 @@ def _phase_summary(result: PhaseResult | None) -> dict | None:
             "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
             "tokens": sum(r.get("tokens", 0) for r in result.history),
             "eval_ce": final.get("eval_ce"), "eval_ppl": final.get("eval_ppl"),
-            "eval_kd": final.get("eval_kd")}
+            "eval_kd": final.get("eval_kd"), "peak_memory_bytes": result.peak_memory_bytes}
 
 
 def run_distillation(config: DistillConfig) -> dict:

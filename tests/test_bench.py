@@ -146,3 +146,33 @@ def test_cpu_presets_are_small_and_keep_their_ratios():
         assert max(small.d_s, small.d_t) <= 256 and max(small.v, small.v_t) <= 8000
         assert (small.v_t > small.v) == (head.v_t > head.v) and small.softcap == head.softcap
     assert max(shapes.N_SWEEP["cpu"][0]) <= 256
+
+
+def test_sparse_case_runs_beside_the_dense_one():
+    """The sparse case: fastkd's sparse loss on precomputed top-k targets (the teacher's, from its
+    logits), checked against the sparse spec in float64, its floor without the teacher GEMM; the
+    dense-only peers skip it."""
+    settings = _tiny_settings(n_sweep=(13,))
+    sparse = replace(shapes.cases(2.0)["sparse"], sparse_k=5)
+    settings = replace(settings, cases=(settings.cases[0], sparse))
+    chosen = [methods.METHODS[m] for m in ("fastkd", "liger")]
+    doc = harness.run(settings, chosen, log=lambda line: None)
+    dense_row, sparse_row = _rows(doc, "fastkd")
+    assert (dense_row["case"], sparse_row["case"]) == ("distill", "sparse")
+    n_c, v, d_s = 13 - round(13 * 0.1), 40, 8
+    assert sparse_row["fwd_bwd"]["flops"] == 2 * n_c * v * 3 * d_s
+    assert dense_row["fwd_bwd"]["flops"] == 2 * n_c * v * (3 * d_s + 12)
+    check = sparse_row["check"]
+    assert check["loss_rel_diff"] < 1e-5 and check["dw_rel_diff"] < 1e-5
+    assert _rows(doc, "liger", "sparse")[0]["reason"] == "dense teacher only"
+    # the targets are the teacher's top-k of log softmax(t / T) over the shared ids
+    problem = methods.Problem(sparse, settings.shapes[0], torch.float64, torch.device("cpu"))
+    assert methods.METHODS["compile"].skip(problem) == "dense teacher only"
+    x = harness.make_inputs(problem, seed=1)
+    want = torch.log_softmax(x.h_t @ x.w_t[:v].T / 2.0, -1).topk(5, -1)
+    assert torch.equal(x.ids.long(), want.indices)
+    torch.testing.assert_close(x.logprobs, want.values)
+    ref = harness.fp64_reference(x, problem.opts, rows=4)
+    loss = reference.sparse_distill_loss(x.h_s, x.w_s, x.ids, x.logprobs, x.labels, problem.opts,
+                                         tail="bucket")[0]
+    assert ref.loss == pytest.approx(loss.item(), rel=1e-12)

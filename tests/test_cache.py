@@ -154,14 +154,24 @@ def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
                      "--steps", "4", "--warmup", "1", "--batch-size", "4", "--seq-len",
                      str(SEQ_LEN),
                      "--temperature", str(TEMPERATURE), "--eval-every", "2",
-                     "--eval-sequences", "8", "--no-baseline", "--no-report", "--no-progress",
-                     "--tokenizer", str(assets.root / "tokenizer")])
+                     "--eval-sequences", "8", "--no-baseline", "--no-progress",
+                     "--tokenizer", str(assets.root / "tokenizer"),
+                     *(["--no-report"] if tail == "bucket" else [])])
         assert code == 0
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert log[-1]["step"] == 4
         assert all(math.isfinite(r["eval_kd"]) and r["eval_kd"] >= 0 for r in log
                    if "eval_kd" in r)
         assert (run / "student" / "model.safetensors").is_file()
+    # the sampled run's report: the plug-in KL estimate, no agreement (not the teacher's argmax)
+    report = json.loads((tmp_path / "run-ignore" / "report.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["teacher"]["perplexity"] is None
+    assert rows["distilled student"]["top1_agreement"] is None
+    assert rows["distilled student"]["kl_to_teacher"] > 0
+    assert report["teacher_cache"]["kl_tail"] == "ignore"
+    assert "plug-in estimate" in (tmp_path / "run-ignore" / "report.md").read_text()
+    assert "| model | params |" in capsys.readouterr().out
     # a run whose temperature differs from the cache's is refused, naming both
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--teacher-cache", str(topk_cache), "--student", str(assets.student),
@@ -187,6 +197,53 @@ def test_distill_from_cache_api_matches_online_kd(assets, topk_cache, tmp_path):
     assert 0 < kd_cached <= kd_online * (1 + 1e-3)
     assert cached["history"][0]["eval_ce"] == pytest.approx(online["history"][0]["eval_ce"],
                                                             rel=1e-5)
-    with pytest.raises(ValueError, match="report needs the teacher"):
-        DistillConfig(teacher=None, out=str(tmp_path / "r"), teacher_cache=str(topk_cache),
-                      **{**base, "report": True})
+
+
+def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, topk_cache, tmp_path):
+    # the report of an offline run: no teacher model; the students' KL is the bucket KL on the
+    # cached top-k ids at the cache's temperature, checked here against the teacher's own logits
+    from transformers import AutoModelForCausalLM
+
+    result = run_distillation(DistillConfig(
+        teacher=None, teacher_cache=str(topk_cache), student=str(assets.student),
+        data=assets.data, out=str(tmp_path / "run"), steps=2, warmup=0, batch_size=4,
+        seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=2, eval_sequences=5,
+        progress=False, tokenizer=str(assets.root / "tokenizer")))
+    rows = {row["model"]: row for row in result["report"]["rows"]}
+    assert list(rows) == ["teacher", "distilled student", "hard-label student (same budget)",
+                          "distilled student, int8 dynamic"]
+    teacher_row = rows["teacher"]
+    assert teacher_row["perplexity"] is None and teacher_row["kl_to_teacher"] is None
+    assert teacher_row["tokens_per_s"] is None
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher, dtype=torch.float64)
+    assert teacher_row["params"] == sum(p.numel() for p in teacher.parameters())
+    assert teacher_row["size_bytes"] > 0
+
+    # independent float64 check on the 5 held-out sequences (the cache's held-out split)
+    heldout = TeacherCache(topk_cache).blocks("heldout").select(torch.arange(5))
+    student = AutoModelForCausalLM.from_pretrained(result["distill"]["student_dir"],
+                                                   dtype=torch.float64)
+    with torch.no_grad():
+        t = teacher(input_ids=heldout.input_ids).logits[:, :-1].flatten(0, 1)
+        s = student(input_ids=heldout.input_ids).logits[:, :-1].flatten(0, 1)
+    labels = heldout.input_ids[:, 1:].flatten()
+    valid = heldout.attention_mask[:, 1:].flatten().bool()
+    log_p, log_q = (torch.log_softmax(x / TEMPERATURE, -1) for x in (t, s))
+    top = log_p.topk(6, -1).indices
+    p_k, q_k = log_p.gather(-1, top).exp(), log_q.gather(-1, top).exp()
+    p_rest, q_rest = 1 - p_k.sum(-1), 1 - q_k.sum(-1)
+    bucket_kl = (p_k * (p_k / q_k).log()).sum(-1) + p_rest * (p_rest / q_rest).log()
+    full_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = torch.nn.functional.cross_entropy(s, labels, reduction="none")
+    agree = (s.argmax(-1) == t.argmax(-1)).double()
+    distilled = rows["distilled student"]
+    assert distilled["kl_to_teacher"] == pytest.approx(bucket_kl[valid].mean().item(), rel=1e-2)
+    assert distilled["kl_to_teacher"] < full_kl[valid].mean().item()  # a lower bound
+    assert distilled["perplexity"] == pytest.approx(math.exp(ce[valid].mean().item()), rel=1e-4)
+    assert distilled["top1_agreement"] == pytest.approx(agree[valid].mean().item(), abs=1e-9)
+
+    md = Path(result["report"]["md"]).read_text()
+    assert "Offline run" in md and "lower bound" in md and "| teacher |" in md
+    assert "n/a" in md and "Not measured" in md
+    report = json.loads(Path(result["report"]["json"]).read_text())
+    assert report["teacher_cache"]["mode"] == "topk" and report["teacher_cache"]["bytes"] > 0

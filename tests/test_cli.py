@@ -131,3 +131,43 @@ def test_demo_fast_runs_and_caches_its_teacher(tmp_path):
     again = run_demo(tmp_path / "demo2", fast=True, cache_dir=tmp_path / "cache", progress=False)
     assert again["teacher"]["cached"] and again["teacher"]["dir"] == first["teacher"]["dir"]
     assert [r["loss"] for r in again["history"][1:]] == [r["loss"] for r in first["history"][1:]]
+
+
+def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, monkeypatch):
+    # `fastkd demo --offline` on a shrunken fast plan: two teacher caches, two offline students,
+    # and the side-by-side section, measured with the report's own held-out metrics
+    import dataclasses
+
+    from fastkd import demo
+
+    small = dataclasses.replace(demo.FAST, corpus_bytes=50_000, teacher_steps=10,
+                                teacher_eval_every=10, student_steps=8, student_eval_every=8,
+                                eval_sequences=8)
+    monkeypatch.setattr(demo, "FAST", small)
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--offline", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    offline = json.loads((out / "offline.json").read_text())
+    rows = {row["student"]: row for row in offline["rows"]}
+    online = rows["online distillation (teacher in memory)"]
+    hard = rows["hard labels (same budget)"]
+    topk, sampled = rows["offline, top-16 cache"], rows["offline, sampled cache (16 samples)"]
+    assert len(rows) == 4 and online["teacher_in_memory"] and not topk["teacher_in_memory"]
+    # the online and hard-label students measured as the main report measures them
+    main_rows = {row["model"]: row for row in report["rows"]}
+    for row, name in ((online, "distilled student"), (hard, "hard-label student (same budget)")):
+        for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            assert row[key] == pytest.approx(main_rows[name][key], rel=1e-6)
+    for row, mode in ((topk, "topk"), (sampled, "sample")):
+        manifest = json.loads((Path(row["cache"]["dir"]) / "manifest.json").read_text())
+        assert manifest["mode"] == mode and manifest["k"] == 16
+        assert row["cache"]["bytes"] == manifest["bytes"] > 0
+        assert 1.0 < row["perplexity"] < 512 and row["kl_to_teacher"] > 0
+        assert row["train_seconds"] > 0 and row["peak_memory_bytes"] > 0
+        run_log = (out / f"offline-{mode}" / "log.jsonl").read_text().splitlines()
+        assert json.loads(run_log[-1])["step"] == small.student_steps
+    # the offline students learned from the teacher: distinct from the hard-label student
+    assert topk["kl_to_teacher"] != hard["kl_to_teacher"]
+    md = (out / "report.md").read_text()
+    assert "## Offline distillation" in md and "| offline, top-16 cache |" in md
