@@ -670,8 +670,8 @@ def run_distillation(config: DistillConfig) -> dict:
     if results["status"] == "completed" and config.report and distributed.is_main():
         from fastkd.report import write_report
 
-        if teacher is None:  # it was sharded: rank 0 loads it whole, alone
-            teacher = load_teacher(config, device)
+        if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads
+            teacher = load_teacher(config, device)  # it whole, alone
         results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
     results["seconds"] = time.perf_counter() - started
     return results
