@@ -78,18 +78,24 @@ def run_case(rank, world, group, case):
     one = fused_distill_loss(hs1, w1, h_t.to(dtype), w_t.to(dtype), labels, student_bias=b1,
                              teacher_bias=None if b_t is None else b_t.to(dtype), **kw)
     backward(one[0])
-    # the float64 spec
-    hs64, w64 = h_s.double().requires_grad_(), w_s.double().requires_grad_()
-    b64 = None if b_s is None else b_s.double().requires_grad_()
+    # the float64 spec, on the same (dtype-rounded) inputs
+    def f64(x):
+        return None if x is None else x.to(dtype).double()
+
+    hs64, w64 = f64(h_s).requires_grad_(), f64(w_s).requires_grad_()
+    b64 = None if b_s is None else f64(b_s).requires_grad_()
     opts = DistillOptions(**{k: kw[k] for k in ("temperature", "divergence", "beta", "skew",
                                                  "reduction", "student_softcap",
                                                  "teacher_softcap")})
-    spec = reference.distill_loss(hs64, w64, h_t.double(), w_t.double(), labels, opts, b64,
-                                  None if b_t is None else b_t.double())
+    spec = reference.distill_loss(hs64, w64, f64(h_t), f64(w_t), labels, opts, b64, f64(b_t))
     backward(spec[0])
 
     tol_one = 2e-5 if dtype == torch.float32 else 1.5e-2
-    tol_spec = 2e-5 if dtype == torch.float32 else 4e-2
+    tol_spec = 2e-5 if dtype == torch.float32 else 2e-2
+    if dtype == torch.bfloat16 and case["divergence"] == "tvd":
+        # sign(q - p) flips where bf16 logits and the fp64 spec's disagree on q ~ p: the gradient
+        # moves by O(1/N) there (measured 3.9e-2 of its max); one process agrees to 4e-3
+        tol_spec = 5e-2
     pairs = [("loss", out[0], one[0], spec[0]), ("ce", out[1], one[1], spec[1]),
              ("kd", out[2], one[2], spec[2]), ("dh", hs.grad, hs1.grad, hs64.grad),
              ("dW", w.grad, w1.grad[v0:v0 + rows], w64.grad[v0:v0 + rows])]
@@ -112,14 +118,16 @@ def suite(name: str, world: int) -> list[dict]:
         # vocabularies both ways (teacher smaller: the shared ids end inside the last shard)
         layouts = {2: [(37, 33, [20]), (37, 45, [11])],
                    3: [(41, 30, [10, 15]), (41, 25, [12, 13])]}[world]  # (3: empty teacher shard)
-        rotate = itertools.cycle(itertools.product(
-            (torch.float32, torch.bfloat16), ("mean", "none", "sum"), (1.0, 2.0, 0.5),
-            (None, 3.0), (False, True)))
         pairs = list(itertools.product(DIVERGENCES, ("torch", "triton")))
         if world == 3:  # each divergence once, the backends alternating (the suite's time)
             pairs = [(div, ("torch", "triton")[i % 2]) for i, div in enumerate(DIVERGENCES)]
         for i, (div, backend) in enumerate(pairs):
-            dtype, reduction, temp, cap, bias = next(rotate)
+            # each option cycles on its own period, so every value meets both backends
+            dtype = (torch.float32, torch.bfloat16)[i % 2]
+            reduction = ("mean", "none", "sum")[i % 3]
+            temp = (1.0, 2.0, 0.5)[(i // 3) % 3]
+            cap = (None, 3.0)[(i // 2) % 2]
+            bias = (False, True)[(i // 4) % 2]
             vocab, t_vocab, parts = layouts[i % 2]
             cases.append(dict(vocab=vocab, t_vocab=t_vocab, parts=parts, divergence=div,
                               backend=backend, dtype=dtype, reduction=reduction, T=temp, cap=cap,
