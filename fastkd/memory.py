@@ -1,5 +1,5 @@
 """Peak memory of a stretch of code: CUDA's peak allocated bytes, or on the CPU the peak anonymous
-resident memory of the process (RssAnon in /proc/self/status, sampled by a thread every few ms;
+resident memory of the process (RssAnon in /proc/self/status, sampled by a thread every 20 ms;
 file-backed pages such as memory-mapped cache shards and libraries are not counted)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class PeakMemory:
     holds, and memory a previous stretch left to the allocator).
     """
 
-    def __init__(self, device: torch.device, interval: float = 0.005):
+    def __init__(self, device: torch.device, interval: float = 0.02):
         self.device, self.interval = device, interval
         self.peak: int | None = None
         self._done = threading.Event()
