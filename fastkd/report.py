@@ -547,7 +547,7 @@ def render_offline(rows: list[dict], heldout: Blocks) -> str:
         "Training time: the optimizer steps only (evaluations included); a cache is built once "
         "and reused by every later run. Peak memory: on CUDA the peak allocated bytes; on the "
         "CPU the process's peak anonymous resident memory during the steps (RssAnon, sampled "
-        "every 5 ms; memory-mapped cache pages are file-backed and not counted). It is "
+        "every 20 ms; memory-mapped cache pages are file-backed and not counted). It is "
         "process-wide, and the runs share one process, so it compares them only roughly: a "
         "later run cannot read below what the allocator kept from an earlier one.",
         "",
