@@ -246,6 +246,50 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += torch.mm(a, b).float()  # one (V, D) half-precision temporary per chunk
 
 
+def counted_scale(labels, n: int, opts: DistillOptions, acc: torch.dtype, device):
+    """(valid, r): the counted-token mask and each token's gradient scale for the reduction (1
+    for "sum", 1/count for "mean", 0 at ignored tokens)."""
+    valid = (torch.ones(n, dtype=torch.bool, device=device) if labels is None
+             else labels != opts.ignore_index)
+    scale = valid.to(acc)
+    if opts.reduction == "mean":
+        scale = scale / valid.sum().clamp(min=1)
+    return valid, scale
+
+
+def reduced_outputs(ctx, per_token, valid, opts: DistillOptions):
+    """(loss, ce, kd) reduced by opts.reduction; ce and kd carry no gradient."""
+    out = [reference.reduce(x, valid, opts.reduction) for x in per_token]
+    ctx.mark_non_differentiable(out[1], out[2])
+    return out[0], out[1], out[2]
+
+
+def first_order_only() -> None:
+    """Autograd runs a backward in grad mode only for create_graph=True: refuse it loudly."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastkd's fused losses have no second derivative: their gradients come from "
+            "kernels, not from differentiable ops, so create_graph=True (double backward, "
+            "Hessian-vector products, gradient penalties) would silently drop terms. Use "
+            "backend='reference' for those."
+        )
+
+
+def input_grads(grads, need, in_dtypes, g):
+    """(dH, dW, db) cast to their inputs' dtypes, None where not needed; times the upstream
+    scalar g unless it is None (already folded in)."""
+    out = []
+    for grad, needed, dtype in zip(grads, need, in_dtypes, strict=True):
+        if not needed or grad is None:
+            out.append(None)
+            continue
+        cast = grad.to(dtype)  # a new tensor only when the dtype changes: scale it in place
+        if g is not None:
+            cast = cast.mul_(g) if cast is not grad else grad * g
+        out.append(cast)
+    return out
+
+
 class FusedDistillFunction(torch.autograd.Function):
     """Inputs flattened to (N, D); returns (loss, ce, kd) reduced by opts.reduction."""
 
@@ -255,15 +299,8 @@ class FusedDistillFunction(torch.autograd.Function):
         # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not.
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
-        n = h_s.shape[0]
-        valid = (
-            torch.ones(n, dtype=torch.bool, device=h_s.device)
-            if labels is None
-            else labels != opts.ignore_index
-        )
-        scale = valid.to(accumulator_dtype(dtypes))
-        if opts.reduction == "mean":
-            scale = scale / valid.sum().clamp(min=1)
+        valid, scale = counted_scale(labels, h_s.shape[0], opts, accumulator_dtype(dtypes),
+                                     h_s.device)
         loss_i, ce_i, kd_i, (dh, dw, db) = _chunks(
             h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, backend, chunk, dtypes, grads_now,
             shard,
@@ -276,19 +313,11 @@ class FusedDistillFunction(torch.autograd.Function):
         elif any(need):  # reduction "none"
             ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, valid)
         ctx.grads_now = grads_now
-        out = [reference.reduce(x, valid, opts.reduction) for x in (loss_i, ce_i, kd_i)]
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out[0], out[1], out[2]
+        return reduced_outputs(ctx, (loss_i, ce_i, kd_i), valid, opts)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph
-            raise RuntimeError(
-                "fastkd's fused loss has no second derivative: its gradients come from kernels, "
-                "not from differentiable ops, so create_graph=True (double backward, Hessian-"
-                "vector products, gradient penalties) would silently drop terms. Use "
-                "backend='reference' for those."
-            )
+        first_order_only()
         need = ctx.needs_input_grad[:3]
         if ctx.grads_now:
             dh, dw, db = ctx.saved_tensors
@@ -301,13 +330,5 @@ class FusedDistillFunction(torch.autograd.Function):
                 ctx.dtypes, True, ctx.shard,
             )
             g = None
-        out = []
-        for grad, needed, dtype in zip((dh, dw, db), need, ctx.in_dtypes, strict=True):
-            if not needed or grad is None:
-                out.append(None)
-                continue
-            cast = grad.to(dtype)  # a new tensor only when the dtype changes: scale it in place
-            if g is not None:
-                cast = cast.mul_(g) if cast is not grad else grad * g
-            out.append(cast)
+        out = input_grads((dh, dw, db), need, ctx.in_dtypes, g)
         return (*out, None, None, None, None, None, None, None, None, None, None)

@@ -17,7 +17,11 @@ from fastkd import reference
 from fastkd.autograd import (
     accumulator_dtype,
     cast_or_none,
+    counted_scale,
     default_chunk_size,
+    first_order_only,
+    input_grads,
+    reduced_outputs,
     student_chunks,
 )
 from fastkd.loss import BACKENDS, _check_inputs, _check_tensor, _compute_dtypes, _resolve_backend
@@ -80,12 +84,8 @@ class FusedSparseDistillFunction(torch.autograd.Function):
                 chunk, dtype, grad_enabled):
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
-        n = h_s.shape[0]
-        valid = (torch.ones(n, dtype=torch.bool, device=h_s.device) if labels is None
-                 else labels != opts.ignore_index)
-        scale = valid.to(accumulator_dtype((dtype, dtype)))
-        if opts.reduction == "mean":
-            scale = scale / valid.sum().clamp(min=1)
+        valid, scale = counted_scale(labels, h_s.shape[0], opts,
+                                     accumulator_dtype((dtype, dtype)), h_s.device)
         loss_i, ce_i, kd_i, (dh, dw, db) = _chunked(
             h_s, w_s, b_s, ids, logprobs, labels, scale, opts, tail, backend, chunk, dtype,
             grads_now)
@@ -96,17 +96,11 @@ class FusedSparseDistillFunction(torch.autograd.Function):
         elif any(need):  # reduction "none"
             ctx.save_for_backward(h_s, w_s, b_s, ids, logprobs, labels, valid)
         ctx.grads_now = grads_now
-        out = [reference.reduce(x, valid, opts.reduction) for x in (loss_i, ce_i, kd_i)]
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out[0], out[1], out[2]
+        return reduced_outputs(ctx, (loss_i, ce_i, kd_i), valid, opts)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fastkd's fused sparse loss has no second derivative (its gradients come from "
-                "kernels): create_graph=True would silently drop terms. Use backend='reference'."
-            )
+        first_order_only()
         need = ctx.needs_input_grad[:3]
         if ctx.grads_now:
             dh, dw, db = ctx.saved_tensors
@@ -118,15 +112,7 @@ class FusedSparseDistillFunction(torch.autograd.Function):
                 h_s, w_s, b_s, ids, logprobs, labels, scale, ctx.opts, ctx.tail, ctx.backend,
                 ctx.chunk, ctx.dtype, True)
             g = None
-        out = []
-        for grad, needed, dtype in zip((dh, dw, db), need, ctx.in_dtypes, strict=True):
-            if not needed or grad is None:
-                out.append(None)
-                continue
-            cast = grad.to(dtype)
-            if g is not None:
-                cast = cast.mul_(g) if cast is not grad else grad * g
-            out.append(cast)
+        out = input_grads((dh, dw, db), need, ctx.in_dtypes, g)
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
