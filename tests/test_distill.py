@@ -337,10 +337,11 @@ CUOBJDUMP = str(Path(PTXAS).with_name("cuobjdump"))
 aligned = ("s_ptr", "t_ptr", "y_ptr", "scale_ptr", "loss_ptr", "ce_ptr", "kd_ptr", "stride_s",
            "stride_t")
 flags = (True, False)
-report = []
+jobs = []  # (kernel, types, constexprs, aligned args, variant), compiled in parallel below
 
 
-def analyse(kernel, types, consts, aligned_names, variant):
+def analyse(name, types, consts, aligned_names, variant):
+    kernel = globals()[name]  # by name: the pool pickles the job, not the JITFunction
     sig = dict(zip(kernel.arg_names, types, strict=True))
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -360,12 +361,12 @@ def analyse(kernel, types, consts, aligned_names, variant):
     loops = [(int(m.group(1), 16), a) for a, op in code
              if (m := re.search(r"BRA\s+0x([0-9a-f]+)", op)) and int(m.group(1), 16) < a]
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
-    report.append(dict(variant=variant, cubin=len(compiled.asm["cubin"]),
-                       loads=re.findall(r"ld\.global[\w.:]*", ptx),
-                       stores=re.findall(r"st\.global[\w.:]*", ptx),
-                       regs=int(re.search(r"Used (\d+) registers", info).group(1)),
-                       spill_bytes=sum(spills), local_ops=len(local), loops=len(loops),
-                       local_in_loops=sum(lo <= a <= hi for a in local for lo, hi in loops)))
+    return dict(variant=variant, cubin=len(compiled.asm["cubin"]),
+                loads=re.findall(r"ld\.global[\w.:]*", ptx),
+                stores=re.findall(r"st\.global[\w.:]*", ptx),
+                regs=int(re.search(r"Used (\d+) registers", info).group(1)),
+                spill_bytes=sum(spills), local_ops=len(local), loops=len(loops),
+                local_in_loops=sum(lo <= a <= hi for a in local for lo, hi in loops))
 
 
 for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6), flags, flags,
@@ -376,22 +377,27 @@ for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6),
              "i64", "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 6
     consts = dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_S_CAP=caps, HAS_T_CAP=caps,
                   COMPUTE_GRAD=grad, BLOCK_V=DEFAULT_BLOCK_V)
-    analyse(kernel, types, consts, aligned, [dt, div, labels, caps, grad])
+    jobs.append(("kernel", types, consts, aligned, [dt, div, labels, caps, grad]))
 
 # the vocab-parallel entry points, bf16 with labels and softcaps
 ptrs = ("s_ptr", "t_ptr", "y_ptr", "scale_ptr", "stride_s", "stride_t")
 for div in range(6):
     caps = dict(HAS_S_CAP=True, HAS_T_CAP=True, BLOCK_V=DEFAULT_BLOCK_V, DIVERGENCE=div)
-    analyse(distill_stats_kernel, ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64", "i64",
-                                   "i32", "i32", "fp32", "fp32", "fp32"] + ["constexpr"] * 5,
-            dict(HAS_LABELS=True, **caps), ptrs[:3] + ptrs[4:], ["tp-stats", div])
+    jobs.append(("distill_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
+                                        "i64", "i32", "i32", "fp32", "fp32", "fp32"]
+                 + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs[:3] + ptrs[4:],
+                 ["tp-stats", div]))
     if div >= 2:
-        analyse(distill_partials_kernel, ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64", "i64",
-                                          "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 4,
-                caps, ptrs[:2] + ptrs[4:], ["tp-partials", div])
-    analyse(distill_grad_kernel, ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32", "i64",
-                                  "i64", "i32", "i32"] + ["fp32"] * 6 + ["constexpr"] * 5,
-            dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div])
+        jobs.append(("distill_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
+                                               "i64", "fp32", "fp32", "fp32", "fp32"]
+                     + ["constexpr"] * 4, caps, ptrs[:2] + ptrs[4:], ["tp-partials", div]))
+    jobs.append(("distill_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
+                                       "i64", "i64", "i32", "i32"] + ["fp32"] * 6
+                 + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div]))
+# compile in parallel (fork: the workers inherit the kernels); results in job order
+import multiprocessing, os
+with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+    report = pool.starmap(analyse, jobs)
 print(json.dumps(report))
 """
 
