@@ -199,6 +199,19 @@ def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+def _reduced(loss, ce, kd, flat_labels, opts: DistillOptions, lead):
+    """Per-token (loss, ce, kd) reduced by opts.reduction over the counted tokens; ce and kd
+    detached; "none" back to the leading shape."""
+    if flat_labels is None:
+        valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
+    else:
+        valid = flat_labels != opts.ignore_index
+    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
+    if opts.reduction == "none":
+        out = [x.reshape(lead) for x in out]
+    return out[0], out[1], out[2]
+
+
 def distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -225,14 +238,7 @@ def distill_loss(
     t = t.to(s.dtype)
     flat_labels = None if labels is None else labels.reshape(-1)
     loss, ce, kd = token_losses(s, t, flat_labels, opts)
-    if flat_labels is None:
-        valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
-    else:
-        valid = flat_labels != opts.ignore_index
-    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
-    if opts.reduction == "none":
-        out = [x.reshape(lead) for x in out]
-    return out[0], out[1], out[2]
+    return _reduced(loss, ce, kd, flat_labels, opts, lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,11 +407,4 @@ def sparse_distill_loss(
     loss, ce, kd = sparse_token_losses(s, teacher_ids.reshape(-1, k),
                                        teacher_logprobs.reshape(-1, k).detach(), flat_labels,
                                        opts, tail)
-    if flat_labels is None:
-        valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
-    else:
-        valid = flat_labels != opts.ignore_index
-    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
-    if opts.reduction == "none":
-        out = [x.reshape(lead) for x in out]
-    return out[0], out[1], out[2]
+    return _reduced(loss, ce, kd, flat_labels, opts, lead)
