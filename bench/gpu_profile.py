@@ -12,6 +12,10 @@
 Writes profile.json (rewritten after every step, so a cut-off run leaves its figures) and
 profile.md into --out. Timing: `triton.testing.do_bench` (CUDA events, L2 flushed before each
 call), median and [20th, 80th] percentiles.
+
+`--device cpu` with small sizes (the kernels under TRITON_INTERPRET=1) runs every step as a
+rehearsal, so that a GPU session does not find the script's own bugs: the tests do this. Its
+figures are CPU numbers and are labelled so.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from fastkd.kernels import distill as kernel
 from triton.testing import do_bench
 
 import fastkd
-from bench.harness import compare, device_info, fp64_reference, make_inputs, measure_peak, versions
+from bench.harness import (
+    _release,
+    _sync,
+    compare,
+    device_info,
+    fp64_reference,
+    make_inputs,
+    measure_peak,
+    versions,
+)
 from bench.methods import Problem
 from bench.shapes import PRESETS, Shape, cases, flop_floor
 from fastkd.autograd import ROW_ALIGN, padded_rows
@@ -37,25 +50,40 @@ from fastkd.autograd import ROW_ALIGN, padded_rows
 Q = [0.5, 0.2, 0.8]
 
 
-def bench(fn, rep_ms: float = 300) -> dict:
-    med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=Q)
+def bench(fn, dev: torch.device, rep_ms: float = 300) -> dict:
+    if dev.type == "cuda":
+        med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=Q)
+    else:  # the CPU rehearsal: three timed calls after one warm-up
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        med, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
+            torch.tensor(Q, dtype=torch.float64)).tolist()
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
 
 
-def ceilings(dev: torch.device) -> dict:
-    src = torch.randn(2**29, device=dev, dtype=torch.float32)  # 2 GiB
+def ceilings(dev: torch.device, gemm_n: int = 8192, copy_numel: int = 2**29) -> dict:
+    src = torch.randn(copy_numel, device=dev, dtype=torch.float32)  # 2 GiB by default
     dst = torch.empty_like(src)
-    copy = bench(lambda: dst.copy_(src))
+    copy = bench(lambda: dst.copy_(src), dev)
     nbytes = 2 * src.numel() * src.element_size()
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    gemm = bench(lambda: torch.mm(a, b))
+    a = torch.randn(gemm_n, gemm_n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(gemm_n, gemm_n, device=dev, dtype=torch.bfloat16)
+    gemm = bench(lambda: torch.mm(a, b), dev)
     return {"copy": {**copy, "gbps": nbytes / copy["median_ms"] / 1e6},
-            "gemm_bf16_8192": {**gemm, "tflops": 2 * 8192**3 / gemm["median_ms"] / 1e9}}
+            "gemm_bf16": {**gemm, "n": gemm_n,
+                          "tflops": 2 * gemm_n**3 / gemm["median_ms"] / 1e9}}
 
 
-def problem(head: str, n: int, dev: torch.device) -> Problem:
+def problem(head: str, n: int, dev: torch.device, scale: tuple[int, int] = (1, 1)) -> Problem:
+    """The "distill" case at a preset head, bf16; scale = (D divisor, V divisor) shrinks the head
+    (the CPU rehearsal)."""
     h = PRESETS[head]
+    if scale != (1, 1):
+        h = h.scaled(*scale)
     shape = Shape(h.name, h.title, n, h.d_s, h.d_t, h.v, h.v_t, h.softcap)
     return Problem(cases(2.0)["distill"], shape, torch.bfloat16, dev)
 
@@ -67,21 +95,30 @@ def step_fn(x, opts, **kw):
     return step
 
 
-GEMM_NAMES = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "splitk")
+GEMM_NAMES = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "splitk",
+              "aten::mm", "aten::addmm", "aten::bmm")
 
 
 def breakdown(step, dev: torch.device, iters: int = 3) -> dict:
-    """Device time per call by kernel class, from torch.profiler over `iters` calls."""
+    """Device time per call by kernel class, from torch.profiler over `iters` calls (on CPU: the
+    operators' self time; the interpreted row kernel counts as "other" there)."""
+    cuda = dev.type == "cuda"
     step()
-    torch.cuda.synchronize(dev)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    _sync(dev)
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(iters):
             step()
-        torch.cuda.synchronize(dev)
+        _sync(dev)
     per_kernel: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if us and getattr(evt, "device_type", None) != torch.autograd.DeviceType.CPU:
+        if cuda:
+            us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CPU:
+                continue
+        else:
+            us = evt.self_cpu_time_total
+        if us:
             per_kernel[evt.key] += us / 1e3 / iters
     classes: dict[str, float] = defaultdict(float)
     for name, ms in per_kernel.items():
@@ -94,43 +131,45 @@ def breakdown(step, dev: torch.device, iters: int = 3) -> dict:
             "top_kernels": [{"name": k[:160], "ms": v} for k, v in top]}
 
 
-def target(head: str, dev: torch.device, rate: float, log) -> dict:
-    prob = problem(head, 8192, dev)
+def target(head: str, n: int, dev: torch.device, rate: float, log,
+           scale: tuple[int, int] = (1, 1)) -> dict:
+    prob = problem(head, n, dev, scale)
     x = make_inputs(prob, seed=0)
     opts = prob.opts
     ref = fp64_reference(x, opts)
-    torch.cuda.empty_cache()
+    _release(dev)
     step = step_fn(x, opts)
     step()
     (loss, grads), peak = measure_peak(step, dev)
     check = compare(loss, grads, ref)
     del loss, grads, ref
-    t = bench(step)
+    t = bench(step, dev)
     floor_ms = flop_floor(prob.shape, backward=True) / (rate * 1e12) * 1e3
     out = {"shape": vars(prob.shape), "options": repr(opts), "fwd_bwd": t,
            "floor_ms": floor_ms, "x_floor": t["median_ms"] / floor_ms,
-           "peak_mib": peak / 2**20, "check": check, "breakdown": breakdown(step, dev)}
+           "peak_mib": (peak or 0) / 2**20, "check": check, "breakdown": breakdown(step, dev)}
     with torch.no_grad():
-        fwd = bench(lambda: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts))
+        fwd = bench(lambda: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts), dev)
     out["fwd"] = fwd
-    log(f"[{head} N=8192] fwd+bwd {t['median_ms']:.2f} ms ({out['x_floor']:.2f}x floor "
+    log(f"[{head} N={n}] fwd+bwd {t['median_ms']:.2f} ms ({out['x_floor']:.2f}x floor "
         f"{floor_ms:.2f} ms), fwd {fwd['median_ms']:.2f} ms, peak {out['peak_mib']:.0f} MiB, "
         f"loss rel {check['loss_rel_diff']:.1e} dH {check['dh_rel_diff']:.1e} "
         f"dW {check['dw_rel_diff']:.1e}; breakdown {out['breakdown']['ms_per_call']}")
     return out
 
 
-def chunk_sweep(dev: torch.device, chunks: list[int], log) -> list[dict]:
-    prob = problem("llama", 8192, dev)
+def chunk_sweep(dev: torch.device, n: int, chunks: list[int], log,
+                scale: tuple[int, int] = (1, 1)) -> list[dict]:
+    prob = problem("llama", n, dev, scale)
     x = make_inputs(prob, seed=1)
     rows = []
     for chunk in chunks:
         step = step_fn(x, prob.opts, chunk_size=chunk)
         step()
         _, peak = measure_peak(step, dev)
-        t = bench(step, rep_ms=200)
-        rows.append({"chunk": chunk, **t, "peak_mib": peak / 2**20})
-        log(f"[chunk {chunk}] {t['median_ms']:.2f} ms, peak {peak / 2**20:.0f} MiB")
+        t = bench(step, dev, rep_ms=200)
+        rows.append({"chunk": chunk, **t, "peak_mib": (peak or 0) / 2**20})
+        log(f"[chunk {chunk}] {t['median_ms']:.2f} ms, peak {rows[-1]['peak_mib']:.0f} MiB")
     return rows
 
 
@@ -154,44 +193,47 @@ def row_kernel_sweep(dev: torch.device, configs, log, n: int = 1024, vocab: int 
             kernel.distill_rows(s, t, labels, scale, *outs, opts, True, block_v=block_v,
                                 num_warps=warps)
         call()
-        r = bench(call, rep_ms=100)
-        rows.append({"divergence": divergence, "block_v": block_v, "num_warps": warps, **r,
-                     "gbps": nbytes / r["median_ms"] / 1e6})
+        r = bench(call, dev, rep_ms=100)
+        rows.append({"divergence": divergence, "n": n, "vocab": vocab, "block_v": block_v,
+                     "num_warps": warps, **r, "gbps": nbytes / r["median_ms"] / 1e6})
         log(f"[row kernel {divergence} BLOCK_V={block_v} warps={warps}] {r['median_ms']:.3f} ms "
             f"{rows[-1]['gbps']:.0f} GB/s")
     return rows
 
 
-def flat_in_n(dev: torch.device, ns: list[int], log) -> list[dict]:
+def flat_in_n(dev: torch.device, ns: list[int], log, scale: tuple[int, int] = (1, 1)) -> list[dict]:
     rows = []
     for n in ns:
-        prob = problem("llama", n, dev)
+        prob = problem("llama", n, dev, scale)
         x = make_inputs(prob, seed=3)
         step = step_fn(x, prob.opts)
         step()
         _, peak = measure_peak(step, dev)
-        t = bench(step, rep_ms=200)
-        rows.append({"n": n, **t, "peak_mib": peak / 2**20})
-        log(f"[flat N={n}] {t['median_ms']:.2f} ms, peak {peak / 2**20:.0f} MiB")
+        t = bench(step, dev, rep_ms=200)
+        rows.append({"n": n, **t, "peak_mib": (peak or 0) / 2**20})
+        log(f"[flat N={n}] {t['median_ms']:.2f} ms, peak {rows[-1]['peak_mib']:.0f} MiB")
         del x, step
-        torch.cuda.empty_cache()
+        _release(dev)
     return rows
 
 
-def guarded(fn, *args):
+def guarded(dev: torch.device, fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as err:  # one shape failing must not lose the others
-        torch.cuda.empty_cache()
+        _release(dev)
         return {"error": f"{type(err).__name__}: {err}"[:2000]}
 
 
 def markdown(doc: dict) -> str:
     c = doc.get("ceilings", {})
-    lines = [f"# GPU profile: {doc['device']['name']}", "",
+    gemm = c.get("gemm_bf16", {})
+    cpu = doc["device"].get("type") == "cpu"
+    title = ("CPU rehearsal (CPU numbers, not GPU)" if cpu else "GPU profile")
+    lines = [f"# {title}: {doc['device']['name']}", "",
              f"Copy {c.get('copy', {}).get('gbps', math.nan):.0f} GB/s, bf16 GEMM "
-             f"{c.get('gemm_bf16_8192', {}).get('tflops', math.nan):.0f} TFLOP/s (8192^3). "
-             "Times are medians (do_bench, L2 flushed).", "",
+             f"{gemm.get('tflops', math.nan):.0f} TFLOP/s ({gemm.get('n', '?')}^3). Times are "
+             + ("medians of 3 calls." if cpu else "medians (do_bench, L2 flushed)."), "",
              "| shape | fwd+bwd ms | × floor | fwd ms | peak MiB | loss / dH / dW rel err | "
              "GEMM ms | row kernel ms | other ms |", "|---|---|---|---|---|---|---|---|---|"]
     for head, r in doc.get("targets", {}).items():
@@ -200,11 +242,11 @@ def markdown(doc: dict) -> str:
             continue
         b, ck = r["breakdown"]["ms_per_call"], r["check"]
         lines.append(
-            f"| {head} N=8192 | {r['fwd_bwd']['median_ms']:.2f} [{r['fwd_bwd']['p20_ms']:.2f}, "
-            f"{r['fwd_bwd']['p80_ms']:.2f}] | {r['x_floor']:.2f} | {r['fwd']['median_ms']:.2f} | "
-            f"{r['peak_mib']:.0f} | {ck['loss_rel_diff']:.1e} / {ck['dh_rel_diff']:.1e} / "
-            f"{ck['dw_rel_diff']:.1e} | {b.get('gemm', 0):.2f} | {b.get('row kernel', 0):.2f} | "
-            f"{b.get('other', 0):.2f} |")
+            f"| {head} N={r['shape']['n']} | {r['fwd_bwd']['median_ms']:.2f} "
+            f"[{r['fwd_bwd']['p20_ms']:.2f}, {r['fwd_bwd']['p80_ms']:.2f}] | {r['x_floor']:.2f} | "
+            f"{r['fwd']['median_ms']:.2f} | {r['peak_mib']:.0f} | {ck['loss_rel_diff']:.1e} / "
+            f"{ck['dh_rel_diff']:.1e} / {ck['dw_rel_diff']:.1e} | {b.get('gemm', 0):.2f} | "
+            f"{b.get('row kernel', 0):.2f} | {b.get('other', 0):.2f} |")
     if doc.get("chunks"):
         lines += ["", "| chunk | fwd+bwd ms | peak MiB |", "|---|---|---|"]
         lines += [f"| {r['chunk']} | {r['median_ms']:.2f} | {r['peak_mib']:.0f} |"
@@ -217,28 +259,47 @@ def markdown(doc: dict) -> str:
         lines += ["", "| N | fwd+bwd ms | peak MiB |", "|---|---|---|"]
         lines += [f"| {r['n']} | {r['median_ms']:.2f} | {r['peak_mib']:.0f} |"
                   for r in doc["flat_in_n"]]
+    errors = [f"{k}: {v}" for k, v in doc.items() if k.endswith("_error")]
+    errors += [f"{h}: {r['error']}" for h, r in doc.get("targets", {}).items() if "error" in r]
+    if errors:
+        lines += ["", "Errors:", *[f"- {e[:300]}" for e in errors]]
     return "\n".join(lines) + "\n"
+
+
+def _pair(text: str) -> tuple[int, int]:
+    d, v = (int(t) for t in text.split(","))
+    return d, v
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for the rehearsal")
     p.add_argument("--steps", default="ceilings,targets,chunks,row_kernel,flat_in_n")
     p.add_argument("--heads", default="llama,gemma")
+    p.add_argument("--n", type=int, default=8192, help="tokens of the targets and chunk sweep")
+    p.add_argument("--scale", type=_pair, default=(1, 1), metavar="D_DIV,V_DIV",
+                   help="shrink the heads: widths / D_DIV, vocabularies / V_DIV")
     p.add_argument("--chunks", default="512,1024,2048,4096")
     p.add_argument("--blocks", default="1024,2048,4096,8192")
     p.add_argument("--warps", default="4,8,16")
+    p.add_argument("--row-shape", type=_pair, default=(1024, 128256), metavar="N,V",
+                   help="the row kernel sweep's chunk of logits")
     p.add_argument("--ns", default="2048,8192,32768")
+    p.add_argument("--gemm-n", type=int, default=8192, help="the ceiling GEMM's size")
+    p.add_argument("--copy-mib", type=int, default=2048, help="the ceiling copy's size")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device (for a rehearsal on CPU: --device cpu, small sizes)")
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"device": device_info(dev), "versions": versions(), "row_align": ROW_ALIGN,
            "kernel_defaults": {"block_v": kernel.DEFAULT_BLOCK_V,
                                "num_warps": kernel.DEFAULT_NUM_WARPS},
-           "triton": triton.__version__}
+           "triton": triton.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    if dev.type == "cpu":
+        doc["note"] = "CPU numbers, not GPU (a rehearsal of the GPU session's script)"
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -254,19 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps.split(",")
     rate = 790.0
     if "ceilings" in steps:
-        doc["ceilings"] = ceilings(dev)
-        rate = doc["ceilings"]["gemm_bf16_8192"]["tflops"]
+        doc["ceilings"] = ceilings(dev, args.gemm_n, args.copy_mib * 2**20 // 4)
+        rate = doc["ceilings"]["gemm_bf16"]["tflops"]
         log(f"copy {doc['ceilings']['copy']['gbps']:.0f} GB/s, GEMM {rate:.0f} TFLOP/s")
         save()
     doc["gemm_rate_tflops"] = rate
+    row_n, row_v = args.row_shape
     for name, run in (
-        ("targets", lambda: {h: guarded(target, h, dev, rate, log) for h in args.heads.split(",")}),
-        ("chunks", lambda: chunk_sweep(dev, ints(args.chunks), log)),
+        ("targets", lambda: {h: guarded(dev, target, h, args.n, dev, rate, log, args.scale)
+                             for h in args.heads.split(",")}),
+        ("chunks", lambda: chunk_sweep(dev, args.n, ints(args.chunks), log, args.scale)),
         ("row_kernel", lambda: row_kernel_sweep(
-            dev, [(b, w) for b in ints(args.blocks) for w in ints(args.warps)], log)
+            dev, [(b, w) for b in ints(args.blocks) for w in ints(args.warps)], log, row_n, row_v)
             + row_kernel_sweep(dev, [(kernel.DEFAULT_BLOCK_V, kernel.DEFAULT_NUM_WARPS)], log,
-                               divergence="jsd")),
-        ("flat_in_n", lambda: flat_in_n(dev, ints(args.ns), log)),
+                               row_n, row_v, divergence="jsd")),
+        ("flat_in_n", lambda: flat_in_n(dev, ints(args.ns), log, args.scale)),
     ):
         if name not in steps:
             continue
@@ -275,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # keep going: the other steps' figures still count
             doc[name + "_error"] = f"{type(err).__name__}: {err}"[:2000]
             log(f"{name} failed: {doc[name + '_error']}")
-        torch.cuda.empty_cache()
+        _release(dev)
         save()
-    print(markdown(doc))
-    return 0
+    text = markdown(doc)
+    print(text)
+    return 1 if "\nErrors:" in text else 0
 
 
 if __name__ == "__main__":

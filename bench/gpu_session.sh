@@ -9,10 +9,13 @@
 # Budget: BUDGET_S seconds in all (default 560); each step gets a share and a hard timeout.
 # Peers travel as wheels in .whl/ (see bench/README.md); absent ones are recorded as skipped.
 # Extra arguments go to pytest's selection, e.g. `bench/gpu_session.sh -k jsd`.
+# Rehearsal on CPU (tests/test_bench.py runs it): INSTALL=0 TEST_DEVICE=cpu, PROFILE_ARGS and
+# BENCH_ARGS that say --device cpu and small sizes, a -k selection of a few tests.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 BUDGET_S=${BUDGET_S:-560}
 STEPS=${STEPS:-tests,profile,bench}
+INSTALL=${INSTALL:-1}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -22,16 +25,18 @@ stamp() { echo "=== [$(($(date +%s) - start))s] $*"; }
 pack() { tar czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null; }
 
 stamp "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
+  || echo "no nvidia-smi"
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 stamp "install"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$INSTALL" = 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -m pip install -q --no-deps --no-build-isolation -e . 2>"$OUT/pip.err"; then
+if [ "$INSTALL" = 1 ] && ! python3 -m pip install -q --no-deps --no-build-isolation -e . \
+    2>"$OUT/pip.err"; then
   echo "pip install -e . failed (see pip.err); importing from a copy instead"
   rm -rf /tmp/fastkd_src && mkdir -p /tmp/fastkd_src && cp -r fastkd /tmp/fastkd_src/ \
     && cp -r kernels /tmp/fastkd_src/fastkd/kernels
@@ -43,9 +48,11 @@ python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|transformers|tor
 
 if [[ $STEPS == *tests* ]]; then
   stamp "pytest on CUDA (the loss and API tests; the kernels compiled, not interpreted)"
-  FASTKD_TEST_DEVICE=cuda timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider \
-    tests/test_distill.py tests/test_loss_api.py tests/test_sparse.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" \
-    "$@"
+  # pytest-xdist (in the GPU image) spreads the tests, and so the kernels' compilation, over CPUs
+  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-6}")
+  FASTKD_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout $(( $(left) / 3 )) \
+    python3 -m pytest -q -p no:cacheprovider ${workers:-} tests/test_distill.py \
+    tests/test_loss_api.py tests/test_sparse.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" "$@"
   echo "pytest exit $?"
   pack
 fi
@@ -59,14 +66,14 @@ fi
 
 if [[ $STEPS == *bench* ]]; then
   stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
-  timeout $(( $(left) - 15 )) python3 -m bench --quick --out /tmp/bench_out \
+  bench_out=$(mktemp -d)
+  timeout $(( $(left) - 15 )) python3 -m bench --quick --out "$bench_out" \
     ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none --cases distill,kd,sparse \
     --methods fastkd,reference,liger,liger_kl}
   echo "bench exit $?"
-  cp /tmp/bench_out/results.json "$OUT/bench_results.json" 2>/dev/null
-  mkdir -p "$OUT/bench" && cp /tmp/bench_out/* "$OUT/bench/" 2>/dev/null
+  cp "$bench_out/results.json" "$OUT/bench_results.json" 2>/dev/null
+  mkdir -p "$OUT/bench" && cp "$bench_out"/* "$OUT/bench/" 2>/dev/null
   pack
-  rm -rf "$OUT/bench"
 fi
 stamp "done"
 pack

@@ -175,8 +175,9 @@ def sparse_rows_kernel(
             s_y = _softcap(s_y, s_cap)
     if TAIL == BUCKET:  # mark S in the buffer: pass 1 then sums the ids outside it only
         tl.debug_barrier()
-        tl.store(s_row + safe, tl.full([BLOCK_K], float("-inf"), s_ptr.dtype.element_ty),
-                 mask=used)
+        # -inf made in fp32, then cast: Triton 3.6's interpreter has no bf16 constant for tl.full
+        neg_inf = tl.full([BLOCK_K], float("-inf"), tl.float32).to(s_ptr.dtype.element_ty)
+        tl.store(s_row + safe, neg_inf, mask=used)
         tl.debug_barrier()
 
     # ---- 1. pass 1: logsumexp of s and a (outside S for the bucket tail) ------------------------

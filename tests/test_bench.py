@@ -176,3 +176,60 @@ def test_sparse_case_runs_beside_the_dense_one():
     loss = reference.sparse_distill_loss(x.h_s, x.w_s, x.ids, x.logprobs, x.labels, problem.opts,
                                          tail="bucket")[0]
     assert ref.loss == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_gpu_session_script_rehearsed_on_cpu(tmp_path):
+    """bench/gpu_session.sh, the one command a GPU session runs, end to end on CPU at tiny sizes:
+    its pytest step (a few tests), `python -m bench.gpu_profile` (every step: ceilings, both
+    target heads with the fp64 check and the breakdown, chunk sweep, row-kernel sweep, N sweep)
+    and `python -m bench`, each writing under $OUT and packed into all.tgz. A GPU session's
+    minutes are too few to find the script's own bugs there."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {
+        **os.environ, "OUT": str(out), "INSTALL": "0", "TEST_DEVICE": "cpu",
+        "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "BUDGET_S": "900",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PROFILE_ARGS": "--device cpu --n 20 --scale 64,256 --chunks 8 --blocks 128 --warps 4 "
+                        "--row-shape 3,300 --ns 12,24 --gemm-n 64 --copy-mib 4",
+        "BENCH_ARGS": "--device cpu --preset llama --sweep-n 16 --sweep-v none "
+                      "--sweep-ignored none --cases distill --methods fastkd,reference,liger",
+    }
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "-k",
+                           "test_matches_spec and forward_kl and not triton"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = (out / "session.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    for step in ("pytest", "profile", "bench"):
+        assert f"{step} exit 0" in log, log[-3000:]
+    assert "=== [" in log and log.rstrip().endswith("done")
+
+    junit = (out / "pytest_cuda.xml").read_text()
+    assert 'failures="0"' in junit and 'errors="0"' in junit and 'tests="0"' not in junit
+
+    prof = json.loads((out / "profile.json").read_text())
+    assert prof["device"]["type"] == "cpu" and "CPU numbers" in prof["note"]
+    assert not [k for k in prof if k.endswith("_error")], prof
+    assert prof["ceilings"]["gemm_bf16"]["tflops"] > 0
+    for head in ("llama", "gemma"):
+        r = prof["targets"][head]
+        assert "error" not in r, r
+        assert r["shape"]["n"] == 20 and math.isfinite(r["x_floor"]) and r["x_floor"] > 0
+        for key in ("loss_rel_diff", "dh_rel_diff", "dw_rel_diff"):
+            assert r["check"][key] < 2e-2, r["check"]  # bf16 against the fp64 spec
+        assert r["breakdown"]["ms_per_call"]["gemm"] > 0
+    assert prof["targets"]["gemma"]["shape"]["softcap"] == 30.0
+    assert [r["chunk"] for r in prof["chunks"]] == [8]
+    assert [(r["divergence"], r["block_v"]) for r in prof["row_kernel"]] == [
+        ("forward_kl", 128), ("jsd", 4096)]
+    assert [r["n"] for r in prof["flat_in_n"]] == [12, 24]
+    assert "CPU rehearsal" in (out / "profile.md").read_text()
+
+    bench_doc = json.loads((out / "bench_results.json").read_text())
+    assert {r["status"] for r in _rows(bench_doc, "fastkd")} == {"ok"}
+    assert {r["status"] for r in _rows(bench_doc, "liger")} == {"skipped"}  # not installed here
+    with tarfile.open(out / "all.tgz") as tgz:
+        names = {n.removeprefix("./") for n in tgz.getnames()}
+    assert {"session.log", "profile.json", "profile.md", "pytest_cuda.xml", "bench_results.json",
+            "bench/results.md"} <= names

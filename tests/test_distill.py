@@ -330,6 +330,7 @@ from fastkd.kernels.distill import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
 from fastkd.kernels.distill import distill_rows_kernel as kernel
 from fastkd.kernels.distill import (distill_grad_kernel, distill_partials_kernel,
                                     distill_stats_kernel)
+from fastkd.kernels.sparse import BLOCK_M_DEFAULT, TAIL_IDS, sparse_rows_kernel
 PTXAS = get_ptxas(90).path  # the ptxas Triton itself builds sm_90 with; cuobjdump ships beside it
 CUOBJDUMP = str(Path(PTXAS).with_name("cuobjdump"))
 # Specialised as a launch on the chunk loop's padded buffers would be: pointers 16-byte aligned,
@@ -394,6 +395,19 @@ for div in range(6):
     jobs.append(("distill_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
                                        "i64", "i64", "i32", "i32"] + ["fp32"] * 6
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div]))
+# the cached-teacher (sparse) kernel: every tail and divergence it takes, bf16 logits, int32 ids
+# (the cache's), k = 64 slots, labels and a softcap; with and without the gradient
+for tail, div, grad in itertools.product(TAIL_IDS, range(6), flags):
+    if (tail == "ignore" and div != 0) or (not grad and (tail, div) != ("bucket", 0)):
+        continue
+    jobs.append(("sparse_rows_kernel", ["*bf16", "*i32", "*fp32", "*i64", "*fp32", "*fp32",
+                                        "*fp32", "*fp32", "i32", "i32", "i64", "i64", "i64",
+                                        "i32"] + ["fp32"] * 5 + ["constexpr"] * 8,
+                 dict(TAIL=TAIL_IDS[tail], DIVERGENCE=div, HAS_LABELS=True, HAS_S_CAP=True,
+                      COMPUTE_GRAD=grad, BLOCK_V=DEFAULT_BLOCK_V, BLOCK_K=128,
+                      BLOCK_M=BLOCK_M_DEFAULT),
+                 ("s_ptr", "ids_ptr", "lp_ptr", "y_ptr", "scale_ptr", "loss_ptr", "ce_ptr",
+                  "kd_ptr", "stride_s"), ["sparse", tail, div, grad]))
 # compile in parallel (fork: the workers inherit the kernels); results in job order
 import multiprocessing, os
 with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
@@ -406,9 +420,12 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
     """The interpreter is lenient; the real compiler is not. Build sm_90 cubins without a GPU,
     specialised as a launch on padded buffers would be, and read the PTX, ptxas's report and the
     SASS: every logit load and store is 128-bit (`.v4`) at V = 50257, and no local-memory access
-    sits inside a loop. (ptxas 13.4 parks one 64-bit loop-invariant value in local memory in a few
-    variants, stored once before the row loops and loaded once after: 8-16 bytes per program,
-    reported here as spill_bytes; the assertion is on what would cost, a spill in the loops.)"""
+    sits inside a loop. Every kernel: the fused row kernel, the vocab-parallel entry points and
+    the cached-teacher (sparse) kernel, whose k-slot gathers and scatters are scalar by nature.
+    (ptxas parks a loop-invariant value or two in local memory in a few variants, stored once
+    before the row loops and loaded once after: 8-32 bytes per program, reported as spill_bytes;
+    the assertion is on what would cost, a spill in the loops.) Passes with Triton 3.9 and with
+    3.6, the version in the GPU machines' image."""
     import json
     import os
     import subprocess
@@ -419,7 +436,16 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    sparse = [r for r in report if r["variant"][0] == "sparse"]
     tp = [r for r in report if str(r["variant"][0]).startswith("tp-")]
+    assert len(sparse) == 6 + 6 + 1 + 1
+    for r in sparse:  # dense passes over the row vectorised; the k-slot gathers/scatters scalar
+        assert r["cubin"] > 1000 and r["loops"] >= 1, r
+        assert r["local_in_loops"] == 0 and r["spill_bytes"] <= 32 and r["local_ops"] <= 8, r
+        assert any(".v4." in x for x in r["loads"]), (r["variant"], r["loads"])
+        if r["variant"][3]:
+            assert any(".v4." in x for x in r["stores"]), (r["variant"], r["stores"])
+    report = [r for r in report if r not in sparse]
     assert len(report) - len(tp) == 6 * 8 + 6 * 2 and len(tp) == 6 + 4 + 6
     for r in report:
         if r in tp:  # the vocab-parallel entry points: labels and softcaps, bf16
@@ -429,10 +455,9 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
             dt, _, labels, _, grad = r["variant"]
         assert r["cubin"] > 1000, r["variant"]
         assert r["loops"] >= 1, r  # the SASS parse found the row loop(s)
-        assert r["local_in_loops"] == 0 and r["spill_bytes"] <= 16, r
-        # outside the loops: a handful of local accesses once per program (the stats kernel of
-        # the three-pass divergences: 4, with no spill reported) cost nothing measurable
-        assert r["local_ops"] <= (4 if r in tp else 2), r
+        # outside the loops: a handful of local accesses once per program cost nothing measurable
+        # (Triton 3.9: at most 16 bytes, 4 accesses; 3.6, the GPU image's: 32 bytes, 8 accesses)
+        assert r["local_in_loops"] == 0 and r["spill_bytes"] <= 32 and r["local_ops"] <= 8, r
         # scalar accesses in the logits' width: only the label's logit s_y (a single element)
         scalar = "ld.global.b16" if dt == "bf16" else "ld.global.b32"
         n_scalar = r["loads"].count(scalar) - (dt == "fp32")  # fp32: the row scale is one more
