@@ -501,6 +501,8 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
                                teacher_softcap=(head if teacher is None else teacher).softcap)
     # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
     train_teacher = teacher if opts.kd_weight > 0 else None
+    # The KD term is trained (and logged) from the teacher, or from its cache (no teacher then).
+    logs_kd = opts.kd_weight > 0 and (teacher is not None or config.teacher_cache is not None)
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
                                        use_bf16, device)
     student.train()
@@ -567,7 +569,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
             loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
             seconds = time.perf_counter() - t0
             record = {"step": step, "loss": loss_v, "ce": ce_v,
-                      "kd": kd_v if train_teacher is not None else None, "lr": lr,
+                      "kd": kd_v if logs_kd else None, "lr": lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens": n_targets, "seconds": seconds, "tokens_per_s": n_targets / seconds}
             postfix.update(loss=f"{loss_v:.3f}", tok_s=f"{n_targets / seconds:,.0f}")

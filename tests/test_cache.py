@@ -162,6 +162,8 @@ def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
         assert log[-1]["step"] == 4
         assert all(math.isfinite(r["eval_kd"]) and r["eval_kd"] >= 0 for r in log
                    if "eval_kd" in r)
+        # the KD term trained from the cache is logged like one trained from the teacher
+        assert all(r["kd"] > 0 and math.isfinite(r["kd"]) for r in log if r["step"] > 0)
         assert (run / "student" / "model.safetensors").is_file()
     # the sampled run's report: the plug-in KL estimate, no agreement (not the teacher's argmax)
     report = json.loads((tmp_path / "run-ignore" / "report.json").read_text())
