@@ -172,11 +172,13 @@ class DistillConfig:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> DistillConfig:
-        """The config of the run in run_dir (its config.json)."""
+        """The config of the run in run_dir (its config.json), less the call that wrote it:
+        stop_after and resume are per call (a run stopped with --stop-after 2 and resumed does
+        not stop again after 2 steps unless told to)."""
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no run to resume: {path} not found")
-        return cls(**json.loads(path.read_text()))
+        return cls(**{**json.loads(path.read_text()), "stop_after": None, "resume": False})
 
 
 # ----------------------------------------------------------------------------------------------

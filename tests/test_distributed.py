@@ -1,5 +1,5 @@
-"""The trainer under torchrun: 2 CPU processes (gloo) against 1, with FSDP2 and with DDP; a rank
-killed mid-run, a SIGTERM to the launcher, and resumes.
+"""The trainer under torchrun: 2 CPU processes (gloo) against 1, with FSDP2 and with DDP, from the
+teacher and from its cache; a rank killed mid-run, a SIGTERM to the launcher, and resumes.
 
 Every launch is the user's command, `python -m torch.distributed.run --standalone
 --nproc-per-node 2 -m fastkd distill ...` (a free rendezvous port each time), under a timeout:
@@ -200,11 +200,16 @@ def test_batch_size_must_split_across_the_ranks(assets, tmp_path, monkeypatch):
 
 
 def test_ddp_two_processes_equal_one_with_baseline_and_report(assets, tmp_path):
-    """DDP student, sharded teacher, both phases; rank 0 writes the report after teardown (it
-    loads the teacher whole for it)."""
+    """DDP student, sharded teacher, both phases, stopped after 2 steps (--stop-after) and
+    resumed: equals the uninterrupted run in 1 process; rank 0 writes the report after teardown
+    (it loads the teacher whole for it)."""
     cfg = config(assets, tmp_path / "two", assets.student, parallel="ddp",
                  teacher_placement="shard", steps=3, baseline=True, report=True)
-    rc, out, err, _ = torchrun(cli_args(cfg))
+    rc, _, err, _ = torchrun([*cli_args(cfg), "--stop-after", "2"])
+    assert_clean(rc, err)
+    assert latest_checkpoint(cfg.out).name == "step-00000002"
+    assert not (Path(cfg.out) / "student").exists()
+    rc, out, err, _ = torchrun(["--resume", cfg.out, "--no-progress"])
     assert_clean(rc, err)
     one = run_distillation(config(assets, tmp_path / "one", assets.student, steps=3,
                                   baseline=True))

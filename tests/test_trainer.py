@@ -128,8 +128,10 @@ def test_resume_is_exact(straight_run, tmp_path):
     first = run_distillation(dataclasses.replace(config, out=str(out), stop_after=3))
     assert first["status"] == "stopped" and first["distill"]["step"] == 3
     assert latest_checkpoint(out).name == "step-00000003"
+    saved = DistillConfig.load(out)
+    assert saved.stop_after is None and not saved.resume  # per call: a resume runs to the end
     torch.manual_seed(12345)  # as a new process would: resume must restore the saved RNG state
-    resumed = run_distillation(dataclasses.replace(DistillConfig.load(out), resume=True))
+    resumed = run_distillation(dataclasses.replace(saved, resume=True))
     assert resumed["status"] == "completed"
     want, got = student_weights(config.out), student_weights(out)
     assert want.keys() == got.keys()
