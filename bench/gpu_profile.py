@@ -34,7 +34,9 @@ from triton.testing import do_bench
 
 import fastkd
 from bench.harness import (
+    QUANTILES,
     _release,
+    _summary,
     _sync,
     compare,
     device_info,
@@ -47,22 +49,18 @@ from bench.methods import Problem
 from bench.shapes import PRESETS, Shape, cases, flop_floor
 from fastkd.autograd import ROW_ALIGN, padded_rows
 
-Q = [0.5, 0.2, 0.8]
-
 
 def bench(fn, dev: torch.device, rep_ms: float = 300) -> dict:
     if dev.type == "cuda":
-        med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=Q)
-    else:  # the CPU rehearsal: three timed calls after one warm-up
+        med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES))
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+    fn()  # the CPU rehearsal: three timed calls after one warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
         fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        med, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
-            torch.tensor(Q, dtype=torch.float64)).tolist()
-    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
 
 
 def ceilings(dev: torch.device, gemm_n: int = 8192, copy_numel: int = 2**29) -> dict:
