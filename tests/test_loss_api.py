@@ -122,7 +122,7 @@ def on_device(args):
 def test_never_allocates_n_by_v(backend):
     from fastkd.autograd import ROW_ALIGN
 
-    n, d, vocab, chunk = 600, 16, 3001, 64
+    n, d, vocab, chunk = 300, 16, 3001, 32
     args = on_device(good(n=n, d_s=d, d_t=d, vocab=vocab, vocab_t=vocab))
     # fp32 bytes of a chunk of logits (rows padded to ROW_ALIGN), a weight, the hidden states
     padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
