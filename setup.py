@@ -1,9 +1,10 @@
 """The folder kernels/ installs as the subpackage fastkd.kernels: a top-level `kernels` would
-shadow the Hugging Face package of that name, which transformers probes for."""
+shadow the Hugging Face package of that name, which transformers probes for. Every subpackage of
+fastkd/ is found, so a new one cannot be left out of the wheel (tests/test_packaging.py)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastkd", "fastkd.kernels"],
+    packages=[*find_packages(include=["fastkd", "fastkd.*"]), "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
 )
