@@ -32,6 +32,8 @@ import torch
 
 from fastkd import reference
 from fastkd.data import SPLIT_SEED, Blocks, load_blocks
+from fastkd.fsio import atomic_write as _atomic_write
+from fastkd.fsio import sha256_file
 from fastkd.options import DistillOptions
 
 log = logging.getLogger("fastkd")
@@ -87,14 +89,6 @@ def sample_targets(logits: torch.Tensor, temperature: float, samples: int, k: in
 # ---- fingerprints ----------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> dict:
     """sha256 of the vocabulary and special tokens (what makes ids mean the same), and its size."""
     payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
@@ -107,22 +101,6 @@ def data_fingerprint(paths: list[str]) -> list[dict]:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastkd import distributed
+from fastkd import distributed, fsio
 from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
 from fastkd.data import Batches, Blocks, load_blocks
 from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS, StudentLoss, TeacherForward
@@ -168,7 +168,8 @@ class DistillConfig:
                               beta=self.beta, skew=self.skew, reduction="sum")
 
     def save(self, run_dir: Path) -> None:
-        _atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(self), indent=2))
+        fsio.atomic_write_text(run_dir / "config.json",
+                               json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> DistillConfig:
@@ -272,34 +273,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (temp dirs of interrupted writes never match), oldest first."""
     root = phase_dir / "checkpoints"
@@ -334,7 +307,8 @@ def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer,
     if distributed.is_distributed():
         distributed.barrier()  # the temp dir exists
         distributed.save_shards(tmp / "dcp", student, optimizer)
-        _atomic_torch_save(rng_state(), tmp / f"rng-{distributed.rank()}.pt")
+        fsio.durable_write(tmp / f"rng-{distributed.rank()}.pt",
+                           lambda path: torch.save(rng_state(), path))
         distributed.barrier()  # every rank's part is written and fsynced
     else:
         student.model.save_pretrained(tmp / "model")  # safetensors
@@ -346,20 +320,11 @@ def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer,
         meta = {"step": step, "data": batches.state_dict(), "history": history,
                 "world_size": distributed.world_size()}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        fsio.publish_dir(tmp, final)
         for _, old in _checkpoints(phase_dir)[:-1]:
             shutil.rmtree(old)
     distributed.barrier()  # the checkpoint is in place for every rank
     return final
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _check_world_size(checkpoint: Path) -> None:
@@ -405,8 +370,7 @@ def _export_model(checkpoint: Path, target: Path) -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
-    _fsync_tree(tmp)
-    os.rename(tmp, target)
+    fsio.publish_dir(tmp, target)
 
 
 def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
@@ -421,8 +385,7 @@ def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, target)
+        fsio.publish_dir(tmp, target)
     distributed.barrier()
 
 
