@@ -34,7 +34,6 @@ from fastkd import reference
 from fastkd.data import SPLIT_SEED, Blocks, load_blocks
 from fastkd.fsio import atomic_write as _atomic_write
 from fastkd.fsio import sha256_file
-from fastkd.options import DistillOptions
 
 log = logging.getLogger("fastkd")
 
@@ -414,13 +413,3 @@ def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, Teacher
                          "cache_tail='bucket' or 'renormalize'")
     return cache.blocks("train"), cache.blocks("heldout"), cache
 
-
-def cached_batch_loss(student, batch: CachedBlocks, device: torch.device):
-    """Summed (loss, ce, kd) over a batch through the sparse loss, from the cached targets.
-    student: the trainer's `distributed.StudentLoss` (maybe wrapped in DDP or FSDP)."""
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
-    ids, logprobs = batch.targets.load()
-    return student(input_ids, mask, labels,
-                   cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))

@@ -42,7 +42,13 @@ import torch
 from tqdm import tqdm
 
 from fastkd import distributed, fsio
-from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
+from fastkd.batch_loss import (  # noqa: F401  (re-exported: the trainer's public names)
+    StudentLoss,
+    TeacherForward,
+    batch_loss,
+    count_targets,
+)
+from fastkd.cache import CachedBlocks, open_for_run
 from fastkd.config import (  # noqa: F401  (re-exported: the trainer's public names)
     RUNTIME_FIELDS,
     TEACHER_DTYPES,
@@ -50,7 +56,6 @@ from fastkd.config import (  # noqa: F401  (re-exported: the trainer's public na
     check_run_dir,
 )
 from fastkd.data import Batches, Blocks, load_blocks
-from fastkd.distributed import StudentLoss, TeacherForward
 from fastkd.memory import PeakMemory
 from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
     LMHead,
@@ -61,7 +66,6 @@ from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public na
     load_lm,
     load_tokenizer,
 )
-from fastkd.options import DistillOptions
 
 log = logging.getLogger("fastkd")
 
@@ -81,32 +85,6 @@ def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
 
 # ----------------------------------------------------------------------------------------------
 # The loss on one batch, and held-out evaluation.
-
-
-def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Blocks,
-               device: torch.device):
-    """Summed (loss, ce, kd) over the batch's next-token predictions, through the fused loss.
-
-    student: a StudentLoss (its options and backend), maybe wrapped in DDP or FSDP; teacher: a
-    TeacherForward, or None (hard labels only, kd_weight=0: no teacher forward runs).
-    """
-    if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
-        return cached_batch_loss(student, batch, device)
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    # Next-token shift: position i predicts token i + 1; padding is labelled ignore_index.
-    # The trainer's loss options keep DistillOptions' default ignore_index.
-    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
-    if teacher is None:
-        return student(input_ids, mask, labels)
-    with torch.no_grad():
-        teacher_out = teacher(input_ids, mask)
-    return student(input_ids, mask, labels, teacher_out)
-
-
-def count_targets(batch: Blocks) -> int:
-    """Next-token targets in a batch (non-padding labels after the shift); CPU tensors, no sync."""
-    return int(batch.attention_mask[:, 1:].sum())
 
 
 @torch.no_grad()
