@@ -32,7 +32,8 @@ import torch
 
 from fastkd import reference
 from fastkd.data import SPLIT_SEED, Blocks, load_blocks
-from fastkd.options import DistillOptions
+from fastkd.fsio import atomic_write as _atomic_write
+from fastkd.fsio import sha256_file
 
 log = logging.getLogger("fastkd")
 
@@ -87,14 +88,6 @@ def sample_targets(logits: torch.Tensor, temperature: float, samples: int, k: in
 # ---- fingerprints ----------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> dict:
     """sha256 of the vocabulary and special tokens (what makes ids mean the same), and its size."""
     payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
@@ -107,22 +100,6 @@ def data_fingerprint(paths: list[str]) -> list[dict]:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -436,13 +413,3 @@ def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, Teacher
                          "cache_tail='bucket' or 'renormalize'")
     return cache.blocks("train"), cache.blocks("heldout"), cache
 
-
-def cached_batch_loss(student, batch: CachedBlocks, device: torch.device):
-    """Summed (loss, ce, kd) over a batch through the sparse loss, from the cached targets.
-    student: the trainer's `distributed.StudentLoss` (maybe wrapped in DDP or FSDP)."""
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
-    ids, logprobs = batch.targets.load()
-    return student(input_ids, mask, labels,
-                   cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from fastkd import distributed
+from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
 from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
 from fastkd.loss import BACKENDS
 from fastkd.options import DIVERGENCES
-from fastkd.trainer import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
             if f.default is not dataclasses.MISSING}

@@ -13,9 +13,9 @@ gloo on CPU) and runs the same loop on every rank:
   and exported as a Hugging Face safetensors model (`full_state_dict`).
 
 One process (no torchrun, or WORLD_SIZE=1) touches none of this: every helper below is then a
-no-op or the identity, so the trainer reads the same either way. The wrappers (`StudentLoss`,
-`TeacherForward`) are the modules DDP and FSDP wrap: their forward is where FSDP gathers the
-parameters, so the fused loss, which needs the LM head's whole weight, runs inside it.
+no-op or the identity, so the trainer reads the same either way. The modules DDP and FSDP wrap
+are fastkd.batch_loss's `StudentLoss` and `TeacherForward`: their forward is where FSDP gathers
+the parameters, so the fused loss, which needs the LM head's whole weight, runs inside it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastkd.loss import distill
-from fastkd.models import LMHead
-from fastkd.options import DistillOptions
+# The modules this file wraps (imported from here too, as they once lived here).
+from fastkd.batch_loss import StudentLoss, TeacherForward  # noqa: F401
 
 log = logging.getLogger("fastkd")
 
@@ -177,70 +176,7 @@ def eval_shards(heldout, batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# The modules DDP and FSDP wrap: their forward is where the parameters are whole.
-
-
-class StudentLoss(nn.Module):
-    """The student's forward and the fused loss on one batch, in one module.
-
-    forward(input_ids (B, L), attention_mask (B, L), labels (B, L-1), teacher=(h_t (B, L-1, D_t),
-    w_t (V_t, D_t), b_t | None) or None, cached=(ids, logprobs, tail) from a teacher cache (the
-    sparse loss) or None) -> summed (loss, ce, kd). teacher=None (hard labels
-    only, kd_weight=0): the student stands in as its own detached teacher, so the KD term,
-    weighted 0, adds nothing. The head's weight is looked up inside forward: under FSDP that is
-    the all-gathered full tensor (tied embeddings included), and its gradient flows back to the
-    shards through FSDP's reduce-scatter.
-    """
-
-    def __init__(self, student: LMHead, opts: DistillOptions, backend: str):
-        super().__init__()
-        self.model = student.model
-        self.opts, self.backend = opts, backend
-
-    def forward(self, input_ids, attention_mask, labels, teacher=None, cached=None):
-        base = self.model.base_model
-        h_s = base(input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False).last_hidden_state[:, :-1]
-        head = self.model.get_output_embeddings()
-        w_s, b_s = head.weight, head.bias
-        if cached is not None:  # offline: (ids, logprobs, tail) from a teacher cache
-            from fastkd.sparse import sparse_distill
-
-            ids, logprobs, tail = cached
-            return sparse_distill(h_s, w_s, ids, logprobs, labels, self.opts, tail=tail,
-                                  student_bias=b_s, return_components=True, backend=self.backend)
-        h_t, w_t, b_t = (h_s.detach(), w_s.detach(), b_s) if teacher is None else teacher
-        return distill(h_s, w_s, h_t, w_t, labels, self.opts, student_bias=b_s,
-                       teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                       backend=self.backend)
-
-
-class TeacherForward(nn.Module):
-    """forward(input_ids, attention_mask) -> (h_t (B, L-1, D), w_t (V, D), b_t | None).
-
-    Under FSDP the head's weight is gathered for this forward and freed right after it (the
-    teacher reshards after forward, it never runs backward): the loss gets a copy.
-    """
-
-    def __init__(self, teacher: LMHead):
-        super().__init__()
-        self.model = teacher.model
-        self.softcap = teacher.softcap
-
-    def forward(self, input_ids, attention_mask):
-        h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state[:, :-1]
-        head = self.model.get_output_embeddings()
-        w, b = head.weight, head.bias
-        if _is_fsdp(self):
-            w, b = w.clone(), None if b is None else b.clone()
-        return h, w, b
-
-
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+# Wrapping: the modules DDP and FSDP wrap are fastkd.batch_loss's StudentLoss and TeacherForward.
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -92,40 +92,76 @@ def save_int8(model: torch.nn.Module, path: Path) -> Path:
 
 @torch.no_grad()
 def heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
-                    teacher: torch.nn.Module, heldout: Blocks, device: torch.device) -> dict:
-    """Per model: held-out ce, perplexity, top-1 agreement with the teacher, KL(teacher||model)."""
-    opts = DistillOptions(temperature=1.0, ce_weight=1.0, kd_weight=1.0)
+                    teacher: torch.nn.Module | None, heldout: Blocks,
+                    device: torch.device) -> dict:
+    """Per model: held-out ce, perplexity, top-1 agreement with the teacher, KL(teacher||model).
+
+    ce and perplexity from the model's full logits at temperature 1. The teacher side: the
+    teacher model's full logits (temperature 1; KL and agreement over the shared vocabulary ids),
+    or, with teacher=None (an offline run), the held-out rows' cached targets (`CachedBlocks`):
+    KL from the cached (id, log-probability) pairs at the cache's temperature T
+    (`cache_kl_tail`), top-1 agreement with the cached top-1 id for a top-k cache (its first
+    slot is the teacher's argmax), None for a sampled one (the most frequent sample need not be
+    the argmax).
+    """
+    vocabs = [m.config.get_text_config().vocab_size for m, _ in models.values()]
+    if teacher is None:  # offline: the cached targets
+        cache = heldout.targets.cache
+        tail, agreement = cache_kl_tail(cache), cache.manifest["mode"] == "topk"
+        opts = DistillOptions(temperature=cache.manifest["temperature"], ce_weight=1.0,
+                              kd_weight=1.0, divergence="forward_kl")
+    else:
+        tail, agreement = None, True
+        opts = DistillOptions(temperature=1.0, ce_weight=1.0, kd_weight=1.0)
+        vocabs.append(teacher.get_output_embeddings().weight.shape[0])
     seq_len = heldout.input_ids.shape[1]
-    vocab = max(teacher.get_output_embeddings().weight.shape[0],
-                *(m.config.get_text_config().vocab_size for m, _ in models.values()))
-    batch_size = max(1, METRIC_LOGITS // (seq_len * vocab))
+    batch_size = max(1, METRIC_LOGITS // (seq_len * max(vocabs)))
     sums = {name: torch.zeros(3, dtype=torch.float64) for name in models}
     count = 0
     for batch in eval_batches(heldout, batch_size):
         labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1).to(device)
-        valid = labels != opts.ignore_index
         count += int(batch.attention_mask[:, 1:].sum())
-        t_logits = teacher(input_ids=batch.input_ids.to(device),
-                           attention_mask=batch.attention_mask.to(device)).logits
-        t_logits = t_logits[:, :-1].float().flatten(0, 1)
+        if teacher is None:
+            ids, logprobs = batch.targets.load()
+            target = (ids.flatten(0, 1).to(device), logprobs.flatten(0, 1).to(device).float())
+        else:
+            target = _logits(teacher, batch, device, device)
         for name, (model, model_device) in models.items():
-            if model is teacher:
-                s_logits = t_logits
-            else:
-                s_logits = model(input_ids=batch.input_ids.to(model_device),
-                                 attention_mask=batch.attention_mask.to(model_device)).logits
-                # Compared on the teacher's device, in fp32 (the int8 model runs on the CPU).
-                s_logits = s_logits[:, :-1].float().flatten(0, 1).to(device)
-            _, ce, kl = reference.token_losses(s_logits, t_logits, labels, opts)
-            shared = min(s_logits.shape[-1], t_logits.shape[-1])
-            agree = (s_logits[:, :shared].argmax(-1) == t_logits[:, :shared].argmax(-1)) & valid
+            s_logits = target if model is teacher else _logits(model, batch, model_device, device)
+            ce, kl, agree = _token_metrics(s_logits, target, labels, opts, tail)
             sums[name] += torch.stack([ce.sum(), kl.sum(), agree.sum()]).double().cpu()
     out = {}
     for name, (ce, kl, agree) in sums.items():
         ce_mean = ce.item() / count
         out[name] = {"ce": ce_mean, "perplexity": math.exp(min(ce_mean, 50.0)),
-                     "top1_agreement": agree.item() / count, "kl_to_teacher": kl.item() / count}
+                     "top1_agreement": agree.item() / count if agreement else None,
+                     "kl_to_teacher": kl.item() / count}
     return out
+
+
+def _logits(model: torch.nn.Module, batch: Blocks, model_device: torch.device,
+            device: torch.device) -> torch.Tensor:
+    """A model's next-token logits, (B * (L-1), V), compared on the teacher's device in fp32 (the
+    int8 model runs on the CPU)."""
+    logits = model(input_ids=batch.input_ids.to(model_device),
+                   attention_mask=batch.attention_mask.to(model_device)).logits
+    return logits[:, :-1].float().flatten(0, 1).to(device)
+
+
+def _token_metrics(s_logits: torch.Tensor, target, labels: torch.Tensor, opts: DistillOptions,
+                   tail: str | None):
+    """Per-token (ce, kl, agree) of a model's logits against the teacher side: its logits (the
+    spec's dense token losses, argmaxes over the shared ids), or the cached (ids, logprobs) (the
+    sparse token losses with `tail`, argmax against the cached top-1 id)."""
+    if isinstance(target, torch.Tensor):
+        _, ce, kl = reference.token_losses(s_logits, target, labels, opts)
+        shared = min(s_logits.shape[-1], target.shape[-1])
+        agree = s_logits[:, :shared].argmax(-1) == target[:, :shared].argmax(-1)
+    else:
+        ids, logprobs = target
+        _, ce, kl = reference.sparse_token_losses(s_logits, ids, logprobs, labels, opts, tail)
+        agree = s_logits.argmax(-1) == ids[:, 0]
+    return ce, kl, agree & (labels != opts.ignore_index)
 
 
 def cache_kl_tail(cache) -> str:
@@ -133,49 +169,6 @@ def cache_kl_tail(cache) -> str:
     the distributions coarsened to the k ids plus the rest: a lower bound on the full KL),
     "ignore" for sampled targets (the plug-in estimate sum p^ (log p^ - log q))."""
     return "ignore" if cache.manifest["mode"] == "sample" else "bucket"
-
-
-@torch.no_grad()
-def cached_heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
-                           heldout: CachedBlocks, device: torch.device) -> dict:
-    """`heldout_metrics` without the teacher model, from the held-out rows' cached targets.
-
-    ce and perplexity from the model's full logits (temperature 1); KL from the cached
-    (id, log-probability) pairs at the cache's temperature T (`cache_kl_tail`); top-1 agreement
-    with the cached top-1 id for a top-k cache (its first slot is the teacher's argmax), None for a
-    sampled one (the most frequent sample need not be the argmax).
-    """
-    cache = heldout.targets.cache
-    tail, topk = cache_kl_tail(cache), cache.manifest["mode"] == "topk"
-    opts = DistillOptions(temperature=cache.manifest["temperature"], ce_weight=1.0,
-                          kd_weight=1.0, divergence="forward_kl")
-    seq_len = heldout.input_ids.shape[1]
-    vocab = max(m.config.get_text_config().vocab_size for m, _ in models.values())
-    batch_size = max(1, METRIC_LOGITS // (seq_len * vocab))
-    sums = {name: torch.zeros(3, dtype=torch.float64) for name in models}
-    count = 0
-    for batch in eval_batches(heldout, batch_size):
-        labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1).to(device)
-        valid = labels != opts.ignore_index
-        count += int(batch.attention_mask[:, 1:].sum())
-        ids, logprobs = batch.targets.load()
-        ids = ids.flatten(0, 1).to(device)
-        logprobs = logprobs.flatten(0, 1).to(device)
-        for name, (model, model_device) in models.items():
-            s_logits = model(input_ids=batch.input_ids.to(model_device),
-                             attention_mask=batch.attention_mask.to(model_device)).logits
-            s_logits = s_logits[:, :-1].float().flatten(0, 1).to(device)
-            _, ce, kl = reference.sparse_token_losses(s_logits, ids, logprobs.float(), labels,
-                                                      opts, tail)
-            agree = (s_logits.argmax(-1) == ids[:, 0]) & valid
-            sums[name] += torch.stack([ce.sum(), kl.sum(), agree.sum()]).double().cpu()
-    out = {}
-    for name, (ce, kl, agree) in sums.items():
-        ce_mean = ce.item() / count
-        out[name] = {"ce": ce_mean, "perplexity": math.exp(min(ce_mean, 50.0)),
-                     "top1_agreement": agree.item() / count if topk else None,
-                     "kl_to_teacher": kl.item() / count}
-    return out
 
 
 def safetensors_params(path: Path) -> int | None:
@@ -303,12 +296,8 @@ def measure_rows(config, run_dir: Path, teacher, heldout: Blocks, device: torch.
                                                  weights_size(int8_path))
 
     model_devices = {name: (m, dev) for name, (m, dev, _) in models.items()}
-    if offline:
-        metrics = cached_heldout_metrics(model_devices, heldout, device)
-        rows = [offline_teacher_row(heldout.targets.cache)]
-    else:
-        metrics = heldout_metrics(model_devices, teacher.model, heldout, device)
-        rows = []
+    metrics = heldout_metrics(model_devices, None if offline else teacher.model, heldout, device)
+    rows = [offline_teacher_row(heldout.targets.cache)] if offline else []
     for name, (model, model_device, size) in models.items():
         quantized = model is int8
         rows.append({

@@ -1,10 +1,17 @@
 """The distillation trainer: a Hugging Face teacher distils into a student through the fused loss.
 
-Reads top to bottom: the config; loading the models and checking their heads; the loss on one
-batch; evaluation; checkpoints (atomic) and RNG state; the one training loop; `run_distillation`,
-which runs the distillation, the hard-label baseline with the same budget, and the report.
+`run_distillation` runs a whole run: it checks the config and the run directory, loads the
+tokenizer, the data and the teacher, trains the distilled student, then the hard-label baseline
+with the same budget, and writes the report. The pieces it runs, top to bottom:
 
-Under torchrun the same loop runs on every rank (fastkd.distributed: FSDP2 or DDP, DCP shards).
+    fastkd/config.py      DistillConfig: the run's settings, defaults and validation
+    fastkd/data.py        packed sequences and batches (fastkd/cache.py: from a teacher cache)
+    fastkd/batch_loss.py  the loss on one batch: the student's forward and the fused loss
+    fastkd/loop.py        one phase: the training loop, evaluation, stop signals
+    fastkd/checkpoint.py  checkpoints (atomic, fastkd/fsio.py) and RNG state: exact resume
+    fastkd/report.py      the trade-off report
+
+Under torchrun the same loop runs on every rank (fastkd/distributed.py: FSDP2 or DDP, DCP shards).
 
 The student's loss never sees full logits: the fused loss takes the base model's last hidden states
 and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabulary. Run directory:
@@ -22,32 +29,26 @@ and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabular
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
-import random
-import re
-import shutil
-import signal
-import tempfile
-import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from fastkd import distributed
-from fastkd.cache import CachedBlocks, cached_batch_loss, open_for_run
-from fastkd.data import Batches, Blocks, load_blocks
-from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS, StudentLoss, TeacherForward
-from fastkd.loss import BACKENDS
-from fastkd.memory import PeakMemory
-from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public names)
+from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
+from fastkd.cache import open_for_run
+from fastkd.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig, check_run_dir
+from fastkd.data import Blocks, load_blocks
+from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
+from fastkd.models import (
     LMHead,
     check_tokenizers,
     check_vocab,
@@ -56,595 +57,17 @@ from fastkd.models import (  # noqa: F401  (re-exported: the trainer's public na
     load_lm,
     load_tokenizer,
 )
-from fastkd.options import DistillOptions
+
+# The trainer's public names, wherever they live now (code and tests import them from here).
+__all__ = [
+    "RUNTIME_FIELDS", "TEACHER_DTYPES", "DistillConfig", "LMHead", "PhaseResult", "StopSignals",
+    "StudentLoss", "TeacherForward", "batch_loss", "check_tokenizers", "check_vocab",
+    "count_targets", "evaluate", "from_pretrained", "latest_checkpoint", "lm_head",
+    "load_checkpoint", "load_lm", "load_teacher", "load_tokenizer", "resolve_device", "rng_state",
+    "run_distillation", "save_checkpoint", "set_rng_state", "train_phase",
+]
 
 log = logging.getLogger("fastkd")
-
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Fields that say where and how this invocation runs, not what the run is: resume may change them.
-RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
-                  "dist_timeout")
-
-
-@dataclass
-class DistillConfig:
-    """One run. `teacher=None` trains the student on hard labels only (needs kd_weight=0).
-
-    Paths are strings so the config round-trips through RUN_DIR/config.json.
-    """
-
-    teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
-    student: str  # HF model dir or hub id: the initial student
-    data: list[str]  # .txt / .jsonl ("text" field) files
-    out: str  # the run directory
-    tokenizer: str | None = None  # default: the teacher's (else the student's)
-    # The loss (fastkd.DistillOptions).
-    temperature: float = 2.0
-    ce_weight: float = 0.5
-    kd_weight: float = 0.5
-    divergence: str = "forward_kl"
-    beta: float = 0.5  # jsd's mixture weight
-    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl's mixture weight alpha
-    # Optimisation: AdamW, linear warmup then cosine decay, over `steps` optimizer steps.
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int = 20
-    clip: float | None = 1.0
-    seed: int = 0
-    # Data: the held-out split, and how much of it evaluation and the report use.
-    eval_fraction: float = 0.05
-    eval_sequences: int = 64
-    # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
-    device: str | None = None
-    bf16: bool | None = None
-    teacher_dtype: str = "auto"
-    backend: str = "auto"
-    # Several processes (torchrun, WORLD_SIZE > 1): batch_size is then the global number of
-    # sequences per micro-batch, split evenly across the ranks.
-    parallel: str = "fsdp"  # the student: "fsdp" (FSDP2 fully_shard) or "ddp"
-    teacher_placement: str = "shard"  # the teacher: "shard" (FSDP2, forward-only) or "replicate"
-    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
-    # Bookkeeping.
-    eval_every: int = 50
-    save_every: int = 100
-    baseline: bool = True  # also train a hard-label-only student with the same budget
-    report: bool = True
-    resume: bool = False
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
-    progress: bool = True
-    # Offline distillation (fastkd.cache): train from a `fastkd cache-teacher` directory through
-    # the sparse loss; cache_tail None picks "ignore" for sampled caches, "bucket" for top-k.
-    teacher_cache: str | None = None
-    cache_tail: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [str(path) for path in self.data]
-        if not self.data:
-            raise ValueError("data: pass at least one text or jsonl file")
-        self.loss_options()  # validates temperature, weights, divergence, beta, skew
-        positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                    "eval_sequences")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"warmup must lie in [0, steps={self.steps}], got {self.warmup}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"clip must be > 0 or None, got {self.clip}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"stop_after must be >= 1 or None, got {self.stop_after}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got "
-                             f"{self.teacher_dtype!r}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.teacher_placement not in TEACHER_PLACEMENTS:
-            raise ValueError(f"teacher_placement must be one of {TEACHER_PLACEMENTS}, got "
-                             f"{self.teacher_placement!r}")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.teacher is None and self.teacher_cache is None and (
-                self.kd_weight > 0 or self.baseline or self.report):
-            raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
-                             "baseline=False and report=False")
-
-    def loss_options(self) -> DistillOptions:
-        # Summed over tokens: the loop divides by the token count of the whole accumulated step.
-        return DistillOptions(temperature=self.temperature, ce_weight=self.ce_weight,
-                              kd_weight=self.kd_weight, divergence=self.divergence,
-                              beta=self.beta, skew=self.skew, reduction="sum")
-
-    def save(self, run_dir: Path) -> None:
-        _atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> DistillConfig:
-        """The config of the run in run_dir (its config.json), less the call that wrote it:
-        stop_after and resume are per call (a run stopped with --stop-after 2 and resumed does
-        not stop again after 2 steps unless told to)."""
-        path = Path(run_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no run to resume: {path} not found")
-        return cls(**{**json.loads(path.read_text()), "stop_after": None, "resume": False})
-
-
-# ----------------------------------------------------------------------------------------------
-# Models: the teacher is frozen; fastkd.models splits each model into base and head.
-
-
-def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
-    """The teacher: frozen, eval mode, no gradients (so no optimizer state), optionally bf16."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        config.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    teacher = load_lm(config.teacher, "teacher", dtype, device)
-    teacher.model.eval().requires_grad_(False)
-    return teacher
-
-
-# ----------------------------------------------------------------------------------------------
-# The loss on one batch, and held-out evaluation.
-
-
-def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Blocks,
-               device: torch.device):
-    """Summed (loss, ce, kd) over the batch's next-token predictions, through the fused loss.
-
-    student: a StudentLoss (its options and backend), maybe wrapped in DDP or FSDP; teacher: a
-    TeacherForward, or None (hard labels only, kd_weight=0: no teacher forward runs).
-    """
-    if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
-        return cached_batch_loss(student, batch, device)
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    # Next-token shift: position i predicts token i + 1; padding is labelled ignore_index.
-    # The trainer's loss options keep DistillOptions' default ignore_index.
-    labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
-    if teacher is None:
-        return student(input_ids, mask, labels)
-    with torch.no_grad():
-        teacher_out = teacher(input_ids, mask)
-    return student(input_ids, mask, labels, teacher_out)
-
-
-def count_targets(batch: Blocks) -> int:
-    """Next-token targets in a batch (non-padding labels after the shift); CPU tensors, no sync."""
-    return int(batch.attention_mask[:, 1:].sum())
-
-
-@torch.no_grad()
-def evaluate(student: StudentLoss, teacher: TeacherForward | None, heldout: Blocks,
-             config: DistillConfig, device: torch.device, autocast) -> dict:
-    """Held-out CE (and perplexity) and KD divergence to the teacher at the run's temperature.
-
-    Under torchrun each rank evaluates its share of the held-out blocks; the sums are all-reduced.
-    """
-    student.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, counted targets
-    for batch, counted in distributed.eval_shards(heldout, config.batch_size):
-        with autocast:
-            _, ce, kd = batch_loss(student, teacher, batch, device)
-        if counted:  # host syncs, once per eval batch
-            sums += torch.tensor([float(ce), float(kd), count_targets(batch)], dtype=torch.float64)
-    student.train()
-    ce_sum, kd_sum, count = distributed.all_reduce_sum(sums.to(device)).tolist()
-    ce_mean = ce_sum / count
-    return {"eval_ce": ce_mean, "eval_ppl": math.exp(min(ce_mean, 50.0)),
-            "eval_kd": None if teacher is None and not isinstance(heldout, CachedBlocks)
-            else kd_sum / count}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp dir, fsynced, renamed into place; only then is the previous one
-# deleted, so a crash at any moment leaves a complete checkpoint. RNG states make resume exact.
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy(), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (temp dirs of interrupted writes never match), oldest first."""
-    root = phase_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), path) for path in root.iterdir()
-             if (m := re.fullmatch(r"step-(\d+)", path.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(phase_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (or baseline) directory, or None."""
-    found = _checkpoints(Path(phase_dir))
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer, optimizer,
-                    scheduler, batches: Batches, history: list[dict]) -> Path:
-    """Write checkpoints/step-{step}: HF model + tokenizer, trainer state, step/data/history.
-
-    Under torchrun (a collective): DCP shards of the model and optimizer, written by every rank,
-    and each rank's RNG state, instead of the HF model; rank 0 writes the rest and renames.
-    """
-    root = phase_dir / "checkpoints"
-    tmp = root / f".tmp-step-{step:08d}"
-    if distributed.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    state = {"scheduler": scheduler.state_dict()}
-    if distributed.is_distributed():
-        distributed.barrier()  # the temp dir exists
-        distributed.save_shards(tmp / "dcp", student, optimizer)
-        _atomic_torch_save(rng_state(), tmp / f"rng-{distributed.rank()}.pt")
-        distributed.barrier()  # every rank's part is written and fsynced
-    else:
-        student.model.save_pretrained(tmp / "model")  # safetensors
-        tokenizer.save_pretrained(tmp / "model")
-        state.update(optimizer=optimizer.state_dict(), rng=rng_state())
-    final = root / f"step-{step:08d}"
-    if distributed.is_main():
-        torch.save(state, tmp / "trainer_state.pt")
-        meta = {"step": step, "data": batches.state_dict(), "history": history,
-                "world_size": distributed.world_size()}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        for _, old in _checkpoints(phase_dir)[:-1]:
-            shutil.rmtree(old)
-    distributed.barrier()  # the checkpoint is in place for every rank
-    return final
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_world_size(checkpoint: Path) -> None:
-    """An exact resume needs the world size the checkpoint was written with."""
-    saved = json.loads((checkpoint / "meta.json").read_text()).get("world_size", 1)
-    if saved != distributed.world_size():
-        how = ("without torchrun (or with --nproc-per-node 1)" if saved == 1 else
-               f"under torchrun with {saved} processes in all (--nnodes x --nproc-per-node)")
-        raise ValueError(
-            f"resume: checkpoint {checkpoint} was written by {saved} process(es), this run has "
-            f"{distributed.world_size()}; resume it {how}: a different world size would change "
-            "the per-rank data shards and RNG streams, so fastkd refuses it")
-
-
-def load_checkpoint(checkpoint: Path, student: StudentLoss, optimizer, scheduler,
-                    batches: Batches) -> tuple[int, list[dict]]:
-    """Restore what save_checkpoint wrote (the HF model itself was loaded from model/ by one
-    process; under torchrun the DCP shards are loaded here); returns (step, history)."""
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    if distributed.is_distributed():
-        distributed.load_shards(checkpoint / "dcp", student, optimizer)
-        rng = torch.load(checkpoint / f"rng-{distributed.rank()}.pt", weights_only=True)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-    scheduler.load_state_dict(state["scheduler"])
-    batches.load_state_dict(meta["data"])
-    set_rng_state(rng)  # last: everything above may draw random numbers
-    return meta["step"], meta["history"]
-
-
-def _remove_partial_checkpoints(phase_dir: Path) -> None:
-    root = phase_dir / "checkpoints"
-    if root.is_dir():
-        for partial in root.glob(".tmp-step-*"):
-            shutil.rmtree(partial)
-
-
-def _export_model(checkpoint: Path, target: Path) -> None:
-    """Copy a checkpoint's HF model dir to target, atomically (copy to a temp dir, then rename)."""
-    if target.exists():
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
-    _fsync_tree(tmp)
-    os.rename(tmp, target)
-
-
-def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
-                          device: torch.device) -> None:
-    """Under torchrun: gather the whole student to rank 0 (on CPU, once), which saves it as an HF
-    safetensors model, atomically (a collective)."""
-    if distributed.any_rank(target.exists(), device):
-        return
-    model = distributed.unwrap(student).model
-    state = distributed.full_state_dict(model)  # empty except on rank 0
-    if distributed.is_main():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, target)
-    distributed.barrier()
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM set a flag; the loop checks it between steps, saves and returns.
-
-    A second signal raises KeyboardInterrupt at once (checkpoint writes are atomic, so the previous
-    checkpoint stays loadable). Handlers are installed only from the main thread.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: finishing this step, saving a checkpoint, then stopping "
-                    "(signal again to abort without saving)", signal.Signals(signum).name)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop: one phase (the distillation, or the hard-label baseline) of a run.
-
-
-@dataclass
-class PhaseResult:
-    status: str  # "completed", "stopped" (stop_after) or "interrupted" (a signal)
-    step: int
-    steps_run: int
-    history: list[dict]
-    checkpoint: Path | None
-    student_dir: Path | None
-    peak_memory_bytes: int | None = None  # of this call's steps (fastkd.memory.PeakMemory)
-
-
-def train_phase(name: str, config: DistillConfig, phase_dir: Path,
-                teacher: TeacherForward | None, tokenizer, train: Blocks, heldout: Blocks,
-                device: torch.device, stop: StopSignals, max_steps: int | None) -> PhaseResult:
-    """Train config.student for config.steps optimizer steps (resuming from phase_dir if it holds
-    a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call.
-
-    Under torchrun every rank runs this, in step: the collectives are in the wrapped student's
-    forward/backward, the clip norm, the per-step sums, the evaluation and the checkpoints.
-    """
-    main, world = distributed.is_main(), distributed.world_size()
-    if main:
-        phase_dir.mkdir(parents=True, exist_ok=True)
-        _remove_partial_checkpoints(phase_dir)
-    distributed.barrier()
-    checkpoint = latest_checkpoint(phase_dir)
-    if checkpoint is not None:
-        _check_world_size(checkpoint)
-    opts = config.loss_options()
-    use_bf16 = config.bf16 if config.bf16 is not None else (
-        device.type == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
-    # model; several load the initial student, then the checkpoint's DCP shards
-    # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
-    sharded = distributed.is_distributed() and config.parallel == "fsdp"
-    head = load_lm(str(checkpoint / "model") if checkpoint and world == 1 else config.student,
-                   "student", torch.float32, torch.device("cpu") if sharded else device)
-    check_vocab(tokenizer, head, "student")
-    opts = dataclasses.replace(opts, student_softcap=head.softcap,
-                               teacher_softcap=(head if teacher is None else teacher).softcap)
-    # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
-    train_teacher = teacher if opts.kd_weight > 0 else None
-    # The KD term is trained (and logged) from the teacher, or from its cache (no teacher then).
-    logs_kd = opts.kd_weight > 0 and (teacher is not None or config.teacher_cache is not None)
-    student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
-                                       use_bf16, device)
-    student.train()
-
-    params = [p for p in student.parameters() if p.requires_grad]  # tied weights: once
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95))
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
-    batches = Batches(train, config.batch_size, config.seed)
-    log_path = phase_dir / "log.jsonl"
-    if checkpoint is not None:
-        step, history = load_checkpoint(checkpoint, student, optimizer, scheduler, batches)
-        log.info("resuming %s from step %d", phase_dir, step)
-    else:
-        from transformers import set_seed
-
-        # Each rank its own seed: dropout on disjoint rows must not repeat one mask.
-        set_seed(config.seed + distributed.rank())
-        step, history = 0, [{"step": 0, **evaluate(student, teacher, heldout, config, device,
-                                                      autocast)}]
-    if main:
-        log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
-    saved_step = step if checkpoint is not None else None
-    start_step = step
-
-    memory = PeakMemory(device).start()
-    bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
-               disable=not (config.progress and main), dynamic_ncols=True)
-    postfix = {}
-    with open(log_path if main else os.devnull, "a") as log_file:  # the log is rank 0's
-        while step < config.steps:
-            # A signal (any rank's: all stop at the same step), or --stop-after.
-            if distributed.any_rank(stop.signum is not None, device) or (
-                    step - start_step == max_steps):
-                break  # checkpoint below and return
-            t0 = time.perf_counter()
-            # Every rank draws the whole global batch (so the global target count needs no
-            # communication) and runs its own rows of it.
-            micro_batches = [next(batches) for _ in range(config.grad_accum)]
-            n_targets = sum(count_targets(b) for b in micro_batches)
-            totals = torch.zeros(3, device=device)  # this rank's summed loss, ce, kd
-            for i, batch in enumerate(micro_batches):
-                with distributed.no_sync(student, skip=i < len(micro_batches) - 1):
-                    with autocast:
-                        loss, ce, kd = batch_loss(student, train_teacher,
-                                                  distributed.local_rows(batch), device)
-                    # Sum-reduced losses over the whole step's targets on all ranks: accumulation
-                    # == one big batch. DDP and FSDP average gradients over the ranks: times P.
-                    (loss / (n_targets / world)).backward()
-                totals += torch.stack([loss.detach(), ce, kd])
-            grad_norm = (distributed.clip_grad_norm(params, config.clip)
-                         if config.clip is not None else None)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            totals = distributed.all_reduce_sum(totals)
-            loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
-            seconds = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_v, "ce": ce_v,
-                      "kd": kd_v if logs_kd else None, "lr": lr,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens": n_targets, "seconds": seconds, "tokens_per_s": n_targets / seconds}
-            postfix.update(loss=f"{loss_v:.3f}", tok_s=f"{n_targets / seconds:,.0f}")
-            if step % config.eval_every == 0 or step == config.steps:
-                record.update(evaluate(student, teacher, heldout, config, device, autocast))
-                postfix["eval_ppl"] = f"{record['eval_ppl']:.2f}"
-            history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            bar.update(1)
-            bar.set_postfix(postfix, refresh=False)
-            if step % config.save_every == 0 or step == config.steps:
-                checkpoint = save_checkpoint(phase_dir, step, student, tokenizer, optimizer,
-                                             scheduler, batches, history)
-                saved_step = step
-    bar.close()
-    peak_memory = memory.stop()
-    if saved_step != step:
-        checkpoint = save_checkpoint(phase_dir, step, student, tokenizer, optimizer, scheduler,
-                                     batches, history)
-    if step == config.steps:
-        status, student_dir = "completed", phase_dir / "student"
-        if distributed.is_distributed():
-            _export_sharded_model(student, tokenizer, student_dir, device)
-        else:
-            _export_model(checkpoint, student_dir)
-    else:
-        status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
-        log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
-                 checkpoint)
-    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
-                       peak_memory)
-
-
-# ----------------------------------------------------------------------------------------------
-# A run: distillation, then the hard-label baseline with the same budget, then the report.
-
-
-def _check_run_dir(config: DistillConfig) -> Path:
-    """A new run needs a directory without a run; a resumed one, the run's own config."""
-    run_dir = Path(config.out)
-    if config.resume:
-        saved = DistillConfig.load(run_dir)
-        differing = [f.name for f in dataclasses.fields(DistillConfig)
-                     if f.name not in RUNTIME_FIELDS
-                     and getattr(saved, f.name) != getattr(config, f.name)]
-        if differing:
-            raise ValueError(f"resume: the config differs from {run_dir / 'config.json'} in "
-                             f"{differing}; an exact resume needs the run's own config "
-                             "(DistillConfig.load(run_dir))")
-    elif (run_dir / "config.json").exists():
-        raise ValueError(f"out: {run_dir} already holds a run (config.json); resume it "
-                         f"(--resume {run_dir}) or choose another output directory")
-    return run_dir
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _phase_summary(result: PhaseResult | None) -> dict | None:
-    if result is None:
-        return None
-    final = next((r for r in reversed(result.history) if "eval_ce" in r), {})
-    return {"status": result.status, "step": result.step, "steps_run": result.steps_run,
-            "train_seconds": sum(r.get("seconds", 0.0) for r in result.history),
-            "student_dir": None if result.student_dir is None else str(result.student_dir),
-            "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
-            "tokens": sum(r.get("tokens", 0) for r in result.history),
-            "eval_ce": final.get("eval_ce"), "eval_ppl": final.get("eval_ppl"),
-            "eval_kd": final.get("eval_kd"), "peak_memory_bytes": result.peak_memory_bytes}
 
 
 def run_distillation(config: DistillConfig) -> dict:
@@ -661,7 +84,7 @@ def run_distillation(config: DistillConfig) -> dict:
     then writes the report alone.
     """
     started = time.perf_counter()
-    run_dir = _check_run_dir(config)
+    run_dir = check_run_dir(config)
     device = distributed.init(config.device, config.dist_timeout)  # None: one process
     if device is None:
         device = resolve_device(config.device)
@@ -681,6 +104,21 @@ def run_distillation(config: DistillConfig) -> dict:
     return results
 
 
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
+    """The teacher: frozen, eval mode, no gradients (so no optimizer state), optionally bf16."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        config.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    teacher = load_lm(config.teacher, "teacher", dtype, device)
+    teacher.model.eval().requires_grad_(False)
+    return teacher
+
+
 def _run_phases(config: DistillConfig, run_dir: Path,
                 device: torch.device) -> tuple[dict, LMHead | None, Blocks]:
     """The distillation, then the baseline: (results, the teacher if the report can use it, the
@@ -692,22 +130,8 @@ def _run_phases(config: DistillConfig, run_dir: Path,
     tokenizer_source = config.tokenizer or config.teacher or config.student
     tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizers(tokenizer_source, tokenizer, config.student)
-    if config.teacher_cache is not None:  # offline: no teacher, the cache's sequences
-        train, heldout, _ = open_for_run(config, tokenizer)
-    else:
-        train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
-                                     config.eval_fraction)
-    heldout = heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
-    teacher = teacher_module = None
-    if config.teacher is not None and config.teacher_cache is None:
-        # A sharded teacher is loaded on the CPU: FSDP moves each rank's shards to the device.
-        shard_teacher = distributed.is_distributed() and config.teacher_placement == "shard"
-        teacher = load_teacher(config, torch.device("cpu") if shard_teacher else device)
-        check_vocab(tokenizer, teacher, "teacher")
-        teacher_module = distributed.wrap_teacher(TeacherForward(teacher),
-                                                  config.teacher_placement, device)
-        if shard_teacher:
-            teacher = None  # its LMHead now holds shards
+    train, heldout = _load_data(config, tokenizer)
+    teacher, teacher_module = _load_teacher_module(config, tokenizer, device)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
@@ -740,3 +164,42 @@ def _run_phases(config: DistillConfig, run_dir: Path,
                "baseline_history": baseline.history if baseline is not None else None,
                "report": None}
     return results, teacher, heldout
+
+
+def _load_data(config: DistillConfig, tokenizer) -> tuple[Blocks, Blocks]:
+    """(train, held-out) blocks: the data files tokenized and packed, or a teacher cache's
+    sequences; the held-out ones cut to config.eval_sequences."""
+    if config.teacher_cache is not None:  # offline: no teacher, the cache's sequences
+        train, heldout, _ = open_for_run(config, tokenizer)
+    else:
+        train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
+                                     config.eval_fraction)
+    return train, heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
+
+
+def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device
+                         ) -> tuple[LMHead | None, TeacherForward | None]:
+    """(the teacher, whole, or None when it is sharded or absent; its forward for the loop,
+    wrapped for FSDP or replicated). No teacher is loaded for hard labels or from a cache."""
+    if config.teacher is None or config.teacher_cache is not None:
+        return None, None
+    # A sharded teacher is loaded on the CPU: FSDP moves each rank's shards to the device.
+    shard_teacher = distributed.is_distributed() and config.teacher_placement == "shard"
+    teacher = load_teacher(config, torch.device("cpu") if shard_teacher else device)
+    check_vocab(tokenizer, teacher, "teacher")
+    teacher_module = distributed.wrap_teacher(TeacherForward(teacher), config.teacher_placement,
+                                              device)
+    return (None if shard_teacher else teacher), teacher_module  # sharded: its LMHead holds shards
+
+
+def _phase_summary(result: PhaseResult | None) -> dict | None:
+    if result is None:
+        return None
+    final = next((r for r in reversed(result.history) if "eval_ce" in r), {})
+    return {"status": result.status, "step": result.step, "steps_run": result.steps_run,
+            "train_seconds": sum(r.get("seconds", 0.0) for r in result.history),
+            "student_dir": None if result.student_dir is None else str(result.student_dir),
+            "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
+            "tokens": sum(r.get("tokens", 0) for r in result.history),
+            "eval_ce": final.get("eval_ce"), "eval_ppl": final.get("eval_ppl"),
+            "eval_kd": final.get("eval_kd"), "peak_memory_bytes": result.peak_memory_bytes}

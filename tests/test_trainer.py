@@ -147,7 +147,7 @@ def test_resume_is_exact(straight_run, tmp_path):
 
 def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(straight_run, tmp_path,
                                                                    monkeypatch):
-    import fastkd.trainer as trainer
+    from fastkd import fsio
 
     config, _ = straight_run
     out = tmp_path / "run"
@@ -159,11 +159,11 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(straight_run, 
             raise OSError("simulated crash while writing the step-4 checkpoint")
         return fsync_tree(root)
 
-    fsync_tree = trainer._fsync_tree
-    monkeypatch.setattr(trainer, "_fsync_tree", crash_on_second_write)
+    fsync_tree = fsio.fsync_tree
+    monkeypatch.setattr(fsio, "fsync_tree", crash_on_second_write)
     with pytest.raises(OSError, match="simulated crash"):
         run_distillation(dataclasses.replace(config, out=str(out)))
-    monkeypatch.setattr(trainer, "_fsync_tree", fsync_tree)
+    monkeypatch.setattr(fsio, "fsync_tree", fsync_tree)
 
     checkpoint = latest_checkpoint(out)
     assert checkpoint.name == "step-00000002"

@@ -1,0 +1,164 @@
+"""The run's config: `DistillConfig`, its defaults and its validation, in one place.
+
+A run is one DistillConfig: the models, the data, the loss (`loss_options()`, a
+`fastkd.DistillOptions`), the optimisation, precision and parallelism, the bookkeeping. It is
+checked when built (`__post_init__`: a bad value raises a ValueError naming the field) and saved
+as RUN_DIR/config.json when a run starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`),
+and `check_run_dir` refuses a new run in a used directory or a resume under another config.
+
+The house, top to bottom: config (here) -> data (fastkd.data, fastkd.cache) -> the loss on one
+batch (fastkd.batch_loss) -> the loop (fastkd.loop) -> checkpoints (fastkd.checkpoint) -> the
+report (fastkd.report); fastkd.trainer runs them (`run_distillation`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastkd import fsio
+from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
+from fastkd.loss import BACKENDS
+from fastkd.options import DistillOptions
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Fields that say where and how this invocation runs, not what the run is: resume may change them.
+RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
+                  "dist_timeout")
+
+
+@dataclass
+class DistillConfig:
+    """One run. `teacher=None` trains the student on hard labels only (needs kd_weight=0).
+
+    Paths are strings so the config round-trips through RUN_DIR/config.json.
+    """
+
+    teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
+    student: str  # HF model dir or hub id: the initial student
+    data: list[str]  # .txt / .jsonl ("text" field) files
+    out: str  # the run directory
+    tokenizer: str | None = None  # default: the teacher's (else the student's)
+    # The loss (fastkd.DistillOptions).
+    temperature: float = 2.0
+    ce_weight: float = 0.5
+    kd_weight: float = 0.5
+    divergence: str = "forward_kl"
+    beta: float = 0.5  # jsd's mixture weight
+    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl's mixture weight alpha
+    # Optimisation: AdamW, linear warmup then cosine decay, over `steps` optimizer steps.
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 20
+    clip: float | None = 1.0
+    seed: int = 0
+    # Data: the held-out split, and how much of it evaluation and the report use.
+    eval_fraction: float = 0.05
+    eval_sequences: int = 64
+    # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
+    device: str | None = None
+    bf16: bool | None = None
+    teacher_dtype: str = "auto"
+    backend: str = "auto"
+    # Several processes (torchrun, WORLD_SIZE > 1): batch_size is then the global number of
+    # sequences per micro-batch, split evenly across the ranks.
+    parallel: str = "fsdp"  # the student: "fsdp" (FSDP2 fully_shard) or "ddp"
+    teacher_placement: str = "shard"  # the teacher: "shard" (FSDP2, forward-only) or "replicate"
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
+    # Bookkeeping.
+    eval_every: int = 50
+    save_every: int = 100
+    baseline: bool = True  # also train a hard-label-only student with the same budget
+    report: bool = True
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
+    progress: bool = True
+    # Offline distillation (fastkd.cache): train from a `fastkd cache-teacher` directory through
+    # the sparse loss; cache_tail None picks "ignore" for sampled caches, "bucket" for top-k.
+    teacher_cache: str | None = None
+    cache_tail: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [self.data]
+        self.data = [str(path) for path in self.data]
+        if not self.data:
+            raise ValueError("data: pass at least one text or jsonl file")
+        self.loss_options()  # validates temperature, weights, divergence, beta, skew
+        positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
+                    "eval_sequences")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must lie in [0, steps={self.steps}], got {self.warmup}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"clip must be > 0 or None, got {self.clip}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 or None, got {self.stop_after}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got "
+                             f"{self.teacher_dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher_placement must be one of {TEACHER_PLACEMENTS}, got "
+                             f"{self.teacher_placement!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.teacher is None and self.teacher_cache is None and (
+                self.kd_weight > 0 or self.baseline or self.report):
+            raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
+                             "baseline=False and report=False")
+
+    def loss_options(self) -> DistillOptions:
+        # Summed over tokens: the loop divides by the token count of the whole accumulated step.
+        return DistillOptions(temperature=self.temperature, ce_weight=self.ce_weight,
+                              kd_weight=self.kd_weight, divergence=self.divergence,
+                              beta=self.beta, skew=self.skew, reduction="sum")
+
+    def save(self, run_dir: Path) -> None:
+        fsio.atomic_write_text(run_dir / "config.json",
+                               json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> DistillConfig:
+        """The config of the run in run_dir (its config.json), less the call that wrote it:
+        stop_after and resume are per call (a run stopped with --stop-after 2 and resumed does
+        not stop again after 2 steps unless told to)."""
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no run to resume: {path} not found")
+        return cls(**{**json.loads(path.read_text()), "stop_after": None, "resume": False})
+
+
+def check_run_dir(config: DistillConfig) -> Path:
+    """A new run needs a directory without a run; a resumed one, the run's own config."""
+    run_dir = Path(config.out)
+    if config.resume:
+        saved = DistillConfig.load(run_dir)
+        differing = [f.name for f in dataclasses.fields(DistillConfig)
+                     if f.name not in RUNTIME_FIELDS
+                     and getattr(saved, f.name) != getattr(config, f.name)]
+        if differing:
+            raise ValueError(f"resume: the config differs from {run_dir / 'config.json'} in "
+                             f"{differing}; an exact resume needs the run's own config "
+                             "(DistillConfig.load(run_dir))")
+    elif (run_dir / "config.json").exists():
+        raise ValueError(f"out: {run_dir} already holds a run (config.json); resume it "
+                         f"(--resume {run_dir}) or choose another output directory")
+    return run_dir

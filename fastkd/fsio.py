@@ -1,0 +1,74 @@
+"""Durable file I/O: what the trainer's checkpoints and the teacher cache write, so that a crash
+at any moment leaves either the old file (directory) or the new one, complete, never a mix.
+
+A file is written beside its target under a temp name, fsynced, renamed over the target
+(`os.replace` is atomic on POSIX), and the directory holding it is fsynced so that the rename
+itself survives a power loss. A directory is filled under a temp name, every file in it and the
+directory fsynced, then renamed into place (`publish_dir`). `sha256_file` is the checksum the
+cache records for its shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's data to disk (through a fresh descriptor: the writer may have closed it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fsync_file(path)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under root (root included)."""
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            fsync_file(os.path.join(dirpath, filename))
+        fsync_dir(dirpath)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write path atomically: write(tmp) fills a temp file beside it, which is fsynced and
+    renamed over path; then path's directory is fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def durable_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(path), then fsync it: for a file inside a temp directory that is published whole."""
+    write(path)
+    fsync_file(path)
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Make a filled temp directory the target, atomically: fsync everything in it, rename it,
+    fsync the parent (target must not exist)."""
+    fsync_tree(tmp)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

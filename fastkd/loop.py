@@ -1,0 +1,265 @@
+"""The training loop: one phase of a run (the distillation, or the hard-label baseline).
+
+`train_phase` reads top to bottom: find the checkpoint to resume from (fastkd.checkpoint); set the
+phase up (`_setup`: the student in fp32, wrapped for DDP or FSDP, AdamW with warmup then cosine
+decay, the batches); start (a step-0 evaluation) or resume; then one explicit loop of optimizer
+steps (`_optimizer_step`), evaluating (`evaluate`) and checkpointing on the way; last, a final
+checkpoint and the exported student. `StopSignals` is how Ctrl-C and SIGTERM ask it to stop
+between two steps.
+
+Under torchrun every rank runs this, in step: the collectives are in the wrapped student's
+forward/backward, the clip norm, the per-step sums, the evaluation and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastkd import distributed
+from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
+from fastkd.cache import CachedBlocks
+from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
+from fastkd.config import DistillConfig
+from fastkd.data import Batches, Blocks
+from fastkd.memory import PeakMemory
+from fastkd.models import check_vocab, load_lm
+
+log = logging.getLogger("fastkd")
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM set a flag; the loop checks it between steps, saves and returns.
+
+    A second signal raises KeyboardInterrupt at once (checkpoint writes are atomic, so the previous
+    checkpoint stays loadable). Handlers are installed only from the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step, saving a checkpoint, then stopping "
+                    "(signal again to abort without saving)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class PhaseResult:
+    status: str  # "completed", "stopped" (stop_after) or "interrupted" (a signal)
+    step: int
+    steps_run: int
+    history: list[dict]
+    checkpoint: Path | None
+    student_dir: Path | None
+    peak_memory_bytes: int | None = None  # of this call's steps (fastkd.memory.PeakMemory)
+
+
+@dataclass
+class _Phase:
+    """What one phase trains, built by `_setup`."""
+
+    student: torch.nn.Module  # a StudentLoss, maybe wrapped in DDP or FSDP
+    train_teacher: TeacherForward | None  # None: no teacher forward in training (hard labels)
+    logs_kd: bool  # whether the steps' records carry a KD term
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Batches
+    autocast: object  # bf16 autocast, or a null context
+
+
+def train_phase(name: str, config: DistillConfig, phase_dir: Path,
+                teacher: TeacherForward | None, tokenizer, train: Blocks, heldout: Blocks,
+                device: torch.device, stop: StopSignals, max_steps: int | None) -> PhaseResult:
+    """Train config.student for config.steps optimizer steps (resuming from phase_dir if it holds
+    a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call.
+    """
+    main = distributed.is_main()
+    checkpoint = resume_checkpoint(phase_dir)
+    phase = _setup(config, checkpoint, teacher, tokenizer, train, device)
+
+    def evaluate_now() -> dict:
+        return evaluate(phase.student, teacher, heldout, config, device, phase.autocast)
+
+    def save(step: int) -> Path:
+        return save_checkpoint(phase_dir, step, phase.student, tokenizer, phase.optimizer,
+                               phase.scheduler, phase.batches, history)
+
+    log_path = phase_dir / "log.jsonl"
+    if checkpoint is not None:
+        step, history = load_checkpoint(checkpoint, phase.student, phase.optimizer,
+                                        phase.scheduler, phase.batches)
+        log.info("resuming %s from step %d", phase_dir, step)
+    else:
+        from transformers import set_seed
+
+        # Each rank its own seed: dropout on disjoint rows must not repeat one mask.
+        set_seed(config.seed + distributed.rank())
+        step, history = 0, [{"step": 0, **evaluate_now()}]
+    if main:
+        log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
+    saved_step = step if checkpoint is not None else None
+    start_step = step
+
+    memory = PeakMemory(device).start()
+    bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
+               disable=not (config.progress and main), dynamic_ncols=True)
+    postfix = {}
+    with open(log_path if main else os.devnull, "a") as log_file:  # the log is rank 0's
+        while step < config.steps:
+            # A signal (any rank's: all stop at the same step), or --stop-after.
+            if distributed.any_rank(stop.signum is not None, device) or (
+                    step - start_step == max_steps):
+                break  # checkpoint below and return
+            stats = _optimizer_step(phase, config, device)
+            step += 1
+            record = {"step": step, **stats}
+            postfix.update(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}")
+            if step % config.eval_every == 0 or step == config.steps:
+                record.update(evaluate_now())
+                postfix["eval_ppl"] = f"{record['eval_ppl']:.2f}"
+            history.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.update(1)
+            bar.set_postfix(postfix, refresh=False)
+            if step % config.save_every == 0 or step == config.steps:
+                checkpoint = save(step)
+                saved_step = step
+    bar.close()
+    peak_memory = memory.stop()
+
+    if saved_step != step:
+        checkpoint = save(step)
+    if step == config.steps:
+        status, student_dir = "completed", phase_dir / "student"
+        export_student(checkpoint, phase.student, tokenizer, student_dir, device)
+    else:
+        status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
+        log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
+                 checkpoint)
+    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
+                       peak_memory)
+
+
+def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForward | None,
+           tokenizer, train: Blocks, device: torch.device) -> _Phase:
+    """The student (from the checkpoint, else config.student), its loss, optimizer, schedule and
+    batches."""
+    opts = config.loss_options()
+    use_bf16 = config.bf16 if config.bf16 is not None else (
+        device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
+    # model; several load the initial student, then the checkpoint's DCP shards
+    # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
+    sharded = distributed.is_distributed() and config.parallel == "fsdp"
+    one_process = distributed.world_size() == 1
+    head = load_lm(str(checkpoint / "model") if checkpoint and one_process else config.student,
+                   "student", torch.float32, torch.device("cpu") if sharded else device)
+    check_vocab(tokenizer, head, "student")
+    opts = dataclasses.replace(opts, student_softcap=head.softcap,
+                               teacher_softcap=(head if teacher is None else teacher).softcap)
+    student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
+                                       use_bf16, device)
+    student.train()
+
+    params = [p for p in student.parameters() if p.requires_grad]  # tied weights: once
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95))
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
+    return _Phase(
+        student=student,
+        # Hard labels only: no teacher forward in training (evaluation still measures KD to it).
+        train_teacher=teacher if opts.kd_weight > 0 else None,
+        # The KD term is trained (and logged) from the teacher, or from its cache (no teacher).
+        logs_kd=opts.kd_weight > 0 and (teacher is not None or config.teacher_cache is not None),
+        params=params, optimizer=optimizer, scheduler=scheduler,
+        batches=Batches(train, config.batch_size, config.seed), autocast=autocast)
+
+
+def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) -> dict:
+    """One optimizer step over config.grad_accum micro-batches: the step's record (loss, ce, kd
+    per target, lr, grad_norm, tokens, seconds, tokens_per_s)."""
+    t0 = time.perf_counter()
+    # Every rank draws the whole global batch (so the global target count needs no
+    # communication) and runs its own rows of it.
+    micro_batches = [next(phase.batches) for _ in range(config.grad_accum)]
+    n_targets = sum(count_targets(b) for b in micro_batches)
+    world = distributed.world_size()
+    totals = torch.zeros(3, device=device)  # this rank's summed loss, ce, kd
+    for i, batch in enumerate(micro_batches):
+        with distributed.no_sync(phase.student, skip=i < len(micro_batches) - 1):
+            with phase.autocast:
+                loss, ce, kd = batch_loss(phase.student, phase.train_teacher,
+                                          distributed.local_rows(batch), device)
+            # Sum-reduced losses over the whole step's targets on all ranks: accumulation
+            # == one big batch. DDP and FSDP average gradients over the ranks: times P.
+            (loss / (n_targets / world)).backward()
+        totals += torch.stack([loss.detach(), ce, kd])
+    grad_norm = (distributed.clip_grad_norm(phase.params, config.clip)
+                 if config.clip is not None else None)
+    lr = phase.scheduler.get_last_lr()[0]
+    phase.optimizer.step()
+    phase.scheduler.step()
+    phase.optimizer.zero_grad(set_to_none=True)
+
+    totals = distributed.all_reduce_sum(totals)
+    loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
+    seconds = time.perf_counter() - t0
+    return {"loss": loss_v, "ce": ce_v, "kd": kd_v if phase.logs_kd else None, "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": n_targets, "seconds": seconds, "tokens_per_s": n_targets / seconds}
+
+
+@torch.no_grad()
+def evaluate(student: StudentLoss, teacher: TeacherForward | None, heldout: Blocks,
+             config: DistillConfig, device: torch.device, autocast) -> dict:
+    """Held-out CE (and perplexity) and KD divergence to the teacher at the run's temperature.
+
+    Under torchrun each rank evaluates its share of the held-out blocks; the sums are all-reduced.
+    """
+    student.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, counted targets
+    for batch, counted in distributed.eval_shards(heldout, config.batch_size):
+        with autocast:
+            _, ce, kd = batch_loss(student, teacher, batch, device)
+        if counted:  # host syncs, once per eval batch
+            sums += torch.tensor([float(ce), float(kd), count_targets(batch)], dtype=torch.float64)
+    student.train()
+    ce_sum, kd_sum, count = distributed.all_reduce_sum(sums.to(device)).tolist()
+    ce_mean = ce_sum / count
+    return {"eval_ce": ce_mean, "eval_ppl": math.exp(min(ce_mean, 50.0)),
+            "eval_kd": None if teacher is None and not isinstance(heldout, CachedBlocks)
+            else kd_sum / count}
