@@ -355,7 +355,8 @@ class Blocks:
     def model_inputs(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The model's keyword inputs: input_ids and attention_mask, or, for packed rows,
         input_ids and position_ids and no attention_mask (with a 2-D mask transformers would let
-        the packed examples attend to each other)."""
+        the packed examples attend to each other). Call the model with use_cache=False too: with a
+        KV cache (use_cache defaults to True) it ignores the position_ids resets as well."""
         inputs = {"input_ids": self.input_ids}
         if self.position_ids is None:
             inputs["attention_mask"] = self.attention_mask

@@ -143,7 +143,8 @@ def _logits(model: torch.nn.Module, batch: Blocks, model_device: torch.device,
             device: torch.device) -> torch.Tensor:
     """A model's next-token logits, (B * (L-1), V), compared on the teacher's device in fp32 (the
     int8 model runs on the CPU)."""
-    logits = model(**batch.model_inputs(model_device)).logits
+    # use_cache=False: with a KV cache transformers would ignore packed examples' position_ids.
+    logits = model(**batch.model_inputs(model_device), use_cache=False).logits
     return logits[:, :-1].float().flatten(0, 1).to(device)
 
 

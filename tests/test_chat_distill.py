@@ -99,3 +99,31 @@ def test_a_teacher_cache_of_chat_data_keeps_the_targets_and_the_examples_apart(a
     want_lp, want_ids = torch.log_softmax(h @ teacher.weight.T / temperature, -1).topk(k, -1)
     assert torch.equal(ids[0, start:end - 1].long(), want_ids)
     torch.testing.assert_close(logprobs[0, start:end - 1].float(), want_lp, rtol=2e-2, atol=2e-2)
+
+
+def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alone(assets):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastkd.data import load_blocks
+    from fastkd.report import heldout_metrics
+
+    cpu = torch.device("cpu")
+    student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float64).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float64).eval()
+    _, heldout = load_blocks([assets["data"]], assets["tokenizer"], 160, 0.3)
+    assert heldout.position_ids is not None and len(heldout) >= 2
+    got = heldout_metrics({"student": (student, cpu)}, teacher, heldout, cpu)["student"]
+    ce, count = 0.0, 0
+    for row in range(len(heldout)):  # each example alone, its assistant tokens only
+        starts = (heldout.position_ids[row] == 0).nonzero().flatten().tolist()
+        for a, b in zip(starts, starts[1:] + [heldout.input_ids.shape[1]], strict=True):
+            ids = heldout.input_ids[row:row + 1, a:b]
+            targets = heldout.counted[row, a + 1:b]
+            with torch.no_grad():
+                logits = student(input_ids=ids).logits[0, :-1]
+            ce += float(torch.nn.functional.cross_entropy(
+                logits[targets], ids[0, 1:][targets], reduction="sum"))
+            count += int(targets.sum())
+    assert count == heldout.count_targets() > 0
+    assert got["ce"] == pytest.approx(ce / count, rel=1e-5)
