@@ -33,10 +33,11 @@ def examples(lengths, seed=0):
              [i >= n // 3 for i in range(n)]) for n in lengths]
 
 
-def summed_loss(student, teacher, inputs: dict, labels: torch.Tensor, opts) -> torch.Tensor:
-    s = student(**inputs, use_cache=False).logits[:, :-1]
+def summed_loss(student, teacher, inputs: dict, labels: torch.Tensor, opts,
+                use_cache: bool = False) -> torch.Tensor:
+    s = student(**inputs, use_cache=use_cache).logits[:, :-1]
     with torch.no_grad():
-        t = teacher(**inputs, use_cache=False).logits[:, :-1]
+        t = teacher(**inputs, use_cache=use_cache).logits[:, :-1]
     return reference.token_losses(s.reshape(-1, VOCAB), t.reshape(-1, VOCAB),
                                   labels[:, 1:].reshape(-1), opts)[0].sum()
 
@@ -62,10 +63,12 @@ def test_a_packed_batch_has_the_loss_and_gradient_of_its_examples_run_alone(attn
     for g, h in zip(grad, alone_grad, strict=True):
         torch.testing.assert_close(g, h, rtol=tol, atol=tol * h.abs().max())
 
-    # With a 2-D attention mask the examples would see each other: a different loss.
-    leaky = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask}
-    assert abs(float(summed_loss(student, teacher, leaky, packed.labels(IGNORE), opts))
-               - float(alone.detach())) > 1e-3 * abs(float(alone.detach()))
+    # With a 2-D attention mask, or a KV cache, the examples would see each other.
+    mask = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask}
+    with torch.no_grad():
+        for inputs, use_cache in ((mask, False), (packed.model_inputs(), True)):
+            leaky = summed_loss(student, teacher, inputs, packed.labels(IGNORE), opts, use_cache)
+            assert abs(float(leaky) - float(alone)) > 1e-3 * abs(float(alone))
     check_packing(student, "student")
 
 
