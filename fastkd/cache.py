@@ -7,7 +7,9 @@ next-token position, and distil from that with no teacher in memory (`fastkd.spa
                                          rows, sha256); rewritten atomically after every shard
     CACHE_DIR/train-00000.safetensors    input_ids (n, L) int32, attention_mask (n, L) int8,
     CACHE_DIR/heldout-00000.safetensors  ids (n, L-1, k) int32 (-1: unused slot), logprobs
-                                         (n, L-1, k) fp16/bf16 at temperature T
+                                         (n, L-1, k) fp16/bf16 at temperature T; for chat and
+                                         prompt-completion data also counted (n, L) int8 (the
+                                         targets) and, packed, position_ids (n, L) int32
 
 The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.data`). Modes:
 "topk" keeps the k most likely ids and log softmax(t / T) there; "sample" draws `samples` ids
@@ -20,6 +22,7 @@ finds a manifest resumes at the first shard it does not list.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from fastkd import reference
-from fastkd.data import SPLIT_SEED, Blocks, load_blocks
+from fastkd.data import SPLIT_SEED, UTF8_ERRORS, Blocks, check_packing, load_blocks
 from fastkd.fsio import atomic_write as _atomic_write
 from fastkd.fsio import sha256_file
 
@@ -95,8 +98,17 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 
 def data_fingerprint(paths: list[str]) -> list[dict]:
-    return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))}
-            for p in paths]
+    """Size and sha256 of each data file; of a directory (a saved dataset), of its files."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
+            out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
+                        "sha256": hashlib.sha256(listing.encode()).hexdigest()})
+        else:
+            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -133,6 +145,8 @@ class CachePlan:
     device: str | None = None
     teacher_dtype: str = "auto"
     progress: bool = True
+    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    utf8_errors: str = "strict"
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -160,6 +174,9 @@ class CachePlan:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.utf8_errors not in UTF8_ERRORS:
+            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
+                             f"{self.utf8_errors!r}")
 
 
 def _targets(plan: CachePlan, logits: torch.Tensor, seed: int):
@@ -177,9 +194,7 @@ def _shard(plan: CachePlan, teacher, blocks: Blocks, first_seq: int, device) -> 
     logprobs = torch.empty(n, seq_len - 1, plan.k, dtype=DTYPES[plan.dtype])
     for b0 in range(0, n, plan.batch_size):
         b1 = min(b0 + plan.batch_size, n)
-        input_ids = blocks.input_ids[b0:b1].to(device)
-        mask = blocks.attention_mask[b0:b1].to(device)
-        h = teacher.hidden(input_ids, mask)[:, :-1]
+        h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
         logits = torch.nn.functional.linear(h, teacher.weight, teacher.bias)  # (b, L-1, V)
         logits = reference.softcap(logits.float(), teacher.softcap)
         for i in range(b1 - b0):  # per sequence: its own sampling seed
@@ -188,9 +203,14 @@ def _shard(plan: CachePlan, teacher, blocks: Blocks, first_seq: int, device) -> 
             ids[b0 + i] = seq_ids.cpu()
             logprobs[b0 + i] = seq_lp.to(logprobs.dtype).cpu()
         del logits
-    return {"input_ids": blocks.input_ids.to(torch.int32).contiguous(),
-            "attention_mask": blocks.attention_mask.to(torch.int8).contiguous(),
-            "ids": ids, "logprobs": logprobs}
+    tensors = {"input_ids": blocks.input_ids.to(torch.int32).contiguous(),
+               "attention_mask": blocks.attention_mask.to(torch.int8).contiguous(),
+               "ids": ids, "logprobs": logprobs}
+    if blocks.counted is not None:
+        tensors["counted"] = blocks.counted.to(torch.int8).contiguous()
+    if blocks.position_ids is not None:
+        tensors["position_ids"] = blocks.position_ids.to(torch.int32).contiguous()
+    return tensors
 
 
 def hash_seed(seed: int, sequence: int) -> int:
@@ -204,8 +224,8 @@ def _plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -
         "format": FORMAT, "teacher": plan.teacher, "tokenizer": tokenizer_fingerprint(tokenizer),
         "temperature": plan.temperature, "mode": plan.mode, "k": plan.k, "samples": plan.samples,
         "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction, "dtype": plan.dtype,
-        "seed": plan.seed, "shard_sequences": plan.shard_sequences,
-        "data": data_fingerprint(plan.data),
+        "seed": plan.seed, "shard_sequences": plan.shard_sequences, "packing": plan.packing,
+        "utf8_errors": plan.utf8_errors, "data": data_fingerprint(plan.data),
         "split": {"seed": SPLIT_SEED, "train": len(train), "heldout": len(heldout)},
         "shards": [], "complete": False,
     }
@@ -219,7 +239,8 @@ def cache_teacher(plan: CachePlan) -> dict:
 
     out = Path(plan.out)
     tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
-    train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction)
+    train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction,
+                                 packing=plan.packing, utf8_errors=plan.utf8_errors)
     manifest = _plan_manifest(plan, tokenizer, train, heldout)
     path = out / "manifest.json"
     if path.is_file():  # resume: the same plan, and the shards it lists
@@ -252,6 +273,8 @@ def cache_teacher(plan: CachePlan) -> dict:
         teacher = load_lm(plan.teacher, "teacher", dtype, device)
         teacher.model.eval().requires_grad_(False)
         check_vocab(tokenizer, teacher, "teacher")
+        if train.position_ids is not None:  # packed examples
+            check_packing(teacher.model, "teacher")
         _write_manifest(out, manifest)
         from safetensors.torch import save_file
 
@@ -338,7 +361,12 @@ class TeacherCache:
         index = torch.arange(n)
         input_ids = self._rows(split, "input_ids", index).long() if n else torch.empty(0, 0)
         mask = self._rows(split, "attention_mask", index).long() if n else torch.empty(0, 0)
-        return CachedBlocks(input_ids, mask, CacheRows(self, split, index))
+        stored = set(self.splits[split][0].keys()) if n else set()
+        counted = self._rows(split, "counted", index).bool() if "counted" in stored else None
+        positions = (self._rows(split, "position_ids", index).long()
+                     if "position_ids" in stored else None)
+        return CachedBlocks(input_ids, mask, CacheRows(self, split, index), counted=counted,
+                            position_ids=positions)
 
     def check_run(self, tokenizer, seq_len: int, temperature: float, eval_fraction: float,
                   data: list[str] | None) -> None:
@@ -388,8 +416,7 @@ class CachedBlocks(Blocks):
     targets: CacheRows | None = None
 
     def select(self, index: torch.Tensor) -> CachedBlocks:
-        return CachedBlocks(self.input_ids[index], self.attention_mask[index],
-                            self.targets.select(index))
+        return dataclasses.replace(super().select(index), targets=self.targets.select(index))
 
 
 # ---- training from a cache (the trainer's hooks) -----------------------------------------------
