@@ -64,7 +64,9 @@ def reference_loss(student, teacher, batch, opts, num_items=None) -> torch.Tenso
     shifted labels, summed and divided by num_items (default: the batch's counted tokens)."""
     from fastkd import reference
 
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # every model input of the batch, as in training (no KV cache: with one, transformers does
+    # not read packed sequences from position_ids)
+    kwargs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
     s = student(**kwargs).logits[:, :-1]
     with torch.no_grad():
         t = teacher(**kwargs).logits[:, :-1]
