@@ -6,10 +6,6 @@ gradient accumulation and 2 processes against one big batch, and a dispatch prob
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,6 +20,7 @@ from _hf_fixtures import (
     reference_loss,
     sequences,
     tiny_pair,
+    torchrun_two,
 )
 from transformers import DataCollatorWithFlattening, TrainingArguments
 
@@ -246,21 +243,8 @@ def test_two_processes_match_one(models, tmp_path):
     the 1-process 4-sequence step; and the fused loss under FSDP2 (fully_shard) matches."""
     one = one_step_params(models, tmp_path / "one", per_device_train_batch_size=4)
     out = tmp_path / "two"
-    worker = Path(__file__).with_name("_hf_dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), str(models["student"]), str(models["teacher"]), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)  # its own process group: a hang kills torchrun and both workers
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process run hung (killed after 180 s)")
-    assert proc.returncode == 0, stderr[-4000:]
-    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-4000:]
+    torchrun_two(Path(__file__).with_name("_hf_dist_worker.py"),
+                 [str(models["student"]), str(models["teacher"]), str(out)], timeout=180)
     two = torch.load(out / "params.pt")
     for name, p in one.items():
         torch.testing.assert_close(two[name], p, rtol=1e-5, atol=1e-6, msg=name)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl", reason="needs TRL: pip install fastkd[trl]")
-from _hf_fixtures import VOCAB, load, tiny_pair  # noqa: E402
+from _hf_fixtures import VOCAB, load, tiny_pair, torchrun_two  # noqa: E402
 from _trl_fixtures import (  # noqa: E402
     LocalTeacherClient,
     completion_batch,
@@ -350,21 +348,9 @@ def test_two_processes(models, tmp_path, one_big_batch):
     the 1-process 4-prompt step; compute_loss with both models sharded by FSDP2 (`fully_shard`,
     as accelerate's FSDP2 does) = the unsharded loss and gradients."""
     out = tmp_path / "two"
-    worker = Path(__file__).with_name("_trl_dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), *(str(models[k]) for k in ("student", "teacher", "tokenizer")), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)  # its own process group: a hang kills torchrun and both workers
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process run hung (killed after 240 s)")
-    assert proc.returncode == 0, stderr[-4000:]
-    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-4000:]
+    torchrun_two(Path(__file__).with_name("_trl_dist_worker.py"),
+                 [*(str(models[k]) for k in ("student", "teacher", "tokenizer")), str(out)],
+                 timeout=240)
     two = torch.load(out / "params.pt")
     for name, p in one_big_batch.items():
         torch.testing.assert_close(two[name], p, rtol=1e-5, atol=1e-6, msg=name)
