@@ -134,8 +134,8 @@ def fused_lm_loss(
     already shifted (`shifted_labels`). The loss is reduced as `opts.reduction` says (the trainers
     pass "sum" and divide by the counted tokens themselves). The outputs' `logits` are empty,
     (B, L, 0). Both models may be wrapped (DDP, FSDP, DeepSpeed): each runs its own forward (see
-    the module docstring). copy_teacher_head=True
-    copies the teacher's head weight out of its forward (needed when the teacher is sharded).
+    the module docstring). copy_teacher_head=True copies the teacher's head weight out of its
+    forward (needed when the teacher is sharded).
     Plain-torch equivalent (full logits): `fastkd.reference.token_losses(student(**inputs).logits[:,
     :-1], teacher(**inputs).logits[:, :-1], labels, opts)` reduced over tokens whose label is
     counted.
