@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=2.0,
                    help="T of the distill, kd, rkl, jsd and sparse cases")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
-    p.add_argument("--out", type=Path, help="output folder (default ./bench-results/<device-slug>/, "
-                   "git-ignored; the committed tables live in bench/results/<device-slug>/)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default ./bench-results/<device-slug>/, git-ignored; the "
+                        "committed tables live in bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of --out's results.json (same device and dtype) that this "
