@@ -73,7 +73,7 @@ def cli_args(cfg: DistillConfig) -> list[str]:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "clip",
                  "eval_every", "save_every", "eval_sequences", "seed", "device", "dist_timeout"):
         args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
-    return args + ([] if cfg.baseline else ["--no-baseline"]) + (
+    return args + (["--baseline"] if cfg.baseline else ["--no-baseline"]) + (
         [] if cfg.report else ["--no-report"])
 
 

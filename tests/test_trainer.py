@@ -191,23 +191,21 @@ def test_resume_refuses_a_changed_config_and_new_run_refuses_a_used_dir(straight
         run_distillation(config)
 
 
-def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(assets.tied_student, dtype=torch.float32)
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    teacher = load_teacher(make_config(assets, tmp_path / "unused"), torch.device("cpu"))
-    student = lm_head(model, "student")
+def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The gradients of params from the trainer's loss on 3 sequences (batch_loss: the fused loss
+    on the base's hidden states and the head's weight), and from the same loss through the HF
+    forward's full logits and the spec's per-token losses."""
+    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
     train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
     batch = train.select(torch.arange(3))
     opts = DistillOptions(temperature=2.0, reduction="sum")
 
-    loss, _, _ = batch_loss(StudentLoss(student, opts, "auto"), TeacherForward(teacher), batch,
-                            torch.device("cpu"))
+    loss, _, _ = batch_loss(StudentLoss(lm_head(model, "student"), opts, "auto"),
+                            TeacherForward(teacher), batch, torch.device("cpu"))
     loss.backward()
-    fused_grad = model.get_input_embeddings().weight.grad.clone()
+    fused = {name: p.grad.clone() for name, p in params.items()}
     model.zero_grad()
-
-    # The same loss through the HF forward's full logits, and the spec's per-token losses.
     labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1)
     s = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     with torch.no_grad():
@@ -215,8 +213,15 @@ def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
     per_token, _, _ = reference.token_losses(s.flatten(0, 1), t[:, :-1].flatten(0, 1), labels,
                                              opts)
     per_token.sum().backward()
-    torch.testing.assert_close(fused_grad, model.get_input_embeddings().weight.grad,
-                               rtol=1e-4, atol=1e-5)
+    return fused, {name: p.grad for name, p in params.items()}
+
+
+def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(assets.tied_student, dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    fused, spec = fused_and_spec_grads(assets, model, {"embedding": embedding})
+    torch.testing.assert_close(fused["embedding"], spec["embedding"], rtol=1e-4, atol=1e-5)
 
     result = run_distillation(make_config(assets, tmp_path / "run",
                                           student=str(assets.tied_student), steps=2))
@@ -470,29 +475,12 @@ def test_lora_head_adapter_gradient_matches_full_logits(assets):
             param.data.normal_(0, 0.05)
     head = model.get_output_embeddings()
     assert "lora_A" in dict(head.named_modules()) or hasattr(head, "lora_A")
-    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
-    train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
-    batch = train.select(torch.arange(3))
-    opts = DistillOptions(temperature=2.0, reduction="sum")
     adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("lm_head.lora_B") for n in adapters)
     assert all("lora_" in n for n in adapters)  # the base is frozen
-
-    loss, _, _ = batch_loss(StudentLoss(lm_head(model, "student"), opts, "auto"),
-                            TeacherForward(teacher), batch, torch.device("cpu"))
-    loss.backward()
-    fused = {n: p.grad.clone() for n, p in adapters.items()}
-    model.zero_grad()
-    labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1)
-    s = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    with torch.no_grad():
-        t = teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    per_token, _, _ = reference.token_losses(s.flatten(0, 1), t[:, :-1].flatten(0, 1), labels,
-                                             opts)
-    per_token.sum().backward()
-    for name, param in adapters.items():
-        torch.testing.assert_close(fused[name], param.grad, rtol=1e-4, atol=1e-6,
+    fused, spec = fused_and_spec_grads(assets, model, adapters)
+    for name in adapters:
+        torch.testing.assert_close(fused[name], spec[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
     assert fused["lm_head.lora_A.default.weight"].abs().max() > 0
 
