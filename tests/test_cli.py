@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _trainer_fixtures import build_tokenizer, save_llama, write_data
 
 from fastkd.cli import main
@@ -152,9 +153,13 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
                                 teacher_eval_every=10, student_steps=8, student_eval_every=8,
                                 eval_sequences=8)
     monkeypatch.setattr(demo, "FAST", small)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = []  # `demo --fast` runs torch on one thread (not set here: the session keeps its own)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--offline", "--out", str(out), "--cache-dir",
                  str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert threads == [1]
     report = json.loads((out / "report.json").read_text())
     offline = json.loads((out / "offline.json").read_text())
     rows = {row["student"]: row for row in offline["rows"]}
