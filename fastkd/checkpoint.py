@@ -169,7 +169,7 @@ def resume_checkpoint(phase_dir: Path) -> Path | None:
         try:
             checkpoint = _choose_checkpoint(phase_dir)
             choice = (None if checkpoint is None else str(checkpoint), None)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # every rank raises it, none waits for rank 0
             choice = (None, str(err))
     checkpoint, error = distributed.broadcast_from_main(choice)
     if error is not None:

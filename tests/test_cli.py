@@ -223,7 +223,7 @@ def test_cache_teacher_help_gives_every_option_its_help_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["cache-teacher", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--teacher DIR_OR_ID teacher:", "--data FILE [FILE ...] text or jsonl",
+    for flag in ("--teacher DIR_OR_ID teacher:", "--data FILE [FILE ...] .txt, .jsonl",
                  "--out CACHE_DIR cache directory"):
         assert flag in text
     # the trainer's defaults for what a cache shares with `fastkd distill`, CachePlan's for the rest

@@ -453,11 +453,19 @@ def test_gradient_checkpointing_and_tensorboard(assets, tmp_path, monkeypatch):
     assert not (tmp_path / "plain" / "tensorboard").exists()
 
 
-def test_report_to_tensorboard_without_tensorboard_fails_before_anything(assets, tmp_path,
-                                                                          monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    with pytest.raises(ValueError, match=r"needs the tensorboard package.*fastkd\[tensorboard\]"):
-        run_distillation(make_config(assets, tmp_path / "run", report_to="tensorboard"))
+def test_unavailable_options_fail_before_anything(assets, tmp_path, monkeypatch):
+    """--report-to tensorboard without tensorboard, --lora-r without peft or under torchrun."""
+    from fastkd import distributed
+
+    for module, option in (("tensorboard", {"report_to": "tensorboard"}),
+                           ("peft", {"lora_r": 4})):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # as if not installed
+            with pytest.raises(ValueError, match=rf"needs the {module} package.*fastkd\["):
+                run_distillation(make_config(assets, tmp_path / "run", **option))
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="LoRA students .* train in one process"):
+        run_distillation(make_config(assets, tmp_path / "run", lora_r=4))
     assert not (tmp_path / "run").exists()
 
 
