@@ -148,7 +148,8 @@ def _distill_parser(sub) -> None:
             choices=BACKENDS)
     g = p.add_argument_group("memory and adapters")
     _option(g, "--gradient-checkpointing", "recompute each decoder layer's activations in "
-            "backward (less memory, about a third more compute)", action="store_true")
+            "backward (less activation memory, one more forward of each layer)",
+            action="store_true")
     _option(g, "--lora-r", "train rank-R LoRA adapters (PEFT) instead of every weight; the fused "
             "loss trains the output layer's adapter too", type=int, metavar="R")
     _option(g, "--lora-alpha", "LoRA scaling numerator: adapters scaled by alpha / r (default: "
