@@ -8,7 +8,9 @@
 
 On a machine without CUDA the same command runs CPU-sized shapes (the heads' widths / 16,
 vocabularies / 32, N <= 256, fp32) and labels everything "CPU numbers, not GPU". Writes
-results.json, results.md and bench_<case>.png into --out (default bench/results/<device-slug>/).
+results.json, results.md and bench_<case>.png into --out (default ./bench-results/<device-slug>/,
+git-ignored: a run never dirties the checkout; the committed tables are written with
+--out bench/results/<device-slug>).
 Exit status 1 if any measurement failed with an error other than out-of-memory.
 """
 
@@ -90,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=2.0,
                    help="T of the distill, kd, rkl, jsd and sparse cases")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
-    p.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>/)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default ./bench-results/<device-slug>/, git-ignored; the "
+                        "committed tables live in bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of --out's results.json (same device and dtype) that this "
@@ -149,11 +153,17 @@ def _earlier_run(out: Path, settings: Settings) -> dict | None:
     return earlier
 
 
+def default_out(slug: str) -> Path:
+    """Where a run writes without --out: ./bench-results/<slug>, which .gitignore lists, so a
+    user's run leaves the tracked bench/results/ alone."""
+    return Path.cwd() / "bench-results" / slug
+
+
 def main(argv: list[str] | None = None) -> int:
     _keep_kernels_folder_off_path()
     args = parse_args(argv)
     settings = settings_from(args)
-    out = args.out or REPO / "bench" / "results" / device_info(settings.device)["slug"]
+    out = args.out or default_out(device_info(settings.device)["slug"])
     earlier = _earlier_run(out, settings) if args.merge else None
 
     def merged(doc: dict) -> dict:

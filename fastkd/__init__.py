@@ -1,27 +1,34 @@
-"""fastkd: fused knowledge-distillation losses over large vocabularies, without the N x V logits."""
+"""fastkd: fused knowledge-distillation losses over large vocabularies, without the N x V logits.
 
-from fastkd.loss import FusedDistillLoss, distill, fused_distill_loss
-from fastkd.options import DistillOptions
-from fastkd.sparse import FusedSparseDistillLoss, fused_sparse_distill_loss, sparse_distill
+The public names load on first use (PEP 562): `import fastkd` imports neither torch nor
+transformers, so `fastkd --help` and argument errors answer at once.
+"""
 
-__all__ = [
-    "DistillConfig",
-    "DistillOptions",
-    "FusedDistillLoss",
-    "FusedSparseDistillLoss",
-    "distill",
-    "fused_distill_loss",
-    "fused_sparse_distill_loss",
-    "run_distillation",
-    "sparse_distill",
-]
+import importlib
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "DistillOptions": "fastkd.options",
+    "FusedDistillLoss": "fastkd.loss",
+    "distill": "fastkd.loss",
+    "fused_distill_loss": "fastkd.loss",
+    "FusedSparseDistillLoss": "fastkd.sparse",
+    "fused_sparse_distill_loss": "fastkd.sparse",
+    "sparse_distill": "fastkd.sparse",
+    "DistillConfig": "fastkd.config",
+    "run_distillation": "fastkd.trainer",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The trainer imports transformers; load it only when asked for.
-    if name in ("DistillConfig", "run_distillation"):
-        from fastkd import trainer
-
-        return getattr(trainer, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once: later lookups do not come back here
+        return value
     raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,7 +20,7 @@ from torch import nn
 from fastkd.cache import CachedBlocks
 from fastkd.data import Blocks
 from fastkd.loss import distill
-from fastkd.models import LMHead
+from fastkd.models import LMHead, head_weight_and_bias
 from fastkd.options import DistillOptions
 
 
@@ -44,8 +44,8 @@ class StudentLoss(nn.Module):
 
     def forward(self, inputs, labels, teacher=None, cached=None):
         h_s = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        head = self.model.get_output_embeddings()
-        w_s, b_s = head.weight, head.bias
+        # The effective weight: W + (alpha / r) B @ A with a LoRA adapter on the output layer.
+        w_s, b_s = head_weight_and_bias(self.model.get_output_embeddings())
         if cached is not None:  # offline: (ids, logprobs, tail) from a teacher cache
             from fastkd.sparse import sparse_distill
 

@@ -1,8 +1,13 @@
-"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`) and `fastkd demo`.
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo` and
+`fastkd cache-teacher`.
 
 Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
 number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
 data or files.
+
+Nothing here imports torch or transformers before the arguments are parsed: `--help` and
+argument errors answer at once. Every option's default comes from the dataclass field it sets
+(DistillConfig for distill, fastkd.cache.CachePlan for cache-teacher), and --help prints it.
 """
 
 from __future__ import annotations
@@ -10,22 +15,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from fastkd import distributed
-from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
-from fastkd.data import UTF8_ERRORS
-from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
-from fastkd.loss import BACKENDS
-from fastkd.options import DIVERGENCES
+from fastkd.config import (
+    PARALLEL,
+    REPORT_TO,
+    RUNTIME_FIELDS,
+    TEACHER_DTYPES,
+    TEACHER_PLACEMENTS,
+    UTF8_ERRORS,
+    DistillConfig,
+)
+from fastkd.options import BACKENDS, DIVERGENCES
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
-            if f.default is not dataclasses.MISSING}
 # Flags that map to no DistillConfig field of the same name.
-FLAG_FIELDS = {"no_baseline": "baseline", "no_report": "report", "no_progress": "progress",
-               "no_packing": "packing"}
+FLAG_FIELDS = {"no_report": "report", "no_progress": "progress", "no_packing": "packing"}
+# cache-teacher options whose defaults are the trainer's: a cache is made for `fastkd distill
+# --teacher-cache`, which needs the cache's temperature, sequences and split to be its own.
+CACHE_SHARES_DISTILL = ("temperature", "seq_len", "eval_fraction", "packing", "utf8_errors")
 DATA_HELP = ('.txt, .jsonl ("text"; "messages": chat, only the assistant turns trained on; '
              '"prompt"/"completion": only the completion), .parquet or `datasets` save_to_disk '
              "directories with those columns")
@@ -36,23 +46,63 @@ UTF8_HELP = ("strict: refuse a data file that is not UTF-8 (naming the byte); re
              "it with U+FFFD for undecodable bytes")
 
 
-def _option(group, flag: str, help: str, **kwargs) -> None:
-    """An option whose value, when given, becomes the DistillConfig field of the same name.
+def field_defaults(cls) -> dict:
+    """{field name: default} of a dataclass (fields without one left out)."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
-    Unset options stay out of the namespace (argparse.SUPPRESS), so a run gets DistillConfig's
-    defaults and `--resume` can tell which options were given.
+
+def _cache_defaults() -> dict:
+    """cache-teacher's defaults: CachePlan's, the ones it shares with the trainer from
+    DistillConfig. Imports fastkd.cache (torch): called only to print help or to run."""
+    from fastkd.cache import CachePlan
+
+    distill = field_defaults(DistillConfig)
+    return {**field_defaults(CachePlan), **{k: distill[k] for k in CACHE_SHARES_DISTILL}}
+
+
+class _Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to each option's help, X read from its `defaults` (a dict, or a
+    function returning one, called only when help is printed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        source = getattr(action, "defaults", None)
+        if source is None or "default:" in text:
+            return text
+        defaults = source() if callable(source) else source
+        value = defaults.get(action.dest)
+        if value is None or isinstance(value, bool):
+            return text
+        shown = " ".join(value) if isinstance(value, (list, tuple)) else value
+        return f"{text} (default: {shown})"
+
+
+def _option(group, flag: str, help: str, defaults=None, **kwargs) -> argparse.Action:
+    """An option whose value, when given, becomes the dataclass field of the same name.
+
+    Unset options stay out of the namespace (argparse.SUPPRESS), so a run gets the dataclass's
+    defaults and `--resume` can tell which options were given; `defaults` (DistillConfig's when
+    None) is where --help reads the default it prints.
     """
-    dest = flag.removeprefix("--").replace("-", "_")
-    if DEFAULTS.get(dest) is not None and not isinstance(DEFAULTS[dest], bool):
-        help += f" (default: {DEFAULTS[dest]})"
-    group.add_argument(flag, dest=dest, help=help, default=argparse.SUPPRESS, **kwargs)
+    dest = kwargs.pop("dest", flag.removeprefix("--").replace("-", "_"))
+    action = group.add_argument(flag, dest=dest, help=help, default=argparse.SUPPRESS, **kwargs)
+    action.defaults = field_defaults(DistillConfig) if defaults is None else defaults
+    return action
 
 
 def _distill_parser(sub) -> None:
     p = sub.add_parser(
-        "distill", help="distil a Hugging Face teacher into a student",
-        description="Distil --teacher into --student on --data; writes checkpoints, the students "
-                    "and a report under --out. `--resume RUN_DIR` continues a run exactly.")
+        "distill", help="distil a Hugging Face teacher into a student", formatter_class=_Help,
+        description="Distil --teacher into --student on --data; writes checkpoints, the student "
+                    "and a report under --out. `--resume RUN_DIR` continues a run exactly. "
+                    "--baseline also trains the same student on hard labels with the same "
+                    "budget, for the report's comparison (it doubles the training time).")
     g = p.add_argument_group("models and data")
     _option(g, "--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID")
     _option(g, "--student", "initial student: HF model directory or hub id", metavar="DIR_OR_ID")
@@ -84,7 +134,8 @@ def _distill_parser(sub) -> None:
     _option(g, "--grad-accum", "micro-batches per optimizer step", type=int)
     _option(g, "--lr", "peak AdamW learning rate", type=float)
     _option(g, "--weight-decay", "AdamW weight decay (matrices only)", type=float)
-    _option(g, "--warmup", "linear warmup steps before the cosine decay", type=int)
+    _option(g, "--warmup", "linear warmup steps before the cosine decay (default: 10%% of "
+            "--steps)", type=int)
     _option(g, "--clip", "gradient-norm clipping threshold, 0 for none", type=float)
     _option(g, "--seed", "random seed", type=int)
     g = p.add_argument_group("precision and device")
@@ -95,6 +146,16 @@ def _distill_parser(sub) -> None:
             choices=TEACHER_DTYPES)
     _option(g, "--backend", "fused-loss backend; reference = the plain-torch spec",
             choices=BACKENDS)
+    g = p.add_argument_group("memory and adapters")
+    _option(g, "--gradient-checkpointing", "recompute each decoder layer's activations in "
+            "backward (less activation memory, one more forward of each layer)",
+            action="store_true")
+    _option(g, "--lora-r", "train rank-R LoRA adapters (PEFT) instead of every weight; the fused "
+            "loss trains the output layer's adapter too", type=int, metavar="R")
+    _option(g, "--lora-alpha", "LoRA scaling numerator: adapters scaled by alpha / r (default: "
+            "2r)", type=float)
+    _option(g, "--lora-targets", "module names that get adapters (default: every linear layer, "
+            "the output layer included)", nargs="+", metavar="NAME")
     g = p.add_argument_group("several processes (under torchrun)")
     _option(g, "--parallel", "the student: FSDP2 fully_shard per decoder layer and root, or DDP",
             choices=PARALLEL)
@@ -105,8 +166,12 @@ def _distill_parser(sub) -> None:
     _option(g, "--eval-every", "held-out evaluation every N steps", type=int)
     _option(g, "--save-every", "checkpoint every N steps", type=int)
     _option(g, "--stop-after", "stop, with a checkpoint, after N steps in this call", type=int)
-    _option(g, "--no-baseline", "skip the hard-label baseline student", action="store_false")
+    _option(g, "--baseline", "also train the student on hard labels alone with the same budget "
+            "and compare the two in the report (doubles the training time; off by default)",
+            action=argparse.BooleanOptionalAction)
     _option(g, "--no-report", "skip the report", action="store_false")
+    _option(g, "--report-to", "also log the step records to TensorBoard (RUN_DIR/tensorboard; "
+            "needs the tensorboard package)", choices=REPORT_TO)
     _option(g, "--no-progress", "no progress bar", action="store_false")
 
 
@@ -117,7 +182,10 @@ def _demo_parser(sub) -> None:
                     "sources (the teacher is cached), distils a smaller student, trains a "
                     "hard-label baseline with the same budget, and writes the report.")
     p.add_argument("--out", default="fastkd-demo", help="run directory (default: fastkd-demo)")
-    p.add_argument("--fast", action="store_true", help="a smaller, faster plan (under a minute)")
+    p.add_argument("--fast", action="store_true",
+                   help="a smoke run on smaller models, one CPU thread (unless OMP_NUM_THREADS is "
+                        "set): measured 25 s from an empty cache, 20 s with the teacher cached, "
+                        "on 2 CPU cores shared with other jobs (load 8-10)")
     p.add_argument("--cache-dir", default=None,
                    help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
     p.add_argument("--offline", action="store_true",
@@ -130,43 +198,51 @@ def _cache_parser(sub) -> None:
     p = sub.add_parser(
         "cache-teacher", help="run a teacher once over the data and cache its top-k or sampled "
                               "targets (for `fastkd distill --teacher-cache`)",
+        formatter_class=_Help,
         description="Tokenizes and packs --data as `fastkd distill` does, runs --teacher over it "
                     "and writes k (id, log-probability) pairs per position at temperature T as "
                     "safetensors shards plus manifest.json. Rerunning resumes an interrupted "
                     "cache at its first missing shard.")
-    p.add_argument("--teacher", required=True, metavar="DIR_OR_ID")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=DATA_HELP)
-    p.add_argument("--out", required=True, metavar="CACHE_DIR")
-    p.add_argument("--mode", choices=("topk", "sample"), default="topk",
-                   help="top-k ids, or ids sampled from the teacher (unbiased; default: topk)")
-    p.add_argument("--k", type=int, default=64, help="slots per position (default: 64)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="sample mode: draws per position, <= k (default: k)")
-    p.add_argument("--temperature", type=float, default=2.0,
-                   help="the distillation temperature T (default: 2.0, as fastkd distill)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    p.add_argument("--no-packing", dest="packing", action="store_false", help=NO_PACKING_HELP)
-    p.add_argument("--utf8-errors", choices=UTF8_ERRORS, default="strict",
-                   help=UTF8_HELP + " (default: strict)")
-    p.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="fraction of the sequences held out (as fastkd distill)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
-                   help="tokenizer (default: the teacher's)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                   help="stored log-probabilities (default: float16)")
-    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    def option(flag: str, help: str, **kwargs) -> None:
+        _option(p, flag, help, defaults=_cache_defaults, **kwargs)
+
+    option("--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID",
+           required=True)
+    option("--data", DATA_HELP + ", tokenized as `fastkd distill` does", nargs="+",
+           metavar="FILE", required=True)
+    option("--out", "cache directory (rerun with the same --out to resume)", metavar="CACHE_DIR",
+           required=True)
+    option("--mode", "top-k ids, or ids sampled from the teacher (unbiased)",
+           choices=("topk", "sample"))
+    option("--k", "slots per position", type=int)
+    option("--samples", "sample mode: draws per position, <= k (default: k)", type=int)
+    option("--temperature", "the distillation temperature T (as fastkd distill's)", type=float)
+    option("--seq-len", "tokens per packed sequence (as fastkd distill's)", type=int)
+    option("--no-packing", NO_PACKING_HELP, dest="packing", action="store_false")
+    option("--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
+    option("--eval-fraction", "fraction of the sequences held out (as fastkd distill's)",
+           type=float)
+    option("--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
+    option("--batch-size", "sequences per teacher forward", type=int)
+    option("--device", "torch device (default: cuda if available, else cpu)")
+    option("--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
+           choices=TEACHER_DTYPES)
+    option("--dtype", "stored log-probabilities", choices=("float16", "bfloat16"))
+    option("--shard-sequences", "sequences per shard", type=int)
+    option("--seed", "sampling seed", type=int)
+    option("--no-progress", "no progress bar", dest="progress", action="store_false")
 
 
 def _run_cache(args) -> int:
+    from fastkd import fsio
     from fastkd.cache import CachePlan, bytes_per_token, cache_teacher
+    from fastkd.models import check_model_source
 
-    plan = CachePlan(**{k: v for k, v in vars(args).items() if k != "command"})
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    plan = CachePlan(**{**_cache_defaults(), **given})
+    fsio.check_writable(plan.out, "out")  # before anything loads
+    check_model_source(plan.teacher, "teacher")
     per_million = bytes_per_token(plan.k, plan.dtype) * 1e6 / 2**20
     print(f"cache size: about {per_million:,.0f} MiB per million tokens "
           f"(k={plan.k}, {plan.dtype} log-probabilities)")
@@ -210,6 +286,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _finish(results: dict, resume_hint: str) -> int:
+    from fastkd import distributed
+
     code = 128 + results["signal"] if results["status"] == "interrupted" else 0
     if not distributed.is_main():
         return code  # under torchrun, rank 0 speaks for all
@@ -235,23 +313,32 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # other libraries' logs keep their own format
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's own bar
     try:
+        # The config first: a bad value is reported before torch and transformers load.
+        config = config_from_args(args, parser) if args.command == "distill" else None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's bar
         if args.command == "cache-teacher":
             return _run_cache(args)
         if args.command == "demo":
             from fastkd.demo import run_demo
 
+            if args.fast and "OMP_NUM_THREADS" not in os.environ:
+                import torch
+
+                # Models this small gain little from a second thread, and torch's thread pool
+                # stalls when other jobs share the cores (measured: 2.5x slower wall time).
+                torch.set_num_threads(1)
             started = time.perf_counter()
             results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
                                progress=args.progress, offline=args.offline)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
+        from fastkd import distributed
         from fastkd.trainer import run_distillation
 
-        results = run_distillation(config_from_args(args, parser))
+        results = run_distillation(config)
         launcher = ("torchrun [the same options] -m fastkd"
                     if distributed.launched_world_size() > 1 else "fastkd")
         return _finish(results, f"run `{launcher} distill --resume {results['run_dir']}`")

@@ -20,22 +20,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
-from fastkd.data import UTF8_ERRORS
-from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
-from fastkd.loss import BACKENDS
-from fastkd.options import DistillOptions
+from fastkd.options import BACKENDS, DistillOptions
 
+# This module imports no torch: `fastkd --help` and argument errors need only the config.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("fsdp", "ddp")  # the student under torchrun (fastkd.distributed)
+TEACHER_PLACEMENTS = ("shard", "replicate")  # the teacher under torchrun
+REPORT_TO = ("none", "tensorboard")
+UTF8_ERRORS = ("strict", "replace")  # how data files that are not UTF-8 are read (fastkd.data)
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
-                  "dist_timeout")
+                  "dist_timeout", "report_to")
+# Fields that name local files or directories: stored absolute (a run resumes from any cwd).
+PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache")
 
 
 @dataclass
 class DistillConfig:
     """One run. `teacher=None` trains the student on hard labels only (needs kd_weight=0).
 
-    Paths are strings so the config round-trips through RUN_DIR/config.json.
+    Paths are strings so the config round-trips through RUN_DIR/config.json. A model or data path
+    that exists is made absolute when the config is built (a hub id, which names no local path,
+    stays as it is), so `--resume RUN_DIR` works from any directory.
     """
 
     teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
@@ -57,7 +63,7 @@ class DistillConfig:
     seq_len: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: int = 20
+    warmup: int | None = None  # None: 10% of steps
     clip: float | None = 1.0
     seed: int = 0
     # Data: the held-out split, and how much of it evaluation and the report use.
@@ -77,11 +83,20 @@ class DistillConfig:
     parallel: str = "fsdp"  # the student: "fsdp" (FSDP2 fully_shard) or "ddp"
     teacher_placement: str = "shard"  # the teacher: "shard" (FSDP2, forward-only) or "replicate"
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before failing
+    # Memory: recompute each decoder layer's activations in backward (HF gradient checkpointing).
+    gradient_checkpointing: bool = False
+    # LoRA (PEFT): lora_r None trains every weight; else rank-r adapters on lora_targets (module
+    # names; None: every linear layer, the output layer included) scaled by lora_alpha / r
+    # (lora_alpha None: 2r), the base weights frozen.
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
     # Bookkeeping.
     eval_every: int = 50
     save_every: int = 100
-    baseline: bool = True  # also train a hard-label-only student with the same budget
+    baseline: bool = False  # also train a hard-label-only student with the same budget
     report: bool = True
+    report_to: str = "none"  # "tensorboard": the step records as TensorBoard scalars too
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
     progress: bool = True
@@ -93,12 +108,16 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
             self.data = [self.data]
-        self.data = [str(path) for path in self.data]
+        self.data = [_absolute(path) for path in self.data]
         if not self.data:
             raise ValueError("data: pass at least one data file")
         if self.utf8_errors not in UTF8_ERRORS:
             raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
                              f"{self.utf8_errors!r}")
+        for name in ("teacher", "student", "tokenizer", "teacher_cache"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _absolute(getattr(self, name)))
+        self.out = os.path.abspath(os.path.expanduser(self.out))
         self.loss_options()  # validates temperature, weights, divergence, beta, skew
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                     "eval_sequences")
@@ -108,8 +127,10 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"warmup must lie in [0, steps={self.steps}], got {self.warmup}")
+        if self.warmup is not None and not (isinstance(self.warmup, int)
+                                            and 0 <= self.warmup <= self.steps):
+            raise ValueError(f"warmup (--warmup) must be an int in [0, steps={self.steps}], got "
+                             f"{self.warmup!r}; leave it out for 10% of the steps")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.clip is not None and self.clip <= 0:
@@ -128,10 +149,31 @@ class DistillConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        if self.lora_r is not None and (isinstance(self.lora_r, bool)
+                                        or not isinstance(self.lora_r, int) or self.lora_r < 1):
+            raise ValueError(f"lora_r must be a positive int or None, got {self.lora_r!r}")
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ValueError("lora_alpha and lora_targets need lora_r (the adapters' rank)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str):
+                self.lora_targets = [self.lora_targets]
+            self.lora_targets = [str(name) for name in self.lora_targets]
+            if not self.lora_targets:
+                raise ValueError("lora_targets: name at least one module (or None for all "
+                                 "linear layers)")
         if self.teacher is None and self.teacher_cache is None and (
                 self.kd_weight > 0 or self.baseline or self.report):
             raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
                              "baseline=False and report=False")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Linear warmup steps: `warmup`, or 10% of the steps when it is None."""
+        return self.steps // 10 if self.warmup is None else self.warmup
 
     def loss_options(self) -> DistillOptions:
         # Summed over tokens: the loop divides by the token count of the whole accumulated step.
@@ -151,7 +193,19 @@ class DistillConfig:
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no run to resume: {path} not found")
-        return cls(**{**json.loads(path.read_text()), "stop_after": None, "resume": False})
+        try:
+            saved = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is damaged (not valid JSON: {err}); the run's settings "
+                             "cannot be read back") from err
+        return cls(**{**saved, "stop_after": None, "resume": False})
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """A path that exists, absolute; anything else (a hub id, a missing file) as typed."""
+    path = str(path)
+    local = os.path.expanduser(path)
+    return os.path.abspath(local) if os.path.exists(local) else path
 
 
 def check_run_dir(config: DistillConfig) -> Path:
@@ -166,7 +220,13 @@ def check_run_dir(config: DistillConfig) -> Path:
             raise ValueError(f"resume: the config differs from {run_dir / 'config.json'} in "
                              f"{differing}; an exact resume needs the run's own config "
                              "(DistillConfig.load(run_dir))")
-    elif (run_dir / "config.json").exists():
+    elif (run_dir / "config.json").exists() and started(run_dir):
         raise ValueError(f"out: {run_dir} already holds a run (config.json); resume it "
                          f"(--resume {run_dir}) or choose another output directory")
     return run_dir
+
+
+def started(run_dir: Path) -> bool:
+    """Whether a run in run_dir reached its first step (its log or a checkpoint exists): a config
+    left by a start that failed before it does not hold the directory."""
+    return (run_dir / "log.jsonl").exists() or (run_dir / "checkpoints").exists()

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
+from fastkd.config import UTF8_ERRORS
+
 SPLIT_SEED = 1234  # the held-out split is the same for every training seed
-UTF8_ERRORS = ("strict", "replace")
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 log = logging.getLogger("fastkd")

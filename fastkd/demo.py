@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import fastkd
+from fastkd import fsio
 from fastkd.trainer import DistillConfig, run_distillation
 
 log = logging.getLogger("fastkd")
@@ -176,6 +177,7 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
     """
     plan = FAST if fast else FULL
     out = Path(out)
+    fsio.check_writable(out, "out")  # before anything is built or loaded
     files = stdlib_sources(plan.corpus_bytes)
     plan_json = json.dumps(dataclasses.asdict(plan), sort_keys=True)
     key = hashlib.sha256(f"{fastkd.__version__}|{plan_json}|{corpus_digest(files)}".encode())
@@ -189,6 +191,7 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
     if cached:
         log.info("teacher: cached at %s", teacher_run / "student")
     else:
+        fsio.check_writable(teacher_root, "cache_dir")
         tokenizer_dir = teacher_root / "tokenizer"
         if not (tokenizer_dir / "tokenizer.json").is_file():
             train_tokenizer(files, plan.vocab_size, tokenizer_dir)
@@ -214,8 +217,9 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
     if not (student_init / "config.json").is_file():
         save_llama(plan.student, tokenizer, plan.seq_len, plan.seed + 1, student_init)
     result = _run(_config(plan, plan.student_steps, plan.student_eval_every, lr=plan.student_lr,
-                          teacher=str(teacher_dir), student=str(student_init), data=data,
-                          out=str(out), progress=progress))
+                          teacher=str(_link_teacher(out, teacher_dir)),
+                          student=str(student_init), data=data, out=str(out), baseline=True,
+                          progress=progress))
     result["teacher"] = {"dir": str(teacher_dir), "cached": cached}
     if offline and result["status"] == "completed":
         result["offline"] = run_offline(plan, out, teacher_root, data, progress, result)
@@ -223,6 +227,18 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
             result["status"] = result["offline"]["status"]
             result["signal"] = result["offline"]["signal"]
     return result
+
+
+def _link_teacher(out: Path, teacher_dir: Path) -> Path:
+    """out/teacher: a link to the cached teacher, so the run (and its report) names it "teacher"
+    rather than by its place in the cache."""
+    link = out / "teacher"
+    if not (link.is_symlink() and link.resolve() == teacher_dir.resolve()):
+        tmp = out / ".teacher.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(teacher_dir.resolve(), target_is_directory=True)
+        os.replace(tmp, link)
+    return link
 
 
 def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: str,

@@ -32,11 +32,9 @@ from torch import nn
 
 # The modules this file wraps (imported from here too, as they once lived here).
 from fastkd.batch_loss import StudentLoss, TeacherForward  # noqa: F401
+from fastkd.config import PARALLEL, TEACHER_PLACEMENTS  # noqa: F401
 
 log = logging.getLogger("fastkd")
-
-PARALLEL = ("fsdp", "ddp")
-TEACHER_PLACEMENTS = ("shard", "replicate")
 _MESH = None  # the 1-D device mesh FSDP shards over, set by init()
 _OWNED = False  # whether init() created the process group (then teardown() destroys it)
 
@@ -139,6 +137,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
         return flag
     votes = torch.tensor([float(flag)], device=device)
     return bool(all_reduce_sum(votes).item())  # host sync
+
+
+def broadcast_from_main(obj):
+    """Rank 0's obj (picklable, small) on every rank: a decision rank 0 made alone."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@ A file is written beside its target under a temp name, fsynced, renamed over the
 (`os.replace` is atomic on POSIX), and the directory holding it is fsynced so that the rename
 itself survives a power loss. A directory is filled under a temp name, every file in it and the
 directory fsynced, then renamed into place (`publish_dir`). `sha256_file` is the checksum the
-cache records for its shards.
+cache records for its shards. `check_writable` is what a run checks before it loads anything.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,3 +74,24 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail at once, naming path, if a directory cannot be made or written at path: the nearest
+    existing ancestor must be a writable directory (probed with an unnamed temp file, so a
+    read-only mount is caught even for root). Nothing is left behind."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = {errno.EROFS: "a read-only file system", errno.EACCES: "no write permission",
+                  errno.EPERM: "no write permission", errno.ENOSPC: "no space left"}.get(
+            err.errno, err.strerror or str(err))
+        where = "" if existing == path else f" (its nearest existing folder {existing})"
+        raise PermissionError(f"{what} {path}: cannot write there{where}: {reason}") from err

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastkd import distributed
+from fastkd import distributed, lora
 from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
 from fastkd.cache import CachedBlocks
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
 from fastkd.data import Batches, Blocks, check_packing
 from fastkd.memory import PeakMemory
-from fastkd.models import check_vocab, load_lm
+from fastkd.models import check_vocab, lm_head, load_lm
 
 log = logging.getLogger("fastkd")
 
@@ -126,6 +126,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
         log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
     saved_step = step if checkpoint is not None else None
     start_step = step
+    board = _TensorBoard(phase_dir, config, step, history if checkpoint is None else [])
 
     memory = PeakMemory(device).start()
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
@@ -147,25 +148,59 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
             history.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            board.write(record)
             bar.update(1)
             bar.set_postfix(postfix, refresh=False)
             if step % config.save_every == 0 or step == config.steps:
                 checkpoint = save(step)
                 saved_step = step
     bar.close()
+    board.close()
     peak_memory = memory.stop()
 
     if saved_step != step:
         checkpoint = save(step)
     if step == config.steps:
         status, student_dir = "completed", phase_dir / "student"
-        export_student(checkpoint, phase.student, tokenizer, student_dir, device)
+        export_student(checkpoint, phase.student, tokenizer, student_dir, device,
+                       lora_base=config.student if config.lora_r is not None else None)
     else:
         status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
         log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
                  checkpoint)
     return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
                        peak_memory)
+
+
+class _TensorBoard:
+    """With config.report_to == "tensorboard", rank 0 writes every step record's numbers as
+    scalars to PHASE_DIR/tensorboard (torch.utils.tensorboard); otherwise nothing. A resumed
+    phase purges the events after its checkpoint's step (written before a crash or a stop), so
+    steps that are run again are not shown twice."""
+
+    def __init__(self, phase_dir: Path, config: DistillConfig, step: int,
+                 records: list[dict]) -> None:
+        self.writer = None
+        if config.report_to == "tensorboard" and distributed.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(phase_dir / "tensorboard"),
+                                        purge_step=step + 1 if step > 0 else None)
+        for record in records:
+            self.write(record)
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                group = "eval" if key.startswith("eval_") else "train"
+                self.writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value,
+                                       record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForward | None,
@@ -180,13 +215,26 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
     # model; several load the initial student, then the checkpoint's DCP shards
     # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
+    # A LoRA student reloads its initial model, then the checkpoint's adapter.
     sharded = distributed.is_distributed() and config.parallel == "fsdp"
-    one_process = distributed.world_size() == 1
-    head = load_lm(str(checkpoint / "model") if checkpoint and one_process else config.student,
+    from_checkpoint = checkpoint is not None and distributed.world_size() == 1
+    full_model = from_checkpoint and config.lora_r is None
+    head = load_lm(str(checkpoint / "model") if full_model else config.student,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
     check_vocab(tokenizer, head, "student")
     if train.position_ids is not None:  # packed examples: its attention must keep them apart
         check_packing(head.model, "student")
+    if config.lora_r is not None:
+        with torch.random.fork_rng(devices=[]):  # the adapters' init: seeded, the same each run
+            torch.manual_seed(config.seed)
+            model = lora.add_lora(head.model, config.lora_r, config.lora_alpha,
+                                  config.lora_targets)
+        if from_checkpoint:
+            lora.load_adapter(model, checkpoint / "model")
+        head = lm_head(model, "student")  # its probe checks the adapted output layer too
+    if config.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
+        enable = getattr(head.model, "activation_checkpointing_enable", None)
+        (enable or head.model.gradient_checkpointing_enable)({"use_reentrant": False})
     opts = dataclasses.replace(opts, student_softcap=head.softcap,
                                teacher_softcap=(head if teacher is None else teacher).softcap)
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
@@ -200,7 +248,7 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
         lr=config.lr, betas=(0.9, 0.95))
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, config.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     return _Phase(
         student=student,
         # Hard labels only: no teacher forward in training (evaluation still measures KD to it).

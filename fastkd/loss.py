@@ -8,9 +8,8 @@ import torch
 
 from fastkd import reference
 from fastkd.autograd import FusedDistillFunction, cast_or_none, default_chunk_size
-from fastkd.options import DistillOptions
+from fastkd.options import BACKENDS, DistillOptions
 
-BACKENDS = ("auto", "triton", "torch", "reference")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

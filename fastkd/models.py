@@ -8,6 +8,7 @@ Shared by the trainer, the teacher cache and the Hugging Face integrations.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,15 +170,137 @@ def from_pretrained(auto_class, source: str, role: str, **kwargs):
     A source that cannot be a hub id ("name" or "org/name") must be a local directory: fail at
     once rather than after the hub's retries.
     """
+    from safetensors import SafetensorError
+
     path = Path(source).expanduser()
-    if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))
-                              or source.count("/") > 1):
+    if not path.exists() and not _may_be_hub_id(source):
         raise FileNotFoundError(f"{role}: no such model directory: {source}")
     try:
         return auto_class.from_pretrained(str(path) if path.exists() else source, **kwargs)
     except OSError as err:
         raise OSError(f"{role} {source!r}: not a loadable local directory, and not loadable from "
                       f"the Hugging Face Hub: {err}") from err
+    except SafetensorError as err:
+        raise ValueError(f"{role} {source!r}: a safetensors file is damaged: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a model source before anything loads: a run that would fail on its models fails in
+# seconds, before the teacher loads, the data is tokenized or the run directory is written.
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HUB_TIMEOUT_S = 10.0  # one probe of the Hub, no retries
+
+
+def _may_be_hub_id(source: str) -> bool:
+    """Whether source has a hub id's shape ("name" or "org/name"), not a path's."""
+    return not (Path(source).is_absolute() or source.startswith((".", "~"))
+                or source.count("/") > 1)
+
+
+def check_model_source(source: str, role: str, files: str = "model") -> None:
+    """Fail fast on a model (files="model") or tokenizer (files="tokenizer") that cannot load.
+
+    A local directory must hold config.json (valid JSON) and weights whose safetensors headers
+    match the files' sizes (a truncated download is named), or tokenizer files. Anything else
+    must be a hub id: with HF_HUB_OFFLINE=1 it must be in the Hugging Face cache; otherwise one
+    request (no retries) asks the Hub whether it exists. Raises FileNotFoundError or ValueError
+    naming the role, the source and the file.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if files == "tokenizer":
+            if not any((path / name).is_file() for name in TOKENIZER_FILES):
+                raise FileNotFoundError(f"{role} {source}: the directory has no tokenizer (none of "
+                                        f"{', '.join(TOKENIZER_FILES)})")
+            return
+        _read_json(path / "config.json", role)
+        weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not weights and not list(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"{role} {source}: the directory has no weights (none of "
+                                    f"{', '.join(WEIGHT_FILES)})")
+        for file in _safetensors_files(path, role):
+            check_safetensors(file, role)
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{role} {source}: not a directory (a model is a directory "
+                                "holding config.json and its weights)")
+    if not _may_be_hub_id(source):
+        raise FileNotFoundError(f"{role}: no such model directory: {source}")
+    _check_hub_id(source, role, "config.json")
+
+
+def _read_json(path: Path, role: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{role}: {path} not found (a model directory holds "
+                                "config.json and its weights)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{role}: {path} is damaged (not valid JSON: {err})") from err
+
+
+def _safetensors_files(path: Path, role: str) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    shards = sorted(set(_read_json(index, role).get("weight_map", {}).values()))
+    missing = [name for name in shards if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{role}: {index} lists shards that are missing: {missing}")
+    return [path / name for name in shards]
+
+
+def check_safetensors(path: Path, role: str) -> None:
+    """A safetensors file whose header parses and whose size is what the header says (reads the
+    header only): a truncated or overwritten file is named instead of failing mid-load."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header claims {n} bytes")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{role}: {path} is damaged (not a safetensors file: {err})") from err
+    if size != 8 + n + end:
+        raise ValueError(f"{role}: {path} is damaged: {size} bytes, its header says "
+                         f"{8 + n + end} (truncated or overwritten)")
+
+
+def _check_hub_id(repo_id: str, role: str, filename: str) -> None:
+    """A hub id that from_pretrained can load: in the cache when offline, else on the Hub."""
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError as err:  # not a valid repo id
+        raise FileNotFoundError(f"{role}: {repo_id!r} is neither a local directory nor a "
+                                f"Hugging Face Hub id ({err})") from err
+    if cached:
+        return
+    if constants.is_offline_mode():
+        raise FileNotFoundError(
+            f"{role}: {repo_id!r} is not a local directory, and HF_HUB_OFFLINE is set while the "
+            "Hugging Face cache holds no copy of it: pass a local directory, or download it "
+            "first with network access")
+    try:
+        response = get_session().head(hf_hub_url(repo_id, filename), headers=build_hf_headers(),
+                                      follow_redirects=True, timeout=HUB_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - any network failure: name it, fail now
+        raise OSError(
+            f"{role}: {repo_id!r} is not a local directory, and the Hugging Face Hub cannot be "
+            f"reached to fetch it ({type(err).__name__}: {err}); pass a local directory, or set "
+            "HF_HUB_OFFLINE=1 to use the Hugging Face cache") from err
+    if response.status_code != 200:
+        raise FileNotFoundError(
+            f"{role}: {repo_id!r} is not a local directory, and the Hugging Face Hub has no "
+            f"{filename} for it (HTTP {response.status_code}: no such model, or a gated or "
+            "private one you are not logged in for)")
 
 
 def load_lm(name_or_path: str, role: str, dtype: torch.dtype, device: torch.device) -> LMHead:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from numbers import Real
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# fastkd.loss's backends, named here (no torch import) for the config and the command line.
+BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -338,6 +338,14 @@ def _offline_text(heldout: CachedBlocks) -> list[str]:
     ]
 
 
+def _shown(path: str, run_dir: str) -> str:
+    """A model's path as the report shows it: relative to the run directory when inside it."""
+    try:
+        return Path(path).relative_to(run_dir).as_posix()
+    except ValueError:
+        return path
+
+
 def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
                     device: torch.device) -> str:
     """report.md: the setting, the table, and the comparisons the table supports, as measured."""
@@ -355,10 +363,11 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
     lines = [
         "# fastkd distillation report",
         "",
-        f"Teacher `{teacher_name}` → student `{config.student}`. Budget per student: "
+        f"Teacher `{_shown(teacher_name, config.out)}` → student "
+        f"`{_shown(config.student, config.out)}`. Budget per student: "
         f"{config.steps} optimizer steps × {config.batch_size * config.grad_accum} sequences × "
         f"{config.seq_len} tokens ({budget['tokens']:,} training tokens); loss {loss_text}; "
-        f"AdamW lr {config.lr:g}, warmup {config.warmup} + cosine, seed {config.seed}.",
+        f"AdamW lr {config.lr:g}, warmup {config.warmup_steps} + cosine, seed {config.seed}.",
         f"Held-out: {len(heldout)} sequences ({heldout.count_targets():,} "
         f"next-token targets). Device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",

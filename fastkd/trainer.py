@@ -1,8 +1,9 @@
 """The distillation trainer: a Hugging Face teacher distils into a student through the fused loss.
 
-`run_distillation` runs a whole run: it checks the config and the run directory, loads the
-tokenizer, the data and the teacher, trains the distilled student, then the hard-label baseline
-with the same budget, and writes the report. The pieces it runs, top to bottom:
+`run_distillation` runs a whole run: it checks the config, the run directory and every input
+path (`check_inputs`, before anything loads), loads the tokenizer, the data and the teacher,
+trains the distilled student, then (baseline=True) the hard-label baseline with the same budget,
+and writes the report. The pieces it runs, top to bottom:
 
     fastkd/config.py      DistillConfig: the run's settings, defaults and validation
     fastkd/data.py        packed sequences and batches (fastkd/cache.py: from a teacher cache)
@@ -17,11 +18,14 @@ The student's loss never sees full logits: the fused loss takes the base model's
 and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabulary. Run directory:
 
     RUN_DIR/config.json                  the DistillConfig (what `--resume RUN_DIR` reads)
-    RUN_DIR/checkpoints/step-NNNNNNNN/   model/ (HF, safetensors), trainer_state.pt, meta.json
+    RUN_DIR/checkpoints/step-NNNNNNNN/   the two newest: model/ (HF, safetensors; LoRA: the
+                                         adapter), trainer_state.pt, meta.json with checksums
                                          (under torchrun: dcp/ shards and rng-RANK.pt, no model/)
-    RUN_DIR/student/                     the distilled student, HF format
+    RUN_DIR/student/                     the distilled student, HF format (LoRA: merged)
+    RUN_DIR/adapter/                     LoRA only: the adapter, PEFT format
     RUN_DIR/log.jsonl                    one record per step (loss, lr, tokens/s, evaluations)
-    RUN_DIR/baseline/...                 the same for the hard-label baseline
+    RUN_DIR/tensorboard/                 --report-to tensorboard: the same records as scalars
+    RUN_DIR/baseline/...                 the same for the hard-label baseline (--baseline)
     RUN_DIR/int8/model.safetensors       the distilled student, int8 dynamic
     RUN_DIR/report.md, report.json, loss_curve.png
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from fastkd import distributed
+from fastkd import distributed, fsio
 from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
 from fastkd.cache import open_for_run
 from fastkd.checkpoint import (
@@ -50,6 +54,7 @@ from fastkd.data import Blocks, check_packing, load_blocks
 from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
 from fastkd.models import (
     LMHead,
+    check_model_source,
     check_tokenizers,
     check_vocab,
     from_pretrained,
@@ -85,6 +90,7 @@ def run_distillation(config: DistillConfig) -> dict:
     """
     started = time.perf_counter()
     run_dir = check_run_dir(config)
+    check_inputs(config)  # before anything loads: a bad path fails in seconds, writing nothing
     device = distributed.init(config.device, config.dist_timeout)  # None: one process
     if device is None:
         device = resolve_device(config.device)
@@ -102,6 +108,42 @@ def run_distillation(config: DistillConfig) -> dict:
         results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def check_inputs(config: DistillConfig) -> None:
+    """Every path the run reads or writes, and the optional packages it needs, checked without
+    loading anything: the output can be written, the models and tokenizer exist (local
+    directories with their files, or hub ids the Hub or the offline cache has), the data files
+    and the teacher cache exist."""
+    fsio.check_writable(config.out, "out")
+    if config.teacher is not None and config.teacher_cache is None:
+        check_model_source(config.teacher, "teacher")
+    check_model_source(config.student, "student")
+    tokenizer = config.tokenizer or config.teacher or config.student
+    if Path(tokenizer).is_dir() or tokenizer not in (config.teacher, config.student):
+        check_model_source(tokenizer, "tokenizer", files="tokenizer")
+    for path in config.data:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data file not found: {path}")
+    if config.teacher_cache is not None and not Path(config.teacher_cache).is_dir():
+        raise FileNotFoundError(f"teacher_cache: no such directory: {config.teacher_cache}")
+    if config.report_to == "tensorboard":
+        require("tensorboard", "--report-to tensorboard", "tensorboard")
+    if config.lora_r is not None:
+        require("peft", "LoRA (--lora-r)", "lora")
+        if distributed.launched_world_size() > 1:
+            raise ValueError("LoRA students (--lora-r) train in one process for now: under "
+                             "torchrun the adapters are not wired into FSDP/DDP checkpoints")
+
+
+def require(module: str, feature: str, extra: str) -> None:
+    """An optional dependency must be installed (found, not imported): else say which extra
+    installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{feature} needs the {module} package, which is not installed: "
+                         f"pip install 'fastkd[{extra}]' (or pip install {module})")
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -89,6 +89,20 @@ def _raising(name: str, error: Exception):
     return methods.Method(name, f"raises {type(error).__name__}", build, lambda problem: None)
 
 
+def test_default_out_is_git_ignored_and_leaves_tracked_results_alone(monkeypatch):
+    """Without --out a run writes ./bench-results/<device>/, which git ignores: a user's run does
+    not dirty the checkout (bench/results/ is where published tables are committed)."""
+    main = import_bench("__main__")
+    monkeypatch.chdir(REPO)
+    out = main.default_out("cpu")
+    assert out == REPO / "bench-results" / "cpu"
+    assert REPO / "bench" / "results" not in out.parents
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=REPO)
+    tracked = subprocess.run(["git", "check-ignore", "-q",
+                              str(REPO / "bench" / "results" / "cpu" / "results.json")], cwd=REPO)
+    assert ignored.returncode == 0 and tracked.returncode == 1
+
+
 def test_out_of_memory_is_a_result_not_a_crash():
     oom = _raising("oom", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"))
     cublas = _raising("cublas", RuntimeError("CUDA error: out of memory"))

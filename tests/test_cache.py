@@ -210,7 +210,7 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, topk_ca
         teacher=None, teacher_cache=str(topk_cache), student=str(assets.student),
         data=assets.data, out=str(tmp_path / "run"), steps=2, warmup=0, batch_size=4,
         seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=2, eval_sequences=5,
-        progress=False, tokenizer=str(assets.root / "tokenizer")))
+        baseline=True, progress=False, tokenizer=str(assets.root / "tokenizer")))
     rows = {row["model"]: row for row in result["report"]["rows"]}
     assert list(rows) == ["teacher", "distilled student", "hard-label student (same budget)",
                           "distilled student, int8 dynamic"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _trainer_fixtures import build_tokenizer, save_llama, write_data
 
 from fastkd.cli import main
@@ -46,7 +49,8 @@ def distill_args(models, out: Path, *extra: str) -> list[str]:
 def test_cli_end_to_end_writes_a_sensible_report(models, tmp_path):
     out = tmp_path / "run"
     proc = fastkd(*distill_args(models, out, "--steps", "4", "--eval-every", "2",
-                                "--divergence", "jsd", "--beta", "0.4", "--grad-accum", "2"))
+                                "--divergence", "jsd", "--beta", "0.4", "--grad-accum", "2",
+                                "--baseline"))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "| model | params |" in stdout and "completed" in stdout
@@ -72,6 +76,8 @@ def test_cli_end_to_end_writes_a_sensible_report(models, tmp_path):
         assert f"| {name} |" in md
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "baseline" / "student" / "model.safetensors").is_file()
+    # The report names the models by their paths (absolute: the run resumes from anywhere).
+    assert f"Teacher `{models['teacher']}` → student `{models['student']}`" in md
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(models, tmp_path):
@@ -126,7 +132,10 @@ def test_demo_fast_runs_and_caches_its_teacher(tmp_path):
     assert list(rows) == ROWS
     teacher, student = rows["teacher"], rows["distilled student"]
     assert teacher["perplexity"] < student["perplexity"] < 512  # both learned (vocab: 512)
-    assert (tmp_path / "demo" / "report.md").is_file()
+    # the teacher is named "teacher" (out/teacher links to its cache), not by its cache path
+    assert "Teacher `teacher` → student `student-init`" in (tmp_path / "demo" / "report.md"
+                                                               ).read_text()
+    assert (tmp_path / "demo" / "teacher").resolve() == Path(first["teacher"]["dir"]).resolve()
 
     again = run_demo(tmp_path / "demo2", fast=True, cache_dir=tmp_path / "cache", progress=False)
     assert again["teacher"]["cached"] and again["teacher"]["dir"] == first["teacher"]["dir"]
@@ -144,9 +153,13 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
                                 teacher_eval_every=10, student_steps=8, student_eval_every=8,
                                 eval_sequences=8)
     monkeypatch.setattr(demo, "FAST", small)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = []  # `demo --fast` runs torch on one thread (not set here: the session keeps its own)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--offline", "--out", str(out), "--cache-dir",
                  str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert threads == [1]
     report = json.loads((out / "report.json").read_text())
     offline = json.loads((out / "offline.json").read_text())
     rows = {row["student"]: row for row in offline["rows"]}
@@ -171,3 +184,152 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
     assert topk["kl_to_teacher"] != hard["kl_to_teacher"]
     md = (out / "report.md").read_text()
     assert "## Offline distillation" in md and "| offline, top-16 cache |" in md
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    """`fastkd --help`, `fastkd distill --help` and a bad value answer before torch or
+    transformers load (they took seconds); `import fastkd` stays lazy, its names still work."""
+    probe = (
+        "import sys, time\n"
+        "from fastkd.cli import main\n"
+        "for argv in (['--help'], ['distill', '--help'], ['distill', '--teacher', 't', "
+        "'--student', 's', '--data', 'd', '--out', 'o', '--steps', '6', '--warmup', '9']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        print('exit', exit.code, file=sys.stderr)\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers', 'triton') "
+        "if m in sys.modules))\n")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    seconds = time.perf_counter() - started
+    assert "loaded: []" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.count("exit 0") == 2 and "exit 2" in proc.stderr
+    assert "warmup (--warmup) must be an int in [0, steps=6], got 9" in proc.stderr
+    assert "--lora-r" in proc.stdout and "(default: 200)" in proc.stdout
+    assert seconds < 5, f"{seconds:.1f} s"  # interpreter start-up included; torch alone takes ~2
+
+    import fastkd
+
+    assert callable(fastkd.fused_distill_loss) and fastkd.DistillConfig.__name__ == "DistillConfig"
+    with pytest.raises(AttributeError):
+        fastkd.no_such_name  # noqa: B018
+
+
+def test_cache_teacher_help_gives_every_option_its_help_and_default(capsys):
+    from fastkd.cache import CachePlan
+
+    with pytest.raises(SystemExit):
+        main(["cache-teacher", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--teacher DIR_OR_ID teacher:", "--data FILE [FILE ...] .txt, .jsonl",
+                 "--out CACHE_DIR cache directory"):
+        assert flag in text
+    # the trainer's defaults for what a cache shares with `fastkd distill`, CachePlan's for the rest
+    distill = DistillConfig.__dataclass_fields__
+    assert f"T (as fastkd distill's) (default: {distill['temperature'].default})" in text
+    assert f"(as fastkd distill's) (default: {distill['seq_len'].default})" in text
+    assert f"slots per position (default: {CachePlan.__dataclass_fields__['k'].default})" in text
+    assert "sequences per shard (default: " in text
+
+
+def test_bad_paths_fail_before_anything_loads_or_is_written(models, tmp_path, monkeypatch,
+                                                             capsys):
+    """A bad --student (missing, no weights, a truncated weights file, a damaged config.json, a
+    hub id while offline) or an unwritable --out is reported before the teacher loads or the data
+    is read, and leaves no run behind; a directory whose only config.json came from a start that
+    failed before its first step takes a new run."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_loading)
+    out = tmp_path / "run"
+
+    def error(student: str, out: Path = out) -> str:
+        args = distill_args(models, out)
+        args[args.index("--student") + 1] = student
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        assert not out.exists()
+        return capsys.readouterr().err
+
+    assert "student: no such model directory: /no/such/student" in error("/no/such/student")
+    bare = tmp_path / "bare"
+    shutil.copytree(models["student"], bare)
+    (bare / "model.safetensors").unlink()
+    assert f"student {bare}: the directory has no weights" in error(str(bare))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(models["student"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert f"{weights} is damaged" in error(str(damaged))
+    (damaged / "config.json").write_text('{"vocab_size": 3')
+    assert f"{damaged / 'config.json'} is damaged (not valid JSON" in error(str(damaged))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    assert "HF_HUB_OFFLINE is set" in error("fastkd-test-org/no-such-model")
+    assert time.perf_counter() - started < 5  # no Hub retries
+
+    # --out: inside a file, or on a read-only file system (simulated: the probe write fails)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert f"out {blocker / 'run'}: {blocker} is a file" in error(str(models["student"]),
+                                                                   blocker / "run")
+    from fastkd import fsio
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fsio.tempfile, "TemporaryFile", read_only)
+    assert f"out {out}: cannot write there" in error(str(models["student"]))
+    for argv in (["cache-teacher", "--teacher", str(models["teacher"]), "--data",
+                  *models["data"], "--out", str(out)],
+                 ["demo", "--fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"out {out}: cannot write there (its nearest existing folder {tmp_path}): a " \
+               "read-only file system" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    # A config.json left by a start that never reached its first step does not hold the dir.
+    from fastkd.config import check_run_dir
+
+    out.mkdir()
+    config = DistillConfig(teacher=str(models["teacher"]), student=str(models["student"]),
+                           data=models["data"], out=str(out))
+    config.save(out)
+    assert check_run_dir(config) == out
+    (out / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="already holds a run"):
+        check_run_dir(config)
+
+
+def test_resume_from_another_directory(models, tmp_path, monkeypatch):
+    """A run started with relative paths (and no --warmup: its default follows --steps) resumes
+    with --resume RUN_DIR from any working directory: config.json holds absolute paths."""
+    root = tmp_path / "work"
+    root.mkdir()
+    for name in ("teacher", "student"):
+        (root / name).symlink_to(models[name])
+    (root / "data.txt").symlink_to(models["data"][0])
+    monkeypatch.chdir(root)
+    args = ["distill", "--teacher", "teacher", "--student", "student", "--data", "data.txt",
+            "--out", "run", "--steps", "3", "--seq-len", "32", "--batch-size", "4",
+            "--eval-sequences", "4", "--no-report", "--no-progress"]
+    assert main([*args, "--stop-after", "1"]) == 0
+    saved = json.loads((root / "run" / "config.json").read_text())
+    assert saved["teacher"] == str(root / "teacher") and saved["data"] == [str(root / "data.txt")]
+    assert saved["warmup"] is None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["distill", "--resume", str(root / "run"), "--no-progress"]) == 0
+    assert (root / "run" / "student" / "model.safetensors").is_file()
+    assert not (root / "run" / "baseline").exists()  # the baseline is opt-in (--baseline)

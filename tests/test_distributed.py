@@ -73,7 +73,7 @@ def cli_args(cfg: DistillConfig) -> list[str]:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "clip",
                  "eval_every", "save_every", "eval_sequences", "seed", "device", "dist_timeout"):
         args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
-    return args + ([] if cfg.baseline else ["--no-baseline"]) + (
+    return args + (["--baseline"] if cfg.baseline else ["--no-baseline"]) + (
         [] if cfg.report else ["--no-report"])
 
 
@@ -275,10 +275,20 @@ def test_killed_rank_then_sigterm_then_resume_equal_the_uninterrupted_run(fsdp_r
         "__0_0.distcp", "__1_0.distcp"]
     assert not list((out / "checkpoints").glob(".tmp-step-*"))
 
+    # One byte of rank 1's step-3 shard flips on disk: rank 0 finds it against the checksum,
+    # and both ranks resume from step 2 instead.
+    shard = checkpoint / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
     # The last resume, with the teacher replicated instead of sharded (where it runs is not part
     # of the run), completes: the same parameters, bit for bit, and the same log.
     rc, _, err, _ = torchrun([*resume, "--teacher-placement", "replicate"])
     assert_clean(rc, err)
+    assert err.count(f"{shard} is damaged") == 1, err[-3000:]  # rank 0 tells
+    assert "resuming from the previous checkpoint, step-00000002" in err
+    assert (out / "checkpoints" / "damaged-step-00000003").is_dir()
     want, got = weights(fsdp_run.cfg.out), weights(out)
     assert want.keys() == got.keys()
     for name in want:

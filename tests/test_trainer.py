@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -188,23 +191,21 @@ def test_resume_refuses_a_changed_config_and_new_run_refuses_a_used_dir(straight
         run_distillation(config)
 
 
-def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(assets.tied_student, dtype=torch.float32)
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    teacher = load_teacher(make_config(assets, tmp_path / "unused"), torch.device("cpu"))
-    student = lm_head(model, "student")
+def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The gradients of params from the trainer's loss on 3 sequences (batch_loss: the fused loss
+    on the base's hidden states and the head's weight), and from the same loss through the HF
+    forward's full logits and the spec's per-token losses."""
+    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
     train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
     batch = train.select(torch.arange(3))
     opts = DistillOptions(temperature=2.0, reduction="sum")
 
-    loss, _, _ = batch_loss(StudentLoss(student, opts, "auto"), TeacherForward(teacher), batch,
-                            torch.device("cpu"))
+    loss, _, _ = batch_loss(StudentLoss(lm_head(model, "student"), opts, "auto"),
+                            TeacherForward(teacher), batch, torch.device("cpu"))
     loss.backward()
-    fused_grad = model.get_input_embeddings().weight.grad.clone()
+    fused = {name: p.grad.clone() for name, p in params.items()}
     model.zero_grad()
-
-    # The same loss through the HF forward's full logits, and the spec's per-token losses.
     labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1)
     s = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     with torch.no_grad():
@@ -212,8 +213,15 @@ def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
     per_token, _, _ = reference.token_losses(s.flatten(0, 1), t[:, :-1].flatten(0, 1), labels,
                                              opts)
     per_token.sum().backward()
-    torch.testing.assert_close(fused_grad, model.get_input_embeddings().weight.grad,
-                               rtol=1e-4, atol=1e-5)
+    return fused, {name: p.grad for name, p in params.items()}
+
+
+def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(assets.tied_student, dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    fused, spec = fused_and_spec_grads(assets, model, {"embedding": embedding})
+    torch.testing.assert_close(fused["embedding"], spec["embedding"], rtol=1e-4, atol=1e-5)
 
     result = run_distillation(make_config(assets, tmp_path / "run",
                                           student=str(assets.tied_student), steps=2))
@@ -297,3 +305,228 @@ def test_heads_that_scale_logits_are_refused(tmp_path):
     CohereForCausalLM(config).save_pretrained(tmp_path / "cohere")
     with pytest.raises(ValueError, match="logit_scale=0.25"):
         lm_head(AutoModelForCausalLM.from_pretrained(tmp_path / "cohere"), "teacher")
+
+
+# ----------------------------------------------------------------------------------------------
+# The config: defaults that follow other settings, paths stored absolute.
+
+
+def test_default_warmup_follows_the_steps_and_errors_name_the_flag(assets, tmp_path):
+    config = make_config(assets, tmp_path / "run", steps=6, warmup=None)
+    assert config.warmup is None and config.warmup_steps == 0  # 10% of 6 steps
+    assert make_config(assets, tmp_path / "run", steps=200, warmup=None).warmup_steps == 20
+    with pytest.raises(ValueError, match=r"warmup \(--warmup\) must be an int in \[0, steps=6\]"):
+        make_config(assets, tmp_path / "run", steps=6, warmup=20)
+    assert not DistillConfig.__dataclass_fields__["baseline"].default  # opt-in (--baseline)
+
+
+def test_paths_are_stored_absolute_and_a_damaged_config_is_named(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(assets.root)
+    config = make_config(assets, "run", teacher="teacher_run/student", student="student",
+                         data=["data/part1.txt"])
+    assert config.teacher == str(assets.teacher) and config.student == str(assets.student)
+    assert config.data == [str(assets.root / "data" / "part1.txt")]
+    assert config.out == str(assets.root / "run")
+    assert make_config(assets, "run", teacher="org/model").teacher == "org/model"  # a hub id
+    (tmp_path / "config.json").write_text('{"teacher": "tea')
+    with pytest.raises(ValueError, match=r"config.json is damaged \(not valid JSON"):
+        DistillConfig.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints: each fault is found, named, and the previous checkpoint used.
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2 if keep is None else keep])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - 3] ^= 0x01  # a weight's byte: the header still parses, the size is right
+    path.write_bytes(bytes(data))
+
+
+FAULTS = {
+    "truncated model.safetensors": ("model/model.safetensors", _truncate),
+    "empty trainer_state.pt": ("trainer_state.pt", lambda p: _truncate(p, 0)),
+    "truncated trainer_state.pt": ("trainer_state.pt", _truncate),
+    "truncated meta.json": ("meta.json", _truncate),
+    "truncated model config.json": ("model/config.json", _truncate),
+    "flipped byte in model.safetensors": ("model/model.safetensors", _flip_byte),
+}
+
+
+def test_damaged_checkpoints_are_named_and_the_previous_one_is_used(straight_run, tmp_path,
+                                                                     caplog):
+    """The straight run keeps its last two checkpoints (steps 4 and 6), each with a checksum per
+    file. Each fault in step 6 is named on resume, which sets step 6 aside and resumes from
+    step 4; resuming past a flipped byte ends bit for bit where the undamaged run ended."""
+    from fastkd.checkpoint import resume_checkpoint
+
+    config, _ = straight_run
+    found = sorted(p.name for p in (Path(config.out) / "checkpoints").iterdir())
+    assert found == ["step-00000004", "step-00000006"]
+    meta = json.loads((Path(config.out) / "checkpoints" / found[-1] / "meta.json").read_text())
+    assert {"model/model.safetensors", "trainer_state.pt"} <= set(meta["files"])
+    for fault, (name, damage) in FAULTS.items():
+        run = tmp_path / fault.replace(" ", "-")
+        shutil.copytree(config.out, run)
+        damage(run / "checkpoints" / "step-00000006" / name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fastkd"):
+            assert resume_checkpoint(run).name == "step-00000004", fault
+        assert f"step-00000006/{name} is damaged" in caplog.text, fault
+        assert "resuming from the previous checkpoint, step-00000004" in caplog.text
+        assert (run / "checkpoints" / "damaged-step-00000006").is_dir()
+
+    # The full resume past the flipped byte: steps 5 and 6 again, the same student.
+    run = tmp_path / "flipped-byte-in-model.safetensors"
+    shutil.rmtree(run / "student")
+    resumed = run_distillation(dataclasses.replace(DistillConfig.load(run), out=str(run),
+                                                   resume=True))
+    assert resumed["status"] == "completed" and resumed["distill"]["steps_run"] == 2
+    want, got = student_weights(config.out), student_weights(run)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    # Every checkpoint damaged: a ValueError naming the files, nothing set aside.
+    run = tmp_path / "all-damaged"
+    shutil.copytree(config.out, run)
+    _flip_byte(run / "checkpoints" / "step-00000006" / "model" / "model.safetensors")
+    (run / "checkpoints" / "step-00000004" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"every checkpoint .* is damaged .*step-00000004/"
+                                         r"trainer_state.pt is damaged"):
+        resume_checkpoint(run)
+    assert not list((run / "checkpoints").glob("damaged-*"))
+
+
+def test_unverified_damaged_state_is_named(tmp_path):
+    """A checkpoint from before checksums (nothing to verify against) still names the file."""
+    from fastkd.checkpoint import _torch_load
+
+    for content in (b"", b"PK\x03\x04 truncated"):
+        path = tmp_path / "trainer_state.pt"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=r"trainer_state.pt is damaged"):
+            _torch_load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options from other trainers: gradient checkpointing, TensorBoard, LoRA students.
+
+
+def test_gradient_checkpointing_and_tensorboard(assets, tmp_path, monkeypatch):
+    """Gradient checkpointing recomputes the decoder layers in backward and trains the same
+    student (same losses, same weights); --report-to tensorboard logs every step record."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import modeling_utils
+
+    plain = run_distillation(make_config(assets, tmp_path / "plain", steps=2, eval_every=2))
+    calls = []
+    checkpoint_fn = modeling_utils.checkpoint  # what HF's layers run under checkpointing
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint_fn(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    checkpointed = run_distillation(make_config(
+        assets, tmp_path / "gc", steps=2, eval_every=2, gradient_checkpointing=True,
+        report_to="tensorboard"))
+    assert calls, "no layer was checkpointed"
+    for key in ("loss", "ce", "kd", "grad_norm"):
+        got = [r[key] for r in checkpointed["history"][1:]]
+        assert got == pytest.approx([r[key] for r in plain["history"][1:]], rel=1e-6), key
+    want, got = student_weights(tmp_path / "plain"), student_weights(tmp_path / "gc")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+    events = EventAccumulator(str(tmp_path / "gc" / "tensorboard"))
+    events.Reload()
+    history = checkpointed["history"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in history[1:]], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/kd")] == [0, 2]
+    assert not (tmp_path / "plain" / "tensorboard").exists()
+
+
+def test_unavailable_options_fail_before_anything(assets, tmp_path, monkeypatch):
+    """--report-to tensorboard without tensorboard, --lora-r without peft or under torchrun."""
+    from fastkd import distributed
+
+    for module, option in (("tensorboard", {"report_to": "tensorboard"}),
+                           ("peft", {"lora_r": 4})):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # as if not installed
+            with pytest.raises(ValueError, match=rf"needs the {module} package.*fastkd\["):
+                run_distillation(make_config(assets, tmp_path / "run", **option))
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="LoRA students .* train in one process"):
+        run_distillation(make_config(assets, tmp_path / "run", lora_r=4))
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_head_adapter_gradient_matches_full_logits(assets):
+    """The fused loss through a LoRA student (adapters on every linear layer, the output layer
+    included) gives its adapters the gradients of the same loss computed on the HF model's own
+    full logits."""
+    from fastkd import lora
+
+    model = AutoModelForCausalLM.from_pretrained(assets.student, dtype=torch.float32)
+    model = lora.add_lora(model, r=4, alpha=8.0, targets=None)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0 (then A gets no gradient): make both live
+            param.data.normal_(0, 0.05)
+    head = model.get_output_embeddings()
+    assert "lora_A" in dict(head.named_modules()) or hasattr(head, "lora_A")
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("lm_head.lora_B") for n in adapters)
+    assert all("lora_" in n for n in adapters)  # the base is frozen
+    fused, spec = fused_and_spec_grads(assets, model, adapters)
+    for name in adapters:
+        torch.testing.assert_close(fused[name], spec[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert fused["lm_head.lora_A.default.weight"].abs().max() > 0
+
+
+def test_lora_student_resumes_exactly_and_exports_merged(assets, tmp_path):
+    """A LoRA run stopped and resumed equals the run in one go, bit for bit; checkpoints hold the
+    adapter alone; the export is the merged model (W + alpha/r B A) plus the adapter, which PEFT
+    loads."""
+    from peft import PeftModel
+
+    lora_opts = {"lora_r": 4, "lora_alpha": 8.0, "steps": 4, "eval_every": 2, "save_every": 2}
+    straight = run_distillation(make_config(assets, tmp_path / "straight", **lora_opts))
+    out = tmp_path / "run"
+    first = run_distillation(make_config(assets, out, stop_after=2, **lora_opts))
+    assert first["status"] == "stopped"
+    checkpoint = latest_checkpoint(out)
+    assert sorted(p.name for p in (checkpoint / "model").glob("*.safetensors")) == [
+        "adapter_model.safetensors"]
+    resumed = run_distillation(dataclasses.replace(DistillConfig.load(out), resume=True))
+    assert resumed["status"] == "completed"
+    want, got = student_weights(tmp_path / "straight"), student_weights(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    # The merged export: each adapted weight is W + (alpha / r) B A; the rest is the initial one.
+    initial = load_file(str(assets.student / "model.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert set(got) == set(initial)
+    head_b = adapter["base_model.model.lm_head.lora_B.weight"]
+    assert head_b.abs().max() > 0  # the output layer's adapter was trained
+    merged_head = initial["lm_head.weight"] + 2.0 * head_b @ adapter[
+        "base_model.model.lm_head.lora_A.weight"]
+    torch.testing.assert_close(got["lm_head.weight"], merged_head, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["model.norm.weight"], initial["model.norm.weight"])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets.student),
+                                     str(out / "adapter"))
+    ids = torch.arange(16).unsqueeze(0)
+    merged = AutoModelForCausalLM.from_pretrained(straight["distill"]["student_dir"])
+    torch.testing.assert_close(peft(input_ids=ids).logits, merged(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
