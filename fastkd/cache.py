@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fastkd import distributed, reference
+from fastkd import reference
 from fastkd.cache_format import (
     DTYPES,
     FORMAT,
@@ -290,6 +290,8 @@ def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: in
 
 def _all_ranks(local):
     """Every rank's `local` (a picklable value), in rank order."""
+    from fastkd import distributed  # (it imports the trainer's modules, which import this)
+
     if not distributed.is_distributed():
         return [local]
     import torch.distributed as dist
@@ -304,6 +306,8 @@ def cache_teacher(plan: CachePlan) -> dict:
 
     Under torchrun every rank calls this: it joins the process group, writes its shards, and
     leaves the group (barrier, then destroy) before returning."""
+    from fastkd import distributed
+
     device = distributed.init(plan.device, plan.dist_timeout)
     if device is None:
         device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -317,6 +321,7 @@ def cache_teacher(plan: CachePlan) -> dict:
 
 
 def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
+    from fastkd import distributed
     from fastkd.models import load_tokenizer
 
     out = Path(plan.out)
@@ -384,6 +389,8 @@ def _write_shards(plan, out, manifest, found, jobs, train, heldout, tokenizer, d
     """This rank's shards: each one on disk checked (its digest, the plan's and, where the
     manifest lists it, its sha256) and kept, or computed and written."""
     from tqdm import tqdm
+
+    from fastkd import distributed
 
     entries, todo = [], []
     for job in jobs:
