@@ -138,12 +138,6 @@ def model_fingerprint(source: str) -> dict:
             "weights": weights}
 
 
-def bytes_per_token(k: int, dtype: str) -> int:
-    """The fixed layout's bytes per position (k int32 ids + k log-probabilities + ~5 B of input);
-    a compact cache reports its measured size (`TeacherCache.bytes_per_position`)."""
-    return k * (4 + DTYPES[dtype].itemsize) + 5
-
-
 def hash_seed(seed: int, sequence: int) -> int:
     """A 63-bit seed per (run seed, sequence index)."""
     digest = hashlib.sha256(f"fastkd-cache:{seed}:{sequence}".encode()).digest()
@@ -321,13 +315,36 @@ def cache_teacher(plan: CachePlan) -> dict:
 
 
 def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
-    from fastkd import distributed
     from fastkd.models import load_tokenizer
 
-    out = Path(plan.out)
     tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
     train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction)
     manifest = plan_manifest(plan, tokenizer, train, heldout)
+
+    def teacher_shards():  # only once a shard is to be written: the teacher
+        from fastkd.models import check_vocab, load_lm
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}.get(
+            plan.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        teacher = load_lm(plan.teacher, "teacher", dtype, device)
+        teacher.model.eval().requires_grad_(False)
+        check_vocab(tokenizer, teacher, "teacher")
+        return lambda split, first, blocks, offset: teacher_rows(
+            plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
+
+    return build_cache(Path(plan.out), manifest, {"train": train, "heldout": heldout},
+                       plan.shard_sequences, teacher_shards, plan.progress, "cache-teacher")
+
+
+def build_cache(out: Path, manifest: dict, splits: dict[str, Blocks], shard_sequences: int,
+                shard_rows, progress: bool, desc: str) -> dict:
+    """Write (or resume) the cache `manifest` describes under `out`, on every rank: each rank
+    checks or writes the shards j with j mod world = rank, then rank 0 writes the complete
+    manifest. shard_rows() -> rows(split, first, blocks, offset) -> Rows is called only when a
+    shard is to be written (offset: the split's first sequence in the whole data)."""
+    from fastkd import distributed
+
     found = check_resume(out, manifest)
     distributed.barrier()  # every rank has read the old manifest before rank 0 rewrites it
     if distributed.is_main():
@@ -337,16 +354,14 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
         write_manifest(out, dict(manifest))  # incomplete until every shard is checked
     distributed.barrier()
     jobs, offset = [], 0
-    for split, blocks in (("train", train), ("heldout", heldout)):
-        for s0 in range(0, len(blocks), plan.shard_sequences):
-            s1 = min(s0 + plan.shard_sequences, len(blocks))
-            jobs.append((split, s0, s1, offset))
-        offset += len(blocks)
+    for split in SPLITS:
+        for s0 in range(0, len(splits[split]), shard_sequences):
+            jobs.append((split, s0, min(s0 + shard_sequences, len(splits[split])), offset))
+        offset += len(splits[split])
     mine = jobs[distributed.rank()::distributed.world_size()]
     entries, error = [], None
     try:
-        entries = _write_shards(plan, out, manifest, found, mine, train, heldout, tokenizer,
-                                device)
+        entries = _fill_shards(out, manifest, found, mine, splits, shard_rows, progress, desc)
     except ValueError as err:  # bad input on this rank: every rank raises it, below
         error = str(err)
     results = _all_ranks((entries, error))
@@ -372,7 +387,7 @@ def check_resume(out: Path, manifest: dict) -> dict:
     try:
         found, version = read_manifest(out)
     except ManifestCorrupt as err:  # fastkd writes it atomically: damaged since; every shard
-        log.warning("cache-teacher: %s; rechecking the shards one by one", err)  # is rechecked
+        log.warning("%s; rechecking the shards one by one", err)  # is rechecked
         return {}
     if version < 2:
         raise ValueError(f"out: {out} holds a cache of format {found.get('format')}; choose "
@@ -385,7 +400,7 @@ def check_resume(out: Path, manifest: dict) -> dict:
     return {e["file"]: e for e in found.get("shards", [])}
 
 
-def _write_shards(plan, out, manifest, found, jobs, train, heldout, tokenizer, device) -> list:
+def _fill_shards(out, manifest, found, jobs, splits, shard_rows, progress, desc) -> list:
     """This rank's shards: each one on disk checked (its digest, the plan's and, where the
     manifest lists it, its sha256) and kept, or computed and written."""
     from tqdm import tqdm
@@ -402,25 +417,17 @@ def _write_shards(plan, out, manifest, found, jobs, train, heldout, tokenizer, d
             entries.append(entry)
         else:
             if path.is_file():
-                log.warning("cache-teacher: %s does not check out (truncated or corrupted): "
-                            "writing it again", path)
+                log.warning("%s: %s does not check out (truncated or corrupted): writing it "
+                            "again", desc, path)
             todo.append(job)
     if not todo:
         return entries
-    from fastkd.models import check_vocab, load_lm
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}.get(
-        plan.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    teacher = load_lm(plan.teacher, "teacher", dtype, device)
-    teacher.model.eval().requires_grad_(False)
-    check_vocab(tokenizer, teacher, "teacher")
-    splits = {"train": train, "heldout": heldout}
-    bar = tqdm(total=sum(s1 - s0 for _, s0, s1, _ in todo), unit="seq", desc="cache-teacher",
-               disable=not (plan.progress and distributed.is_main()), dynamic_ncols=True)
+    rows_of = shard_rows()
+    bar = tqdm(total=sum(s1 - s0 for _, s0, s1, _ in todo), unit="seq", desc=desc,
+               disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     for split, s0, s1, offset in todo:
         blocks = splits[split].select(torch.arange(s0, s1))
-        rows = teacher_rows(plan, teacher, blocks, split, s0, offset, manifest["vocab"], device)
+        rows = rows_of(split, s0, blocks, offset)
         entries.append(write_shard(out, manifest, split, s0, blocks, rows, manifest["vocab"]))
         bar.update(s1 - s0)
     bar.close()

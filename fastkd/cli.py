@@ -1,4 +1,5 @@
-"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`) and `fastkd demo`.
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, and the
+teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`.
 
 Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
 number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
@@ -119,15 +120,17 @@ def _cache_parser(sub) -> None:
         "cache-teacher", help="run a teacher once over the data and cache its top-k or sampled "
                               "targets (for `fastkd distill --teacher-cache`)",
         description="Tokenizes and packs --data as `fastkd distill` does, runs --teacher over it "
-                    "and writes k (id, log-probability) pairs per position at temperature T as "
-                    "safetensors shards plus manifest.json. Rerunning resumes an interrupted "
-                    "cache at its first missing shard.")
+                    "and writes, per counted position, its top-k ids with their log-probabilities "
+                    "at temperature T (or the ids drawn from it, with their counts) as safetensors "
+                    "shards plus manifest.json (docs/offline.md). Rerunning resumes an "
+                    "interrupted cache and rechecks a finished one. Under `torchrun "
+                    "--nproc-per-node N -m fastkd cache-teacher` the ranks split the shards.")
     p.add_argument("--teacher", required=True, metavar="DIR_OR_ID")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE")
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     p.add_argument("--mode", choices=("topk", "sample"), default="topk",
                    help="top-k ids, or ids sampled from the teacher (unbiased; default: topk)")
-    p.add_argument("--k", type=int, default=64, help="slots per position (default: 64)")
+    p.add_argument("--k", type=int, default=64, help="ids per position (default: 64)")
     p.add_argument("--samples", type=int, default=None,
                    help="sample mode: draws per position, <= k (default: k)")
     p.add_argument("--temperature", type=float, default=2.0,
@@ -138,27 +141,69 @@ def _cache_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
                    help="tokenizer (default: the teacher's)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available; "
+                                                  "under torchrun: cuda or cpu, no index)")
     p.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                   help="stored log-probabilities (default: float16)")
-    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard")
+    _store_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective waits for the other ranks")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _store_options(p) -> None:
+    """How a cache stores its targets (cache-teacher and cache-import)."""
+    p.add_argument("--layout", choices=("compact", "fixed"), default="compact",
+                   help="compact: a few bits an id and a log-probability, nothing stored for "
+                        "positions that do not count; fixed: k int32 ids and k float16 values a "
+                        "position (format /1's layout, ~6 bytes an id)")
+    p.add_argument("--logprob-step", type=float, default=0.125,
+                   help="compact top-k: the log-probability grid, nats (default: 1/8; each value "
+                        "within about one step, KL to the exact top-k ~5e-4 nats)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="fixed layout: the stored log-probabilities (default: float16)")
+    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard")
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache-import", help="turn an inference server's prompt log-probabilities (top-k maps "
+                             "id -> log-probability, vLLM style) into a teacher cache",
+        description="Reads JSON Lines of {\"input_ids\": [...], \"prompt_logprobs\": [null, "
+                    "{id: logprob}, ...]} (docs/offline.md) and writes a teacher cache for "
+                    "`fastkd distill --teacher-cache` (with --data the same files). Rerunning "
+                    "resumes an interrupted import.")
+    p.add_argument("--logprobs", required=True, nargs="+", metavar="FILE")
+    p.add_argument("--tokenizer", required=True, metavar="DIR_OR_ID",
+                   help="the student's tokenizer (every id must lie in its vocabulary)")
+    p.add_argument("--out", required=True, metavar="CACHE_DIR")
+    p.add_argument("--teacher", default="imported", help="what produced them (recorded)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the temperature the log-probabilities are at (default: 1, what "
+                        "prompt_logprobs are); distillation runs at it")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the longest)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="fraction of the sequences held out")
+    _store_options(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _run_cache(args) -> int:
-    from fastkd.cache import CachePlan, bytes_per_token, cache_teacher
+    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache_import import ImportPlan, import_logprobs
 
-    plan = CachePlan(**{k: v for k, v in vars(args).items() if k != "command"})
-    per_million = bytes_per_token(plan.k, plan.dtype) * 1e6 / 2**20
-    print(f"cache size: about {per_million:,.0f} MiB per million tokens "
-          f"(k={plan.k}, {plan.dtype} log-probabilities)")
-    manifest = cache_teacher(plan)
-    tokens = sum(s["rows"] for s in manifest["shards"]) * (plan.seq_len - 1)
-    print(f"cache: {args.out} ({manifest['bytes'] / 2**20:,.1f} MiB, {len(manifest['shards'])} "
-          f"shards, {tokens:,} positions)")
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "cache-import":
+        manifest = import_logprobs(ImportPlan(**options))
+    else:
+        manifest = cache_teacher(CachePlan(**options))
+    if distributed.is_main():  # under torchrun, rank 0 speaks for all
+        cache = TeacherCache(args.out, verify=False)
+        print(f"cache: {args.out}: {cache.bytes_per_position():,.1f} bytes a counted position "
+              f"({manifest['positions']:,} positions, {cache.disk_bytes() / 2**20:,.1f} MiB in "
+              f"all, {len(manifest['shards'])} shards, {manifest['layout']} layout)")
     return 0
 
 
@@ -168,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _distill_parser(sub)
     _demo_parser(sub)
     _cache_parser(sub)
+    _import_parser(sub)
     return parser
 
 
@@ -224,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's own bar
     try:
-        if args.command == "cache-teacher":
+        if args.command in ("cache-teacher", "cache-import"):
             return _run_cache(args)
         if args.command == "demo":
             from fastkd.demo import run_demo

@@ -449,3 +449,90 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_c
     assert "n/a" in md and "Not measured" in md
     report = json.loads(Path(result["report"]["json"]).read_text())
     assert report["teacher_cache"]["mode"] == "topk" and report["teacher_cache"]["bytes"] > 0
+
+
+def server_maps(assets, path: Path, k: int = 5, sequences: int = 12) -> list[dict]:
+    """vLLM-style prompt_logprobs of the tiny teacher at T = 1 on sequences of 10..24 tokens:
+    the top-k ids, plus the actual token where it is not among them (as vLLM returns them)."""
+    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
+    records = []
+    for i in range(sequences):
+        ids = train.input_ids[i, :10 + (7 * i) % 15]
+        with torch.no_grad():
+            h = teacher.hidden(ids[None], torch.ones_like(ids)[None])[0]
+            lp = torch.log_softmax(h @ teacher.weight.T, -1)  # position j predicts token j + 1
+        entries = [None]
+        for j in range(len(ids) - 1):
+            top = lp[j].topk(k).indices.tolist()
+            chosen = top + ([int(ids[j + 1])] if int(ids[j + 1]) not in top else [])
+            entries.append({str(t): ({"logprob": lp[j, t].item(), "rank": 1,
+                                      "decoded_token": "?"} if i % 2 else lp[j, t].item())
+                            for t in chosen})
+        records.append({"input_ids": ids.tolist(), "prompt_logprobs": entries})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
+    maps = tmp_path / "maps.jsonl"
+    records = server_maps(assets, maps)
+    cache_dir = tmp_path / "imported"
+    assert main(["cache-import", "--logprobs", str(maps), "--tokenizer",
+                 str(assets.root / "tokenizer"), "--out", str(cache_dir), "--teacher",
+                 "vllm:tiny", "--eval-fraction", "0.2", "--no-progress"]) == 0
+    assert "bytes a counted position" in capsys.readouterr().out
+    cache = TeacherCache(cache_dir)
+    m = cache.manifest
+    assert m["temperature"] == 1.0 and m["seq_len"] == 24 and m["k"] == 6
+    assert m["split"] == {"seed": m["split"]["seed"], "train": 10, "heldout": 2}
+    assert m["positions"] == sum(len(r["input_ids"]) - 1 for r in records)
+    # every stored map is the server's (its ids; its log-probabilities within the grid's bound)
+    seen = 0
+    for split in ("train", "heldout"):
+        blocks = cache.blocks(split)
+        ids, lp = blocks.targets.load()
+        for row in range(len(blocks)):
+            length = int(blocks.attention_mask[row].sum())
+            record = next(r for r in records
+                          if r["input_ids"] == blocks.input_ids[row, :length].tolist())
+            for j, entry in enumerate(record["prompt_logprobs"][1:]):
+                want = {int(t): v["logprob"] if isinstance(v, dict) else v
+                        for t, v in entry.items()}
+                got = {int(t): float(v) for t, v in zip(ids[row, j], lp[row, j], strict=True)
+                       if t >= 0}
+                assert got.keys() == want.keys()
+                assert max(abs(got[t] - want[t]) for t in want) <= 2.5 * STEP
+                seen += 1
+            assert (ids[row, length - 1:] == -1).all()  # padding stores nothing
+    assert seen == m["positions"]
+    # distillation from it, with the import as its data, at the import's temperature
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher-cache", str(cache_dir), "--student", str(assets.student),
+                 "--data", str(maps), "--out", str(run), "--steps", "2", "--warmup", "0",
+                 "--batch-size", "2", "--seq-len", "24", "--temperature", "1",
+                 "--eval-fraction", "0.2", "--eval-every", "2", "--no-baseline",
+                 "--no-report", "--no-progress", "--tokenizer",
+                 str(assets.root / "tokenizer")]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["kd"] > 0
+    # bad input names the file and line
+    lines = maps.read_text().splitlines()
+    for edit, message in (
+            (lambda r: r["prompt_logprobs"][3].update({"320": -9.0}),
+             "id 320 exceeds the student's vocabulary: the tokenizer has 320 ids"),
+            (lambda r: r["prompt_logprobs"][2].update({"7": float("nan")}),
+             "the log-probability of id 7 is nan"),
+            (lambda r: r["prompt_logprobs"][2].update({"7": -0.01, "8": -0.01}),
+             "add up to more than 1"),
+            (lambda r: r["prompt_logprobs"].pop(), "prompt_logprobs holds")):
+        record = json.loads(lines[4])
+        edit(record)
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("\n".join([*lines[:4], json.dumps(record), *lines[5:]]))
+        with pytest.raises(ValueError, match=rf"{bad}:5: .*{message}"):
+            from fastkd.cache_import import ImportPlan, import_logprobs
+
+            import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
+                                       str(tmp_path / "never"), progress=False))
+    assert not (tmp_path / "never").exists()
