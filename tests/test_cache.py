@@ -7,6 +7,7 @@ runs, and `fastkd distill --teacher-cache` end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -536,3 +537,48 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
             import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
                                        str(tmp_path / "never"), progress=False))
     assert not (tmp_path / "never").exists()
+
+
+def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
+    # CacheDataset + cache_collator + CachedKDTrainer: no teacher loaded; the loss is the sparse
+    # spec on the student's full logits; DataLoader workers read the same batches
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from fastkd import reference
+    from fastkd.integrations.cache import CacheDataset, CachedKDTrainer, cache_collator
+    from fastkd.options import DistillOptions
+
+    train = CacheDataset(topk_cache, "train")
+    assert train.temperature == TEMPERATURE and len(train) == TeacherCache(
+        topk_cache).manifest["split"]["train"]
+    opts = DistillOptions(temperature=TEMPERATURE, ce_weight=0.3, kd_weight=0.7)
+
+    def trainer(workers: int, out: str) -> CachedKDTrainer:
+        args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4,
+                                 max_steps=2, learning_rate=1e-2, report_to=[],
+                                 save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                                 dataloader_num_workers=workers)
+        return CachedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.student),
+                               args=args, train_dataset=train, data_collator=cache_collator,
+                               distill_options=opts)
+
+    one = trainer(0, "w0")
+    batch = cache_collator([train[i] for i in (0, 5, len(train) - 1)])
+    loss = one.compute_loss(one.model, batch)
+    with torch.no_grad():
+        logits = one.model(input_ids=batch["input_ids"]).logits[:, :-1].double().flatten(0, 1)
+    labels = batch["labels"][:, 1:].flatten()
+    total, _, _ = reference.sparse_token_losses(
+        logits, batch["teacher_ids"].flatten(0, 1).long(),
+        batch["teacher_logprobs"].flatten(0, 1).double(), labels,
+        dataclasses.replace(opts, reduction="sum"), "bucket")
+    counted = labels != -100
+    assert loss.item() == pytest.approx((total[counted].sum() / counted.sum()).item(), rel=1e-5)
+    one.train()
+    two = trainer(1, "w1")  # a DataLoader worker decodes the rows
+    two.train()
+    for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="the cache .* is 2.0"):
+        CachedKDTrainer(model=one.model, args=one.args, train_dataset=train,
+                        distill_options=DistillOptions(temperature=1.0))
