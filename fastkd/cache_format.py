@@ -15,7 +15,9 @@ digest of its own tensors: a shard checks itself (resume) and against the manife
 is opened). Its tensors:
 
     blocks.<field>             each `fastkd.data.Blocks` field: input ids in bit_width(V - 1) bits
-                               an id, 0/1 fields (masks) in one bit, others in the smallest int
+                               an id, 0/1 fields (masks) in one bit, positions counting from 0
+                               per packed example as one bit a position (where they restart),
+                               others in the smallest int
     layout "compact" (default; `fastkd.codec`): rows for the counted positions only (label !=
     ignore_index after the shift), nothing for the others:
         fixed, unary           uint8 bit streams; fixed_offsets, unary_offsets (S + 1,) int64
@@ -139,6 +141,11 @@ def encode_blocks(blocks: Blocks, vocab: int) -> tuple[dict[str, torch.Tensor], 
         elif value.numel() == 0 or bool(((value == 0) | (value == 1)).all()):
             bits = torch.nn.functional.pad(value, (0, (-length) % 8)).to(torch.uint8)
             stored, encoding = codec.pack_bits(bits).reshape(n, -1), "bits1"
+        elif bool((value[:, 0] == 0).all()) and bool(
+                ((value[:, 1:] == value[:, :-1] + 1) | (value[:, 1:] == 0)).all()):
+            # positions counting from 0 in each packed example: one bit a position, its resets
+            bits = torch.nn.functional.pad((value == 0).long(), (0, (-length) % 8))
+            stored, encoding = codec.pack_bits(bits.to(torch.uint8)).reshape(n, -1), "resets"
         else:
             dtype = next(d for d in (torch.int8, torch.int16, torch.int32, torch.int64)
                          if torch.iinfo(d).min <= int(value.min())
@@ -153,6 +160,10 @@ def decode_block_field(stored: torch.Tensor, encoding: str, length: int) -> torc
     """One field of encode_blocks back to (n, length) int64."""
     if encoding == "int":
         return stored.long()
+    if encoding == "resets":  # each position minus the last reset at or before it
+        resets = decode_block_field(stored, "bits1", length).bool()
+        at = torch.arange(length).expand(resets.shape[0], length)
+        return at - torch.cummax(torch.where(resets, at, 0), dim=1).values
     width = int(encoding.removeprefix("bits"))
     n = stored.shape[0]
     bits = codec.unpack_bits(stored.reshape(-1)).reshape(n, -1)[:, :length * width]

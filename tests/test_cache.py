@@ -335,7 +335,7 @@ def test_padded_teacher_vocabulary_caches_only_the_tokenizers_ids(assets, tmp_pa
         cache.check_student("small", rows=cache.max_id)
 
 
-def test_distill_from_cache_cli(assets, topk_cache, fixed_cache, tmp_path, capsys):
+def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
     # `fastkd cache-teacher` (sampled) then `fastkd distill --teacher-cache` with no teacher
     sampled = tmp_path / "sampled"
     assert main(["cache-teacher", "--teacher", str(assets.teacher), "--data", *assets.data,
@@ -344,8 +344,7 @@ def test_distill_from_cache_cli(assets, topk_cache, fixed_cache, tmp_path, capsy
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "shards" in out
-    ppl = {}
-    for cache_dir, name in ((sampled, "ignore"), (topk_cache, "bucket"), (fixed_cache, "fixed")):
+    for cache_dir, name in ((sampled, "ignore"), (topk_cache, "bucket")):
         run = tmp_path / f"run-{name}"
         code = main(["distill", "--teacher-cache", str(cache_dir), "--student",
                      str(assets.student), "--data", *assets.data, "--out", str(run),
@@ -354,7 +353,7 @@ def test_distill_from_cache_cli(assets, topk_cache, fixed_cache, tmp_path, capsy
                      "--temperature", str(TEMPERATURE), "--eval-every", "2",
                      "--eval-sequences", "8", "--no-baseline", "--no-progress",
                      "--tokenizer", str(assets.root / "tokenizer"),
-                     *(["--no-report"] if name != "ignore" else [])])
+                     *(["--no-report"] if name == "bucket" else [])])
         assert code == 0
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert log[-1]["step"] == 4
@@ -363,9 +362,6 @@ def test_distill_from_cache_cli(assets, topk_cache, fixed_cache, tmp_path, capsy
         # the KD term trained from the cache is logged like one trained from the teacher
         assert all(r["kd"] > 0 and math.isfinite(r["kd"]) for r in log if r["step"] > 0)
         assert (run / "student" / "model.safetensors").is_file()
-        ppl[name] = log[-1]["eval_ppl"]
-    # the compact cache teaches the student as the fixed (fp16) one does
-    assert ppl["bucket"] == pytest.approx(ppl["fixed"], rel=1e-2)
     # the sampled run's report: the plug-in KL estimate, no agreement (not the teacher's argmax)
     report = json.loads((tmp_path / "run-ignore" / "report.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
@@ -582,3 +578,75 @@ def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
     with pytest.raises(ValueError, match="the cache .* is 2.0"):
         CachedKDTrainer(model=one.model, args=one.args, train_dataset=train,
                         distill_options=DistillOptions(temperature=1.0))
+
+
+def test_codec_and_block_fields_round_trip_at_the_edges():
+    # the compact rows on random rows: 1..k ids a row, V < 2n (no low bits) and V = 2^17 + 1,
+    # ids at 0 and V - 1, values below the floor, rows holding all the mass, empty sequences
+    from dataclasses import dataclass
+
+    from fastkd import codec
+    from fastkd.cache_format import decode_block_field, encode_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for vocab, width in ((5, 4), (300, 7), (2**17 + 1, 9)):
+        seq_rows = torch.tensor([3, 0, 5, 1])
+        rows = int(seq_rows.sum())
+        n = torch.randint(1, width + 1, (rows,), generator=g).clamp(max=vocab)
+        n[0] = min(width, vocab)
+        perms = [torch.randperm(vocab, generator=g) for _ in range(rows)]
+        for r, edge in ((1, 0), (2, vocab - 1)):  # ids 0 and V - 1 in a row's used slots
+            perms[r] = torch.cat([torch.tensor([edge]), perms[r][perms[r] != edge]])
+        ids = torch.stack([torch.nn.functional.pad(p[:width], (0, max(0, width - vocab)),
+                                                   value=-1) for p in perms])
+        logits = torch.randn(rows, width, generator=g, dtype=torch.float64) * 4
+        logits[3, 1] = -1e4  # far below the floor
+        used = torch.arange(width) < n.unsqueeze(-1)
+        lp = torch.log_softmax(torch.where(used, logits, float("-inf")), -1)  # mass 1
+        lp[4:] = lp[4:] - 0.3  # mass e^-0.3
+        for layout, values in ((codec.Layout("logprobs", vocab, step=0.125), lp),
+                               (codec.Layout("counts", vocab, samples=2 * width),
+                                torch.where(used, 1, 0) + (torch.arange(width) == 0) * (
+                                    2 * width - n).unsqueeze(-1))):
+            streams = codec.encode(layout, ids, torch.where(used, values, 0), n, seq_rows)
+            got_ids, got_lp = codec.decode(
+                layout, streams["fixed"], streams["fixed_offsets"].diff(), streams["unary"],
+                streams["unary_offsets"].diff(), n, seq_rows, width)
+            for r in range(rows):
+                want = {int(i): float(v) for i, v, u in zip(ids[r], values[r], used[r],
+                                                            strict=True) if u}
+                got = {int(i): float(v) for i, v in zip(got_ids[r], got_lp[r], strict=True)
+                       if i >= 0}
+                assert got.keys() == want.keys(), (vocab, layout.kind, r)
+                if layout.kind == "counts":
+                    assert all(abs(got[i] - math.log(want[i] / (2 * width))) < 1e-6
+                               for i in want)
+                else:
+                    assert all(abs(got[i] - max(want[i], codec.FLOOR)) <= 2.5 * 0.125
+                               for i in want)
+                    assert int(got_ids[r, 0]) == max(want, key=want.get)  # the argmax first
+                    mass = sum(math.exp(v) for v in want.values())
+                    assert abs(sum(math.exp(v) for v in got.values()) - mass) < 0.07 * mass
+            # a flipped bit in the unary stream: an error, not garbage
+            broken = streams["unary"].clone()
+            broken[0] ^= 1
+            with pytest.raises(codec.CorruptRows):
+                codec.decode(layout, streams["fixed"], streams["fixed_offsets"].diff(), broken,
+                             streams["unary_offsets"].diff(), n, seq_rows, width)
+
+    @dataclass
+    class Fields:
+        input_ids: torch.Tensor
+        attention_mask: torch.Tensor
+        position_ids: torch.Tensor
+        other: torch.Tensor
+
+    fields = Fields(torch.randint(0, 1000, (3, 13), generator=g), torch.ones(3, 13).long(),
+                    torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]] * 3),
+                    torch.randint(-300, 300, (3, 13), generator=g))
+    fields.attention_mask[2, 9:] = 0
+    stored, encodings = encode_blocks(fields, 1000)
+    assert [encodings[k][0] for k in ("input_ids", "attention_mask", "position_ids", "other")
+            ] == ["bits10", "bits1", "resets", "int"]
+    for name, value in vars(fields).items():
+        assert torch.equal(decode_block_field(stored[f"blocks.{name}"], *encodings[name]), value)
