@@ -27,9 +27,10 @@ from fastkd.options import DistillOptions
 class StudentLoss(nn.Module):
     """The student's forward and the fused loss on one batch, in one module.
 
-    forward(input_ids (B, L), attention_mask (B, L), labels (B, L-1), teacher=(h_t (B, L-1, D_t),
-    w_t (V_t, D_t), b_t | None) or None, cached=(ids, logprobs, tail) from a teacher cache (the
-    sparse loss) or None) -> summed (loss, ce, kd). teacher=None (hard labels
+    forward(inputs, labels (B, L-1), teacher=(h_t (B, L-1, D_t), w_t (V_t, D_t), b_t | None) or
+    None, cached=(ids, logprobs, tail) from a teacher cache (the sparse loss) or None) -> summed
+    (loss, ce, kd). inputs: the model's keyword inputs, `Blocks.model_inputs` (input_ids (B, L)
+    with attention_mask, or with position_ids for packed examples). teacher=None (hard labels
     only, kd_weight=0): the student stands in as its own detached teacher, so the KD term,
     weighted 0, adds nothing. The head's weight is looked up inside forward: under FSDP that is
     the all-gathered full tensor (tied embeddings included), and its gradient flows back to the
@@ -41,10 +42,8 @@ class StudentLoss(nn.Module):
         self.model = student.model
         self.opts, self.backend = opts, backend
 
-    def forward(self, input_ids, attention_mask, labels, teacher=None, cached=None):
-        base = self.model.base_model
-        h_s = base(input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False).last_hidden_state[:, :-1]
+    def forward(self, inputs, labels, teacher=None, cached=None):
+        h_s = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         head = self.model.get_output_embeddings()
         w_s, b_s = head.weight, head.bias
         if cached is not None:  # offline: (ids, logprobs, tail) from a teacher cache
@@ -60,7 +59,7 @@ class StudentLoss(nn.Module):
 
 
 class TeacherForward(nn.Module):
-    """forward(input_ids, attention_mask) -> (h_t (B, L-1, D), w_t (V, D), b_t | None).
+    """forward(inputs) -> (h_t (B, L-1, D), w_t (V, D), b_t | None); inputs as StudentLoss's.
 
     Under FSDP the head's weight is gathered for this forward and freed right after it (the
     teacher reshards after forward, it never runs backward): the loss gets a copy.
@@ -71,9 +70,8 @@ class TeacherForward(nn.Module):
         self.model = teacher.model
         self.softcap = teacher.softcap
 
-    def forward(self, input_ids, attention_mask):
-        h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state[:, :-1]
+    def forward(self, inputs):
+        h = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         head = self.model.get_output_embeddings()
         w, b = head.weight, head.bias
         if _is_fsdp(self):
@@ -96,22 +94,23 @@ def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Bloc
     CachedBlocks batch (a teacher cache) goes through the sparse loss on its cached targets, and
     no teacher runs either.
     """
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    # Next-token shift: position i predicts token i + 1; padding is labelled ignore_index.
-    # The trainer's loss options keep DistillOptions' default ignore_index.
+    inputs = batch.model_inputs(device)
+    # Next-token shift: position i predicts token i + 1; what is not a target (padding, prompts,
+    # non-assistant turns) is labelled ignore_index. The trainer's loss options keep
+    # DistillOptions' default ignore_index.
     labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
     if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
         ids, logprobs = batch.targets.load()
-        return student(input_ids, mask, labels,
+        return student(inputs, labels,
                        cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))
     if teacher is None:
-        return student(input_ids, mask, labels)
+        return student(inputs, labels)
     with torch.no_grad():
-        teacher_out = teacher(input_ids, mask)
-    return student(input_ids, mask, labels, teacher_out)
+        teacher_out = teacher(inputs)
+    return student(inputs, labels, teacher_out)
 
 
 def count_targets(batch: Blocks) -> int:
-    """Next-token targets in a batch (non-padding labels after the shift); CPU tensors, no sync."""
-    return int(batch.attention_mask[:, 1:].sum())
+    """Next-token targets in a batch (labels after the shift that are not ignore_index); CPU
+    tensors, no sync."""
+    return batch.count_targets()

@@ -24,12 +24,13 @@ a barrier, rank 0 writes the complete manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from fastkd.cache_format import (
     write_manifest,
     write_shard,
 )
-from fastkd.data import SPLIT_SEED, Blocks, load_blocks
+from fastkd.data import SPLIT_SEED, UTF8_ERRORS, Blocks, check_packing, load_blocks
 from fastkd.fsio import sha256_file
 
 log = logging.getLogger("fastkd")
@@ -113,8 +114,17 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 
 def data_fingerprint(paths: list[str]) -> list[dict]:
-    return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))}
-            for p in paths]
+    """Size and sha256 of each data file; of a directory (a saved dataset), of its files."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
+            out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
+                        "sha256": hashlib.sha256(listing.encode()).hexdigest()})
+        else:
+            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
 
 
 def model_fingerprint(source: str) -> dict:
@@ -171,6 +181,8 @@ class CachePlan:
     teacher_dtype: str = "auto"
     dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
     progress: bool = True
+    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    utf8_errors: str = "strict"
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -207,6 +219,9 @@ class CachePlan:
         self.logprob_step = float(self.logprob_step)
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.utf8_errors not in UTF8_ERRORS:
+            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
+                             f"{self.utf8_errors!r}")
 
 
 def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:
@@ -223,8 +238,8 @@ def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) ->
         "logprob_step": plan.logprob_step if compact and plan.mode == "topk" else None,
         "dtype": None if compact else plan.dtype,
         "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction,
-        "seed": plan.seed, "shard_sequences": plan.shard_sequences,
-        "data": data_fingerprint(plan.data),
+        "seed": plan.seed, "shard_sequences": plan.shard_sequences, "packing": plan.packing,
+        "utf8_errors": plan.utf8_errors, "data": data_fingerprint(plan.data),
         "split": {"seed": SPLIT_SEED, "train": len(train), "heldout": len(heldout)},
         "shards": [], "complete": False,
     }
@@ -248,8 +263,7 @@ def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: in
     ids, values, n = [], [], []
     for b0 in range(0, len(blocks), plan.batch_size):
         b1 = min(b0 + plan.batch_size, len(blocks))
-        h = teacher.hidden(blocks.input_ids[b0:b1].to(device),
-                           blocks.attention_mask[b0:b1].to(device))[:, :-1]
+        h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
         logits = reference.softcap(torch.nn.functional.linear(h, weight, bias).float(),
                                    teacher.softcap)
         for i in range(b1 - b0):
@@ -318,7 +332,8 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
     from fastkd.models import load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
-    train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction)
+    train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction,
+                                 packing=plan.packing, utf8_errors=plan.utf8_errors)
     manifest = plan_manifest(plan, tokenizer, train, heldout)
 
     def teacher_shards():  # only once a shard is to be written: the teacher
@@ -330,6 +345,8 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
         teacher = load_lm(plan.teacher, "teacher", dtype, device)
         teacher.model.eval().requires_grad_(False)
         check_vocab(tokenizer, teacher, "teacher")
+        if train.position_ids is not None:  # packed examples
+            check_packing(teacher.model, "teacher")
         return lambda split, first, blocks, offset: teacher_rows(
             plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
 
@@ -534,9 +551,7 @@ class CachedBlocks(Blocks):
     targets: CacheRows | None = None
 
     def select(self, index: torch.Tensor) -> CachedBlocks:
-        chosen = Blocks.select(self, index)
-        return CachedBlocks(**{f.name: getattr(chosen, f.name) for f in fields(chosen)},
-                            targets=self.targets.select(index))
+        return dataclasses.replace(super().select(index), targets=self.targets.select(index))
 
 
 # ---- training from a cache (the trainer's hooks) -----------------------------------------------

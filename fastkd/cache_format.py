@@ -152,16 +152,22 @@ def encode_blocks(blocks: Blocks, vocab: int) -> tuple[dict[str, torch.Tensor], 
                          and int(value.max()) <= torch.iinfo(d).max)
             stored, encoding = value.to(dtype), "int"
         tensors[f"blocks.{f.name}"] = stored.contiguous()
-        encodings[f.name] = [encoding, length]
+        encodings[f.name] = [encoding, length, str(getattr(blocks, f.name).dtype).removeprefix(
+            "torch.")]
     return tensors, encodings
 
 
-def decode_block_field(stored: torch.Tensor, encoding: str, length: int) -> torch.Tensor:
-    """One field of encode_blocks back to (n, length) int64."""
+def decode_block_field(stored: torch.Tensor, encoding: str, length: int,
+                       dtype: str = "int64") -> torch.Tensor:
+    """One field of encode_blocks back to (n, length), in its dtype."""
+    return _decode_field(stored, encoding, length).to(getattr(torch, dtype))
+
+
+def _decode_field(stored: torch.Tensor, encoding: str, length: int) -> torch.Tensor:
     if encoding == "int":
         return stored.long()
     if encoding == "resets":  # each position minus the last reset at or before it
-        resets = decode_block_field(stored, "bits1", length).bool()
+        resets = _decode_field(stored, "bits1", length).bool()
         at = torch.arange(length).expand(resets.shape[0], length)
         return at - torch.cummax(torch.where(resets, at, 0), dim=1).values
     width = int(encoding.removeprefix("bits"))

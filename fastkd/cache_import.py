@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -153,8 +153,8 @@ def read_records(paths: list[str], vocab: int) -> list[tuple[list[int], list]]:
 
 
 def _blocks(sequences, seq_len: int, pad_id: int) -> tuple[Blocks, list]:
-    """One row per sequence, padded; (Blocks, maps per row). Positions without a map count only
-    where Blocks can say so (its `counted` field)."""
+    """One row per sequence, padded; (Blocks, maps per row): token i + 1 is a target where
+    position i has a map."""
     n = len(sequences)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros(n, seq_len, dtype=torch.long)
@@ -163,14 +163,7 @@ def _blocks(sequences, seq_len: int, pad_id: int) -> tuple[Blocks, list]:
         input_ids[r, :len(ids)] = torch.tensor(ids)
         mask[r, :len(ids)] = 1
         counted[r, 1:len(ids)] = torch.tensor([m is not None for m in maps])
-    extra = {}
-    if "counted" in {f.name for f in fields(Blocks)}:
-        extra["counted"] = counted
-    elif not bool((counted[:, 1:] == mask[:, 1:].bool()).all()):
-        raise ValueError("logprobs: a null entry inside a sequence (a position that does not "
-                         "count) needs fastkd.data's per-position targets; give every position "
-                         "a map")
-    return Blocks(input_ids, mask, **extra), [maps for _, maps in sequences]
+    return Blocks(input_ids, mask, counted=counted), [maps for _, maps in sequences]
 
 
 def import_logprobs(plan: ImportPlan) -> dict:

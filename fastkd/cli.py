@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fastkd import distributed
 from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig
+from fastkd.data import UTF8_ERRORS
 from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
 from fastkd.loss import BACKENDS
 from fastkd.options import DIVERGENCES
@@ -24,7 +25,16 @@ from fastkd.options import DIVERGENCES
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
             if f.default is not dataclasses.MISSING}
 # Flags that map to no DistillConfig field of the same name.
-FLAG_FIELDS = {"no_baseline": "baseline", "no_report": "report", "no_progress": "progress"}
+FLAG_FIELDS = {"no_baseline": "baseline", "no_report": "report", "no_progress": "progress",
+               "no_packing": "packing"}
+DATA_HELP = ('.txt, .jsonl ("text"; "messages": chat, only the assistant turns trained on; '
+             '"prompt"/"completion": only the completion), .parquet or `datasets` save_to_disk '
+             "directories with those columns")
+NO_PACKING_HELP = ("give each chat / prompt-completion example its own padded sequence (default: "
+                   "several a sequence, kept apart by position_ids; needs sdpa, eager or flex "
+                   "attention)")
+UTF8_HELP = ("strict: refuse a data file that is not UTF-8 (naming the byte); replace: train on "
+             "it with U+FFFD for undecodable bytes")
 
 
 def _option(group, flag: str, help: str, **kwargs) -> None:
@@ -47,7 +57,7 @@ def _distill_parser(sub) -> None:
     g = p.add_argument_group("models and data")
     _option(g, "--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID")
     _option(g, "--student", "initial student: HF model directory or hub id", metavar="DIR_OR_ID")
-    _option(g, "--data", 'text or jsonl ("text" field) files', nargs="+", metavar="FILE")
+    _option(g, "--data", DATA_HELP, nargs="+", metavar="FILE")
     _option(g, "--out", "run directory", metavar="RUN_DIR")
     _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
     _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
@@ -57,6 +67,8 @@ def _distill_parser(sub) -> None:
     _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
             "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))
     _option(g, "--seq-len", "tokens per packed sequence", type=int)
+    _option(g, "--no-packing", NO_PACKING_HELP, action="store_false")
+    _option(g, "--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
     _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
     _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
             type=int)
@@ -126,7 +138,7 @@ def _cache_parser(sub) -> None:
                     "interrupted cache and rechecks a finished one. Under `torchrun "
                     "--nproc-per-node N -m fastkd cache-teacher` the ranks split the shards.")
     p.add_argument("--teacher", required=True, metavar="DIR_OR_ID")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help=DATA_HELP)
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     p.add_argument("--mode", choices=("topk", "sample"), default="topk",
                    help="top-k ids, or ids sampled from the teacher (unbiased; default: topk)")
@@ -136,6 +148,9 @@ def _cache_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=2.0,
                    help="the distillation temperature T (default: 2.0, as fastkd distill)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    p.add_argument("--no-packing", dest="packing", action="store_false", help=NO_PACKING_HELP)
+    p.add_argument("--utf8-errors", choices=UTF8_ERRORS, default="strict",
+                   help=UTF8_HELP + " (default: strict)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
                    help="fraction of the sequences held out (as fastkd distill)")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",

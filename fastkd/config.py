@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
+from fastkd.data import UTF8_ERRORS
 from fastkd.distributed import PARALLEL, TEACHER_PLACEMENTS
 from fastkd.loss import BACKENDS
 from fastkd.options import DistillOptions
@@ -39,7 +40,7 @@ class DistillConfig:
 
     teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
     student: str  # HF model dir or hub id: the initial student
-    data: list[str]  # .txt / .jsonl ("text" field) files
+    data: list[str]  # text, chat, prompt-completion files or datasets (fastkd.data)
     out: str  # the run directory
     tokenizer: str | None = None  # default: the teacher's (else the student's)
     # The loss (fastkd.DistillOptions).
@@ -62,6 +63,10 @@ class DistillConfig:
     # Data: the held-out split, and how much of it evaluation and the report use.
     eval_fraction: float = 0.05
     eval_sequences: int = 64
+    # Chat and prompt-completion examples: several a sequence, kept apart by position_ids, or
+    # (packing=False) one a padded sequence. utf8_errors="replace": U+FFFD for undecodable bytes.
+    packing: bool = True
+    utf8_errors: str = "strict"
     # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
     device: str | None = None
     bf16: bool | None = None
@@ -90,7 +95,10 @@ class DistillConfig:
             self.data = [self.data]
         self.data = [str(path) for path in self.data]
         if not self.data:
-            raise ValueError("data: pass at least one text or jsonl file")
+            raise ValueError("data: pass at least one data file")
+        if self.utf8_errors not in UTF8_ERRORS:
+            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
+                             f"{self.utf8_errors!r}")
         self.loss_options()  # validates temperature, weights, divergence, beta, skew
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                     "eval_sequences")

@@ -33,7 +33,7 @@ from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_tar
 from fastkd.cache import CachedBlocks
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
-from fastkd.data import Batches, Blocks
+from fastkd.data import Batches, Blocks, check_packing
 from fastkd.memory import PeakMemory
 from fastkd.models import check_vocab, load_lm
 
@@ -185,6 +185,8 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     head = load_lm(str(checkpoint / "model") if checkpoint and one_process else config.student,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
     check_vocab(tokenizer, head, "student")
+    if train.position_ids is not None:  # packed examples: its attention must keep them apart
+        check_packing(head.model, "student")
     opts = dataclasses.replace(opts, student_softcap=head.softcap,
                                teacher_softcap=(head if teacher is None else teacher).softcap)
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,

@@ -34,9 +34,12 @@ class LMHead:
     bias: torch.nn.Parameter | None
     softcap: float | None
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) last hidden states of the base model: the HF head (full logits) never runs."""
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) last hidden states of the base model: the HF head (full logits) never runs.
+        Packed examples (fastkd.data.Blocks.model_inputs): position_ids and no attention_mask."""
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     @property

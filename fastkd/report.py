@@ -120,7 +120,7 @@ def heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
     count = 0
     for batch in eval_batches(heldout, batch_size):
         labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1).to(device)
-        count += int(batch.attention_mask[:, 1:].sum())
+        count += batch.count_targets()
         if teacher is None:
             ids, logprobs = batch.targets.load()
             target = (ids.flatten(0, 1).to(device), logprobs.flatten(0, 1).to(device).float())
@@ -143,8 +143,8 @@ def _logits(model: torch.nn.Module, batch: Blocks, model_device: torch.device,
             device: torch.device) -> torch.Tensor:
     """A model's next-token logits, (B * (L-1), V), compared on the teacher's device in fp32 (the
     int8 model runs on the CPU)."""
-    logits = model(input_ids=batch.input_ids.to(model_device),
-                   attention_mask=batch.attention_mask.to(model_device)).logits
+    # use_cache=False: with a KV cache transformers would ignore packed examples' position_ids.
+    logits = model(**batch.model_inputs(model_device), use_cache=False).logits
     return logits[:, :-1].float().flatten(0, 1).to(device)
 
 
@@ -199,14 +199,14 @@ def throughput(model: torch.nn.Module, heldout: Blocks, batch_size: int, device:
                min_seconds: float = 1.0) -> float:
     """Tokens per second of a full forward over the held-out batches: the median of timed passes
     (at least three, for at least min_seconds), after a warm-up pass."""
-    batches = [b.input_ids.to(device) for b in eval_batches(heldout, batch_size)]
+    batches = [b.model_inputs(device) for b in eval_batches(heldout, batch_size)]
     rates: list[float] = []
     deadline = time.perf_counter() + min_seconds
     while True:
         start, tokens = time.perf_counter(), 0
-        for ids in batches:
-            model(input_ids=ids)
-            tokens += ids.numel()
+        for inputs in batches:
+            model(**inputs)
+            tokens += inputs["input_ids"].numel()
         if device.type == "cuda":
             torch.cuda.synchronize()  # sync: the pass's kernels must finish inside its timing
         rates.append(tokens / (time.perf_counter() - start))
@@ -364,7 +364,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         f"{config.steps} optimizer steps × {config.batch_size * config.grad_accum} sequences × "
         f"{config.seq_len} tokens ({budget['tokens']:,} training tokens); loss {loss_text}; "
         f"AdamW lr {config.lr:g}, warmup {config.warmup} + cosine, seed {config.seed}.",
-        f"Held-out: {len(heldout)} sequences ({int(heldout.attention_mask[:, 1:].sum()):,} "
+        f"Held-out: {len(heldout)} sequences ({heldout.count_targets():,} "
         f"next-token targets). Device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",
         "",

@@ -46,7 +46,7 @@ from fastkd.checkpoint import (
     set_rng_state,
 )
 from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig, check_run_dir
-from fastkd.data import Blocks, load_blocks
+from fastkd.data import Blocks, check_packing, load_blocks
 from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
 from fastkd.models import (
     LMHead,
@@ -131,7 +131,8 @@ def _run_phases(config: DistillConfig, run_dir: Path,
     tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizers(tokenizer_source, tokenizer, config.student)
     train, heldout = _load_data(config, tokenizer)
-    teacher, teacher_module = _load_teacher_module(config, tokenizer, device)
+    teacher, teacher_module = _load_teacher_module(config, tokenizer, device,
+                                                   packed=train.position_ids is not None)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
@@ -173,20 +174,24 @@ def _load_data(config: DistillConfig, tokenizer) -> tuple[Blocks, Blocks]:
         train, heldout, _ = open_for_run(config, tokenizer)
     else:
         train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
-                                     config.eval_fraction)
+                                     config.eval_fraction, packing=config.packing,
+                                     utf8_errors=config.utf8_errors)
     return train, heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
 
 
-def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device
+def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device, packed: bool
                          ) -> tuple[LMHead | None, TeacherForward | None]:
     """(the teacher, whole, or None when it is sharded or absent; its forward for the loop,
-    wrapped for FSDP or replicated). No teacher is loaded for hard labels or from a cache."""
+    wrapped for FSDP or replicated). No teacher is loaded for hard labels or from a cache.
+    packed: the data packs examples, which the teacher's attention must keep apart."""
     if config.teacher is None or config.teacher_cache is not None:
         return None, None
     # A sharded teacher is loaded on the CPU: FSDP moves each rank's shards to the device.
     shard_teacher = distributed.is_distributed() and config.teacher_placement == "shard"
     teacher = load_teacher(config, torch.device("cpu") if shard_teacher else device)
     check_vocab(tokenizer, teacher, "teacher")
+    if packed:
+        check_packing(teacher.model, "teacher")
     teacher_module = distributed.wrap_teacher(TeacherForward(teacher), config.teacher_placement,
                                               device)
     return (None if shard_teacher else teacher), teacher_module  # sharded: its LMHead holds shards

@@ -65,3 +65,37 @@ def write_data(out_dir: Path) -> list[str]:
     jsonl = out_dir / "part2.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "source": "stdlib"}) + "\n" for t in texts[4:]))
     return [str(txt), str(jsonl)]
+
+
+# ChatML with {% generation %} markers around what the assistant says (and its end of turn), and
+# the same template without them: both render identical text.
+CHATML_GENERATION = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n"
+    "{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = CHATML_GENERATION.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def build_chat_tokenizer(out_dir: Path, template: str = CHATML):
+    """`build_tokenizer` with ChatML's <|im_start|> / <|im_end|> and a chat template, saved."""
+    tokenizer = build_tokenizer(out_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def chats() -> list[dict]:
+    """Three conversations: a system prompt, one and two assistant turns."""
+    return [
+        {"messages": [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "What does textwrap do?"},
+                      {"role": "assistant", "content": "It wraps and fills text."}]},
+        {"messages": [{"role": "user", "content": "Name a heap function."},
+                      {"role": "assistant", "content": "heappush"},
+                      {"role": "user", "content": "Another?"},
+                      {"role": "assistant", "content": "heapify, which works in place."}]},
+        {"messages": [{"role": "user", "content": "fnmatch or glob?"},
+                      {"role": "assistant", "content": "glob for paths, fnmatch for names."}]},
+    ]

@@ -461,6 +461,9 @@ def server_maps(assets, path: Path, k: int = 5, sequences: int = 12) -> list[dic
             lp = torch.log_softmax(h @ teacher.weight.T, -1)  # position j predicts token j + 1
         entries = [None]
         for j in range(len(ids) - 1):
+            if i % 3 == 0 and j < 4:  # a prompt: its positions do not count
+                entries.append(None)
+                continue
             top = lp[j].topk(k).indices.tolist()
             chosen = top + ([int(ids[j + 1])] if int(ids[j + 1]) not in top else [])
             entries.append({str(t): ({"logprob": lp[j, t].item(), "rank": 1,
@@ -483,7 +486,8 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
     m = cache.manifest
     assert m["temperature"] == 1.0 and m["seq_len"] == 24 and m["k"] == 6
     assert m["split"] == {"seed": m["split"]["seed"], "train": 10, "heldout": 2}
-    assert m["positions"] == sum(len(r["input_ids"]) - 1 for r in records)
+    maps_given = sum(e is not None for r in records for e in r["prompt_logprobs"])
+    assert m["positions"] == maps_given < sum(len(r["input_ids"]) - 1 for r in records)
     # every stored map is the server's (its ids; its log-probabilities within the grid's bound)
     seen = 0
     for split in ("train", "heldout"):
@@ -494,6 +498,9 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
             record = next(r for r in records
                           if r["input_ids"] == blocks.input_ids[row, :length].tolist())
             for j, entry in enumerate(record["prompt_logprobs"][1:]):
+                if entry is None:  # a prompt position: nothing stored, no label
+                    assert (ids[row, j] == -1).all() and blocks.labels(-100)[row, j + 1] == -100
+                    continue
                 want = {int(t): v["logprob"] if isinstance(v, dict) else v
                         for t, v in entry.items()}
                 got = {int(t): float(v) for t, v in zip(ids[row, j], lp[row, j], strict=True)

@@ -1,4 +1,5 @@
-"""fastkd.data: reading text / jsonl, packing, the held-out split and resumable batches."""
+"""fastkd.data: reading text / jsonl / chat / prompt-completion / parquet / saved datasets, UTF-8,
+packing, the held-out split and resumable batches."""
 
 from __future__ import annotations
 
@@ -6,8 +7,31 @@ import json
 
 import pytest
 import torch
+from _trainer_fixtures import CHATML, CHATML_GENERATION, build_chat_tokenizer, chats
 
-from fastkd.data import Batches, Blocks, pack, read_documents, split
+from fastkd.data import (
+    Batches,
+    Blocks,
+    fit_examples,
+    load_blocks,
+    pack,
+    pack_examples,
+    read_documents,
+    read_records,
+    split,
+    tokenize_examples,
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """A byte-level BPE with ChatML special tokens and a template without generation markers."""
+    return build_chat_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def test_read_text_and_jsonl(tmp_path):
@@ -15,11 +39,18 @@ def test_read_text_and_jsonl(tmp_path):
     txt.write_text("line one\nline two\n")
     assert read_documents(txt) == ["line one\nline two\n"]
     jsonl = tmp_path / "b.jsonl"
-    jsonl.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
-    assert read_documents(jsonl) == ["first", "second"]
+    # U+2028 is a line break to str.splitlines, but not to JSON lines.
+    jsonl.write_text(json.dumps({"text": "first\u2028"}, ensure_ascii=False) + "\n\n"
+                     + json.dumps({"text": "second"}) + "\n")
+    assert read_documents(jsonl) == ["first\u2028", "second"]
+    assert read_records(write_jsonl(tmp_path / "c.jsonl", chats()))[0] == "chat"
+    fmt, records = read_records(write_jsonl(tmp_path / "d.jsonl",
+                                            [{"prompt": "p", "completion": "c", "id": 3}]))
+    assert (fmt, records) == ("prompt-completion",
+                              [(f"{tmp_path / 'd.jsonl'}:1", {"prompt": "p", "completion": "c"})])
 
 
-def test_missing_empty_and_malformed_files_name_the_file(tmp_path):
+def test_missing_empty_and_malformed_files_name_the_file_and_record(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_documents(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
@@ -34,6 +65,112 @@ def test_missing_empty_and_malformed_files_name_the_file(tmp_path):
     broken.write_text("{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:1: not valid JSON"):
         read_documents(broken)
+    bad = [({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+           ({"messages": "hi"}, '"messages" must be a non-empty list'),
+           ({"messages": [{"content": "x"}]}, '.*string "role"'),
+           ({"text": "a text record in a chat file"}, '"messages" must be'),
+           ]
+    for record, message in bad:
+        path = write_jsonl(tmp_path / "chat.jsonl", chats()[:2] + [record])
+        with pytest.raises(ValueError, match=f"chat.jsonl:3: {message}"):
+            read_records(path)
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"},
+                                              {"prompt": "p", "completion": ["c"]}])
+    with pytest.raises(ValueError, match=r'pc.jsonl:2: expected string "prompt" and '
+                                         r'"completion" .*completion=list'):
+        read_records(path)
+
+
+def test_files_that_are_not_utf8_are_refused_with_the_byte_offset(tmp_path):
+    cases = {
+        "random.txt": bytes(range(0x80, 0x100)) * 4,  # binary: a continuation byte first
+        "latin1.txt": "plain line\ncaf\u00e9\n".encode("latin-1"),
+        "utf16.txt": "hello".encode("utf-16"),  # with its byte-order mark
+        "utf16le.txt": "hello".encode("utf-16-le"),  # no BOM: valid UTF-8, but NUL bytes
+        "records.jsonl": b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n',
+    }
+    expected = {"random.txt": r"byte offset 0 \(line 1\)",
+                "latin1.txt": r"byte offset 14 \(line 2\)",
+                "utf16.txt": r"byte offset 0 \(line 1\) holds b'\\xff\\xfe",
+                "utf16le.txt": r"byte offset 1 \(line 1\) is a NUL byte",
+                "records.jsonl": r"byte offset 43 \(line 3\)"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text: {expected[name]}.*"
+                                             "--utf8-errors replace"):
+            read_documents(tmp_path / name)
+    assert read_documents(tmp_path / "latin1.txt", "replace") == ["plain line\ncaf\ufffd\n"]
+    assert read_documents(tmp_path / "records.jsonl", "replace")[2] == "caf\ufffd"
+    with pytest.raises(ValueError, match="utf8_errors"):
+        read_documents(tmp_path / "latin1.txt", "ignore")
+
+
+def decoded_targets(tokenizer, ids, targets) -> str:
+    return tokenizer.decode([i for i, t in zip(ids, targets, strict=True) if t])
+
+
+def test_chat_targets_are_the_assistant_turns_with_and_without_generation_markers(
+        chat_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", chats())
+    fmt, records = read_records(path)
+    assert chat_tokenizer.chat_template == CHATML
+    diffed = tokenize_examples(str(path), fmt, records, chat_tokenizer)
+    chat_tokenizer.chat_template = CHATML_GENERATION
+    try:
+        marked = tokenize_examples(str(path), fmt, records, chat_tokenizer)
+    finally:
+        chat_tokenizer.chat_template = CHATML
+    assert diffed == marked  # same ids, same targets, both ways
+    for (ids, targets), chat in zip(diffed, chats(), strict=True):
+        said = "".join(m["content"] + "<|im_end|>\n" for m in chat["messages"]
+                       if m["role"] == "assistant")
+        assert decoded_targets(chat_tokenizer, ids, targets) == said
+        assert ids == chat_tokenizer.apply_chat_template(chat["messages"], tokenize=True,
+                                                          return_dict=True)["input_ids"]
+
+
+def test_chat_errors_name_the_file_and_record(chat_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", chats())
+    fmt, records = read_records(path)
+    tok = chat_tokenizer
+    try:
+        tok.chat_template = None
+        with pytest.raises(ValueError, match=r"chat.jsonl: chat records .* has none"):
+            tokenize_examples(str(path), fmt, records, tok)
+        # Shortens every assistant turn but the last (as templates that drop earlier reasoning
+        # do): the rendering of a prefix is not a prefix of the whole.
+        tok.chat_template = CHATML.replace("{{ m['content'] }}<|im_end|>\n{% else %}",
+                                           "{{ m['content'] if loop.last else '...' }}"
+                                           "<|im_end|>\n{% else %}")
+        assert tok.chat_template != CHATML
+        with pytest.raises(ValueError, match=r"chat.jsonl:2: .* does not render this "
+                                             r"conversation incrementally"):
+            tokenize_examples(str(path), fmt, records, tok)
+        tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+        with pytest.raises(ValueError, match=r"chat.jsonl:1: the chat template .* fails on this "
+                                             r"record .*roles must alternate"):
+            tokenize_examples(str(path), fmt, records, tok)
+        tok.chat_template = CHATML
+        first = write_jsonl(tmp_path / "first.jsonl",
+                            [{"messages": [{"role": "assistant", "content": "Hi."}]}])
+        with pytest.raises(ValueError, match=r"first.jsonl:1: the conversation opens with an "
+                                             r"assistant turn"):
+            tokenize_examples(str(first), *read_records(first), tok)
+    finally:
+        tok.chat_template = CHATML
+
+
+def test_prompt_completion_targets_are_the_completion_and_eos(chat_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: sort a list? A:",
+                                                "completion": " sorted(xs)"},
+                                               {"prompt": "", "completion": "bisect"}])
+    (ids, targets), (ids2, targets2) = tokenize_examples(str(path), *read_records(path),
+                                                         chat_tokenizer)
+    eos = chat_tokenizer.eos_token
+    assert chat_tokenizer.decode(ids) == "Q: sort a list? A: sorted(xs)" + eos
+    assert decoded_targets(chat_tokenizer, ids, targets) == " sorted(xs)" + eos
+    assert targets == sorted(targets)  # the prompt, then the completion
+    assert all(targets2)  # an empty prompt: (the first token cannot be predicted: pack_examples)
 
 
 def test_pack_pads_the_last_block_and_masks_its_labels():
@@ -41,8 +178,91 @@ def test_pack_pads_the_last_block_and_masks_its_labels():
     assert blocks.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
     assert blocks.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
     assert blocks.labels(-100)[2].tolist() == [8, 9, -100, -100]
+    assert blocks.count_targets() == 7 and blocks.counted is None and blocks.position_ids is None
+    assert set(blocks.model_inputs()) == {"input_ids", "attention_mask"}
     with pytest.raises(ValueError, match="seq_len"):
         pack(torch.arange(10), seq_len=1, pad_id=0)
+
+
+def test_pack_examples_keeps_examples_whole_and_apart():
+    t, f = True, False
+    examples = [([1, 2, 3], [f, t, t]), ([4, 5], [t, t]), ([6, 7, 8, 9], [f, f, t, t]),
+                ([10, 11], [f, t])]
+    packed = pack_examples(examples, seq_len=6, pad_id=0)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
+    assert packed.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6]
+    # Each example's first token is never a target: the token before it is another example's.
+    assert packed.labels(-1).tolist() == [[-1, 2, 3, -1, 5, -1], [-1, -1, 8, 9, -1, 11]]
+    assert packed.count_targets() == 6
+    assert set(packed.model_inputs()) == {"input_ids", "position_ids"}
+    padded = pack_examples(examples, seq_len=6, pad_id=0, packing=False)
+    assert padded.position_ids is None and len(padded) == 4
+    assert padded.labels(-1)[2].tolist() == [-1, -1, 8, 9, -1, -1]
+    assert set(padded.model_inputs()) == {"input_ids", "attention_mask"}
+    rows = packed.select(torch.tensor([1]))
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]] and rows.counted.shape == (1, 6)
+
+
+def test_fit_examples_cuts_long_examples_and_drops_those_left_without_targets(caplog):
+    t, f = True, False
+    examples = [([1, 2, 3, 4, 5], [f, f, t, t, t]), ([6, 7, 8, 9], [f, f, f, t]), ([1, 2], [t, f])]
+    assert fit_examples(examples, 3, "x.jsonl") == [([1, 2, 3], [f, f, t])]
+    assert "x.jsonl: 2 of 3 examples are longer than seq_len=3 and were cut; 2 kept no target" \
+        in caplog.text
+    with pytest.raises(ValueError, match="x.jsonl: no example has a target"):
+        fit_examples(examples[1:], 3, "x.jsonl")
+
+
+def test_parquet_and_saved_datasets_read_like_jsonl(chat_tokenizer, tmp_path):
+    import datasets
+
+    pc = [{"prompt": f"Q{i}:", "completion": f" answer {i}", "extra": i} for i in range(6)]
+    jsonl_blocks = load_blocks([str(write_jsonl(tmp_path / "chat.jsonl", chats())),
+                                str(write_jsonl(tmp_path / "pc.jsonl", pc))],
+                               chat_tokenizer, 96, 0.2)
+    datasets.Dataset.from_list(chats()).save_to_disk(str(tmp_path / "chat-ds"))
+    datasets.Dataset.from_list(pc).to_parquet(str(tmp_path / "pc.parquet"))
+    ds_blocks = load_blocks([str(tmp_path / "chat-ds"), str(tmp_path / "pc.parquet")],
+                            chat_tokenizer, 96, 0.2)
+    for a, b in zip(jsonl_blocks, ds_blocks, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.counted, b.counted)
+        assert torch.equal(a.position_ids, b.position_ids)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pc),
+                          "test": datasets.Dataset.from_list(pc)}).save_to_disk(
+        str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"dict: a DatasetDict with splits \['test', 'train'\]"):
+        read_records(tmp_path / "dict")
+    datasets.Dataset.from_list([{"body": "x"}]).to_parquet(str(tmp_path / "cols.parquet"))
+    with pytest.raises(ValueError, match=r"cols.parquet: expected a 'text' column"):
+        read_records(tmp_path / "cols.parquet")
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "x"}]}]).to_parquet(
+        str(tmp_path / "noassistant.parquet"))
+    with pytest.raises(ValueError, match=r"noassistant.parquet row 0: no assistant turn"):
+        read_records(tmp_path / "noassistant.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="junk.parquet: not a readable dataset"):
+        read_records(tmp_path / "junk.parquet")
+
+
+def test_load_blocks_mixes_text_and_examples(chat_tokenizer, tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("def heappush(heap, item):\n    heap.append(item)\n" * 8)
+    chat = write_jsonl(tmp_path / "chat.jsonl", chats() * 4)
+    train, held = load_blocks([str(text), str(chat)], chat_tokenizer, 96, 0.25)
+    rows = Blocks(torch.cat([train.input_ids, held.input_ids]),
+                  torch.cat([train.attention_mask, held.attention_mask]),
+                  counted=torch.cat([train.counted, held.counted]),
+                  position_ids=torch.cat([train.position_ids, held.position_ids]))
+    n_text_only = sum(map(len, load_blocks([str(text)], chat_tokenizer, 96, 0.25)))
+    n_text = sum(1 for row in rows.input_ids if chat_tokenizer.convert_tokens_to_ids(
+        "<|im_start|>") not in row.tolist())
+    # Text rows: one sequence each (positions 0..L-1), every token a target.
+    is_text = rows.counted.sum(1) == rows.attention_mask.sum(1)
+    assert int(is_text.sum()) == n_text == n_text_only
+    assert (rows.position_ids[is_text] == torch.arange(96)).all()
+    said = chat_tokenizer.decode(rows.input_ids[~is_text][rows.counted[~is_text]])
+    assert said.count("heappush<|im_end|>") == 4 and "user" not in said
 
 
 def test_split_is_fixed_disjoint_and_complete():
