@@ -124,8 +124,11 @@ def fused_sparse_lm_loss(student: torch.nn.Module, inputs: dict, labels: torch.T
         seen.append((hidden, loss))
         return hidden[..., :0] + loss.to(hidden.dtype)  # as fused_lm_loss: the head stays found
 
-    forward = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")
-               if inputs.get(key) is not None}
+    # as fastkd.data.Blocks.model_inputs: packed examples get position_ids and no 2-D mask
+    # (with one, transformers would let them attend to each other)
+    packed = inputs.get("position_ids") is not None
+    forward = {key: inputs[key] for key in ("input_ids", "position_ids" if packed else
+                                            "attention_mask") if inputs.get(key) is not None}
     with hf._head_replaced(student, student_head):
         outputs = student(**forward, use_cache=False)
     hf._check_calls("student", seen, input_ids)
