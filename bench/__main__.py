@@ -84,10 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="percent of ignored tokens for the counted sweep (Llama head), or 'none'")
     p.add_argument("--methods", default="all", help=f"comma list of {list(METHODS)} or 'all'")
     p.add_argument("--cases", default="all",
-                   help="comma list of distill, kd, ce, sparse (the sparse loss on the teacher's "
-                        "top-64) or 'all'")
+                   help="comma list of distill, kd, rkl, jsd, ce, sparse (the sparse loss on the "
+                        "teacher's top-64) or 'all'")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--temperature", type=float, default=2.0, help="T of the distill and kd cases")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="T of the distill, kd, rkl, jsd and sparse cases")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -99,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.preset = _names(args.preset, list(PRESETS), "preset")
         args.methods = _names(args.methods, list(METHODS), "method")
-        args.cases = _names(args.cases, ["distill", "kd", "ce", "sparse"], "case")
+        args.cases = _names(args.cases, list(cases(args.temperature)), "case")
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session in one command, from the repo root: install, the loss tests on CUDA, the
 # profile (ceilings, target shapes with the fp64 check, breakdown, tuning sweeps, memory in N) and
-# `python -m bench` beside the peers. Everything lands under $OUT (default ./gpu_out):
+# `python -m bench` beside the peers (Liger; TRL's chunked-divergence kernel in the forward KL,
+# reverse KL and JSD cases). Everything lands under $OUT (default ./gpu_out):
 #   session.log          all output, as it happens (a run cut off at its limit still returns it)
 #   profile.json/.md     python -m bench.gpu_profile
 #   bench_results.json   python -m bench's results.json (re-render: python -m bench.report FILE)
 #   all.tgz              the above plus pytest's junit XML and the bench tables and plots
 # Budget: BUDGET_S seconds in all (default 560); each step gets a share and a hard timeout.
-# Peers travel as wheels in .whl/ (see bench/README.md); absent ones are recorded as skipped.
+# Peers travel as wheels in .whl/ (see bench/README.md; TRL also needs accelerate, datasets,
+# pandas and transformers where the image lacks them); absent ones are recorded as skipped.
 # Extra arguments go to pytest's selection, e.g. `bench/gpu_session.sh -k jsd`.
 # Rehearsal on CPU (tests/test_bench.py runs it): INSTALL=0 TEST_DEVICE=cpu, PROFILE_ARGS and
 # BENCH_ARGS that say --device cpu and small sizes, a -k selection of a few tests.
@@ -44,7 +46,8 @@ if [ "$INSTALL" = 1 ] && ! python3 -m pip install -q --no-deps --no-build-isolat
 fi
 python3 -c "import fastkd, fastkd.kernels.distill; print('fastkd', fastkd.__version__, \
 fastkd.__file__)" || exit 1
-python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|transformers|torch|triton) " || true
+python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|trl|transformers|torch|triton) " \
+  || true
 
 if [[ $STEPS == *tests* ]]; then
   stamp "pytest on CUDA (the loss and API tests; the kernels compiled, not interpreted)"
@@ -67,9 +70,10 @@ fi
 if [[ $STEPS == *bench* ]]; then
   stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
   bench_out=$(mktemp -d)
+  # kd, rkl, jsd: forward KL, reverse KL and JSD alone, where TRL's kernel (trl) runs
   timeout $(( $(left) - 15 )) python3 -m bench --quick --out "$bench_out" \
-    ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none --cases distill,kd,sparse \
-    --methods fastkd,reference,liger,liger_kl}
+    ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none \
+    --cases distill,kd,rkl,jsd,sparse --methods fastkd,reference,liger,liger_kl,trl}
   echo "bench exit $?"
   cp "$bench_out/results.json" "$OUT/bench_results.json" 2>/dev/null
   mkdir -p "$OUT/bench" && cp "$bench_out"/* "$OUT/bench/" 2>/dev/null

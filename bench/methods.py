@@ -15,6 +15,12 @@ Every adapter computes the loss `fastkd.reference` specifies, so one float64 gro
              call; its batchmean KL times kd_weight T^2 is the "kd" case.
 - cce:       Apple's cut-cross-entropy `linear_cross_entropy` (default impl and gradient filter),
              in the "ce" case beside fastkd at kd_weight = 0.
+- trl:       TRL's `trl.kernels.chunked_divergence.ChunkedDivergenceFunction` (the loss of
+             trl.DistillationTrainer, TRL 1.16; Triton on CUDA, torch tiles elsewhere) in the
+             divergence-only cases: beta 0 = forward KL ("kd"), 1 = reverse KL ("rkl"), between =
+             JSD with the same beta ("jsd"), on logits / T without T^2, so its mean over the
+             counted tokens (gathered first, as TRL's trainer does) is multiplied by
+             kd_weight T^2. It gets W_t[:V] (one vocabulary).
 In the "sparse" case fastkd is `fastkd.sparse_distill` (the fused sparse loss) and reference its
 spec with full logits; the teacher's top-k targets are inputs, formed before any timing.
 """
@@ -224,6 +230,50 @@ def _build_cce(problem: Problem) -> LossFn:
     )
 
 
+TRL_DIVERGENCES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}  # TRL beta (jsd: opts.beta)
+
+
+def _trl_function():
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    return ChunkedDivergenceFunction
+
+
+def _skip_trl(problem: Problem) -> str | None:
+    if (reason := _dense_only(problem)) is not None:
+        return reason
+    if importlib.util.find_spec("trl") is None:
+        return "trl not installed"
+    opts = problem.opts
+    if opts.ce_weight != 0 or opts.kd_weight == 0:
+        return "divergence only (no CE term): runs in the kd, rkl and jsd cases"
+    if opts.divergence not in TRL_DIVERGENCES:
+        return f"TRL's kernel has no {opts.divergence}"
+    if problem.shape.v > problem.shape.v_t:
+        return "student vocab larger than the teacher's: TRL needs one vocabulary"
+    try:
+        _trl_function()
+    except ImportError as err:  # TRL present, a dependency of its trainer utilities missing
+        return f"trl.kernels.chunked_divergence does not import: {err}"
+    return None
+
+
+def _build_trl(problem: Problem) -> LossFn:
+    opts, vocab, fn = problem.opts, problem.shape.v, _trl_function()
+    beta = TRL_DIVERGENCES[opts.divergence]
+    beta = opts.beta if beta is None else beta
+    scale = opts.kd_weight * opts.temperature**2
+
+    def loss(x: Inputs) -> torch.Tensor:
+        valid = x.labels != opts.ignore_index
+        divergence, _ = fn.apply(x.h_s[valid], x.w_s, None, x.h_t[valid], x.w_t[:vocab], None,
+                                 beta, opts.temperature, 1.0, opts.student_softcap, 1.0,
+                                 opts.teacher_softcap)
+        return divergence.sum() / valid.sum() * scale
+
+    return loss
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -244,6 +294,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _build_liger_kl, _skip_liger_kl, "liger-kernel"),
     Method("cce", "cut_cross_entropy.linear_cross_entropy (CE only)",
            _build_cce, _skip_cce, "cut-cross-entropy"),
+    Method("trl", "trl.kernels.chunked_divergence.ChunkedDivergenceFunction (divergence only, "
+           "x T^2)", _build_trl, _skip_trl, "trl"),
 )}
 
 

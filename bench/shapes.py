@@ -124,14 +124,20 @@ class Case:
 
 
 def cases(temperature: float) -> dict[str, Case]:
-    """distill: the headline loss; kd: distillation only (Liger's fused-linear KL); ce: CE only;
-    sparse: the headline loss's sparse form, on the teacher's top SPARSE_K ids (tail "bucket")."""
+    """distill: the headline loss; kd: distillation only, forward KL (Liger's fused-linear KL);
+    rkl, jsd: distillation only, reverse KL and JSD (beta 0.5), TRL's DistillationTrainer
+    divergences beside its kernel; ce: CE only; sparse: the headline loss's sparse form, on the
+    teacher's top SPARSE_K ids (tail "bucket")."""
     t = f"{temperature:g}"
+    kd_only = {"temperature": temperature, "ce_weight": 0.0, "kd_weight": 1.0}
     return {
         "distill": Case("distill", f"0.5 CE + 0.5 T^2 KL(p||q), T={t}",
                         DistillOptions(temperature=temperature, ce_weight=0.5, kd_weight=0.5)),
-        "kd": Case("kd", f"T^2 KL(p||q), T={t}",
-                   DistillOptions(temperature=temperature, ce_weight=0.0, kd_weight=1.0)),
+        "kd": Case("kd", f"T^2 KL(p||q), T={t}", DistillOptions(**kd_only)),
+        "rkl": Case("rkl", f"T^2 KL(q||p) (reverse KL), T={t}",
+                    DistillOptions(**kd_only, divergence="reverse_kl")),
+        "jsd": Case("jsd", f"T^2 JSD, beta 0.5 (m = (p + q) / 2), T={t}",
+                    DistillOptions(**kd_only, divergence="jsd", beta=0.5)),
         "ce": Case("ce", "CE only (kd_weight=0; a width-1 teacher fills the teacher arguments)",
                    DistillOptions(ce_weight=1.0, kd_weight=0.0)),
         "sparse": Case("sparse", f"0.5 CE + 0.5 T^2 KL over the teacher's top-{SPARSE_K} ids + "

@@ -1,8 +1,8 @@
 """Causal LMs as the fused loss sees them: `softcap(base(x).last_hidden_state @ W^T + b)`.
 
 Loading through `from_pretrained` with errors that name the role, splitting a model into its base
-and its LM head (refusing heads whose logits the fused loss cannot reproduce), and the tokenizer
-checks.
+and its LM head (refusing heads whose logits the fused loss cannot reproduce), the head's effective
+weight under a PEFT adapter (`head_weight_and_bias`), and the tokenizer checks.
 Shared by the trainer, the teacher cache and the Hugging Face integrations.
 """
 
@@ -47,6 +47,69 @@ class LMHead:
         return self.weight.shape[0]
 
 
+def head_weight_and_bias(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (V, D) weight and (V,) bias (or None) with which the output layer `layer` maps hidden
+    states to logits, `logits = h @ weight.T + bias`, as tensors autograd can differentiate.
+
+    - a plain linear layer: its own `weight` and `bias`;
+    - a PEFT LoRA layer (`LoraConfig(target_modules=[..., "lm_head"])`): the effective
+      `W + sum_a scaling_a * B_a @ A_a` over the active adapters (W transposed first for
+      fan_in_fan_out), and `b + sum_a scaling_a * b_B,a` with lora_bias, so the fused loss's dW
+      reaches lora_A and lora_B through autograd (reading `layer.weight` would give the frozen W
+      alone and the adapter no gradient); merged or disabled adapters: W and b alone, as the
+      layer's forward does;
+    - a PEFT `modules_to_save` wrapper: the active copy's (the one its forward runs).
+
+    An FSDP2-sharded weight (a DTensor, outside the wrapper's forward) comes back whole
+    (`full_tensor()`, whose backward reduce-scatters the gradient). Refused with a ValueError,
+    since one (weight, bias) cannot express them: active lora_dropout (dropout on the LoRA branch's
+    input only), DoRA and the other LoRA variants, and any other PEFT tuner on the head.
+    """
+    if hasattr(layer, "modules_to_save") and hasattr(layer, "original_module"):
+        active = layer.active_adapters
+        use_copy = not layer.disable_adapters and active and active[0] in layer.modules_to_save
+        return head_weight_and_bias(layer.modules_to_save[active[0]] if use_copy
+                                    else layer.original_module)
+    if not hasattr(layer, "get_base_layer"):  # not a PEFT tuner layer
+        bias = getattr(layer, "bias", None)
+        return _whole(layer.weight), None if bias is None else _whole(bias)
+    kind = type(layer).__name__
+    if not all(hasattr(layer, a) for a in ("lora_A", "lora_B", "scaling", "lora_dropout")):
+        raise ValueError(f"the output layer carries a PEFT {kind} adapter: fastkd's fused loss "
+                         "supports LoRA on the output layer only (or leave it out of "
+                         "target_modules)")
+    weight, bias = head_weight_and_bias(layer.get_base_layer())
+    if getattr(layer, "fan_in_fan_out", False):
+        weight = weight.T
+    if layer.disable_adapters or layer.merged:
+        return weight, bias
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in getattr(layer, "lora_variant", {}):
+            raise ValueError(f"the output layer's LoRA adapter {name!r} is a variant (DoRA, ...): "
+                             "fastkd's fused loss supports plain LoRA on the output layer only")
+        dropout = layer.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            raise ValueError(
+                f"the output layer's LoRA adapter {name!r} has lora_dropout={dropout.p}: dropout "
+                "on the LoRA branch's input cannot fold into one head weight for the fused loss; "
+                "use lora_dropout=0 (or leave the output layer out of target_modules)")
+        lora_a, lora_b, scale = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        weight = weight + (scale * (lora_b.weight @ lora_a.weight)).to(weight.dtype)
+        if getattr(lora_b, "bias", None) is not None:
+            extra = (scale * lora_b.bias).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    return weight, bias
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) as one plain tensor; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     """Check that `model`'s logits are its head applied to its base's hidden states, and split it.
 
@@ -76,6 +139,7 @@ def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     result = LMHead(model, base, head.weight, bias, None if softcap is None else float(softcap))
     if not probe:
         return result
+    weight, bias = head_weight_and_bias(head)  # a LoRA head: its effective weight
 
     # The probe: one 8-token forward with full logits, once at load time.
     was_training = model.training
@@ -85,10 +149,10 @@ def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         h = result.hidden(ids, mask).float()
-        got = reference.softcap(h @ head.weight.float().T + (0 if bias is None else bias.float()),
+        got = reference.softcap(h @ weight.float().T + (0 if bias is None else bias.float()),
                                 result.softcap)
     model.train(was_training)
-    tol = (1e-4 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, expected.abs().max())
+    tol = (1e-4 if weight.dtype == torch.float32 else 3e-2) * max(1.0, expected.abs().max())
     err = (expected - got).abs().max().item()
     if err > tol:
         raise ValueError(

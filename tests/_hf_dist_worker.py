@@ -1,6 +1,6 @@
 """One process of the 2-process CPU test (torchrun, gloo): `worker.py STUDENT TEACHER OUT`.
 
-1. DistillationTrainer, DDP, 2 sequences per process, one SGD step: rank 0 saves the parameters
+1. FusedKDTrainer, DDP, 2 sequences per process, one SGD step: rank 0 saves the parameters
    (the test compares them with one process stepping on all 4).
 2. fused_lm_loss with the student sharded by FSDP2 (`fully_shard`: decoder layers and root, the
    LM head a shard outside the forward): loss and full gradients against the full-logit reference
@@ -20,7 +20,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import TrainingArguments
 
-from fastkd.integrations.transformers import DistillationTrainer, fused_lm_loss, shifted_labels
+from fastkd.integrations.transformers import (
+    FusedKDTrainer,
+    fused_lm_loss,
+    model_inputs,
+    shifted_labels,
+)
 
 
 def ddp_step(student: Path, teacher: Path, out: Path) -> None:
@@ -28,9 +33,9 @@ def ddp_step(student: Path, teacher: Path, out: Path) -> None:
                              max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                              lr_scheduler_type="constant", report_to=[], save_strategy="no",
                              use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo")
-    trainer = DistillationTrainer(model=load(student), teacher_model=load(teacher), args=args,
-                                  train_dataset=sequences(LENGTHS), data_collator=collate,
-                                  distill_options=OPTIONS)
+    trainer = FusedKDTrainer(model=load(student), teacher_model=load(teacher), args=args,
+                             train_dataset=sequences(LENGTHS), data_collator=collate,
+                             distill_options=OPTIONS)
     assert isinstance(trainer.accelerator.num_processes, int)
     trainer.train()
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
@@ -49,8 +54,7 @@ def fsdp_loss(student: Path, teacher: Path, out: Path) -> None:
     batch = collate(sequences(LENGTHS))
     labels = shifted_labels(batch, OPTIONS.ignore_index)
     opts = dataclasses.replace(OPTIONS, reduction="sum")
-    loss, _ = fused_lm_loss(model, frozen, batch["input_ids"], batch["attention_mask"], labels,
-                            opts)
+    loss, _ = fused_lm_loss(model, frozen, model_inputs(batch), labels, opts)
     loss = loss / (labels != opts.ignore_index).sum()
     loss.backward()  # each rank the same batch: FSDP's averaged gradient is this batch's
     expected = reference_loss(plain, frozen, batch, opts)

@@ -1,8 +1,13 @@
 """Helpers for the Hugging Face integration tests: a tiny student/teacher Llama pair (saved and
-loaded back through from_pretrained), token batches of uneven lengths, and their collators."""
+loaded back through from_pretrained), token batches of uneven lengths, their collators, and a
+2-process torchrun launcher."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -64,7 +69,9 @@ def reference_loss(student, teacher, batch, opts, num_items=None) -> torch.Tenso
     shifted labels, summed and divided by num_items (default: the batch's counted tokens)."""
     from fastkd import reference
 
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # every model input of the batch, as in training (no KV cache: with one, transformers does
+    # not read packed sequences from position_ids)
+    kwargs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
     s = student(**kwargs).logits[:, :-1]
     with torch.no_grad():
         t = teacher(**kwargs).logits[:, :-1]
@@ -82,3 +89,25 @@ def _options():
 
 
 OPTIONS = _options()  # the trainers' default loss in these tests
+
+
+def torchrun_two(worker: Path, args: list[str], timeout: float) -> None:
+    """`worker args...` under torchrun, 2 CPU processes (gloo). The run has its own process group,
+    so a hang kills torchrun and both workers and fails the test; so do a non-zero exit and an
+    abort (SIGABRT, "terminate called")."""
+    import pytest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the 2-process run hung (killed after {timeout:g} s)")
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-4000:]

@@ -1,14 +1,12 @@
-"""DistillationTrainer (fastkd.integrations.transformers) on tiny local Llamas, on CPU: its loss and
-gradients against full-logit references, gradient accumulation and 2 processes against one big
-batch, and a dispatch probe showing no (N, V) logits are formed."""
+"""FusedKDTrainer (fastkd.integrations.transformers) on tiny local Llamas, on CPU: its loss and
+gradients against full-logit references (padding-free packed batches and a LoRA head included),
+gradient accumulation and 2 processes against one big batch, and a dispatch probe showing no
+(N, V) logits are formed."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,13 @@ from _hf_fixtures import (
     reference_loss,
     sequences,
     tiny_pair,
+    torchrun_two,
 )
-from transformers import TrainingArguments
+from transformers import DataCollatorWithFlattening, TrainingArguments
 
 import fastkd
-from fastkd.integrations.transformers import DistillationTrainer
+import fastkd.integrations.transformers as hf_integration
+from fastkd.integrations.transformers import FusedKDTrainer
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,17 @@ def models(tmp_path_factory):
     return tiny_pair(tmp_path_factory.mktemp("hf_models"))
 
 
-def make_trainer(models, tmp_path, student="student", rows=None, opts=None, **args):
+def make_trainer(models, tmp_path, student="student", rows=None, opts=None, model=None,
+                 trainer_kwargs=None, **args):
     defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                     max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                     lr_scheduler_type="constant", report_to=[], save_strategy="no",
                     use_cpu=True, seed=0, disable_tqdm=True)
     defaults.update(args)
-    return DistillationTrainer(
-        model=load(models[student]), teacher_model=load(models["teacher"]),
+    return FusedKDTrainer(
+        model=model or load(models[student]), teacher_model=load(models["teacher"]),
         args=TrainingArguments(**defaults), train_dataset=rows or sequences(LENGTHS),
-        data_collator=collate,
+        **{"data_collator": collate, **(trainer_kwargs or {})},
         distill_options=opts or OPTIONS)
 
 
@@ -139,24 +140,102 @@ def test_bad_arguments(models, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     student, teacher = load(models["student"]), load(models["teacher"])
     with pytest.raises(TypeError, match="teacher_model"):
-        DistillationTrainer(model=student, args=args)
+        FusedKDTrainer(model=student, args=args)
     with pytest.raises(TypeError, match="distill_options"):
-        DistillationTrainer(model=student, teacher_model=teacher, args=args,
+        FusedKDTrainer(model=student, teacher_model=teacher, args=args,
                             distill_options={"temperature": 2.0})
     with pytest.raises(ValueError, match="teacher_dtype"):
-        DistillationTrainer(model=student, teacher_model=teacher, args=args, teacher_dtype="fp8")
+        FusedKDTrainer(model=student, teacher_model=teacher, args=args, teacher_dtype="fp8")
     smooth = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="label_smoothing_factor"):
-        DistillationTrainer(model=student, teacher_model=teacher, args=smooth)
+        FusedKDTrainer(model=student, teacher_model=teacher, args=smooth)
     scaled = load(models["teacher"])
     scaled.config.logit_scale = 2.0  # a head that rescales logits: refused by fastkd.models.lm_head
     with pytest.raises(ValueError, match="logit_scale"):
-        DistillationTrainer(model=student, teacher_model=scaled, args=args)
-    bf16 = DistillationTrainer(model=student, teacher_model=str(models["teacher"]), args=args,
-                               teacher_dtype="bfloat16")
+        FusedKDTrainer(model=student, teacher_model=scaled, args=args)
+    bf16 = FusedKDTrainer(model=student, teacher_model=str(models["teacher"]), args=args,
+                          teacher_dtype="bfloat16")
     assert bf16.teacher_model.dtype == torch.bfloat16 and not bf16.teacher_model.training
     assert not any(p.requires_grad for p in bf16.teacher_model.parameters())
+
+
+def test_padding_free_packed_batch(models, tmp_path):
+    """DataCollatorWithFlattening packs the sequences into one row with position_ids and no
+    attention mask: both models get the position_ids, so each sequence attends to itself only.
+    The loss and gradients equal the full-logit reference on the same inputs, whose loss is that
+    of the sequences run one by one; without the position_ids (one causal row) it differs."""
+    trainer = make_trainer(models, tmp_path,
+                           trainer_kwargs={"data_collator": DataCollatorWithFlattening()})
+    batch = DataCollatorWithFlattening(return_tensors="pt")(sequences(LENGTHS))
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    model, opts = trainer.model, trainer.distill_options
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected = reference_loss(model, trainer.teacher_model, batch, opts)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        rows = [collate([row]) for row in sequences(LENGTHS)]
+        counts = [int((r["labels"][:, 1:] != -100).sum()) for r in rows]
+        one_by_one = sum(reference_loss(model, trainer.teacher_model, r, opts) * c
+                         for r, c in zip(rows, counts, strict=True)) / sum(counts)
+        unpacked = {k: v for k, v in batch.items() if k != "position_ids"}
+        wrong = reference_loss(model, trainer.teacher_model, unpacked, opts)
+    torch.testing.assert_close(expected.detach(), one_by_one, rtol=1e-6, atol=0)
+    assert abs(wrong.item() - expected.item()) > 1e-2 * expected.item()
+    trainer.train()  # the packed collator through the whole loop
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lora_head_trains_and_gradient_equals_full_logits(models, tmp_path):
+    """A PEFT LoRA adapter on lm_head (and q_proj): the fused loss reads the head's effective
+    weight W + s B A, so the adapters' gradients equal those of the PEFT model's full logits, and
+    one step moves the head's adapter. lora_dropout on the head is refused by name."""
+    from peft import LoraConfig, get_peft_model
+
+    def peft_student(dropout=0.0):
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                            target_modules=["q_proj", "lm_head"])
+        return get_peft_model(load(models["student"], dtype=torch.float64), config)
+
+    student = peft_student()
+    with torch.no_grad():  # B starts at 0 (then A gets no gradient): make both nonzero
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    trainer = make_trainer(models, tmp_path, model=student)
+    trainer.teacher_model.double()
+    batch = collate(sequences(LENGTHS))
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert any("lm_head.lora_B" in n for n in params)
+    grads = torch.autograd.grad(trainer.compute_loss(student, batch), list(params.values()))
+    expected = reference_loss(student, trainer.teacher_model, batch, trainer.distill_options)
+    for name, x, y in zip(params, grads, torch.autograd.grad(expected, list(params.values())),
+                          strict=True):
+        assert y.abs().max() > 0, name
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-12, msg=name)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    assert all((p - before[n]).abs().max() > 0 for n, p in params.items())
+    with pytest.raises(ValueError, match="lora_dropout"):
+        make_trainer(models, tmp_path, model=peft_student(dropout=0.1))
+
+
+def test_old_name_warns_once_and_compute_metrics_warns(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_integration, "_warned_old_name", False)
+    with pytest.warns(FutureWarning, match="FusedKDTrainer"):
+        from fastkd.integrations.transformers import DistillationTrainer
+    assert DistillationTrainer is FusedKDTrainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hf_integration.DistillationTrainer is FusedKDTrainer  # once only
+    with pytest.warns(UserWarning, match="never calls compute_metrics"):
+        make_trainer(models, tmp_path, trainer_kwargs={"compute_metrics": lambda p: {}})
 
 
 def test_two_processes_match_one(models, tmp_path):
@@ -164,21 +243,8 @@ def test_two_processes_match_one(models, tmp_path):
     the 1-process 4-sequence step; and the fused loss under FSDP2 (fully_shard) matches."""
     one = one_step_params(models, tmp_path / "one", per_device_train_batch_size=4)
     out = tmp_path / "two"
-    worker = Path(__file__).with_name("_hf_dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), str(models["student"]), str(models["teacher"]), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)  # its own process group: a hang kills torchrun and both workers
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process run hung (killed after 180 s)")
-    assert proc.returncode == 0, stderr[-4000:]
-    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-4000:]
+    torchrun_two(Path(__file__).with_name("_hf_dist_worker.py"),
+                 [str(models["student"]), str(models["teacher"]), str(out)], timeout=180)
     two = torch.load(out / "params.pt")
     for name, p in one.items():
         torch.testing.assert_close(two[name], p, rtol=1e-5, atol=1e-6, msg=name)

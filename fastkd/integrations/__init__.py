@@ -1,9 +1,11 @@
-"""fastkd inside the training loops people already use.
+"""fastkd inside the training loops people already use (docs/integrations.md).
 
-- `fastkd.integrations.transformers.DistillationTrainer`: a `transformers.Trainer` that distils a
+- `fastkd.integrations.transformers.FusedKDTrainer`: a `transformers.Trainer` that distils a
   teacher into the student through the fused loss (`pip install fastkd[hf]`).
-- `fastkd.integrations.trl.FusedGKDTrainer`: TRL's `GKDTrainer` (on-policy generation kept) with its
-  full-logit generalized JSD replaced by the fused loss (`pip install fastkd[trl]`).
+- `fastkd.integrations.trl` (`pip install fastkd[trl]`), TRL 1.16's trainers with their loss
+  replaced by the fused one, TRL's objective kept exactly: `FusedDistillationTrainer`
+  (`trl.DistillationTrainer`, on-policy), `FusedServerDistillationTrainer` (its served-teacher
+  variant, on the teacher's top-k log-probabilities) and `FusedGKDTrainer` (GKD).
 
 Nothing is imported here, so `import fastkd.integrations` needs neither accelerate nor TRL.
 """

@@ -1,24 +1,29 @@
-"""`DistillationTrainer`: a `transformers.Trainer` whose loss is fastkd's fused distillation loss.
+"""`FusedKDTrainer`: a `transformers.Trainer` whose loss is fastkd's fused distillation loss.
 
-    from fastkd.integrations.transformers import DistillationTrainer
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
-                                  train_dataset=ds,
-                                  distill_options=fastkd.DistillOptions(temperature=2.0))
+    from fastkd.integrations.transformers import FusedKDTrainer
+    trainer = FusedKDTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
+                             train_dataset=ds,
+                             distill_options=fastkd.DistillOptions(temperature=2.0))
     trainer.train()
 
+(`DistillationTrainer`, its former name, which clashed with `trl.DistillationTrainer`, still
+imports, with a FutureWarning.)
+
 How the loss gets the hidden states and the head weights without full logits, under any wrapper:
-the student's own forward runs, through whatever accelerate wrapped it in (DDP, FSDP, DeepSpeed),
-with its output layer's `forward` swapped for one that feeds the hidden states it receives
-(B, L, D) and the layer's own `weight`/`bias` *at that moment* to the fused loss, and returns an
-empty (B, L, 0) tensor, plus the loss (broadcast: still empty), as the logits. Inside the wrapped
-forward an FSDP- or ZeRO-3-sharded head weight is gathered (the wrapper unshards a layer for its
-forward), and the loss's backward reaches the weight through the same graph ordinary logits
-would. The empty logits depend on the loss, so DDP with find_unused_parameters (transformers'
-default) finds the head weight used when it walks the graph from the forward's outputs, and the
-returned loss adds their sum (exactly 0) so its backward runs through those outputs, where FSDP
-hangs its pre-backward hooks (unshard, the final reduce-scatter callback). The teacher
-runs the same way under no_grad, its output layer recording (hidden, weight, bias) — copied when
-the teacher is sharded, since the gathered weight is freed after its forward.
+the student's own forward runs, on every model input the batch holds (position_ids of a
+padding-free `DataCollatorWithFlattening` batch included), through whatever accelerate wrapped it
+in (DDP, FSDP, DeepSpeed), with its output layer's `forward` swapped for one that feeds the hidden
+states it receives (B, L, D) and the layer's effective weight/bias *at that moment*
+(`fastkd.models.head_weight_and_bias`: a LoRA adapter on the head included) to the fused loss, and
+returns an empty (B, L, 0) tensor, plus the loss (broadcast: still empty), as the logits. Inside
+the wrapped forward an FSDP- or ZeRO-3-sharded head weight is gathered (the wrapper unshards a
+layer for its forward), and the loss's backward reaches the weight through the same graph ordinary
+logits would. The empty logits depend on the loss, so DDP with find_unused_parameters
+(transformers' default) finds the head weight used when it walks the graph from the forward's
+outputs, and the returned loss adds their sum (exactly 0) so its backward runs through those
+outputs, where FSDP hangs its pre-backward hooks (unshard, the final reduce-scatter callback). The
+teacher runs the same way under no_grad, its output layer recording (hidden, weight, bias) —
+copied when the teacher is sharded, since the gathered weight is freed after its forward.
 
 Normalisation: the per-token losses are summed (reduction="sum") and divided by the number of
 counted tokens in the whole optimizer step (all gradient-accumulation micro-batches, and all
@@ -31,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from fastkd.loss import distill
-from fastkd.models import from_pretrained, lm_head
+from fastkd.models import from_pretrained, head_weight_and_bias, lm_head
 from fastkd.options import DistillOptions
 
 try:
@@ -49,7 +55,7 @@ except ImportError as err:  # transformers.Trainer needs accelerate
         "pip install fastkd[hf]"
     ) from err
 
-__all__ = ["DistillationTrainer", "fused_lm_loss", "output_layer", "shifted_labels"]
+__all__ = ["FusedKDTrainer", "fused_lm_loss", "model_inputs", "output_layer", "shifted_labels"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,11 +108,16 @@ def shifted_labels(inputs: dict, ignore_index: int) -> torch.Tensor:
     return labels[:, 1:]
 
 
+def model_inputs(inputs: dict) -> dict:
+    """What a batch gives the models' forward: every entry but the labels (the loss is fastkd's),
+    as `transformers.Trainer` passes them (input_ids, attention_mask, position_ids, ...)."""
+    return {k: v for k, v in inputs.items() if k != "labels"}
+
+
 def fused_lm_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    inputs: dict,
     labels: torch.Tensor,
     opts: DistillOptions,
     *,
@@ -117,47 +128,51 @@ def fused_lm_loss(
     """`fastkd.distill` of `student` against `teacher` on the next-token predictions of one batch,
     with no (N, V) logits formed outside the fused loss's chunks: returns (loss, student outputs).
 
-    input_ids, attention_mask (B, L); labels (B, L-1), already shifted (`shifted_labels`). The loss
-    is reduced as `opts.reduction` says (the trainers pass "sum" and divide by the counted tokens
-    themselves). The outputs' `logits` are empty, (B, L, 0). Both models may be wrapped (DDP, FSDP,
-    DeepSpeed): each runs its own forward (see the module docstring). copy_teacher_head=True
-    copies the teacher's head weight out of its forward (needed when the teacher is sharded).
-    Plain-torch equivalent (full logits): `fastkd.reference.token_losses(student(ids).logits[:,
-    :-1], teacher(ids).logits[:, :-1], labels, opts)` reduced over tokens whose label is counted.
+    inputs: the keyword arguments of both models' forward (`model_inputs(batch)`): input_ids (B, L)
+    and whatever else the batch holds (attention_mask, position_ids, ...), passed as they are (no
+    attention mask is made up: a padding-free batch relies on its position_ids). labels (B, L-1),
+    already shifted (`shifted_labels`). The loss is reduced as `opts.reduction` says (the trainers
+    pass "sum" and divide by the counted tokens themselves). The outputs' `logits` are empty,
+    (B, L, 0). Both models may be wrapped (DDP, FSDP, DeepSpeed): each runs its own forward (see
+    the module docstring). copy_teacher_head=True copies the teacher's head weight out of its
+    forward (needed when the teacher is sharded).
+    Plain-torch equivalent (full logits): `fastkd.reference.token_losses(student(**inputs).logits[:,
+    :-1], teacher(**inputs).logits[:, :-1], labels, opts)` reduced over tokens whose label is
+    counted.
     """
+    input_ids = inputs["input_ids"]
     expected = (input_ids.shape[0], input_ids.shape[1] - 1)
     if tuple(labels.shape) != expected:
         raise ValueError(f"labels must be shifted, shape {expected} for input_ids "
                          f"{tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    inputs = {**inputs, "use_cache": False}
     seen = []
 
     def teacher_head(head, hidden):
-        weight, bias = head.weight.detach(), getattr(head, "bias", None)
-        bias = None if bias is None else bias.detach()
+        weight, bias = head_weight_and_bias(head)
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
         if copy_teacher_head:  # sharded: the gathered weight is freed after the forward
             weight, bias = weight.clone(), None if bias is None else bias.clone()
         seen.append((hidden, weight, bias))
         return hidden[..., :0]
 
     with torch.no_grad(), _head_replaced(teacher, teacher_head):
-        teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        teacher(**inputs)
     _check_calls("teacher", seen, input_ids)
     h_t, w_t, b_t = seen.pop()
     h_t = h_t[:, :-1]
 
     def student_head(head, hidden):
-        loss = distill(hidden[:, :-1], head.weight, h_t, w_t, labels, opts,
-                       student_bias=getattr(head, "bias", None), teacher_bias=b_t,
-                       backend=backend, chunk_size=chunk_size)
+        weight, bias = head_weight_and_bias(head)  # differentiable: a LoRA head's A and B get dW
+        loss = distill(hidden[:, :-1], weight, h_t, w_t, labels, opts, student_bias=bias,
+                       teacher_bias=b_t, backend=backend, chunk_size=chunk_size)
         seen.append((hidden, loss))
         # Empty logits (B, L, 0) that depend on the loss: a wrapper that walks the graph from
         # the forward's outputs (DDP with find_unused_parameters, FSDP's hooks) finds the head.
         return hidden[..., :0] + loss.to(hidden.dtype)
 
     with _head_replaced(student, student_head):
-        outputs = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        outputs = student(**inputs)
     _check_calls("student", seen, input_ids)
     loss = seen.pop()[1]
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
@@ -176,7 +191,7 @@ def _check_calls(role: str, seen: list, input_ids: torch.Tensor) -> None:
                          f"{tuple(hidden.shape)}, expected ({tuple(input_ids.shape)}, D)")
 
 
-class DistillationTrainer(Trainer):
+class FusedKDTrainer(Trainer):
     """`transformers.Trainer` for distillation: the student (`model`) learns from `teacher_model`
     through fastkd's fused loss, per counted token
 
@@ -193,8 +208,14 @@ class DistillationTrainer(Trainer):
     torch.bfloat16, ...; None keeps its dtype). It is not wrapped by accelerate: each process holds
     the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
 
-    Evaluation reports the loss only (no logits are ever formed: `compute_metrics` gets none).
-    Label smoothing and `compute_loss_func` are refused (the loss is fastkd's).
+    Every input the collator gives (input_ids, attention_mask, position_ids, ...) goes to both
+    models' forward, as `transformers.Trainer` passes them, so padding-free packing
+    (`DataCollatorWithFlattening`) keeps its sequence boundaries. A LoRA adapter on the student's
+    output layer trains (`fastkd.models.head_weight_and_bias`).
+
+    Evaluation reports the loss only: no logits are ever formed, so a `compute_metrics` is never
+    called (a warning says so). Label smoothing and `compute_loss_func` are refused (the loss is
+    fastkd's).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the counted tokens of the whole step
@@ -204,7 +225,7 @@ class DistillationTrainer(Trainer):
                  teacher_dtype: torch.dtype | str | None = None, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
         if teacher_model is None:
-            raise TypeError("DistillationTrainer needs teacher_model (a causal LM, path or hub id)")
+            raise TypeError("FusedKDTrainer needs teacher_model (a causal LM, path or hub id)")
         opts = DistillOptions() if distill_options is None else distill_options
         if not isinstance(opts, DistillOptions):
             raise TypeError(f"distill_options must be a fastkd.DistillOptions, got "
@@ -223,6 +244,10 @@ class DistillationTrainer(Trainer):
                              "(set ce_weight/kd_weight in distill_options)")
         if self.compute_loss_func is not None:
             raise ValueError("compute_loss_func is not supported: the loss is fastkd's")
+        if self.compute_metrics is not None:
+            warnings.warn("FusedKDTrainer never calls compute_metrics: the fused loss forms no "
+                          "logits, so evaluation reports eval_loss only", UserWarning,
+                          stacklevel=2)
         # Our loss is already normalised over the step (get_batch_samples): with this set, older
         # transformers (no loss_is_scaled_for_ga) do not divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -259,9 +284,8 @@ class DistillationTrainer(Trainer):
         opts = self.distill_options
         labels = shifted_labels(inputs, opts.ignore_index)
         self.teacher_model.eval()
-        loss, outputs = fused_lm_loss(
-            model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"), labels,
-            opts, backend=self.backend, chunk_size=self.chunk_size)
+        loss, outputs = fused_lm_loss(model, self.teacher_model, model_inputs(inputs), labels, opts,
+                                      backend=self.backend, chunk_size=self.chunk_size)
         if num_items_in_batch is None or not model.training:
             loss = loss / (labels != opts.ignore_index).sum().clamp(min=1)
         else:
@@ -277,3 +301,19 @@ class DistillationTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+_warned_old_name = False
+
+
+def __getattr__(name: str):
+    # The former name, which clashed with trl.DistillationTrainer (a different signature)
+    global _warned_old_name
+    if name == "DistillationTrainer":
+        if not _warned_old_name:
+            _warned_old_name = True
+            warnings.warn("fastkd.integrations.transformers.DistillationTrainer is renamed "
+                          "FusedKDTrainer (the old name clashes with trl.DistillationTrainer); "
+                          "it will be removed", FutureWarning, stacklevel=2)
+        return FusedKDTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
