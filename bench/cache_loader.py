@@ -5,10 +5,10 @@ read and decoded in the training process, and in DataLoader workers that overlap
 
 The cache: top-64, compact, at V = 128256 (the teacher of bench/cache_size.py: a tiny Llama with a
 128256-row head, entropy 2.6 nats), 128-token sequences. The student: a tiny Llama with the same
-head (hidden 64). `CachedKDTrainer` (fastkd.integrations.cache) runs `--steps` steps of batch 4
-per setting after 3 warm-up steps; the step time is the mean over the timed steps, and the decode
-time is `CacheDataset` + `cache_collator` for one batch, alone. CPU only: the numbers say how long
-decoding takes beside a step, not what a GPU step costs.
+head (hidden 64). `FusedKDTrainer` from the cache (no teacher; fastkd.integrations.cache) runs
+`--steps` steps of batch 4 per setting after 3 warm-up steps; the step time is the mean over the
+timed steps, and the decode time is `CacheDataset` + `cache_collator` for one batch, alone. CPU
+only: the numbers say how long decoding takes beside a step, not what a GPU step costs.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     )
 
     from fastkd.cache import CachePlan, cache_teacher
-    from fastkd.integrations.cache import CacheDataset, CachedKDTrainer, cache_collator
+    from fastkd.integrations.cache import CacheDataset, cache_collator
+    from fastkd.integrations.transformers import FusedKDTrainer
     from fastkd.options import DistillOptions
 
     class StepTimes(TrainerCallback):
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
         results["decode_rows_per_s"] = whole.count_targets() / (time.perf_counter() - started)
         for workers in (0, 2):
             times = StepTimes()
-            trainer = CachedKDTrainer(
-                model=AutoModelForCausalLM.from_pretrained(root / "student"),
+            trainer = FusedKDTrainer(
+                model=AutoModelForCausalLM.from_pretrained(root / "student"), teacher_model=None,
                 args=TrainingArguments(output_dir=str(root / f"run{workers}"),
                                        per_device_train_batch_size=4,
                                        max_steps=args.steps + 3, learning_rate=1e-3,

@@ -543,12 +543,13 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
 
 
 def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
-    # CacheDataset + cache_collator + CachedKDTrainer: no teacher loaded; the loss is the sparse
-    # spec on the student's full logits; DataLoader workers read the same batches
+    # CacheDataset + cache_collator + FusedKDTrainer(teacher_model=None): no teacher; the sparse
+    # spec's loss on the student's full logits; DataLoader workers read the same batches
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from fastkd import reference
-    from fastkd.integrations.cache import CacheDataset, CachedKDTrainer, cache_collator
+    from fastkd.integrations.cache import CacheDataset, cache_collator
+    from fastkd.integrations.transformers import FusedKDTrainer
     from fastkd.options import DistillOptions
 
     train = CacheDataset(topk_cache, "train")
@@ -556,14 +557,14 @@ def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
         topk_cache).manifest["split"]["train"]
     opts = DistillOptions(temperature=TEMPERATURE, ce_weight=0.3, kd_weight=0.7)
 
-    def trainer(workers: int, out: str) -> CachedKDTrainer:
+    def trainer(workers: int, out: str) -> FusedKDTrainer:
         args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4,
                                  max_steps=2, learning_rate=1e-2, report_to=[],
                                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                                  dataloader_num_workers=workers)
-        return CachedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.student),
-                               args=args, train_dataset=train, data_collator=cache_collator,
-                               distill_options=opts)
+        return FusedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.student),
+                              teacher_model=None, args=args, train_dataset=train,
+                              data_collator=cache_collator, distill_options=opts)
 
     one = trainer(0, "w0")
     batch = cache_collator([train[i] for i in (0, 5, len(train) - 1)])
@@ -583,8 +584,8 @@ def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
     for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="the cache .* is 2.0"):
-        CachedKDTrainer(model=one.model, args=one.args, train_dataset=train,
-                        distill_options=DistillOptions(temperature=1.0))
+        FusedKDTrainer(model=one.model, teacher_model=None, args=one.args, train_dataset=train,
+                       distill_options=DistillOptions(temperature=1.0))
 
 
 def test_codec_and_block_fields_round_trip_at_the_edges():
