@@ -1,7 +1,7 @@
 """The teacher cache's size at Llama-3's vocabulary, before (the fixed layout, format /1) and after
 (the compact layout), and what the compact log-probabilities cost in KL.
 
-    python -m bench.cache_size            # writes bench/results/cache/cache_size.{json,md}
+    python bench/cache_size.py            # writes bench/results/cache/cache_size.{json,md}
 
 A tiny Llama with a 128256-row head over a 128256-word tokenizer (a WordLevel vocabulary built
 here with `tokenizers`), its head scaled so that its entropy is a real LM's (~2.6 nats at T = 1,
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     (out / "cache_size.json").write_text(json.dumps(results, indent=1))
     t = results["teacher"]
     lines = [
-        "# Teacher-cache size at V = 128256 (`python -m bench.cache_size`)", "",
+        "# Teacher-cache size at V = 128256 (`python bench/cache_size.py`)", "",
         f"A tiny Llama (hidden {args.hidden}) with a 128256-row head over a 128256-word "
         f"tokenizer, head scaled to an entropy of {t['entropy_nats']:.2f} nats at T = 1 "
         f"({t['distinct_in_32_draws']:.1f} distinct ids in 32 draws), over "

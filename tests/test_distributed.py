@@ -101,14 +101,12 @@ def torchrun(args: list[str], fault: str | None = None, timeout: float = 150.0,
     target = [str(TESTS / "_dist_launch.py")] if fault else ["-m", "fastkd"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *target, command, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     if fault:
         env["FASTKD_TEST_FAULT"] = fault
     started = time.perf_counter()
-    # fastkd is installed (editable); the repo root stays off sys.path (cwd tests/): its
-    # kernels/ folder would shadow the `kernels` package transformers imports
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=TESTS)
+                            env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
