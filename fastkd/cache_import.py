@@ -30,7 +30,6 @@ atomically and checked on a rerun, as `fastkd cache-teacher`'s: an interrupted i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch
 
 from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
 from fastkd.cache_format import DTYPES, FORMAT, LAYOUTS, Rows, plan_digest
-from fastkd.data import SPLIT_SEED, Blocks, split
+from fastkd.data import SPLIT_SEED, Blocks, json_lines, split
 
 MASS_SLACK = 1e-3  # maps whose probabilities add up to more: not log-probabilities
 
@@ -137,16 +136,9 @@ def read_records(paths: list[str], vocab: int) -> list[tuple[list[int], list]]:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"logprobs file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-                sequences.append(read_sequence(where, record, vocab))
+        text = Path(path).read_text(encoding="utf-8")
+        sequences += [read_sequence(where, record, vocab)
+                      for where, record in json_lines(Path(path), text)]
     if not sequences:
         raise ValueError(f"logprobs files {paths} hold no sequence")
     return sequences
