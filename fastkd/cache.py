@@ -1,23 +1,25 @@
-"""The teacher cache: run the teacher once over the data, keep k (id, log-probability) pairs per
-next-token position, and distil from that with no teacher in memory (`fastkd.sparse`).
+"""The teacher cache: run the teacher once over the data, keep per counted next-token position its
+top-k ids with their log-probabilities, or the ids drawn from it with their counts, and distil
+from that with no teacher in memory (`fastkd.sparse`). On disk: `fastkd.cache_format` (the
+compact rows: `fastkd.codec`); written by `fastkd cache-teacher` (`cache_teacher`) or imported
+from a server's log-probabilities (`fastkd.cache_import`).
 
-    CACHE_DIR/manifest.json              what the cache is (teacher, tokenizer hash, temperature,
-                                         mode, k, samples, seq_len, data files with sizes and
-                                         sha256, the held-out split, dtype) and its shards (file,
-                                         rows, sha256); rewritten atomically after every shard
-    CACHE_DIR/train-00000.safetensors    input_ids (n, L) int32, attention_mask (n, L) int8,
-    CACHE_DIR/heldout-00000.safetensors  ids (n, L-1, k) int32 (-1: unused slot), logprobs
-                                         (n, L-1, k) fp16/bf16 at temperature T; for chat and
-                                         prompt-completion data also counted (n, L) int8 (the
-                                         targets) and, packed, position_ids (n, L) int32
+The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.data`); a
+position counts when its label is not ignore_index (`Blocks.labels`): padding (and, for chat
+data, prompts) store nothing. Modes: "topk" keeps the k most likely ids of log softmax(t / T)
+over the tokenizer's ids (a padded head's extra rows are never cached: the dense loss compares
+the shared ids only); "sample" draws `samples` ids from softmax(t / T) (seeded per sequence: a
+resumed cache, or one written by more processes, equals an uninterrupted one) and keeps the
+distinct ones with their counts, log(count / samples) being an unbiased estimate of the teacher
+(use the sparse loss's tail="ignore"). Per batch the teacher's logits are formed for batch x (L-1)
+positions only, never for the whole data. A teacher that gives a non-finite logit at a counted
+position is refused, naming the sequence.
 
-The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.data`). Modes:
-"topk" keeps the k most likely ids and log softmax(t / T) there; "sample" draws `samples` ids
-from softmax(t / T) (seeded per sequence: a resumed cache equals an uninterrupted one) and keeps
-the distinct ones with log(count / samples), an unbiased estimate of the teacher (use the sparse
-loss's tail="ignore"). Per batch the teacher's logits are formed for batch x (L-1) positions only,
-never for the whole data. Shards are written to a temp file, fsynced and renamed; a run that
-finds a manifest resumes at the first shard it does not list.
+Under torchrun (WORLD_SIZE > 1) every rank loads the teacher and writes the shards j with
+j mod world = rank; shards are named by their sequence range, so a rerun with another number of
+processes resumes the same cache. A rerun (after Ctrl-C, kill -9 or a crash) keeps every shard
+already on disk that checks out (its own digest and the plan's) and writes the others; then, after
+a barrier, rank 0 writes the complete manifest.
 """
 
 from __future__ import annotations
@@ -34,19 +36,28 @@ from pathlib import Path
 import torch
 
 from fastkd import reference
+from fastkd.cache_format import (
+    DTYPES,
+    FORMAT,
+    LAYOUTS,
+    SPLITS,
+    CacheReader,
+    ManifestCorrupt,
+    Rows,
+    check_shard,
+    counted_positions,
+    plan_digest,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from fastkd.data import SPLIT_SEED, UTF8_ERRORS, Blocks, check_packing, load_blocks
-from fastkd.fsio import atomic_write as _atomic_write
 from fastkd.fsio import sha256_file
 
 log = logging.getLogger("fastkd")
 
-FORMAT = "fastkd-teacher-cache/1"
 MODES = ("topk", "sample")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-SPLITS = ("train", "heldout")
-# the manifest fields a run must agree with, besides the tokenizer and data fingerprints
-PLAN_FIELDS = ("teacher", "temperature", "mode", "k", "samples", "seq_len", "eval_fraction",
-               "dtype", "seed", "shard_sequences")
 
 
 # ---- the targets: top-k and sampled, from one chunk of teacher logits ------------------------
@@ -63,29 +74,34 @@ def topk_targets(logits: torch.Tensor, temperature: float, k: int):
     return ids.int(), values
 
 
+def sample_counts(logits: torch.Tensor, temperature: float, samples: int, seed: int):
+    """(ids int64, counts int64), both (rows, samples), and n (rows,): `samples` draws per row
+    from softmax(logits / T) with a generator seeded by `seed`; the distinct ids drawn (in the
+    first n slots, by id) with their counts, the other slots -1 / 0."""
+    probs = torch.softmax(logits.float() / temperature, -1)
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
+    draws = torch.multinomial(probs, samples, replacement=True, generator=gen).sort(-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = torch.cumsum(new, -1) - 1
+    counts = torch.zeros_like(draws).scatter_add_(-1, group, torch.ones_like(draws))
+    ids = torch.full_like(draws, -1).scatter_(-1, group, draws)
+    return ids, counts, new.sum(-1)
+
+
 def sample_targets(logits: torch.Tensor, temperature: float, samples: int, k: int, seed: int):
-    """(ids int32, logprobs fp32), both (rows, k): `samples` draws per row from softmax(logits / T)
-    with a generator seeded by `seed`; the distinct ids drawn with log(count / samples), the rest
-    of the k >= samples slots unused (-1). E[count / samples] = p: the sparse loss's "ignore" tail
-    then has the dense forward-KL gradient as its expectation."""
+    """(ids int32, logprobs fp32), both (rows, k): `sample_counts` as the sparse loss takes them,
+    log(count / samples) at the distinct ids drawn, the other slots unused (-1). E[count /
+    samples] = p: the sparse loss's "ignore" tail then has the dense forward-KL gradient as its
+    expectation."""
     if samples > k:
         raise ValueError(f"samples ({samples}) must be <= k ({k}): every distinct id drawn needs "
                          "a slot")
-    probs = torch.softmax(logits.float() / temperature, -1)
-    gen = torch.Generator(device=logits.device).manual_seed(seed)
-    draws = torch.multinomial(probs, samples, replacement=True, generator=gen)
-    ones = torch.ones_like(draws, dtype=probs.dtype)
-    counts = torch.zeros_like(probs).scatter_add_(-1, draws, ones)
-    top, ids = counts.topk(min(k, counts.shape[-1]), -1)
-    drawn = top > 0
-    if ids.shape[-1] < k:
-        pad = k - ids.shape[-1]
-        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], -1)
-        top = torch.cat([top, top.new_zeros(top.shape[0], pad)], -1)
-        drawn = top > 0
-    ids = torch.where(drawn, ids, -1).int()
-    logprobs = torch.where(drawn, (top / samples).log(), 0.0)
-    return ids, logprobs
+    ids, counts, _ = sample_counts(logits, temperature, samples, seed)
+    logprobs = torch.where(counts > 0, (counts.float() / samples).log(), 0.0)
+    pad = k - samples
+    return (torch.nn.functional.pad(ids, (0, pad), value=-1).int(),
+            torch.nn.functional.pad(logprobs, (0, pad)))
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
@@ -111,17 +127,34 @@ def data_fingerprint(paths: list[str]) -> list[dict]:
     return out
 
 
-# ---- writing -----------------------------------------------------------------------------------
+def model_fingerprint(source: str) -> dict:
+    """What identifies a model without reading all of it: for a local directory the sha256 of its
+    config.json and, per weight file, its size and the sha256 of its first and last MiB (the
+    safetensors header and the first and last tensors); for a hub id, the id."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return {"hub_id": source}
+    config = path / "config.json"
+    weights = []
+    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
+        size = file.stat().st_size
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+        weights.append([file.name, size, h.hexdigest()])
+    return {"config_sha256": sha256_file(config) if config.is_file() else None,
+            "weights": weights}
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write(out / "manifest.json",
-                  lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+def hash_seed(seed: int, sequence: int) -> int:
+    """A 63-bit seed per (run seed, sequence index)."""
+    digest = hashlib.sha256(f"fastkd-cache:{seed}:{sequence}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
-def bytes_per_token(k: int, dtype: str) -> int:
-    """Cache bytes per next-token position: k int32 ids + k log-probabilities (+ ~5 B of input)."""
-    return k * (4 + DTYPES[dtype].itemsize) + 5
+# ---- the plan ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -139,11 +172,14 @@ class CachePlan:
     batch_size: int = 8
     tokenizer: str | None = None  # default: the teacher's
     eval_fraction: float = 0.05
-    dtype: str = "float16"
+    layout: str = "compact"  # or "fixed": k int32 ids + k float16/bfloat16 a position (format /1)
+    logprob_step: float = 0.125  # compact top-k: the log-probability grid, nats
+    dtype: str = "float16"  # fixed layout: the stored log-probabilities
     seed: int = 0
     shard_sequences: int = 1024
     device: str | None = None
     teacher_dtype: str = "auto"
+    dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
     progress: bool = True
     packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
     utf8_errors: str = "strict"
@@ -172,101 +208,137 @@ class CachePlan:
         self.temperature = float(self.temperature)
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if not (isinstance(self.logprob_step, (int, float))
+                and 2.0 ** -12 <= self.logprob_step <= 1.0):
+            raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got "
+                             f"{self.logprob_step!r}")
+        self.logprob_step = float(self.logprob_step)
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.utf8_errors not in UTF8_ERRORS:
             raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
                              f"{self.utf8_errors!r}")
 
 
-def _targets(plan: CachePlan, logits: torch.Tensor, seed: int):
-    if plan.mode == "topk":
-        return topk_targets(logits, plan.temperature, plan.k)
-    return sample_targets(logits, plan.temperature, plan.samples, plan.k, seed)
-
-
-@torch.no_grad()
-def _shard(plan: CachePlan, teacher, blocks: Blocks, first_seq: int, device) -> dict:
-    """The cached tensors of some packed sequences; sequence i's samples are seeded by
-    (plan.seed, first_seq + i), so any shard can be recomputed alone, identically."""
-    n, seq_len = blocks.input_ids.shape
-    ids = torch.empty(n, seq_len - 1, plan.k, dtype=torch.int32)
-    logprobs = torch.empty(n, seq_len - 1, plan.k, dtype=DTYPES[plan.dtype])
-    for b0 in range(0, n, plan.batch_size):
-        b1 = min(b0 + plan.batch_size, n)
-        h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
-        logits = torch.nn.functional.linear(h, teacher.weight, teacher.bias)  # (b, L-1, V)
-        logits = reference.softcap(logits.float(), teacher.softcap)
-        for i in range(b1 - b0):  # per sequence: its own sampling seed
-            seed = hash_seed(plan.seed, first_seq + b0 + i)
-            seq_ids, seq_lp = _targets(plan, logits[i], seed)
-            ids[b0 + i] = seq_ids.cpu()
-            logprobs[b0 + i] = seq_lp.to(logprobs.dtype).cpu()
-        del logits
-    tensors = {"input_ids": blocks.input_ids.to(torch.int32).contiguous(),
-               "attention_mask": blocks.attention_mask.to(torch.int8).contiguous(),
-               "ids": ids, "logprobs": logprobs}
-    if blocks.counted is not None:
-        tensors["counted"] = blocks.counted.to(torch.int8).contiguous()
-    if blocks.position_ids is not None:
-        tensors["position_ids"] = blocks.position_ids.to(torch.int32).contiguous()
-    return tensors
-
-
-def hash_seed(seed: int, sequence: int) -> int:
-    """A 63-bit seed per (run seed, sequence index)."""
-    digest = hashlib.sha256(f"fastkd-cache:{seed}:{sequence}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:
-    return {
-        "format": FORMAT, "teacher": plan.teacher, "tokenizer": tokenizer_fingerprint(tokenizer),
+def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:
+    """The manifest of a new cache (no shards yet): what a resumed run must agree with."""
+    vocab = len(tokenizer)
+    compact = plan.layout == "compact"
+    manifest = {
+        "format": FORMAT, "teacher": plan.teacher,
+        "teacher_fingerprint": model_fingerprint(plan.teacher),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "vocab": vocab,
         "temperature": plan.temperature, "mode": plan.mode, "k": plan.k, "samples": plan.samples,
-        "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction, "dtype": plan.dtype,
+        "slots": min(plan.k if plan.mode == "topk" or not compact else plan.samples, vocab),
+        "layout": plan.layout,
+        "logprob_step": plan.logprob_step if compact and plan.mode == "topk" else None,
+        "dtype": None if compact else plan.dtype,
+        "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction,
         "seed": plan.seed, "shard_sequences": plan.shard_sequences, "packing": plan.packing,
         "utf8_errors": plan.utf8_errors, "data": data_fingerprint(plan.data),
         "split": {"seed": SPLIT_SEED, "train": len(train), "heldout": len(heldout)},
         "shards": [], "complete": False,
     }
+    manifest["plan_sha256"] = plan_digest(manifest)
+    return manifest
+
+
+# ---- computing a shard -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: int, offset: int,
+                 vocab: int, device) -> Rows:
+    """The targets of the counted positions of some packed sequences (split sequences first,
+    first + 1, ...). The logits are the head's first `vocab` rows (the tokenizer's ids). Sequence
+    i's draws are seeded by (plan.seed, offset + first + i), so any shard can be recomputed alone,
+    identically."""
+    counted = counted_positions(blocks)
+    weight = teacher.weight[:vocab]
+    bias = None if teacher.bias is None else teacher.bias[:vocab]
+    ids, values, n = [], [], []
+    for b0 in range(0, len(blocks), plan.batch_size):
+        b1 = min(b0 + plan.batch_size, len(blocks))
+        h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
+        logits = reference.softcap(torch.nn.functional.linear(h, weight, bias).float(),
+                                   teacher.softcap)
+        for i in range(b1 - b0):
+            rows = logits[i][counted[b0 + i].to(device)]
+            finite = torch.isfinite(rows).all(-1)
+            if not bool(finite.all()):
+                position = int(torch.nonzero(counted[b0 + i])[int((~finite).nonzero()[0])])
+                raise ValueError(
+                    f"teacher {plan.teacher} gives non-finite logits (NaN or inf) on {split} "
+                    f"sequence {first + b0 + i}, position {position}: refusing to cache them; "
+                    "check the teacher (its dtype: --teacher-dtype float32) and the data")
+            if plan.mode == "topk":
+                row_ids, row_values = topk_targets(rows, plan.temperature, plan.k)
+                row_n = torch.full((len(rows),), min(plan.k, vocab))
+            else:
+                seed = hash_seed(plan.seed, offset + first + b0 + i)
+                row_ids, row_values, row_n = sample_counts(rows, plan.temperature,
+                                                           plan.samples, seed)
+            ids.append(row_ids.long().cpu())
+            values.append(row_values.cpu())
+            n.append(row_n.cpu())
+        del logits
+    width = min(plan.k if plan.mode == "topk" else plan.samples, vocab)
+    if not ids:
+        return Rows(torch.empty(0, width, dtype=torch.long), torch.empty(0, width),
+                    torch.empty(0, dtype=torch.long))
+    return Rows(torch.cat(ids)[:, :width], torch.cat(values)[:, :width], torch.cat(n))
+
+
+# ---- writing (and resuming) a cache, on one or several processes -------------------------------
+
+
+def _all_ranks(local):
+    """Every rank's `local` (a picklable value), in rank order."""
+    from fastkd import distributed  # (it imports the trainer's modules, which import this)
+
+    if not distributed.is_distributed():
+        return [local]
+    import torch.distributed as dist
+
+    gathered = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
 
 
 def cache_teacher(plan: CachePlan) -> dict:
-    """Write (or resume) the teacher cache of `plan` under plan.out; returns the manifest."""
-    from tqdm import tqdm
+    """Write (or resume) the teacher cache of `plan` under plan.out; returns the manifest.
 
-    from fastkd.models import check_vocab, load_lm, load_tokenizer
+    Under torchrun every rank calls this: it joins the process group, writes its shards, and
+    leaves the group (barrier, then destroy) before returning."""
+    from fastkd import distributed
 
-    out = Path(plan.out)
+    device = distributed.init(plan.device, plan.dist_timeout)
+    if device is None:
+        device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        manifest = _cache_teacher(plan, device)
+    except BaseException:
+        distributed.teardown(clean=False)
+        raise
+    distributed.teardown(clean=True)
+    return manifest
+
+
+def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
+    from fastkd.models import load_tokenizer
+
     tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
     train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction,
                                  packing=plan.packing, utf8_errors=plan.utf8_errors)
-    manifest = _plan_manifest(plan, tokenizer, train, heldout)
-    path = out / "manifest.json"
-    if path.is_file():  # resume: the same plan, and the shards it lists
-        found = json.loads(path.read_text())
-        differing = [key for key in manifest if key not in ("shards", "complete")
-                     and found.get(key) != manifest[key]]
-        if differing:
-            raise ValueError(f"out: {out} holds a different teacher cache (it differs in "
-                             f"{differing}); choose another directory")
-        manifest["shards"] = [s for s in found["shards"] if (out / s["file"]).is_file()]
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()
-    done = {s["file"] for s in manifest["shards"]}
-    todo = []
-    offset = 0
-    for split_name, blocks in (("train", train), ("heldout", heldout)):
-        for i, s0 in enumerate(range(0, len(blocks), plan.shard_sequences)):
-            s1 = min(s0 + plan.shard_sequences, len(blocks))
-            name = f"{split_name}-{i:05d}.safetensors"
-            if name not in done:
-                todo.append((split_name, name, blocks.select(torch.arange(s0, s1)), offset + s0))
-        offset += len(blocks)
-    total = len(train) + len(heldout)
-    if todo:
-        device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    manifest = plan_manifest(plan, tokenizer, train, heldout)
+
+    def teacher_shards():  # only once a shard is to be written: the teacher
+        from fastkd.models import check_vocab, load_lm
+
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}.get(
             plan.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -275,98 +347,133 @@ def cache_teacher(plan: CachePlan) -> dict:
         check_vocab(tokenizer, teacher, "teacher")
         if train.position_ids is not None:  # packed examples
             check_packing(teacher.model, "teacher")
-        _write_manifest(out, manifest)
-        from safetensors.torch import save_file
+        return lambda split, first, blocks, offset: teacher_rows(
+            plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
 
-        bar = tqdm(total=total, initial=total - sum(len(t[2]) for t in todo), unit="seq",
-                   desc="cache-teacher", disable=not plan.progress, dynamic_ncols=True)
-        for split_name, name, blocks, first in todo:
-            tensors = _shard(plan, teacher, blocks, first, device)
-            _atomic_write(out / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
-            manifest["shards"].append({"file": name, "split": split_name, "rows": len(blocks),
-                                       "first": first, "sha256": sha256_file(out / name)})
-            manifest["shards"].sort(key=lambda s: (SPLITS.index(s["split"]), s["first"]))
-            _write_manifest(out, manifest)
-            bar.update(len(blocks))
-        bar.close()
-    manifest["complete"] = True
-    manifest["bytes"] = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
-    _write_manifest(out, manifest)
+    return build_cache(Path(plan.out), manifest, {"train": train, "heldout": heldout},
+                       plan.shard_sequences, teacher_shards, plan.progress, "cache-teacher")
+
+
+def build_cache(out: Path, manifest: dict, splits: dict[str, Blocks], shard_sequences: int,
+                shard_rows, progress: bool, desc: str) -> dict:
+    """Write (or resume) the cache `manifest` describes under `out`, on every rank: each rank
+    checks or writes the shards j with j mod world = rank, then rank 0 writes the complete
+    manifest. shard_rows() -> rows(split, first, blocks, offset) -> Rows is called only when a
+    shard is to be written (offset: the split's first sequence in the whole data)."""
+    from fastkd import distributed
+
+    found = check_resume(out, manifest)
+    distributed.barrier()  # every rank has read the old manifest before rank 0 rewrites it
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # an interrupted write (the shard is redone)
+            stale.unlink()
+        write_manifest(out, dict(manifest))  # incomplete until every shard is checked
+    distributed.barrier()
+    jobs, offset = [], 0
+    for split in SPLITS:
+        for s0 in range(0, len(splits[split]), shard_sequences):
+            jobs.append((split, s0, min(s0 + shard_sequences, len(splits[split])), offset))
+        offset += len(splits[split])
+    mine = jobs[distributed.rank()::distributed.world_size()]
+    entries, error = [], None
+    try:
+        entries = _fill_shards(out, manifest, found, mine, splits, shard_rows, progress, desc)
+    except ValueError as err:  # bad input on this rank: every rank raises it, below
+        error = str(err)
+    results = _all_ranks((entries, error))
+    errors = [e for _, e in results if e is not None]
+    if errors:
+        raise ValueError(errors[0])
+    shards = sorted((e for got, _ in results for e in got),
+                    key=lambda e: (SPLITS.index(e["split"]), e["first"]))
+    manifest.update(shards=shards, complete=True,
+                    positions=sum(e["positions"] for e in shards),
+                    max_id=max((e["max_id"] for e in shards), default=-1),
+                    bytes=sum(e["bytes"] for e in shards))
+    if distributed.is_main():
+        write_manifest(out, manifest)
     return manifest
+
+
+def check_resume(out: Path, manifest: dict) -> dict:
+    """The shards of a cache already in `out` made by the same plan (file -> entry), {} for a new
+    one; a different cache there is refused."""
+    if not (out / "manifest.json").is_file():
+        return {}
+    try:
+        found, version = read_manifest(out)
+    except ManifestCorrupt as err:  # fastkd writes it atomically: damaged since; every shard
+        log.warning("%s; rechecking the shards one by one", err)  # is rechecked
+        return {}
+    if version < 2:
+        raise ValueError(f"out: {out} holds a cache of format {found.get('format')}; choose "
+                         "another directory (old caches still read, but are not extended)")
+    differing = [key for key in manifest if key not in ("shards", "complete", "plan_sha256")
+                 and found.get(key) != manifest[key]]
+    if differing:
+        raise ValueError(f"out: {out} holds a different teacher cache (it differs in "
+                         f"{differing}); choose another directory")
+    return {e["file"]: e for e in found.get("shards", [])}
+
+
+def _fill_shards(out, manifest, found, jobs, splits, shard_rows, progress, desc) -> list:
+    """This rank's shards: each one on disk checked (its digest, the plan's and, where the
+    manifest lists it, its sha256) and kept, or computed and written."""
+    from tqdm import tqdm
+
+    from fastkd import distributed
+
+    entries, todo = [], []
+    for job in jobs:
+        split, s0, s1, _ = job
+        path = out / shard_name(split, s0, s1)
+        entry = check_shard(path, manifest["plan_sha256"]) if path.is_file() else None
+        listed = found.get(path.name)
+        if entry is not None and (listed is None or listed["sha256"] == entry["sha256"]):
+            entries.append(entry)
+        else:
+            if path.is_file():
+                log.warning("%s: %s does not check out (truncated or corrupted): writing it "
+                            "again", desc, path)
+            todo.append(job)
+    if not todo:
+        return entries
+    rows_of = shard_rows()
+    bar = tqdm(total=sum(s1 - s0 for _, s0, s1, _ in todo), unit="seq", desc=desc,
+               disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+    for split, s0, s1, offset in todo:
+        blocks = splits[split].select(torch.arange(s0, s1))
+        rows = rows_of(split, s0, blocks, offset)
+        entries.append(write_shard(out, manifest, split, s0, blocks, rows, manifest["vocab"]))
+        bar.update(s1 - s0)
+    bar.close()
+    return entries
 
 
 # ---- reading -----------------------------------------------------------------------------------
 
 
-class TeacherCache:
-    """A complete cache, its shards checked (sha256) and memory-mapped (safetensors)."""
+class TeacherCache(CacheReader):
+    """A complete cache, checked when opened (`CacheReader`), as the trainer reads it."""
 
-    def __init__(self, directory: str | Path, verify: bool = True):
-        from safetensors import safe_open
-
-        self.dir = Path(directory)
-        path = self.dir / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher_cache: no manifest.json in {self.dir}")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"teacher_cache: {path} is not a {FORMAT} manifest")
-        if not self.manifest.get("complete"):
-            raise ValueError(f"teacher_cache: {self.dir} is incomplete (an interrupted "
-                             "cache-teacher run): run the same command again to finish it")
-        self.splits: dict[str, list] = {name: [] for name in SPLITS}
-        for shard in self.manifest["shards"]:
-            file = self.dir / shard["file"]
-            if not file.is_file():
-                raise ValueError(f"teacher_cache: shard {file} is missing")
-            if verify and sha256_file(file) != shard["sha256"]:
-                raise ValueError(f"teacher_cache: shard {file} is corrupted (its sha256 differs "
-                                 "from the manifest's); rerun cache-teacher after deleting it")
-            try:
-                handle = safe_open(str(file), framework="pt")
-                rows = handle.get_slice("ids").get_shape()[0]
-            except Exception as err:  # safetensors raises its own error types for bad headers
-                raise ValueError(f"teacher_cache: shard {file} is unreadable ({err})") from err
-            if rows != shard["rows"]:
-                raise ValueError(f"teacher_cache: shard {file} holds {rows} rows, the manifest "
-                                 f"says {shard['rows']}")
-            self.splits[shard["split"]].append(handle)
-        split = self.manifest["split"]
-        for name in SPLITS:
-            rows = sum(h.get_slice("ids").get_shape()[0] for h in self.splits[name])
-            if rows != split[name]:
-                raise ValueError(f"teacher_cache: the {name} shards hold {rows} sequences, the "
-                                 f"manifest's split says {split[name]}")
+    tail: str | None = None  # the sparse loss's tail a run trains with (open_for_run sets it)
 
     @property
     def k(self) -> int:
         return self.manifest["k"]
 
-    def _rows(self, split: str, name: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of tensor `name` over the split's shards (read from the memory map)."""
-        out = []
-        starts, start = [], 0
-        for handle in self.splits[split]:
-            starts.append(start)
-            start += handle.get_slice(name).get_shape()[0]
-        for i in index.tolist():
-            shard = max(j for j, s in enumerate(starts) if s <= i)
-            local = i - starts[shard]
-            out.append(self.splits[split][shard].get_slice(name)[local:local + 1])
-        return torch.cat(out)
-
     def blocks(self, split: str) -> CachedBlocks:
         """The split's packed sequences, carrying the rows' cached targets."""
-        n = self.manifest["split"][split]
-        index = torch.arange(n)
-        input_ids = self._rows(split, "input_ids", index).long() if n else torch.empty(0, 0)
-        mask = self._rows(split, "attention_mask", index).long() if n else torch.empty(0, 0)
-        stored = set(self.splits[split][0].keys()) if n else set()
-        counted = self._rows(split, "counted", index).bool() if "counted" in stored else None
-        positions = (self._rows(split, "position_ids", index).long()
-                     if "position_ids" in stored else None)
-        return CachedBlocks(input_ids, mask, CacheRows(self, split, index), counted=counted,
-                            position_ids=positions)
+        stored = self.split_blocks(split)  # every split holds >= 1 sequence (fastkd.data)
+        rows = CacheRows(self, split, torch.arange(self.manifest["split"][split]),
+                         counted_positions(Blocks(**stored)))
+        return CachedBlocks(**stored, targets=rows)
+
+    def bytes_per_position(self) -> float | None:
+        """Every byte in the cache directory over the counted positions."""
+        positions = self.positions
+        return self.disk_bytes() / positions if positions else None
 
     def check_run(self, tokenizer, seq_len: int, temperature: float, eval_fraction: float,
                   data: list[str] | None) -> None:
@@ -378,7 +485,7 @@ class TeacherCache:
             raise ValueError(f"teacher_cache: the run's tokenizer ({mine['size']} tokens, sha256 "
                              f"{mine['sha256'][:12]}) differs from the cache's "
                              f"({m['tokenizer']['size']} tokens, sha256 "
-                             f"{m['tokenizer']['sha256'][:12]})")
+                             f"{m['tokenizer']['sha256'][:12]}) ({self.dir})")
         for name, value in (("seq_len", seq_len), ("temperature", float(temperature)),
                             ("eval_fraction", eval_fraction)):
             if value != m[name]:
@@ -390,7 +497,35 @@ class TeacherCache:
             given = [(d["bytes"], d["sha256"]) for d in data_fingerprint(data)]
             if cached != given:
                 raise ValueError(f"teacher_cache: the run's data files {data} differ from the "
-                                 f"cache's {[d['path'] for d in m['data']]} (sizes or sha256)")
+                                 f"cache's {[d['path'] for d in m['data']]} (sizes or sha256; "
+                                 f"{self.dir})")
+
+    def check_student(self, student: str, rows: int | None = None) -> None:
+        """Refuse a student whose output layer has fewer rows than the cache's largest id + 1
+        (rows: the student's, else read from its config)."""
+        if rows is None:
+            from transformers import AutoConfig
+
+            from fastkd.models import from_pretrained
+
+            config = from_pretrained(AutoConfig, student, "student")
+            rows = config.get_text_config().vocab_size
+        if self.max_id is not None and self.max_id >= rows:
+            raise ValueError(f"teacher_cache: {self.dir} holds teacher ids up to {self.max_id}, "
+                             f"but the student {student} has only {rows} output rows; the cache "
+                             "and the student do not share a vocabulary")
+
+    def check_teacher(self, teacher: str) -> None:
+        """A run that names a teacher besides the cache: it must be the cache's own teacher."""
+        m = self.manifest
+        same = (model_fingerprint(teacher) == m["teacher_fingerprint"]
+                if "teacher_fingerprint" in m else
+                Path(teacher).expanduser().resolve() == Path(m["teacher"]).expanduser().resolve())
+        if not same:
+            raise ValueError(f"teacher_cache: {self.dir} was made from the teacher "
+                             f"{m['teacher']}, not from --teacher {teacher} (their config or "
+                             "weight files differ); drop --teacher to train from the cache, or "
+                             "build a cache of that teacher")
 
 
 @dataclass
@@ -400,13 +535,13 @@ class CacheRows:
     cache: TeacherCache
     split: str
     index: torch.Tensor
+    counted: torch.Tensor  # (rows, L-1): the positions that carry targets
 
     def select(self, index: torch.Tensor) -> CacheRows:
-        return CacheRows(self.cache, self.split, self.index[index])
+        return CacheRows(self.cache, self.split, self.index[index], self.counted[index])
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.cache._rows(self.split, "ids", self.index),
-                self.cache._rows(self.split, "logprobs", self.index))
+        return self.cache.targets(self.split, self.index, self.counted)
 
 
 @dataclass
@@ -424,11 +559,15 @@ class CachedBlocks(Blocks):
 
 def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, TeacherCache]:
     """(train, held-out, cache) of a `DistillConfig` with teacher_cache: checked against the
-    run's tokenizer, seq_len, temperature, held-out fraction and data; the tail chosen
-    (config.cache_tail, else "ignore" for sampled caches, "bucket" for top-k ones)."""
+    run's tokenizer, seq_len, temperature, held-out fraction, data, student (the cache's largest
+    id) and teacher (if named: the cache's own); the tail chosen (config.cache_tail, else
+    "ignore" for sampled caches, "bucket" for top-k ones)."""
     cache = TeacherCache(config.teacher_cache)
     cache.check_run(tokenizer, config.seq_len, config.temperature, config.eval_fraction,
                     config.data)
+    cache.check_student(config.student)
+    if config.teacher is not None:
+        cache.check_teacher(config.teacher)
     cache.tail = config.cache_tail or ("ignore" if cache.manifest["mode"] == "sample"
                                        else "bucket")
     if cache.tail not in reference.SPARSE_TAILS:

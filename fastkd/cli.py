@@ -1,5 +1,5 @@
-"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo` and
-`fastkd cache-teacher`.
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, and the
+teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`.
 
 Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
 number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
@@ -7,7 +7,8 @@ data or files.
 
 Nothing here imports torch or transformers before the arguments are parsed: `--help` and
 argument errors answer at once. Every option's default comes from the dataclass field it sets
-(DistillConfig for distill, fastkd.cache.CachePlan for cache-teacher), and --help prints it.
+(DistillConfig for distill, fastkd.cache.CachePlan for cache-teacher, fastkd.cache_import.ImportPlan
+for cache-import), and --help prints it.
 """
 
 from __future__ import annotations
@@ -200,9 +201,11 @@ def _cache_parser(sub) -> None:
                               "targets (for `fastkd distill --teacher-cache`)",
         formatter_class=_Help,
         description="Tokenizes and packs --data as `fastkd distill` does, runs --teacher over it "
-                    "and writes k (id, log-probability) pairs per position at temperature T as "
-                    "safetensors shards plus manifest.json. Rerunning resumes an interrupted "
-                    "cache at its first missing shard.")
+                    "and writes, per counted position, its top-k ids with their log-probabilities "
+                    "at temperature T (or the ids drawn from it, with their counts) as safetensors "
+                    "shards plus manifest.json (docs/offline.md). Rerunning resumes an "
+                    "interrupted cache and rechecks a finished one. Under `torchrun "
+                    "--nproc-per-node N -m fastkd cache-teacher` the ranks split the shards.")
 
     def option(flag: str, help: str, **kwargs) -> None:
         _option(p, flag, help, defaults=_cache_defaults, **kwargs)
@@ -225,31 +228,81 @@ def _cache_parser(sub) -> None:
            type=float)
     option("--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
     option("--batch-size", "sequences per teacher forward", type=int)
-    option("--device", "torch device (default: cuda if available, else cpu)")
+    option("--device", "torch device (default: cuda if available, else cpu; under torchrun: "
+           "cuda or cpu, no index)")
     option("--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
            choices=TEACHER_DTYPES)
-    option("--dtype", "stored log-probabilities", choices=("float16", "bfloat16"))
-    option("--shard-sequences", "sequences per shard", type=int)
+    _store_options(option)
     option("--seed", "sampling seed", type=int)
+    option("--dist-timeout", "under torchrun: seconds a collective waits for the other ranks",
+           type=float)
+    option("--no-progress", "no progress bar", dest="progress", action="store_false")
+
+
+def _store_options(option) -> None:
+    """How a cache stores its targets (cache-teacher and cache-import)."""
+    option("--layout", "compact: a few bits an id and a log-probability, nothing stored for "
+           "positions that do not count; fixed: k int32 ids and k float16 values a position "
+           "(format /1's layout, ~6 bytes an id)", choices=("compact", "fixed"))
+    option("--logprob-step", "compact top-k: the log-probability grid, nats (each value within "
+           "about one step, KL to the exact top-k ~5e-4 nats at 1/8)", type=float)
+    option("--dtype", "fixed layout: the stored log-probabilities", choices=("float16", "bfloat16"))
+    option("--shard-sequences", "sequences per shard", type=int)
+
+
+def _import_defaults() -> dict:
+    """cache-import's defaults, ImportPlan's (imports fastkd.cache_import: torch)."""
+    from fastkd.cache_import import ImportPlan
+
+    return field_defaults(ImportPlan)
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache-import", help="turn an inference server's prompt log-probabilities (top-k maps "
+                             "id -> log-probability, vLLM style) into a teacher cache",
+        formatter_class=_Help,
+        description="Reads JSON Lines of {\"input_ids\": [...], \"prompt_logprobs\": [null, "
+                    "{id: logprob}, ...]} (docs/offline.md) and writes a teacher cache for "
+                    "`fastkd distill --teacher-cache` (with --data the same files). Rerunning "
+                    "resumes an interrupted import.")
+
+    def option(flag: str, help: str, **kwargs) -> None:
+        _option(p, flag, help, defaults=_import_defaults, **kwargs)
+
+    option("--logprobs", "JSON Lines files of input_ids and prompt_logprobs", nargs="+",
+           metavar="FILE", required=True)
+    option("--tokenizer", "the student's tokenizer (every id must lie in its vocabulary)",
+           metavar="DIR_OR_ID", required=True)
+    option("--out", "cache directory (rerun with the same --out to resume)", metavar="CACHE_DIR",
+           required=True)
+    option("--teacher", "what produced the log-probabilities (recorded)")
+    option("--temperature", "the temperature the log-probabilities are at (prompt_logprobs are "
+           "at 1); distillation runs at it", type=float)
+    option("--seq-len", "tokens per sequence (default: the longest)", type=int)
+    option("--eval-fraction", "fraction of the sequences held out", type=float)
+    _store_options(option)
     option("--no-progress", "no progress bar", dest="progress", action="store_false")
 
 
 def _run_cache(args) -> int:
-    from fastkd import fsio
-    from fastkd.cache import CachePlan, bytes_per_token, cache_teacher
+    from fastkd import distributed, fsio
+    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache_import import ImportPlan, import_logprobs
     from fastkd.models import check_model_source
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
-    plan = CachePlan(**{**_cache_defaults(), **given})
-    fsio.check_writable(plan.out, "out")  # before anything loads
-    check_model_source(plan.teacher, "teacher")
-    per_million = bytes_per_token(plan.k, plan.dtype) * 1e6 / 2**20
-    print(f"cache size: about {per_million:,.0f} MiB per million tokens "
-          f"(k={plan.k}, {plan.dtype} log-probabilities)")
-    manifest = cache_teacher(plan)
-    tokens = sum(s["rows"] for s in manifest["shards"]) * (plan.seq_len - 1)
-    print(f"cache: {args.out} ({manifest['bytes'] / 2**20:,.1f} MiB, {len(manifest['shards'])} "
-          f"shards, {tokens:,} positions)")
+    fsio.check_writable(given["out"], "out")  # before anything loads
+    if args.command == "cache-import":
+        manifest = import_logprobs(ImportPlan(**given))
+    else:
+        check_model_source(given["teacher"], "teacher")
+        manifest = cache_teacher(CachePlan(**{**_cache_defaults(), **given}))
+    if distributed.is_main():  # under torchrun, rank 0 speaks for all
+        cache = TeacherCache(args.out, verify=False)
+        print(f"cache: {args.out}: {cache.bytes_per_position():,.1f} bytes a counted position "
+              f"({manifest['positions']:,} positions, {cache.disk_bytes() / 2**20:,.1f} MiB in "
+              f"all, {len(manifest['shards'])} shards, {manifest['layout']} layout)")
     return 0
 
 
@@ -259,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _distill_parser(sub)
     _demo_parser(sub)
     _cache_parser(sub)
+    _import_parser(sub)
     return parser
 
 
@@ -319,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's bar
-        if args.command == "cache-teacher":
+        if args.command in ("cache-teacher", "cache-import"):
             return _run_cache(args)
         if args.command == "demo":
             from fastkd.demo import run_demo

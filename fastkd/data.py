@@ -108,16 +108,22 @@ def _decode(path: Path, raw: bytes, utf8_errors: str) -> str:
     return text
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[str, list[tuple]]:
-    fmt, records = None, []
+def json_lines(path: Path, text: str):
+    """("FILE:LINE", record) for each non-empty line of a JSON Lines text; a line that is not
+    JSON raises a ValueError naming the file and line."""
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[str, list[tuple]]:
+    fmt, records = None, []
+    for where, record in json_lines(path, text):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if fmt is None:

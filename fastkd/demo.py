@@ -7,11 +7,13 @@
    corpus, the plan and the fastkd version: a second run skips it, an interrupted one resumes it.
 4. Student: a smaller Llama distilled from the teacher; then the same student trained on hard
    labels with the same budget; then the report (teacher, distilled, hard-label, int8 distilled).
-5. `offline=True` (`fastkd demo --offline`): the teacher cached twice (`fastkd.cache`, top-k and
-   sampled, kept beside the teacher), the same student distilled from each cache with no teacher
-   in memory, and a section of the report that puts the online, top-k, sampled and hard-label
-   students side by side (held-out perplexity, KL to the teacher, wall time, peak memory, cache
-   size on disk). The offline students' budget, seed and loss are the online student's.
+5. `offline=True` (`fastkd demo --offline`): the teacher cached three times (`fastkd.cache`, kept
+   beside the teacher): top-k in the compact layout (the default) and in the fixed one (fp16,
+   format /1's: the near-exact reference), and sampled; the same student distilled from each
+   cache with no teacher in memory, and a section of the report that puts the online, top-k,
+   sampled and hard-label students side by side (held-out perplexity, KL to the teacher, wall
+   time, peak memory, cache bytes per counted position). The offline students' budget, seed and
+   loss are the online student's.
 """
 
 from __future__ import annotations
@@ -241,23 +243,26 @@ def _link_teacher(out: Path, teacher_dir: Path) -> Path:
     return link
 
 
-def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: str,
+def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: str, layout: str,
                    progress: bool) -> dict:
-    """The demo teacher's cache in `mode` (built once, kept beside the teacher): its directory,
-    size on disk, and the seconds its build took."""
-    from fastkd.cache import CachePlan, cache_teacher
+    """The demo teacher's cache in `mode` and `layout` (built once, kept beside the teacher): its
+    directory, size on disk (every file in it), bytes a counted position, and the seconds its
+    build took (kept beside it)."""
+    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
 
-    cache = teacher_root / f"cache-{mode}-k{OFFLINE_K}"
-    timing = cache / "build_seconds.json"
+    name = f"cache-{mode}-{layout}-k{OFFLINE_K}"
+    cache, timing = teacher_root / name, teacher_root / f"{name}.seconds.json"
     started = time.perf_counter()
-    manifest = cache_teacher(CachePlan(
+    cache_teacher(CachePlan(
         teacher=str(teacher_root / "run" / "student"), data=data, out=str(cache), mode=mode,
         k=OFFLINE_K, samples=OFFLINE_K if mode == "sample" else None, temperature=2.0,
         seq_len=plan.seq_len, batch_size=plan.batch_size, eval_fraction=0.05, seed=plan.seed,
-        device="cpu", progress=progress))
+        layout=layout, device="cpu", progress=progress))
     if not timing.is_file():  # built now (a reused cache keeps its first build's time)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - started}))
-    return {"dir": str(cache), "mode": mode, "k": OFFLINE_K, "bytes": manifest["bytes"],
+    opened = TeacherCache(cache, verify=False)
+    return {"dir": str(cache), "mode": mode, "layout": layout, "k": OFFLINE_K,
+            "bytes": opened.disk_bytes(), "bytes_per_position": opened.bytes_per_position(),
             "build_seconds": json.loads(timing.read_text())["seconds"]}
 
 
@@ -270,15 +275,17 @@ def run_offline(plan: DemoPlan, out: Path, teacher_root: Path, data: list[str], 
                 {"summary": online["distill"], "cache": None, "online": True},
                 "hard labels (same budget)":
                 {"summary": online["baseline"], "cache": None, "online": False}}
-    names = {"topk": f"offline, top-{OFFLINE_K} cache", "sample":
-             f"offline, sampled cache ({OFFLINE_K} samples)"}
-    for mode, name in names.items():
-        cache = _teacher_cache(plan, teacher_root, data, mode, progress)
+    caches = {("topk", "compact"): f"offline, top-{OFFLINE_K} cache",
+              ("topk", "fixed"): f"offline, top-{OFFLINE_K} cache, fixed fp16",
+              ("sample", "compact"): f"offline, sampled cache ({OFFLINE_K} samples)"}
+    for (mode, layout), name in caches.items():
+        cache = _teacher_cache(plan, teacher_root, data, mode, layout, progress)
         run = _run(_config(plan, plan.student_steps, plan.student_eval_every, lr=plan.student_lr,
                            teacher=None, teacher_cache=cache["dir"],
                            student=str(out / "student-init"), data=data,
-                           out=str(out / f"offline-{mode}"), baseline=False, report=False,
-                           progress=progress))
+                           out=str(out / "-".join(["offline", mode, *(["fixed"] if layout ==
+                                                                      "fixed" else [])])),
+                           baseline=False, report=False, progress=progress))
         if run["status"] != "completed":
             return {"status": run["status"], "signal": run["signal"]}
         students[name] = {"summary": run["distill"], "cache": cache, "online": False}

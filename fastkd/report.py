@@ -315,7 +315,12 @@ def _offline_text(heldout: CachedBlocks) -> list[str]:
     """What an offline report measured from the cache, and what it could not."""
     cache = heldout.targets.cache
     m = cache.manifest
-    size = m.get("bytes") or sum((cache.dir / s["file"]).stat().st_size for s in m["shards"])
+    per_position = cache.bytes_per_position()
+    stored = (f"{m.get('layout', 'fixed')} layout, {_fmt_bytes(cache.disk_bytes())} on disk"
+              + (f", {per_position:.1f} bytes a counted position" if per_position else ""))
+    if m.get("logprob_step"):
+        stored += (f", log-probabilities on a {m['logprob_step']:g}-nat grid (each within about "
+                   "one step of the teacher's)")
     if m["mode"] == "sample":
         kl = (f"the plug-in estimate Σ p̂·(log p̂ − log q) from the {m['samples']} samples per "
               "position (p̂: their frequencies; its cross-entropy part is unbiased, the p̂·log p̂ "
@@ -329,7 +334,7 @@ def _offline_text(heldout: CachedBlocks) -> list[str]:
     return [
         f"Offline run: the teacher `{m['teacher']}` was not loaded; its targets come from the "
         f"cache `{cache.dir}` ({m['mode']}, k = {m['k']}, T = {m['temperature']:g}, "
-        f"{_fmt_bytes(size)} on disk). KL(teacher‖model) is measured on the cached held-out rows "
+        f"{stored}). KL(teacher‖model) is measured on the cached held-out rows "
         f"at the cache's temperature T = {m['temperature']:g}: {kl}; {agreement}. "
         f"Not measured ({NOT_MEASURED}), as they need the teacher model or its full "
         "distribution: the teacher's perplexity, agreement and throughput, and the full-vocabulary "
@@ -455,8 +460,10 @@ def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.
         cache = heldout.targets.cache
         summary["teacher_cache"] = {
             "dir": str(cache.dir), "kl_tail": cache_kl_tail(cache), "train_tail": cache.tail,
+            "bytes": cache.disk_bytes(), "bytes_per_position": cache.bytes_per_position(),
             **{key: cache.manifest.get(key) for key in ("teacher", "mode", "k", "samples",
-                                                         "temperature", "bytes")}}
+                                                         "temperature", "layout", "positions",
+                                                         "logprob_step")}}
     json_path.write_text(json.dumps(summary, indent=2))
     return {"md": str(md_path), "json": str(json_path), "png": str(png_path), "rows": rows}
 
@@ -507,21 +514,23 @@ def render_offline(rows: list[dict], heldout: Blocks) -> str:
         "",
         "## Offline distillation: the teacher cached once",
         "",
-        "The same student, budget, seed and loss, taught four ways: online (the teacher in memory, "
+        "The same student, budget, seed and loss, taught five ways: online (the teacher in memory, "
         "the dense fused loss), from a cache of the teacher's top-k ids (the sparse loss, tail "
-        "\"bucket\"), from a cache of ids sampled from the teacher (tail \"ignore\": an unbiased "
+        "\"bucket\"; stored compactly, and in the fixed fp16 layout as the near-exact reference), "
+        "from a cache of ids sampled from the teacher (tail \"ignore\": an unbiased "
         "estimate of the full forward-KL gradient), and by hard labels alone. All measured "
         f"against the teacher on the same {len(heldout)} held-out sequences with full logits at "
         "temperature 1 (KL with the teacher's full distribution).",
         "",
         "| student | held-out ppl | KL(teacher‖student) | top-1 agreement | training time | "
-        "peak memory | teacher cache on disk (build time) |",
+        "peak memory | teacher cache: bytes a counted position, on disk (build time) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cache = row["cache"]
         cache_text = ("teacher in memory" if row["teacher_in_memory"] else "none" if cache is None
-                      else f"{_fmt_bytes(cache['bytes'])} ({cache['build_seconds']:.1f} s)")
+                      else f"{cache['bytes_per_position']:.1f} B, {_fmt_bytes(cache['bytes'])} "
+                           f"({cache['build_seconds']:.1f} s)")
         lines.append(
             f"| {row['student']} | {row['perplexity']:.2f} | {row['kl_to_teacher']:.4f} | "
             f"{row['top1_agreement'] * 100:.1f}% | {row['train_seconds']:.1f} s | "
@@ -536,6 +545,15 @@ def render_offline(rows: list[dict], heldout: Blocks) -> str:
             f"{_change(row['perplexity'], online['perplexity'])}, KL to the teacher "
             f"{row['kl_to_teacher']:.4f} vs {online['kl_to_teacher']:.4f}, training time "
             f"{row['train_seconds'] / online['train_seconds']:.2f}×.")
+    exact = next((row for row in rows if (row["cache"] or {}).get("layout") == "fixed"), None)
+    compact = next((row for row in rows if (row["cache"] or {}).get("layout") == "compact"
+                    and row["cache"]["mode"] == "topk"), None)
+    if exact is not None and compact is not None:
+        lines.append(
+            f"- **Compact vs fixed top-k cache**: perplexity {compact['perplexity']:.3f} vs "
+            f"{exact['perplexity']:.3f} ({_change(compact['perplexity'], exact['perplexity'])}), "
+            f"{compact['cache']['bytes_per_position']:.1f} vs "
+            f"{exact['cache']['bytes_per_position']:.1f} bytes a counted position.")
     hard = by_name.get("hard labels (same budget)")
     if hard is not None:
         lines.append(f"- Hard labels for scale: perplexity {hard['perplexity']:.2f}, KL "

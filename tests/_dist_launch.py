@@ -5,7 +5,8 @@ runs (counted at the gradient clipping, after the step's backward), ACTION is
 
     kill              SIGKILL itself: a rank dies mid-run;
     sigterm-launcher  SIGTERM to torchrun (what a scheduler's preemption or Ctrl-C does), then wait
-                      3 s, so torchrun's SIGTERM reaches every rank before the next step begins.
+                      3 s, so torchrun's SIGTERM reaches every rank before the next step begins;
+    kill-after-shard  (`fastkd cache-teacher`) SIGKILL itself once its STEP-th shard is written.
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ import signal
 import sys
 import time
 
+import fastkd.cache as cache
 import fastkd.distributed as distributed
 from fastkd.cli import main
 
 
 def inject(spec: str) -> None:
     rank, at, action = spec.split(":")
+    if action == "kill-after-shard":
+        write, shards = cache.write_shard, 0
+
+        def write_then_die(*args):
+            nonlocal shards
+            entry = write(*args)
+            shards += 1
+            if shards == int(at) and distributed.rank() == int(rank):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return entry
+
+        cache.write_shard = write_then_die
+        return
     clip = distributed.clip_grad_norm
     calls = 0
 

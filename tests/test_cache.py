@@ -1,26 +1,34 @@
 """The teacher cache (`fastkd cache-teacher`) and distillation from it, on tiny random Llamas:
-round trip against the teacher's own logits, resume after an interruption, corrupted shards,
-mismatched runs, and `fastkd distill --teacher-cache` end to end."""
+the compact rows against the teacher's own logits, the fixed (/1) layout, format /1 caches still
+read, resume after an interruption, integrity (corrupted and truncated shards and manifests,
+swapped splits, a newer format), the faults an independent check found (a NaN teacher, a padded
+teacher vocabulary, a cache used with another teacher, a corrupted shard on rerun), mismatched
+runs, and `fastkd distill --teacher-cache` end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from _trainer_fixtures import build_tokenizer, corpus_texts, save_llama
+from safetensors.torch import load_file, save_file
 
 from fastkd import cache as cache_mod
 from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+from fastkd.cache_format import VERSION, write_manifest
 from fastkd.cli import main
 from fastkd.data import load_blocks
+from fastkd.fsio import sha256_file
 from fastkd.models import load_lm
 from fastkd.trainer import DistillConfig, run_distillation
 
-SEQ_LEN, TEMPERATURE = 24, 2.0
+SEQ_LEN, TEMPERATURE, STEP = 24, 2.0, 0.125
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +59,123 @@ def topk_cache(assets):
     return out
 
 
-def test_round_trip_matches_the_teacher(assets, topk_cache):
+@pytest.fixture(scope="module")
+def fixed_cache(assets):
+    out = assets.root / "fixed"
+    cache_teacher(plan(assets, out, layout="fixed"))
+    return out
+
+
+def teacher_logprobs(assets, batch, vocab=None):
+    """log softmax(t / T) of the teacher over the tokenizer's ids, (B, L-1, V)."""
+    teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        h = teacher.hidden(batch.input_ids, batch.attention_mask)[:, :-1]
+        logits = h @ teacher.weight[:vocab].T
+    return torch.log_softmax(logits / TEMPERATURE, -1)
+
+
+def by_id(ids, values):
+    """Rows sorted by id (unused slots last): compares target sets whatever their slot order."""
+    order = torch.where(ids >= 0, ids.long(), 1 << 40).argsort(-1)
+    return ids.long().gather(-1, order), values.float().gather(-1, order)
+
+
+def test_compact_round_trip_matches_the_teacher(assets, topk_cache, fixed_cache):
     cache = TeacherCache(topk_cache)
     m = cache.manifest
-    assert m["complete"] and m["mode"] == "topk" and m["k"] == 6
-    assert m["temperature"] == TEMPERATURE and m["seq_len"] == SEQ_LEN
-    assert m["data"][0]["sha256"] == cache_mod.sha256_file(Path(assets.data[0]))
+    assert m["format"] == f"fastkd-teacher-cache/{VERSION}" and m["layout"] == "compact"
+    assert m["complete"] and m["mode"] == "topk" and m["k"] == 6 and m["vocab"] == 320
+    assert m["data"][0]["sha256"] == sha256_file(Path(assets.data[0]))
     assert len([s for s in m["shards"] if s["split"] == "train"]) > 1  # several shards
     train, heldout = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
     cached_train, cached_heldout = cache.blocks("train"), cache.blocks("heldout")
     assert torch.equal(cached_train.input_ids, train.input_ids)
     assert torch.equal(cached_heldout.attention_mask, heldout.attention_mask)
-    # the cached targets are the teacher's top-k log softmax(t / T)
-    teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
+    # the last sequence ends in padding: its positions that do not count carry no targets
     rows = torch.tensor([0, 17, len(train) - 1])
     batch = cached_train.select(rows)
     ids, logprobs = batch.targets.load()
-    assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16
+    assert ids.dtype == torch.int32 and logprobs.dtype == torch.float32
     assert ids.shape == (3, SEQ_LEN - 1, 6)
-    with torch.no_grad():
-        h = teacher.hidden(batch.input_ids, batch.attention_mask)[:, :-1]
-        want = torch.log_softmax((h @ teacher.weight.T) / TEMPERATURE, -1)
-    want_lp, want_ids = want.topk(6, -1)
-    assert torch.equal(ids.long(), want_ids)
-    torch.testing.assert_close(logprobs.float(), want_lp, rtol=2e-3, atol=2e-3)
+    counted = batch.attention_mask[:, 1:].bool()
+    assert not counted.all() and (ids[~counted] == -1).all() and (ids[counted] >= 0).all()
+    want_lp, want_ids = teacher_logprobs(assets, batch).topk(6, -1)
+    # the same ids, the argmax first; each log-probability within the codec's bound (2.5 step)
+    assert torch.equal(ids[counted][:, 0].long(), want_ids[counted][:, 0])
+    got_ids, got_lp = by_id(ids[counted], logprobs[counted])
+    exp_ids, exp_lp = by_id(want_ids[counted], want_lp[counted])
+    assert torch.equal(got_ids, exp_ids)
+    err = (got_lp - exp_lp).abs()
+    assert err.max() <= 2.5 * STEP and err.mean() < STEP / 2
+    # the row's mass is kept (to the grid's rounding of log(P / (1 - P)))
+    mass_err = (got_lp.exp().sum(-1) - exp_lp.exp().sum(-1)).abs()
+    assert mass_err.max() < STEP / 2
+    # the fixed layout: fp16 log-probabilities, 6 int32 ids a position, every position
+    fixed = TeacherCache(fixed_cache)
+    f_ids, f_lp = fixed.blocks("train").select(rows).targets.load()
+    assert f_lp.dtype == torch.float16
+    assert torch.equal(f_ids[counted].long(), want_ids[counted])
+    torch.testing.assert_close(f_lp[counted].float(), want_lp[counted], rtol=2e-3, atol=2e-3)
+    # everything in the directory counts: compact < fixed
+    assert cache.bytes_per_position() < 0.6 * fixed.bytes_per_position()
+    assert cache.disk_bytes() == sum(p.stat().st_size for p in topk_cache.iterdir())
+
+
+def legacy_copy(fixed_dir: Path, out: Path) -> Path:
+    """The fixed-layout cache as format /1 wrote it (shards train-00000.safetensors ...)."""
+    m = json.loads((fixed_dir / "manifest.json").read_text())
+    out.mkdir()
+    shards, counters = [], {"train": 0, "heldout": 0}
+    for entry in m["shards"]:
+        t = load_file(str(fixed_dir / entry["file"]))
+        name = f"{entry['split']}-{counters[entry['split']]:05d}.safetensors"
+        counters[entry["split"]] += 1
+        mask = t["blocks.attention_mask"]
+        bits = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(1)
+        save_file({"input_ids": load_cached_ids(fixed_dir, entry).int(),
+                   "attention_mask": bits[:, :SEQ_LEN].to(torch.int8),
+                   "ids": t["ids"], "logprobs": t["logprobs"]}, str(out / name))
+        shards.append({"file": name, "split": entry["split"], "rows": entry["rows"],
+                       "first": entry["first"], "sha256": sha256_file(out / name)})
+    old = {k: m[k] for k in ("teacher", "tokenizer", "temperature", "mode", "k", "samples",
+                             "seq_len", "eval_fraction", "dtype", "seed", "shard_sequences",
+                             "data", "split")}
+    (out / "manifest.json").write_text(json.dumps({"format": "fastkd-teacher-cache/1", **old,
+                                                   "shards": shards, "complete": True}))
+    return out
+
+
+def load_cached_ids(cache_dir: Path, entry: dict) -> torch.Tensor:
+    from fastkd.cache_format import CacheReader
+
+    shard = next(s for s in CacheReader(cache_dir, verify=False).splits[entry["split"]]
+                 if s.entry["file"] == entry["file"])
+    return shard.blocks()["input_ids"]
+
+
+def test_format_1_caches_still_read_and_are_checked(assets, fixed_cache, tmp_path):
+    legacy = legacy_copy(fixed_cache, tmp_path / "v1")
+    old, new = TeacherCache(legacy), TeacherCache(fixed_cache)
+    rows = torch.arange(5)
+    a, b = old.blocks("train").select(rows), new.blocks("train").select(rows)
+    assert torch.equal(a.input_ids, b.input_ids)
+    for x, y in zip(a.targets.load(), b.targets.load(), strict=True):
+        assert torch.equal(x, y)
+    assert old.max_id == new.max_id
+    # a format /1 writer checked nothing: a NaN in a shard is found when the cache is opened
+    shard = legacy / "train-00001.safetensors"
+    tensors = load_file(str(shard))
+    tensors["logprobs"][3, 2, 1] = float("nan")
+    save_file(tensors, str(shard))
+    m = json.loads((legacy / "manifest.json").read_text())
+    m["shards"][1]["sha256"] = sha256_file(shard)
+    (legacy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="train-00001.safetensors holds non-finite"):
+        TeacherCache(legacy)
+    # and an old cache is not extended by a new writer
+    with pytest.raises(ValueError, match="holds a cache of format fastkd-teacher-cache/1"):
+        cache_teacher(plan(assets, legacy, layout="fixed"))
 
 
 def test_sampled_cache_resumes_identically(assets, monkeypatch):
@@ -82,48 +183,89 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
     cache_teacher(plan(assets, full, mode="sample", k=8, samples=8))
     part = assets.root / "sample_part"
     writes = []
-    real_write = cache_mod._atomic_write
+    real_write = cache_mod.write_shard
 
-    def killed_after_two_shards(path, write):
-        if path.suffix == ".safetensors":
-            if len(writes) == 2:
-                raise KeyboardInterrupt  # the run dies mid-way
-            writes.append(path)
-        real_write(path, write)
+    def killed_after_two_shards(*args):
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # the run dies mid-way
+        writes.append(real_write(*args))
+        return writes[-1]
 
-    monkeypatch.setattr(cache_mod, "_atomic_write", killed_after_two_shards)
+    monkeypatch.setattr(cache_mod, "write_shard", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(plan(assets, part, mode="sample", k=8, samples=8))
-    monkeypatch.setattr(cache_mod, "_atomic_write", real_write)
+    monkeypatch.setattr(cache_mod, "write_shard", real_write)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherCache(part)
-    assert len(json.loads((part / "manifest.json").read_text())["shards"]) == 2
+    assert len(list(part.glob("*.safetensors"))) == 2
     cache_teacher(plan(assets, part, mode="sample", k=8, samples=8))  # resumes
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (full, part))
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
-    # sampled targets: distinct ids, log(count / samples), counts summing to `samples`
-    ids, logprobs = TeacherCache(full).blocks("train").select(torch.arange(4)).targets.load()
+    # sampled targets: distinct ids, log(count / samples), counts summing to `samples`, drawn
+    # from the teacher: the draws' mean log-likelihood is the teacher's (minus entropy) within
+    # the sampling noise
+    batch = TeacherCache(full).blocks("train").select(torch.arange(12))
+    ids, logprobs = batch.targets.load()
+    counted = batch.attention_mask[:, 1:].bool()
     used = ids >= 0
-    counts = (logprobs.float().exp() * 8).round()
-    assert ((counts * used).sum(-1) == 8).all()
+    counts = (logprobs.exp() * 8).round()
+    assert torch.allclose(logprobs.exp() * 8, counts, atol=1e-5)
+    assert ((counts * used).sum(-1)[counted] == 8).all()
+    assert (used.sum(-1)[~counted] == 0).all()
+    lp = teacher_logprobs(assets, batch)
+    drawn = (lp.gather(-1, ids.long().clamp(min=0)) * counts * used).sum(-1)[counted] / 8
+    entropy = -(lp.exp() * lp).sum(-1)[counted]
+    assert abs((drawn + entropy).mean()) < 4 * (drawn + entropy).std() / math.sqrt(len(drawn))
     with pytest.raises(ValueError, match="holds a different teacher cache"):
         cache_teacher(plan(assets, full, mode="sample", k=8, samples=4))
 
 
-def test_corrupted_and_mismatched_caches(assets, topk_cache, tmp_path):
-    import shutil
-
+def test_corrupted_truncated_and_edited_caches(assets, topk_cache, tmp_path, caplog):
     bad = tmp_path / "bad"
     shutil.copytree(topk_cache, bad)
-    shard = bad / "train-00001.safetensors"
-    data = bytearray(shard.read_bytes())
+    m = json.loads((bad / "manifest.json").read_text())
+    shard = bad / m["shards"][1]["file"]
+    good = shard.read_bytes()
+    data = bytearray(good)
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="train-00001.safetensors is corrupted"):
+    with pytest.raises(ValueError, match=f"{shard.name} is corrupted"):
         TeacherCache(bad)
-    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated
-    with pytest.raises(ValueError, match="train-00001.safetensors"):
+    # unverified, the corrupted stream still fails to decode, naming the shard
+    cache = TeacherCache(bad, verify=False)
+    with pytest.raises(ValueError, match=f"{shard.name} is corrupted"):
+        cache.blocks("train").select(torch.arange(16, 32)).targets.load()
+    shard.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=shard.name):
         TeacherCache(bad)
+    # rerunning cache-teacher over the complete cache rewrites the truncated shard
+    caplog.set_level("WARNING", logger="fastkd")
+    cache_teacher(plan(assets, bad))
+    assert f"{shard.name} does not check out" in caplog.text
+    assert shard.read_bytes() == good
+    TeacherCache(bad)
+    # the manifest: truncated, a newer format, swapped splits (checksum, then shard metadata)
+    manifest = bad / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"{manifest} is not valid JSON"):
+        TeacherCache(bad)
+    m = json.loads(text)
+    write_manifest(bad, {**m, "format": f"fastkd-teacher-cache/{VERSION + 1}"})
+    with pytest.raises(ValueError, match=f"{manifest} was written by a newer fastkd"):
+        TeacherCache(bad)
+    train = [s for s in m["shards"] if s["split"] == "train"]
+    held = [s for s in m["shards"] if s["split"] == "heldout"]
+    swapped = [{**train[0], "split": "heldout"}, *train[1:], {**held[0], "split": "train"}]
+    manifest.write_text(json.dumps({**m, "shards": swapped}))
+    with pytest.raises(ValueError, match="checksum does not match"):
+        TeacherCache(bad)
+    write_manifest(bad, {**m, "shards": swapped})  # a careful edit, with its checksum: caught
+    with pytest.raises(ValueError, match="does not belong where the manifest puts it"):
+        TeacherCache(bad)
+
+
+def test_mismatched_runs_are_refused(assets, topk_cache, tmp_path):
     cache = TeacherCache(topk_cache)
     with pytest.raises(ValueError, match="temperature is 1.0, the cache's is 2.0"):
         cache.check_run(assets.tokenizer, SEQ_LEN, 1.0, 0.05, assets.data)
@@ -136,6 +278,61 @@ def test_corrupted_and_mismatched_caches(assets, topk_cache, tmp_path):
     changed.write_text(Path(assets.data[0]).read_text() + "x")
     with pytest.raises(ValueError, match="data files"):
         cache.check_run(assets.tokenizer, SEQ_LEN, TEMPERATURE, 0.05, [str(changed)])
+    # `--teacher-cache C --teacher X`: X must be C's own teacher
+    base = dict(student=str(assets.student), data=assets.data, steps=1, warmup=0, batch_size=4,
+                seq_len=SEQ_LEN, temperature=TEMPERATURE, baseline=False, report=False,
+                progress=False, teacher_cache=str(topk_cache))
+    run = tmp_path / "other-teacher"
+    with pytest.raises(ValueError, match="was made from the teacher .* not from --teacher"):
+        run_distillation(DistillConfig(teacher=str(assets.student), out=str(run), **base))
+    assert not run.exists()
+    same = run_distillation(DistillConfig(teacher=str(assets.teacher), out=str(tmp_path / "ok"),
+                                          **base))
+    assert same["status"] == "completed"
+
+
+def test_nan_teacher_is_refused_naming_the_sequence(assets, tmp_path):
+    # the teacher's embedding of one rare token is NaN: the sequences holding it give NaN
+    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    counts = torch.bincount(train.input_ids.flatten(), minlength=320)
+    token = int(torch.where(counts > 0, counts, 10**9).argmin())
+    first = int((train.input_ids == token).any(1).nonzero()[0])
+    weights = load_file(str(assets.teacher / "model.safetensors"))
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    nan_teacher = tmp_path / "nan_teacher"
+    shutil.copytree(assets.teacher, nan_teacher)
+    save_file(weights, str(nan_teacher / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError, match=rf"non-finite logits .* on train sequence {first}, "):
+        cache_teacher(plan(assets, out, teacher=str(nan_teacher), shard_sequences=1024))
+    assert not list(out.glob("*.safetensors"))  # nothing written for the bad shard
+    with pytest.raises(ValueError, match="incomplete"):
+        TeacherCache(out)
+
+
+def test_padded_teacher_vocabulary_caches_only_the_tokenizers_ids(assets, tmp_path):
+    # 384 head rows over a 320-token tokenizer: the padding rows are never cached, and the
+    # log-probabilities are over the 320 shared ids (as the dense loss compares them)
+    padded = save_llama(tmp_path / "padded", assets.tokenizer, hidden=32, vocab_size=384, seed=3)
+    out = tmp_path / "cache"
+    cache_teacher(plan(assets, out, teacher=str(padded), k=8, layout="fixed"))
+    cache = TeacherCache(out)
+    assert cache.manifest["vocab"] == 320 and cache.max_id < 320
+    batch = cache.blocks("train").select(torch.arange(4))
+    ids, lp = batch.targets.load()
+    counted = batch.attention_mask[:, 1:].bool()
+    teacher = load_lm(str(padded), "teacher", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        h = teacher.hidden(batch.input_ids, batch.attention_mask)[:, :-1]
+        want_lp, want_ids = torch.log_softmax(h @ teacher.weight[:320].T / TEMPERATURE,
+                                              -1).topk(8, -1)
+    assert torch.equal(ids[counted].long(), want_ids[counted])
+    torch.testing.assert_close(lp[counted].float(), want_lp[counted], rtol=2e-3, atol=2e-3)
+    # the cache's largest id is checked against the student when the cache is opened
+    cache.check_student("student", rows=320)
+    with pytest.raises(ValueError, match=rf"ids up to {cache.max_id}, but the student small "
+                                         rf"has only {cache.max_id} output rows"):
+        cache.check_student("small", rows=cache.max_id)
 
 
 def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
@@ -146,9 +343,9 @@ def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
                  str(TEMPERATURE), "--seq-len", str(SEQ_LEN), "--shard-sequences", "64",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "MiB per million tokens" in out and "shards" in out
-    for cache_dir, tail in ((sampled, "ignore"), (topk_cache, "bucket")):
-        run = tmp_path / f"run-{tail}"
+    assert "shards" in out
+    for cache_dir, name in ((sampled, "ignore"), (topk_cache, "bucket")):
+        run = tmp_path / f"run-{name}"
         code = main(["distill", "--teacher-cache", str(cache_dir), "--student",
                      str(assets.student), "--data", *assets.data, "--out", str(run),
                      "--steps", "4", "--warmup", "1", "--batch-size", "4", "--seq-len",
@@ -156,7 +353,7 @@ def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
                      "--temperature", str(TEMPERATURE), "--eval-every", "2",
                      "--eval-sequences", "8", "--no-baseline", "--no-progress",
                      "--tokenizer", str(assets.root / "tokenizer"),
-                     *(["--no-report"] if tail == "bucket" else [])])
+                     *(["--no-report"] if name == "bucket" else [])])
         assert code == 0
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert log[-1]["step"] == 4
@@ -184,7 +381,7 @@ def test_distill_from_cache_cli(assets, topk_cache, tmp_path, capsys):
     assert "temperature is 1.0, the cache's is 2.0" in capsys.readouterr().err
 
 
-def test_distill_from_cache_api_matches_online_kd(assets, topk_cache, tmp_path):
+def test_distill_from_cache_api_matches_online_kd(assets, fixed_cache, tmp_path):
     # the cached run's first held-out KD (bucket tail, k = 6 of the teacher's ids) is a lower
     # bound of the online run's full-vocabulary KL: coarsening can only lose divergence
     base = dict(student=str(assets.student), data=assets.data, steps=1, warmup=0, batch_size=4,
@@ -192,7 +389,7 @@ def test_distill_from_cache_api_matches_online_kd(assets, topk_cache, tmp_path):
                 baseline=False, report=False, progress=False,
                 tokenizer=str(assets.root / "tokenizer"))
     cached = run_distillation(DistillConfig(teacher=None, out=str(tmp_path / "c"),
-                                            teacher_cache=str(topk_cache), **base))
+                                            teacher_cache=str(fixed_cache), **base))
     online = run_distillation(DistillConfig(teacher=str(assets.teacher), out=str(tmp_path / "o"),
                                             **base))
     kd_cached, kd_online = cached["history"][0]["eval_kd"], online["history"][0]["eval_kd"]
@@ -201,13 +398,13 @@ def test_distill_from_cache_api_matches_online_kd(assets, topk_cache, tmp_path):
                                                             rel=1e-5)
 
 
-def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, topk_cache, tmp_path):
+def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_cache, tmp_path):
     # the report of an offline run: no teacher model; the students' KL is the bucket KL on the
     # cached top-k ids at the cache's temperature, checked here against the teacher's own logits
     from transformers import AutoModelForCausalLM
 
     result = run_distillation(DistillConfig(
-        teacher=None, teacher_cache=str(topk_cache), student=str(assets.student),
+        teacher=None, teacher_cache=str(fixed_cache), student=str(assets.student),
         data=assets.data, out=str(tmp_path / "run"), steps=2, warmup=0, batch_size=4,
         seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=2, eval_sequences=5,
         baseline=True, progress=False, tokenizer=str(assets.root / "tokenizer")))
@@ -222,7 +419,7 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, topk_ca
     assert teacher_row["size_bytes"] > 0
 
     # independent float64 check on the 5 held-out sequences (the cache's held-out split)
-    heldout = TeacherCache(topk_cache).blocks("heldout").select(torch.arange(5))
+    heldout = TeacherCache(fixed_cache).blocks("heldout").select(torch.arange(5))
     student = AutoModelForCausalLM.from_pretrained(result["distill"]["student_dir"],
                                                    dtype=torch.float64)
     with torch.no_grad():
@@ -249,3 +446,215 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, topk_ca
     assert "n/a" in md and "Not measured" in md
     report = json.loads(Path(result["report"]["json"]).read_text())
     assert report["teacher_cache"]["mode"] == "topk" and report["teacher_cache"]["bytes"] > 0
+
+
+def server_maps(assets, path: Path, k: int = 5, sequences: int = 12) -> list[dict]:
+    """vLLM-style prompt_logprobs of the tiny teacher at T = 1 on sequences of 10..24 tokens:
+    the top-k ids, plus the actual token where it is not among them (as vLLM returns them)."""
+    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
+    records = []
+    for i in range(sequences):
+        ids = train.input_ids[i, :10 + (7 * i) % 15]
+        with torch.no_grad():
+            h = teacher.hidden(ids[None], torch.ones_like(ids)[None])[0]
+            lp = torch.log_softmax(h @ teacher.weight.T, -1)  # position j predicts token j + 1
+        entries = [None]
+        for j in range(len(ids) - 1):
+            if i % 3 == 0 and j < 4:  # a prompt: its positions do not count
+                entries.append(None)
+                continue
+            top = lp[j].topk(k).indices.tolist()
+            chosen = top + ([int(ids[j + 1])] if int(ids[j + 1]) not in top else [])
+            entries.append({str(t): ({"logprob": lp[j, t].item(), "rank": 1,
+                                      "decoded_token": "?"} if i % 2 else lp[j, t].item())
+                            for t in chosen})
+        records.append({"input_ids": ids.tolist(), "prompt_logprobs": entries})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
+    maps = tmp_path / "maps.jsonl"
+    records = server_maps(assets, maps)
+    cache_dir = tmp_path / "imported"
+    assert main(["cache-import", "--logprobs", str(maps), "--tokenizer",
+                 str(assets.root / "tokenizer"), "--out", str(cache_dir), "--teacher",
+                 "vllm:tiny", "--eval-fraction", "0.2", "--no-progress"]) == 0
+    assert "bytes a counted position" in capsys.readouterr().out
+    cache = TeacherCache(cache_dir)
+    m = cache.manifest
+    assert m["temperature"] == 1.0 and m["seq_len"] == 24 and m["k"] == 6
+    assert m["split"] == {"seed": m["split"]["seed"], "train": 10, "heldout": 2}
+    maps_given = sum(e is not None for r in records for e in r["prompt_logprobs"])
+    assert m["positions"] == maps_given < sum(len(r["input_ids"]) - 1 for r in records)
+    # every stored map is the server's (its ids; its log-probabilities within the grid's bound)
+    seen = 0
+    for split in ("train", "heldout"):
+        blocks = cache.blocks(split)
+        ids, lp = blocks.targets.load()
+        for row in range(len(blocks)):
+            length = int(blocks.attention_mask[row].sum())
+            record = next(r for r in records
+                          if r["input_ids"] == blocks.input_ids[row, :length].tolist())
+            for j, entry in enumerate(record["prompt_logprobs"][1:]):
+                if entry is None:  # a prompt position: nothing stored, no label
+                    assert (ids[row, j] == -1).all() and blocks.labels(-100)[row, j + 1] == -100
+                    continue
+                want = {int(t): v["logprob"] if isinstance(v, dict) else v
+                        for t, v in entry.items()}
+                got = {int(t): float(v) for t, v in zip(ids[row, j], lp[row, j], strict=True)
+                       if t >= 0}
+                assert got.keys() == want.keys()
+                assert max(abs(got[t] - want[t]) for t in want) <= 2.5 * STEP
+                seen += 1
+            assert (ids[row, length - 1:] == -1).all()  # padding stores nothing
+    assert seen == m["positions"]
+    # distillation from it, with the import as its data, at the import's temperature
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher-cache", str(cache_dir), "--student", str(assets.student),
+                 "--data", str(maps), "--out", str(run), "--steps", "2", "--warmup", "0",
+                 "--batch-size", "2", "--seq-len", "24", "--temperature", "1",
+                 "--eval-fraction", "0.2", "--eval-every", "2", "--no-baseline",
+                 "--no-report", "--no-progress", "--tokenizer",
+                 str(assets.root / "tokenizer")]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["kd"] > 0
+    # bad input names the file and line
+    lines = maps.read_text().splitlines()
+    for edit, message in (
+            (lambda r: r["prompt_logprobs"][3].update({"320": -9.0}),
+             "id 320 exceeds the student's vocabulary: the tokenizer has 320 ids"),
+            (lambda r: r["prompt_logprobs"][2].update({"7": float("nan")}),
+             "the log-probability of id 7 is nan"),
+            (lambda r: r["prompt_logprobs"][2].update({"7": -0.01, "8": -0.01}),
+             "add up to more than 1"),
+            (lambda r: r["prompt_logprobs"].pop(), "prompt_logprobs holds")):
+        record = json.loads(lines[4])
+        edit(record)
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("\n".join([*lines[:4], json.dumps(record), *lines[5:]]))
+        with pytest.raises(ValueError, match=rf"{bad}:5: .*{message}"):
+            from fastkd.cache_import import ImportPlan, import_logprobs
+
+            import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
+                                       str(tmp_path / "never"), progress=False))
+    assert not (tmp_path / "never").exists()
+
+
+def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
+    # CacheDataset + cache_collator + FusedKDTrainer(teacher_model=None): no teacher; the sparse
+    # spec's loss on the student's full logits; DataLoader workers read the same batches
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from fastkd import reference
+    from fastkd.integrations.cache import CacheDataset, cache_collator
+    from fastkd.integrations.transformers import FusedKDTrainer
+    from fastkd.options import DistillOptions
+
+    train = CacheDataset(topk_cache, "train")
+    assert train.temperature == TEMPERATURE and len(train) == TeacherCache(
+        topk_cache).manifest["split"]["train"]
+    opts = DistillOptions(temperature=TEMPERATURE, ce_weight=0.3, kd_weight=0.7)
+
+    def trainer(workers: int, out: str) -> FusedKDTrainer:
+        args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4,
+                                 max_steps=2, learning_rate=1e-2, report_to=[],
+                                 save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                                 dataloader_num_workers=workers)
+        return FusedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.student),
+                              teacher_model=None, args=args, train_dataset=train,
+                              data_collator=cache_collator, distill_options=opts)
+
+    one = trainer(0, "w0")
+    batch = cache_collator([train[i] for i in (0, 5, len(train) - 1)])
+    loss = one.compute_loss(one.model, batch)
+    with torch.no_grad():
+        logits = one.model(input_ids=batch["input_ids"]).logits[:, :-1].double().flatten(0, 1)
+    labels = batch["labels"][:, 1:].flatten()
+    total, _, _ = reference.sparse_token_losses(
+        logits, batch["teacher_ids"].flatten(0, 1).long(),
+        batch["teacher_logprobs"].flatten(0, 1).double(), labels,
+        dataclasses.replace(opts, reduction="sum"), "bucket")
+    counted = labels != -100
+    assert loss.item() == pytest.approx((total[counted].sum() / counted.sum()).item(), rel=1e-5)
+    one.train()
+    two = trainer(1, "w1")  # a DataLoader worker decodes the rows
+    two.train()
+    for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="the cache .* is 2.0"):
+        FusedKDTrainer(model=one.model, teacher_model=None, args=one.args, train_dataset=train,
+                       distill_options=DistillOptions(temperature=1.0))
+
+
+def test_codec_and_block_fields_round_trip_at_the_edges():
+    # the compact rows on random rows: 1..k ids a row, V < 2n (no low bits) and V = 2^17 + 1,
+    # ids at 0 and V - 1, values below the floor, rows holding all the mass, empty sequences
+    from dataclasses import dataclass
+
+    from fastkd import codec
+    from fastkd.cache_format import decode_block_field, encode_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for vocab, width in ((5, 4), (300, 7), (2**17 + 1, 9)):
+        seq_rows = torch.tensor([3, 0, 5, 1])
+        rows = int(seq_rows.sum())
+        n = torch.randint(1, width + 1, (rows,), generator=g).clamp(max=vocab)
+        n[0] = min(width, vocab)
+        perms = [torch.randperm(vocab, generator=g) for _ in range(rows)]
+        for r, edge in ((1, 0), (2, vocab - 1)):  # ids 0 and V - 1 in a row's used slots
+            perms[r] = torch.cat([torch.tensor([edge]), perms[r][perms[r] != edge]])
+        ids = torch.stack([torch.nn.functional.pad(p[:width], (0, max(0, width - vocab)),
+                                                   value=-1) for p in perms])
+        logits = torch.randn(rows, width, generator=g, dtype=torch.float64) * 4
+        logits[3, 1] = -1e4  # far below the floor
+        used = torch.arange(width) < n.unsqueeze(-1)
+        lp = torch.log_softmax(torch.where(used, logits, float("-inf")), -1)  # mass 1
+        lp[4:] = lp[4:] - 0.3  # mass e^-0.3
+        for layout, values in ((codec.Layout("logprobs", vocab, step=0.125), lp),
+                               (codec.Layout("counts", vocab, samples=2 * width),
+                                torch.where(used, 1, 0) + (torch.arange(width) == 0) * (
+                                    2 * width - n).unsqueeze(-1))):
+            streams = codec.encode(layout, ids, torch.where(used, values, 0), n, seq_rows)
+            got_ids, got_lp = codec.decode(
+                layout, streams["fixed"], streams["fixed_offsets"].diff(), streams["unary"],
+                streams["unary_offsets"].diff(), n, seq_rows, width)
+            for r in range(rows):
+                want = {int(i): float(v) for i, v, u in zip(ids[r], values[r], used[r],
+                                                            strict=True) if u}
+                got = {int(i): float(v) for i, v in zip(got_ids[r], got_lp[r], strict=True)
+                       if i >= 0}
+                assert got.keys() == want.keys(), (vocab, layout.kind, r)
+                if layout.kind == "counts":
+                    assert all(abs(got[i] - math.log(want[i] / (2 * width))) < 1e-6
+                               for i in want)
+                else:
+                    assert all(abs(got[i] - max(want[i], codec.FLOOR)) <= 2.5 * 0.125
+                               for i in want)
+                    assert int(got_ids[r, 0]) == max(want, key=want.get)  # the argmax first
+                    mass = sum(math.exp(v) for v in want.values())
+                    assert abs(sum(math.exp(v) for v in got.values()) - mass) < 0.07 * mass
+            # a flipped bit in the unary stream: an error, not garbage
+            broken = streams["unary"].clone()
+            broken[0] ^= 1
+            with pytest.raises(codec.CorruptRows):
+                codec.decode(layout, streams["fixed"], streams["fixed_offsets"].diff(), broken,
+                             streams["unary_offsets"].diff(), n, seq_rows, width)
+
+    @dataclass
+    class Fields:
+        input_ids: torch.Tensor
+        attention_mask: torch.Tensor
+        position_ids: torch.Tensor
+        other: torch.Tensor
+
+    fields = Fields(torch.randint(0, 1000, (3, 13), generator=g), torch.ones(3, 13).long(),
+                    torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]] * 3),
+                    torch.randint(-300, 300, (3, 13), generator=g))
+    fields.attention_mask[2, 9:] = 0
+    stored, encodings = encode_blocks(fields, 1000)
+    assert [encodings[k][0] for k in ("input_ids", "attention_mask", "position_ids", "other")
+            ] == ["bits10", "bits1", "resets", "int"]
+    for name, value in vars(fields).items():
+        assert torch.equal(decode_block_field(stored[f"blocks.{name}"], *encodings[name]), value)

@@ -81,7 +81,7 @@ def test_a_teacher_cache_of_chat_data_keeps_the_targets_and_the_examples_apart(a
     seq_len, k, temperature = 160, 4, 2.0  # two chats fit in a row
     cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[assets["data"]],
                             out=str(tmp_path / "cache"), k=k, temperature=temperature,
-                            seq_len=seq_len, dtype="bfloat16", progress=False))
+                            seq_len=seq_len, layout="fixed", dtype="bfloat16", progress=False))
     train, _ = load_blocks([assets["data"]], assets["tokenizer"], seq_len, 0.05)
     cached = TeacherCache(tmp_path / "cache").blocks("train")
     for name in ("input_ids", "attention_mask", "counted", "position_ids"):
@@ -97,8 +97,13 @@ def test_a_teacher_cache_of_chat_data_keeps_the_targets_and_the_examples_apart(a
     with torch.no_grad():
         h = teacher.hidden(batch.input_ids[:, start:end])[0, :-1]
     want_lp, want_ids = torch.log_softmax(h @ teacher.weight.T / temperature, -1).topk(k, -1)
-    assert torch.equal(ids[0, start:end - 1].long(), want_ids)
-    torch.testing.assert_close(logprobs[0, start:end - 1].float(), want_lp, rtol=2e-2, atol=2e-2)
+    # only the positions whose next token is a target (the assistant's) carry targets
+    counted = batch.counted[0, start + 1:end]
+    assert counted.any() and not counted.all()
+    assert (ids[0, start:end - 1][~counted] == -1).all()
+    assert torch.equal(ids[0, start:end - 1][counted].long(), want_ids[counted])
+    torch.testing.assert_close(logprobs[0, start:end - 1][counted].float(), want_lp[counted],
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alone(assets):

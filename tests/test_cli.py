@@ -143,8 +143,9 @@ def test_demo_fast_runs_and_caches_its_teacher(tmp_path):
 
 
 def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, monkeypatch):
-    # `fastkd demo --offline` on a shrunken fast plan: two teacher caches, two offline students,
-    # and the side-by-side section, measured with the report's own held-out metrics
+    # `fastkd demo --offline` on a shrunken fast plan: three teacher caches (top-k compact and
+    # fixed, sampled), three offline students, and the side-by-side section, measured with the
+    # report's own held-out metrics
     import dataclasses
 
     from fastkd import demo
@@ -166,24 +167,34 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
     online = rows["online distillation (teacher in memory)"]
     hard = rows["hard labels (same budget)"]
     topk, sampled = rows["offline, top-16 cache"], rows["offline, sampled cache (16 samples)"]
-    assert len(rows) == 4 and online["teacher_in_memory"] and not topk["teacher_in_memory"]
+    fixed = rows["offline, top-16 cache, fixed fp16"]
+    assert len(rows) == 5 and online["teacher_in_memory"] and not topk["teacher_in_memory"]
     # the online and hard-label students measured as the main report measures them
     main_rows = {row["model"]: row for row in report["rows"]}
     for row, name in ((online, "distilled student"), (hard, "hard-label student (same budget)")):
         for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
             assert row[key] == pytest.approx(main_rows[name][key], rel=1e-6)
-    for row, mode in ((topk, "topk"), (sampled, "sample")):
-        manifest = json.loads((Path(row["cache"]["dir"]) / "manifest.json").read_text())
+    for row, mode, run in ((topk, "topk", "offline-topk"), (sampled, "sample", "offline-sample"),
+                           (fixed, "topk", "offline-topk-fixed")):
+        cache_dir = Path(row["cache"]["dir"])
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
         assert manifest["mode"] == mode and manifest["k"] == 16
-        assert row["cache"]["bytes"] == manifest["bytes"] > 0
+        on_disk = sum(p.stat().st_size for p in cache_dir.iterdir())
+        assert row["cache"]["bytes"] == on_disk
+        assert row["cache"]["bytes_per_position"] == pytest.approx(
+            on_disk / manifest["positions"])
         assert 1.0 < row["perplexity"] < 512 and row["kl_to_teacher"] > 0
         assert row["train_seconds"] > 0 and row["peak_memory_bytes"] > 0
-        run_log = (out / f"offline-{mode}" / "log.jsonl").read_text().splitlines()
+        run_log = (out / run / "log.jsonl").read_text().splitlines()
         assert json.loads(run_log[-1])["step"] == small.student_steps
+    # the compact top-k cache: a third of the fixed one's bytes, the same student (1 %)
+    assert topk["cache"]["bytes_per_position"] < fixed["cache"]["bytes_per_position"] / 2
+    assert topk["perplexity"] == pytest.approx(fixed["perplexity"], rel=1e-2)
     # the offline students learned from the teacher: distinct from the hard-label student
     assert topk["kl_to_teacher"] != hard["kl_to_teacher"]
     md = (out / "report.md").read_text()
     assert "## Offline distillation" in md and "| offline, top-16 cache |" in md
+    assert "Compact vs fixed top-k cache" in md
 
 
 def test_help_and_argument_errors_answer_without_importing_torch():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,11 +95,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def torchrun(args: list[str], fault: str | None = None, timeout: float = 150.0):
+def torchrun(args: list[str], fault: str | None = None, timeout: float = 150.0,
+             command: str = "distill"):
     """2 processes; returns (returncode, stdout, stderr, seconds). A hang fails the test."""
     target = [str(TESTS / "_dist_launch.py")] if fault else ["-m", "fastkd"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *target, "distill", *args]
+           *target, command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     if fault:
         env["FASTKD_TEST_FAULT"] = fault
@@ -223,26 +225,54 @@ def test_ddp_two_processes_equal_one_with_baseline_and_report(assets, tmp_path):
     assert out.count("report:") == 1
 
 
-def test_fsdp_from_a_teacher_cache_two_processes_equal_one(assets, tmp_path):
-    """Offline distillation under torchrun: `fastkd cache-teacher` (top-k), then FSDP2 over 2
-    processes training from the cache through the sparse loss, no teacher loaded, equals the
-    same run in 1 process; the report measures KL on the cached held-out rows."""
-    cache = tmp_path / "cache"
-    cache_teacher(CachePlan(teacher=str(assets.teacher), data=assets.data, out=str(cache), k=8,
-                            temperature=2.0, seq_len=OPTIONS["seq_len"], batch_size=16,
-                            shard_sequences=16, progress=False))
+def test_cache_teacher_on_two_processes_then_fsdp_from_the_cache(assets, tmp_path):
+    """Caching under torchrun: `fastkd cache-teacher` on 2 processes, rank 1 killed (SIGKILL)
+    after its first shard; the rerun on 2 processes resumes it, as does one on 1 process (another
+    world size); both equal the 1-process cache byte for byte, and 3 steps of distillation from
+    each give identical weights. Then FSDP2 over 2 processes trains from the cache, no teacher
+    loaded, as 1 process does; the report measures KL on the cached held-out rows."""
+    plan = dict(k=8, temperature=2.0, seq_len=OPTIONS["seq_len"], batch_size=16,
+                shard_sequences=128)
+    one = tmp_path / "cache-one"
+    cache_teacher(CachePlan(teacher=str(assets.teacher), data=assets.data, out=str(one),
+                            progress=False, **plan))
+    two = tmp_path / "cache-two"
+    args = ["--teacher", str(assets.teacher), "--data", *assets.data, "--out", str(two),
+            "--device", "cpu", "--no-progress",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in plan.items()]]
+    rc, _, err, seconds = torchrun(args, fault="1:1:kill-after-shard", command="cache-teacher")
+    assert rc != 0 and seconds < 120, err[-3000:]
+    assert_ended_without_abort(err)
+    written = sorted(p.name for p in two.glob("*.safetensors"))
+    manifest_one = json.loads((one / "manifest.json").read_text())
+    assert 1 <= len(written) < len(manifest_one["shards"])
+    assert not json.loads((two / "manifest.json").read_text())["complete"]
+    other_world = tmp_path / "cache-resumed-alone"
+    shutil.copytree(two, other_world)
+    cache_teacher(CachePlan(teacher=str(assets.teacher), data=assets.data,
+                            out=str(other_world), progress=False, **plan))
+    rc, _, err, _ = torchrun(args, command="cache-teacher")
+    assert_clean(rc, err)
+    for made in (two, other_world):
+        assert json.loads((made / "manifest.json").read_text()) == manifest_one
+        for entry in manifest_one["shards"]:
+            assert (made / entry["file"]).read_bytes() == (one / entry["file"]).read_bytes()
 
-    def cached(out: Path, **kw) -> DistillConfig:
+    def cached(out: Path, cache: Path, **kw) -> DistillConfig:
         return dataclasses.replace(
             config(assets, out, assets.student, **kw), teacher=None, teacher_cache=str(cache),
             tokenizer=str(assets.root / "tokenizer"))
 
-    cfg = cached(tmp_path / "two", parallel="fsdp", steps=3, report=True)
+    from_one = run_distillation(cached(tmp_path / "from-one", one, steps=3))
+    from_two = run_distillation(cached(tmp_path / "from-two", two, steps=3))
+    got, want = weights(from_two["run_dir"]), weights(from_one["run_dir"])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    cfg = cached(tmp_path / "fsdp", two, parallel="fsdp", steps=3, report=True)
     rc, out, err, _ = torchrun(cli_args(cfg))
     assert_clean(rc, err)
-    one = run_distillation(cached(tmp_path / "one", steps=3))
     history = log_records(cfg.out)
-    assert_same_training(weights(cfg.out), weights(one["run_dir"]), history, one["history"])
+    assert_same_training(weights(cfg.out), want, history, from_one["history"])
     assert [r["step"] for r in history] == [0, 1, 2, 3] and history[-1]["kd"] > 0
     report = json.loads((Path(cfg.out) / "report.json").read_text())
     assert report["teacher_cache"]["kl_tail"] == "bucket"

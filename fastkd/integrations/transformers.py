@@ -7,7 +7,9 @@
     trainer.train()
 
 (`DistillationTrainer`, its former name, which clashed with `trl.DistillationTrainer`, still
-imports, with a FutureWarning.)
+imports, with a FutureWarning.) With no teacher model it trains from a teacher cache
+(`fastkd cache-teacher`): `fastkd.integrations.cache.CacheDataset` and `cache_collator` give
+batches that carry the cached targets, and the loss is the sparse one (`fused_sparse_lm_loss`).
 
 How the loss gets the hidden states and the head weights without full logits, under any wrapper:
 the student's own forward runs, on every model input the batch holds (position_ids of a
@@ -42,9 +44,11 @@ from contextlib import contextmanager
 
 import torch
 
+from fastkd import reference
 from fastkd.loss import distill
 from fastkd.models import from_pretrained, head_weight_and_bias, lm_head
 from fastkd.options import DistillOptions
+from fastkd.sparse import sparse_distill
 
 try:
     from accelerate.utils import extract_model_from_parallel
@@ -55,7 +59,10 @@ except ImportError as err:  # transformers.Trainer needs accelerate
         "pip install fastkd[hf]"
     ) from err
 
-__all__ = ["FusedKDTrainer", "fused_lm_loss", "model_inputs", "output_layer", "shifted_labels"]
+__all__ = ["CACHE_COLUMNS", "FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss",
+           "model_inputs", "output_layer", "shifted_labels"]
+# A teacher cache's targets in a batch (fastkd.integrations.cache): the loss's, not the models'.
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,9 +116,10 @@ def shifted_labels(inputs: dict, ignore_index: int) -> torch.Tensor:
 
 
 def model_inputs(inputs: dict) -> dict:
-    """What a batch gives the models' forward: every entry but the labels (the loss is fastkd's),
-    as `transformers.Trainer` passes them (input_ids, attention_mask, position_ids, ...)."""
-    return {k: v for k, v in inputs.items() if k != "labels"}
+    """What a batch gives the models' forward: every entry but the labels and a cache's targets
+    (the loss is fastkd's), as `transformers.Trainer` passes them (input_ids, attention_mask,
+    position_ids, ...)."""
+    return {k: v for k, v in inputs.items() if k != "labels" and k not in CACHE_COLUMNS}
 
 
 def fused_lm_loss(
@@ -162,10 +170,49 @@ def fused_lm_loss(
     h_t, w_t, b_t = seen.pop()
     h_t = h_t[:, :-1]
 
+    return _student_loss(student, inputs, lambda hidden, weight, bias: distill(
+        hidden, weight, h_t, w_t, labels, opts, student_bias=bias, teacher_bias=b_t,
+        backend=backend, chunk_size=chunk_size))
+
+
+def fused_sparse_lm_loss(
+    student: torch.nn.Module,
+    inputs: dict,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    opts: DistillOptions,
+    *,
+    tail: str = "bucket",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+):
+    """`fastkd.sparse_distill` of `student` against a teacher's cached targets on one batch, as
+    `fused_lm_loss` without the teacher's forward: (loss, student outputs). teacher_ids,
+    teacher_logprobs (B, L-1, k): the teacher's (id, log-probability) pairs at each next-token
+    position (-1: an unused slot), at opts.temperature. Plain-torch equivalent:
+    `fastkd.reference.sparse_distill_loss` on `student(**inputs).logits[:, :-1]`."""
+    input_ids = inputs["input_ids"]
+    expected = (input_ids.shape[0], input_ids.shape[1] - 1)
+    if tuple(labels.shape) != expected or tuple(teacher_ids.shape[:-1]) != expected:
+        raise ValueError(f"labels {tuple(labels.shape)} and teacher_ids "
+                         f"{tuple(teacher_ids.shape)} must cover the {expected} next-token "
+                         f"positions of input_ids {tuple(input_ids.shape)}")
+    return _student_loss(student, {**inputs, "use_cache": False},
+                         lambda hidden, weight, bias: sparse_distill(
+                             hidden, weight, teacher_ids, teacher_logprobs, labels, opts,
+                             tail=tail, student_bias=bias, backend=backend,
+                             chunk_size=chunk_size))
+
+
+def _student_loss(student: torch.nn.Module, inputs: dict, loss_of: Callable):
+    """The student's forward on `inputs` with its output layer swapped for
+    loss_of(hidden (B, L-1, D), weight, bias): (loss, outputs), outputs' logits empty."""
+    seen = []
+
     def student_head(head, hidden):
         weight, bias = head_weight_and_bias(head)  # differentiable: a LoRA head's A and B get dW
-        loss = distill(hidden[:, :-1], weight, h_t, w_t, labels, opts, student_bias=bias,
-                       teacher_bias=b_t, backend=backend, chunk_size=chunk_size)
+        loss = loss_of(hidden[:, :-1], weight, bias)
         seen.append((hidden, loss))
         # Empty logits (B, L, 0) that depend on the loss: a wrapper that walks the graph from
         # the forward's outputs (DDP with find_unused_parameters, FSDP's hooks) finds the head.
@@ -173,7 +220,7 @@ def fused_lm_loss(
 
     with _head_replaced(student, student_head):
         outputs = student(**inputs)
-    _check_calls("student", seen, input_ids)
+    _check_calls("student", seen, inputs["input_ids"])
     loss = seen.pop()[1]
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     # + 0, exactly, but the backward then runs through the model's outputs, where DDP and FSDP
@@ -208,6 +255,12 @@ class FusedKDTrainer(Trainer):
     torch.bfloat16, ...; None keeps its dtype). It is not wrapped by accelerate: each process holds
     the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
 
+    teacher_model=None: from a teacher cache, no teacher loaded: train_dataset must be a
+    `fastkd.integrations.cache.CacheDataset` (with `cache_collator`), whose batches carry the
+    cached targets (teacher_ids, teacher_logprobs), and the loss is `fused_sparse_lm_loss` with
+    cache_tail (default: "ignore" for a sampled cache, "bucket" for a top-k one);
+    distill_options.temperature must be the cache's.
+
     Every input the collator gives (input_ids, attention_mask, position_ids, ...) goes to both
     models' forward, as `transformers.Trainer` passes them, so padding-free packing
     (`DataCollatorWithFlattening`) keeps its sequence boundaries. A LoRA adapter on the student's
@@ -223,9 +276,7 @@ class FusedKDTrainer(Trainer):
     def __init__(self, model=None, teacher_model=None, args=None, *,
                  distill_options: DistillOptions | None = None,
                  teacher_dtype: torch.dtype | str | None = None, backend: str = "auto",
-                 chunk_size: int | None = None, **kwargs):
-        if teacher_model is None:
-            raise TypeError("FusedKDTrainer needs teacher_model (a causal LM, path or hub id)")
+                 chunk_size: int | None = None, cache_tail: str | None = None, **kwargs):
         opts = DistillOptions() if distill_options is None else distill_options
         if not isinstance(opts, DistillOptions):
             raise TypeError(f"distill_options must be a fastkd.DistillOptions, got "
@@ -252,6 +303,16 @@ class FusedKDTrainer(Trainer):
         # transformers (no loss_is_scaled_for_ga) do not divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         student = lm_head(_inner_model(self.model), "student")
+        self.backend, self.chunk_size, self.cache_tail = backend, chunk_size, None
+        if teacher_model is None:  # from a teacher cache: its targets come with the batches
+            self.teacher_model = None
+            self.cache_tail = _cache_tail(self.train_dataset, opts, cache_tail)
+            self.distill_options = dataclasses.replace(opts, reduction="sum",
+                                                       student_softcap=student.softcap)
+            return
+        if cache_tail is not None:
+            raise ValueError("cache_tail applies to training from a teacher cache "
+                             "(teacher_model=None)")
         if isinstance(teacher_model, str):
             teacher_model = from_pretrained(AutoModelForCausalLM, teacher_model, "teacher")
         teacher_model = teacher_model.to(device=self.args.device, dtype=teacher_dtype)
@@ -260,7 +321,13 @@ class FusedKDTrainer(Trainer):
         self.teacher_model = teacher_model
         self.distill_options = dataclasses.replace(
             opts, reduction="sum", student_softcap=student.softcap, teacher_softcap=teacher.softcap)
-        self.backend, self.chunk_size = backend, chunk_size
+
+    def _set_signature_columns_if_needed(self):
+        """A cache's targets are batch columns the model's forward does not take: keep them."""
+        super()._set_signature_columns_if_needed()
+        if self.teacher_model is None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns,
+                                                          *CACHE_COLUMNS]))
 
     def _tokens_across_processes(self) -> bool:
         return self.args.average_tokens_across_devices and self.args.world_size > 1
@@ -283,9 +350,20 @@ class FusedKDTrainer(Trainer):
         step's count, from get_batch_samples) in training, by the batch's own count otherwise."""
         opts = self.distill_options
         labels = shifted_labels(inputs, opts.ignore_index)
-        self.teacher_model.eval()
-        loss, outputs = fused_lm_loss(model, self.teacher_model, model_inputs(inputs), labels, opts,
-                                      backend=self.backend, chunk_size=self.chunk_size)
+        if self.teacher_model is None:
+            missing = [c for c in CACHE_COLUMNS if c not in inputs]
+            if missing:
+                raise ValueError(f"FusedKDTrainer without teacher_model trains from a teacher "
+                                 f"cache: its batches need {missing} (fastkd.integrations.cache:"
+                                 " CacheDataset with cache_collator)")
+            loss, outputs = fused_sparse_lm_loss(
+                model, model_inputs(inputs), labels, inputs["teacher_ids"],
+                inputs["teacher_logprobs"], opts, tail=self.cache_tail, backend=self.backend,
+                chunk_size=self.chunk_size)
+        else:
+            self.teacher_model.eval()
+            loss, outputs = fused_lm_loss(model, self.teacher_model, model_inputs(inputs), labels,
+                                          opts, backend=self.backend, chunk_size=self.chunk_size)
         if num_items_in_batch is None or not model.training:
             loss = loss / (labels != opts.ignore_index).sum().clamp(min=1)
         else:
@@ -301,6 +379,28 @@ class FusedKDTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def _cache_tail(dataset, opts: DistillOptions, tail: str | None) -> str:
+    """The sparse loss's tail for training from a cache, whose temperature must be the run's."""
+    from fastkd.integrations.cache import CacheDataset
+
+    if not isinstance(dataset, CacheDataset):
+        raise TypeError("FusedKDTrainer needs teacher_model (a causal LM, path or hub id), or, to "
+                        "train from a teacher cache, teacher_model=None with a "
+                        "fastkd.integrations.cache.CacheDataset as train_dataset, got "
+                        f"{type(dataset).__name__}")
+    if opts.temperature != dataset.temperature:
+        raise ValueError(f"distill_options.temperature is {opts.temperature}, the cache "
+                         f"{dataset.dir}'s is {dataset.temperature}: its log-probabilities are "
+                         "at that temperature")
+    tail = tail or dataset.tail
+    if tail not in reference.SPARSE_TAILS:
+        raise ValueError(f"cache_tail must be one of {reference.SPARSE_TAILS}, got {tail!r}")
+    if tail == "ignore" and opts.divergence != "forward_kl":
+        raise ValueError(f"cache_tail 'ignore' (sampled targets) supports divergence="
+                         f"'forward_kl' only, got {opts.divergence!r}")
+    return tail
 
 
 _warned_old_name = False

@@ -1,0 +1,219 @@
+"""Teacher log-probabilities produced elsewhere (an inference server) turned into a teacher cache:
+`fastkd cache-import`, `import_logprobs`.
+
+Input: JSON Lines, one sequence a line, in the shape of vLLM's `prompt_logprobs`:
+
+    {"input_ids": [t_0, t_1, ..., t_(n-1)],
+     "prompt_logprobs": [null, {"ID": LOGPROB, ...}, ..., {"ID": LOGPROB, ...}]}
+
+`prompt_logprobs[i]` (i >= 1) is the teacher's top-k at position i, log p(x_i = ID | x_<i), keys
+the token ids as strings, values a number or an object with a "logprob" field (vLLM's Logprob:
+{"logprob": -0.31, "rank": 1, "decoded_token": "a"}); entry 0 has no context (null). A null entry
+at i >= 1 marks a position that does not count (a prompt): it stores nothing. The maps may hold
+different numbers of ids (vLLM adds the actual token when it is not in the top k). SGLang's
+`input_top_logprobs` (lists of [logprob, token_id, text]) convert with
+`{str(tid): lp for lp, tid, _ in entry}`. Sequences are padded to seq_len (default: the longest),
+one a row, and split into train and held-out as `fastkd distill` splits its data.
+
+Temperature: the log-probabilities are at the temperature the server used (`prompt_logprobs` are
+log softmax of the raw logits: T = 1), which `--temperature` records; `fastkd distill` must then
+run at that temperature, and refuses another. Top-k log-probabilities cannot be re-tempered
+exactly: softmax(lp / T') over the k ids is the tempered distribution renormalised to them, but the
+mass at T' of the ids outside them needs every logit. The tail bucket of the sparse loss is then
+1 - sum_k p_k at the server's temperature: the teacher's exact mass outside the k ids.
+
+Bad input raises a ValueError naming the file and line: an id outside the tokenizer's vocabulary
+(the student's), a value that is not a finite log-probability, maps whose probabilities add up to
+more than 1, a prompt_logprobs list whose length is not the sequence's. Shards are written
+atomically and checked on a rerun, as `fastkd cache-teacher`'s: an interrupted import resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
+from fastkd.cache_format import DTYPES, FORMAT, LAYOUTS, Rows, plan_digest
+from fastkd.data import SPLIT_SEED, Blocks, json_lines, split
+
+MASS_SLACK = 1e-3  # maps whose probabilities add up to more: not log-probabilities
+
+
+@dataclass
+class ImportPlan:
+    """One `fastkd cache-import` run."""
+
+    logprobs: list[str]  # .jsonl files (the schema above)
+    tokenizer: str  # the student's tokenizer: ids must lie in [0, len(tokenizer))
+    out: str
+    teacher: str = "imported"  # what produced the log-probabilities (recorded)
+    temperature: float = 1.0  # the temperature the log-probabilities are at
+    seq_len: int | None = None  # default: the longest sequence
+    eval_fraction: float = 0.05
+    layout: str = "compact"
+    logprob_step: float = 0.125
+    dtype: str = "float16"
+    shard_sequences: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logprobs, (str, os.PathLike)):
+            self.logprobs = [self.logprobs]
+        self.logprobs = [str(p) for p in self.logprobs]
+        if not self.logprobs:
+            raise ValueError("logprobs: pass at least one .jsonl file")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+
+
+def _value(where: str, key: str, value) -> float:
+    if isinstance(value, dict):
+        value = value.get("logprob")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or value > 1e-6:
+        raise ValueError(f"{where}: the log-probability of id {key} is {value!r}, not a finite "
+                         "number <= 0")
+    return min(float(value), 0.0)
+
+
+def read_sequence(where: str, record, vocab: int) -> tuple[list[int], list[dict | None]]:
+    """(input_ids, maps) of one record: maps[i] is {id: log-probability} for position i's
+    prediction of token i + 1, or None where it does not count."""
+    if not isinstance(record, dict) or not isinstance(record.get("input_ids"), list) or \
+            not isinstance(record.get("prompt_logprobs"), list):
+        raise ValueError(f'{where}: expected a JSON object with lists "input_ids" and '
+                         '"prompt_logprobs"')
+    ids, entries = record["input_ids"], record["prompt_logprobs"]
+    if len(ids) < 2 or len(entries) != len(ids):
+        raise ValueError(f"{where}: prompt_logprobs holds {len(entries)} entries for "
+                         f"{len(ids)} input ids (one an id, >= 2 ids)")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"{where}: input id {token!r} lies outside the tokenizer's "
+                             f"vocabulary [0, {vocab})")
+    maps = []
+    for entry in entries[1:]:
+        if entry is None:
+            maps.append(None)
+            continue
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"{where}: a prompt_logprobs entry must be null or a non-empty "
+                             f"object {{id: log-probability}}, got {str(entry)[:60]}")
+        row = {}
+        for key, value in entry.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ValueError(f"{where}: {key!r} is not a token id") from None
+            if not 0 <= token < vocab:
+                raise ValueError(f"{where}: id {token} exceeds the student's vocabulary: the "
+                                 f"tokenizer has {vocab} ids")
+            row[token] = _value(where, key, value)
+        if sum(math.exp(v) for v in row.values()) > 1 + MASS_SLACK:
+            raise ValueError(f"{where}: the probabilities of a position add up to more than 1: "
+                             "not log-probabilities of one distribution")
+        maps.append(row)
+    if all(m is None for m in maps):
+        raise ValueError(f"{where}: no position carries log-probabilities")
+    return ids, maps
+
+
+def read_records(paths: list[str], vocab: int) -> list[tuple[list[int], list]]:
+    sequences = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"logprobs file not found: {path}")
+        text = Path(path).read_text(encoding="utf-8")
+        sequences += [read_sequence(where, record, vocab)
+                      for where, record in json_lines(Path(path), text)]
+    if not sequences:
+        raise ValueError(f"logprobs files {paths} hold no sequence")
+    return sequences
+
+
+def _blocks(sequences, seq_len: int, pad_id: int) -> tuple[Blocks, list]:
+    """One row per sequence, padded; (Blocks, maps per row): token i + 1 is a target where
+    position i has a map."""
+    n = len(sequences)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, seq_len, dtype=torch.long)
+    counted = torch.zeros(n, seq_len, dtype=torch.bool)
+    for r, (ids, maps) in enumerate(sequences):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        mask[r, :len(ids)] = 1
+        counted[r, 1:len(ids)] = torch.tensor([m is not None for m in maps])
+    return Blocks(input_ids, mask, counted=counted), [maps for _, maps in sequences]
+
+
+def import_logprobs(plan: ImportPlan) -> dict:
+    """Turn the log-probability files of `plan` into a teacher cache under plan.out (or resume
+    one); returns the manifest."""
+    from fastkd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.tokenizer)
+    vocab = len(tokenizer)
+    sequences = read_records(plan.logprobs, vocab)
+    longest = max(len(ids) for ids, _ in sequences)
+    seq_len = plan.seq_len or longest
+    if longest > seq_len:
+        where = next(i for i, (ids, _) in enumerate(sequences) if len(ids) > seq_len)
+        raise ValueError(f"logprobs: sequence {where} holds {len(sequences[where][0])} ids, more "
+                         f"than seq_len={seq_len}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    blocks, maps = _blocks(sequences, seq_len, pad)
+    # the split of fastkd.data, on the row numbers
+    index = Blocks(torch.arange(len(blocks)).unsqueeze(-1), torch.ones(len(blocks), 1,
+                                                                       dtype=torch.long))
+    train_rows, heldout_rows = (b.input_ids[:, 0] for b in split(index, plan.eval_fraction))
+    k = max(len(m) for row in maps for m in row if m is not None)
+    compact = plan.layout == "compact"
+    manifest = {
+        "format": FORMAT, "teacher": plan.teacher, "teacher_fingerprint": {"imported":
+                                                                           plan.teacher},
+        "tokenizer": tokenizer_fingerprint(tokenizer), "vocab": vocab,
+        "temperature": plan.temperature, "mode": "topk", "k": k, "samples": None, "slots": k,
+        "layout": plan.layout, "logprob_step": plan.logprob_step if compact else None,
+        "dtype": None if compact else plan.dtype, "seq_len": seq_len,
+        "eval_fraction": plan.eval_fraction, "seed": None,
+        "shard_sequences": plan.shard_sequences, "source": "import",
+        "data": data_fingerprint(plan.logprobs),
+        "split": {"seed": SPLIT_SEED, "train": len(train_rows), "heldout": len(heldout_rows)},
+        "shards": [], "complete": False,
+    }
+    manifest["plan_sha256"] = plan_digest(manifest)
+    rows_of_split = {"train": train_rows, "heldout": heldout_rows}
+
+    def import_shards():
+        def rows(split_name, first, part, _offset):
+            chosen = rows_of_split[split_name][first:first + len(part)].tolist()
+            row_maps = [m for r in chosen for m in maps[r] if m is not None]
+            ids = torch.full((len(row_maps), k), -1, dtype=torch.long)
+            values = torch.zeros(len(row_maps), k, dtype=torch.float64)
+            n = torch.tensor([len(m) for m in row_maps], dtype=torch.long)
+            for i, m in enumerate(row_maps):
+                ids[i, :len(m)] = torch.tensor(list(m))
+                values[i, :len(m)] = torch.tensor(list(m.values()), dtype=torch.float64)
+            # a map a hair above 1 (the server's rounding): brought to 1
+            mass = torch.logsumexp(torch.where(ids >= 0, values, float("-inf")), -1)
+            values = values - mass.clamp(min=0).unsqueeze(-1)
+            return Rows(ids, values, n)
+
+        return rows
+
+    return build_cache(Path(plan.out), manifest,
+                       {"train": blocks.select(train_rows), "heldout": blocks.select(heldout_rows)},
+                       plan.shard_sequences, import_shards, plan.progress, "cache-import")
