@@ -138,6 +138,7 @@ def check_hf_loop(ns, assets):
     assert expected.item() > 0.1
     assert ns["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert_moved(ns["student"], initial)
+    assert all(p.grad is None for p in ns["teacher"].parameters())  # the teacher gets nothing
 
 
 @contextlib.contextmanager
