@@ -136,7 +136,8 @@ def check_hf_loop(ns, assets):
     with torch.no_grad():
         expected = reference_loss(initial, teacher, labeled, opts)
     assert expected.item() > 0.1
-    assert ns["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    rel = 2e-2 if torch.cuda.is_available() else 1e-5  # the snippet runs bf16 autocast on a GPU
+    assert ns["loss"].item() == pytest.approx(expected.item(), rel=rel)
     assert_moved(ns["student"], initial)
     assert all(p.grad is None for p in ns["teacher"].parameters())  # the teacher gets nothing
 
