@@ -378,15 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from fastkd.demo import run_demo
 
+            threads = None
             if args.fast and "OMP_NUM_THREADS" not in os.environ:
                 import torch
 
                 # Models this small gain little from a second thread, and torch's thread pool
                 # stalls when other jobs share the cores (measured: 2.5x slower wall time).
+                threads = torch.get_num_threads()
                 torch.set_num_threads(1)
             started = time.perf_counter()
-            results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
-                               progress=args.progress, offline=args.offline)
+            try:
+                results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
+                                   progress=args.progress, offline=args.offline)
+            finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
+                if threads is not None:
+                    torch.set_num_threads(threads)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
         from fastkd import distributed

@@ -299,6 +299,7 @@ def test_bad_paths_fail_before_anything_loads_or_is_written(models, tmp_path, mo
 
     monkeypatch.setattr(fsio.tempfile, "TemporaryFile", read_only)
     assert f"out {out}: cannot write there" in error(str(models["student"]))
+    threads = torch.get_num_threads()  # demo --fast runs on one thread, then gives them back
     for argv in (["cache-teacher", "--teacher", str(models["teacher"]), "--data",
                   *models["data"], "--out", str(out)],
                  ["demo", "--fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]):
@@ -307,6 +308,7 @@ def test_bad_paths_fail_before_anything_loads_or_is_written(models, tmp_path, mo
         assert exit_info.value.code == 2
         assert f"out {out}: cannot write there (its nearest existing folder {tmp_path}): a " \
                "read-only file system" in capsys.readouterr().err
+        assert torch.get_num_threads() == threads
     monkeypatch.undo()
 
     # A config.json left by a start that never reached its first step does not hold the dir.
