@@ -327,8 +327,9 @@ def distill_grad_kernel(
     params = params_ptr + row * ROW_PARAMS
     _grad_pass(s_row, t_ptr + row * stride_t, s_row, stride_s, stride_t, V, K, 1.0 / temperature,
                tl.load(params), tl.load(params + 1), 0.0, tl.load(params + 2), 0.0,
-               tl.load(params + 3), y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight, temperature, mix,
-               s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+               tl.load(params + 3), y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight,
+               temperature, mix, s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP,
+               BLOCK_V)
 
 
 def _meta(opts, labels, vocab: int, block_v: int, num_warps: int) -> dict:

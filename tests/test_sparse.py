@@ -368,7 +368,6 @@ def test_teacher_mass_above_one_is_an_error():
     with pytest.raises(ValueError, match="sum\\(exp\\(teacher_logprobs\\)\\) = 3 > 1"):
         call(teacher_logprobs=torch.zeros_like(inputs["teacher_logprobs"]))
     lp = inputs["teacher_logprobs"].clone()
-    ids = inputs["teacher_ids"]
     lp[4] = torch.tensor([1.01 / 3] * 3).log()  # P = 1.01 in fp32
     with pytest.raises(ValueError, match="= 1.01 > 1"):
         call(teacher_logprobs=lp)
