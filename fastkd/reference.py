@@ -138,8 +138,10 @@ def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
 
 
 def _renormalised(log_x: torch.Tensor) -> torch.Tensor:
+    """exp(log x) / its row's sum (a row of empty slots, all exp = 0, stays 0)."""
     x = log_x.exp()
-    return x / x.sum(-1, keepdim=True)
+    total = x.sum(-1, keepdim=True)
+    return x / torch.where(total > 0, total, 1.0)
 
 
 def _student_teacher(student_logits, teacher_logits, opts):

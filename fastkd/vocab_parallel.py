@@ -218,9 +218,11 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
     s_buf.copy_(grad)
 
 
-STATS = RowOp(torch=_torch_stats, triton="distill.distill_stats")
-PARTIALS = RowOp(torch=_torch_partials, triton="distill.distill_partials")
-GRAD = RowOp(torch=_torch_grad, triton="distill.distill_grad")
+STATS_PASS = RowOp(torch=_torch_stats, triton="distill.distill_stats")
+PARTIALS_PASS = RowOp(torch=_torch_partials, triton="distill.distill_partials")
+GRAD_PASS = RowOp(torch=_torch_grad, triton="distill.distill_grad")
+STATS = 5  # per row, local: L_s, L_a, L_b, e, s_y (kernels/distill.py's STATS)
+PARTIALS = 2  # per row, local: D, S
 
 
 # ---- the row op ---------------------------------------------------------------------------------
@@ -240,8 +242,8 @@ def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, comp
     of the whole vocabulary into out (the same on every rank), and, if compute_grad, this shard's
     G = r dloss/ds written over s."""
     n, acc = s.shape[0], out.dtype
-    stats = torch.empty(n, 5, device=s.device, dtype=acc)  # fp32 (fp64 for fp64 inputs)
-    STATS.on(backend)(s, t, labels, stats, vocab_start, opts)
+    stats = torch.empty(n, STATS, device=s.device, dtype=acc)  # fp32 (fp64 for fp64 inputs)
+    STATS_PASS.on(backend)(s, t, labels, stats, vocab_start, opts)
     lse = stats[:, :3]
     m, w = _combine_lse(lse, group)
     e_weight = w[:, 2] if opts.divergence == "forward_kl" else w[:, 1]
@@ -257,8 +259,8 @@ def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, comp
     elif opts.divergence == "reverse_kl":
         kd = e - lse_a + lse_b
     else:
-        partials = torch.empty(n, 2, device=s.device, dtype=acc)
-        PARTIALS.on(backend)(s, t, params, partials, opts)
+        partials = torch.empty(n, PARTIALS, device=s.device, dtype=acc)
+        PARTIALS_PASS.on(backend)(s, t, params, partials, opts)
         dist.all_reduce(partials, group=group)
         kd, params[:, 3] = partials[:, 0], partials[:, 1]
     if labels is None:
@@ -271,4 +273,4 @@ def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, comp
         loss = opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd
     out.copy_(torch.stack([loss, ce, kd], 1))
     if compute_grad:
-        GRAD.on(backend)(s, t, labels, row_scale, params, vocab_start, opts)
+        GRAD_PASS.on(backend)(s, t, labels, row_scale, params, vocab_start, opts)

@@ -1,4 +1,5 @@
-"""Ranks of the vocab-parallel tests: `python _vocab_parallel_worker.py WORLD SUITE`.
+"""Ranks of the vocab-parallel tests: `python _vocab_parallel_worker.py WORLD SUITE`, SUITE
+"matrix", "probe" or both ("matrix+probe", in one process group).
 
 Each rank builds the same full heads from one seed, keeps its slice of both, runs the
 vocab-parallel loss, and checks the loss and every gradient against the single-process fused loss
@@ -278,10 +279,10 @@ def main(rank, world, name, store):
                             timeout=datetime.timedelta(seconds=60))
     try:
         group = dist.group.WORLD
-        if name == "matrix":
-            for case in suite(name, world):
+        if "matrix" in name.split("+"):
+            for case in suite("matrix", world):
                 run_case(rank, world, group, case)
-        elif name == "probe":
+        if "probe" in name.split("+"):
             memory_probe(rank, world, group)
             dtensor_head(rank, world, group)
             bad_tiling(rank, world, group)

@@ -10,6 +10,7 @@ The bf16 cases through backend="triton" also guard the interpreter's known bf16 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -718,23 +719,35 @@ def kd_term_fp64(divergence, temperature, cap):
     return kd_term("reference", torch.float64, divergence, temperature, cap)
 
 
+def tvd_kink_gap(temperature, cap):
+    """The smallest |q - p| / max(q, p) of the float64 inputs over the ids that carry mass: TVD's
+    subgradient sign(q - p) jumps at q = p, so an id within rounding of it moves the gradient by
+    q there in any precision (one seed put an id 2.5e-7 away: 50x TRL's KL errors)."""
+    x = accuracy_inputs()
+    a = reference.softcap(x["h_s"] @ x["w_s"].T + x["b_s"], cap) / temperature
+    b = reference.softcap(x["h_t"] @ x["w_t"].T + x["b_t"], cap) / temperature
+    q, p = a.softmax(-1), b.softmax(-1)
+    mass = torch.maximum(q, p) > 1e-4 * q.amax(-1, keepdim=True)
+    return ((q - p).abs() / torch.maximum(q, p))[mass].min().item()
+
+
 @pytest.mark.skipif(ON_GPU, reason="TRL's CPU path and the interpreter; the GPU has its own")
 @pytest.mark.parametrize("cap", [None, ACCURACY_CAP])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
-def test_fp32_as_exact_as_trl(backend, temperature, cap):
+def test_fp32_as_exact_as_trl(temperature, cap):
     """Every backend's fp32 loss and gradients (dh, dW, db) within 2x the error of TRL 1.16's
     chunked divergence kernel on the same inputs (relative 2-norm errors against float64), for
     each divergence TRL has (forward KL, reverse KL, JSD). For the divergences TRL lacks (the skew
     KLs, TVD): absolute errors within 2x the largest absolute error TRL makes on the KLs and JSD
     at the same T and softcap (their gradients are smaller than the KLs', so their relative
     errors are larger: TVD's q (sign(q - p) / 2 - S) cancels where most of q's mass has one
-    sign)."""
+    sign). The previous torch and reference paths fail this at T = 0.5 and 1 (up to 7x)."""
     pytest.importorskip("trl")
+    assert tvd_kink_gap(temperature, cap) > 1e-5, "an id sits on TVD's kink: pick another seed"
     trl = {div: kd_errors("trl", div, temperature, cap) for div in TRL_BETA}
     worst = [max(e) for e in zip(*(absolute for _, absolute in trl.values()), strict=True)]
-    for divergence in DIVERGENCES:
+    for backend, divergence in itertools.product(("torch", "triton", "reference"), DIVERGENCES):
         relative, absolute = kd_errors(backend, divergence, temperature, cap)
         got, bound = (relative, trl[divergence][0]) if divergence in trl else (absolute, worst)
         for what, err, ref in zip(("loss", "dh", "dW", "db"), got, bound, strict=True):
-            assert err <= 2 * ref, (divergence, what, f"{err:.2e} > 2 x {ref:.2e}")
+            assert err <= 2 * ref, (backend, divergence, what, f"{err:.2e} > 2 x {ref:.2e}")

@@ -104,28 +104,30 @@ print(repr((out, os.environ.get("TRITON_INTERPRET"))))
 """
 
 
-@pytest.mark.parametrize("first", ["fresh", "compiled-first"])
-def test_triton_backend_on_cpu_in_a_fresh_process(first):
-    """Issue 25 item 6: backend="triton" on CPU tensors, TRITON_INTERPRET unset. In a process that
-    has not imported triton yet, fastkd switches Triton's interpreter on itself (for good) and the
-    interpreted kernels give the torch path's loss; once triton was imported for compiling, a
-    ValueError says what to set and when."""
+def test_triton_backend_on_cpu_in_a_fresh_process():
+    """Issue 25 item 6: backend="triton" on CPU tensors, TRITON_INTERPRET unset, each in a fresh
+    process (the two run side by side). In a process that has not imported triton yet, fastkd
+    switches Triton's interpreter on itself (for good) and the interpreted kernels give the torch
+    path's loss; once triton was imported for compiling, a ValueError says what to set and when."""
     import ast
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", TRITON_ON_CPU, first], env=env, timeout=300,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out, interpret = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert isinstance(out["torch"], float)
-    if first == "fresh":
-        assert out["triton"] == pytest.approx(out["torch"], rel=1e-6) and interpret == "1"
-    else:
-        assert "TRITON_INTERPRET=1" in out["triton"] and "before the process starts" in out[
-            "triton"] and interpret is None
+    procs = {first: subprocess.Popen([sys.executable, "-c", TRITON_ON_CPU, first], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for first in ("fresh", "compiled-first")}
+    results = {}
+    for first, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results[first] = ast.literal_eval(stdout.strip().splitlines()[-1])
+    (fresh, interpret), (compiled, still_unset) = results["fresh"], results["compiled-first"]
+    assert isinstance(fresh["torch"], float) and isinstance(compiled["torch"], float)
+    assert fresh["triton"] == pytest.approx(fresh["torch"], rel=1e-6) and interpret == "1"
+    assert "TRITON_INTERPRET=1" in compiled["triton"] and still_unset is None
+    assert "before the process starts" in compiled["triton"]
 
 
 def test_module_rejects_bad_options_at_construction():
