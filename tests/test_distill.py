@@ -617,16 +617,14 @@ def test_nan_in_an_ignored_token_does_not_reach_the_gradients(backend):
         assert (grads["student_hidden"][ignored] == 0).all()
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("dropped", [0, 25, 49, 50])  # of 50: none, half, all but one, all
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_any_share_of_ignored_tokens(backend, reduction, fraction):
-    inputs = make_inputs(n=100, vocab=97, vocab_t=101, seed=30, ignore_every=0)
-    g = torch.Generator().manual_seed(31)
-    drop = (torch.rand(100, generator=g) < fraction).to(DEVICE)
-    drop[: int(fraction * 100) - int(drop.sum())] = fraction > 0  # exactly the share (0.99: 1 left)
-    inputs["labels"][drop] = -100
-    upstream = torch.randn(100, device=DEVICE) if reduction == "none" else None
+def test_any_share_of_ignored_tokens(backend, reduction, dropped):
+    inputs = make_inputs(n=50, vocab=97, vocab_t=101, seed=30, ignore_every=0)
+    drop = torch.randperm(50, generator=torch.Generator().manual_seed(31))[:dropped]
+    inputs["labels"][drop.to(DEVICE)] = -100  # exactly that many ignored, spread over the chunks
+    upstream = torch.randn(50, device=DEVICE) if reduction == "none" else None
     loss, grads = check(inputs, backend, torch.float32, upstream, reduction=reduction,
                         divergence="forward_kl", temperature=2.0, chunk_size=16)
     # the same with the ignored tokens computed and masked (no compaction) agrees
