@@ -181,14 +181,14 @@ def row_kernel_sweep(dev: torch.device, configs, log, n: int = 1024, vocab: int 
     t.copy_(torch.randn(n, vocab, generator=g, device=dev).mul_(2))
     labels = torch.randint(0, vocab, (n,), generator=g, device=dev)
     scale = torch.full((n,), 1.0 / n, device=dev)
-    outs = [torch.empty(n, device=dev) for _ in range(3)]
+    out = torch.empty(n, 3, device=dev)  # loss, ce, kd per row
     opts = fastkd.DistillOptions(temperature=2.0, divergence=divergence)
     passes = 3 if divergence == "jsd" else 2  # reads of S and T; plus one write of G
     nbytes = n * (passes * 2 * vocab + vocab) * 2
     rows = []
     for block_v, warps in configs:
         def call(block_v=block_v, warps=warps):
-            kernel.distill_rows(s, t, labels, scale, *outs, opts, True, block_v=block_v,
+            kernel.distill_rows(s, t, labels, scale, out, opts, True, block_v=block_v,
                                 num_warps=warps)
         call()
         r = bench(call, dev, rep_ms=100)

@@ -1,11 +1,20 @@
-"""The autograd layer: a chunk loop over tokens that never holds more than chunk x V logits.
+"""The pipeline below the front-end (`fastkd.loss.fused_loss`): one autograd Function, one custom
+op, one chunk loop over the student's tokens, and the teacher forms that plug into it.
 
-Per chunk of tokens (rows i0:i1), with G = dloss/dS:
-    S = H_s W_s^T + b_s      (chunk, V)  cuBLAS, in the compute dtype, into a reused buffer
-    T = H_t W_t[:K]^T + b_t  (chunk, K)  cuBLAS; teacher logits past the shared ids are never used
-    row op: per-token loss, and G written over S (the Triton kernel; on CPU the spec + autograd)
-    dH_s[i0:i1] = G W_s,  dW_s += G^T H_s,  db_s += sum_rows G    (dW_s, db_s accumulated in fp32)
-FLOPs: 2 N V (3 D_s + D_t), the floor; the teacher's logits are formed once.
+The layers, top to bottom (each name says which layer it is):
+    FusedLossFunction      autograd: gradients formed in forward, scaled (or recomputed) in backward
+    run_chunks             the chunk loop, through the custom op `fastkd::chunk_loop` when the
+                           teacher form allows it (opaque to torch.compile), else eagerly
+    chunk_loop             per chunk of tokens (rows i0:i1), with G = dloss/dS:
+        S = H_s W_s^T + b_s      (chunk, V)  cuBLAS, in the compute dtype, into a reused buffer
+        rows(i0, i1, S)          the teacher form's row op: per-token (loss, ce, kd), and G over S
+        dH_s[i0:i1] = G W_s,  dW_s += G^T H_s,  db_s += sum_rows G    (dW_s, db_s in fp32)
+    TeacherForm.rows       what differs per teacher form: the dense teacher forms its logits T =
+                           H_t W_t[:K]^T + b_t per chunk (FLOPs 2 N V (3 D_s + D_t), the floor);
+                           the sparse teacher brings k (id, log-probability) pairs per token;
+                           the vocab-parallel teacher wraps the dense one around all-reduces
+    RowOp                  the row op on each backend: plain torch (the spec's closed form) or
+                           the Triton kernel (`fastkd.kernels`), the one backend dispatch
 
 The loss is the last op of a training step, so for reduction "mean"/"sum" the gradients are
 computed in the forward pass with the reduction's scale folded in, and backward only multiplies
@@ -15,35 +24,21 @@ backward recomputes the chunks with it as the row scale.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from fastkd import reference
+from fastkd import options, reference
 from fastkd.options import DistillOptions
 
+OUTPUTS = ("loss", "ce", "kd")  # the per-token columns every row op writes, in this order
 
-def _torch_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` (and its closed-form logit gradient) on one chunk in
-    fp32 (fp64 for fp64 logits)."""
-    acc_dtype = loss_out.dtype
-    s_acc, t_acc = s.to(acc_dtype), t.to(acc_dtype)
-    if compute_grad:
-        loss, ce, kd, grad = reference.token_losses_and_grad(s_acc, t_acc, labels, opts)
-        s.copy_(grad.mul_(row_scale.to(acc_dtype).unsqueeze(-1)))
-    else:
-        loss, ce, kd = reference.token_losses(s_acc, t_acc, labels, opts)
-    loss_out.copy_(loss)
-    ce_out.copy_(ce)
-    kd_out.copy_(kd)
-
-
-def _triton_rows(*args):
-    from fastkd.kernels.distill import distill_rows
-
-    distill_rows(*args)
-
-
-ROW_OPS = {"torch": _torch_rows, "triton": _triton_rows}
-
+# ---- chunk sizes and buffers --------------------------------------------------------------------
 
 GPU_CHUNK_BUDGET = 512 * 2**20  # bytes of the two logit buffers (the kernel allocates nothing)
 CPU_CHUNK_BUDGET = 256 * 2**20  # bytes of the buffers and the torch row op's temporaries
@@ -57,7 +52,8 @@ def default_chunk_size(
     n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device
 ) -> int:
     """Tokens per chunk so a chunk's memory fits a budget: on GPU the two logit buffers in 512
-    MiB; on CPU the buffers and the row op's temporaries in 256 MiB.
+    MiB; on CPU the buffers and the row op's temporaries in 256 MiB. `shared`: the teacher side's
+    width per token (the dense teacher's K logits).
 
     Each chunk re-reads and re-writes the fp32 dW accumulator (V x D_s), so fewer, larger chunks
     cost less traffic; 512 MiB gives 1024-token chunks at V = 128k in bf16 (unmeasured on a GPU).
@@ -76,13 +72,18 @@ ROW_ALIGN = 64  # elements: logit buffer rows start 128 bytes apart whatever V i
 
 
 def padded_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised (rows, width) buffer whose row stride is width rounded up to ROW_ALIGN.
+    """A (rows, width) buffer whose row stride is width rounded up to ROW_ALIGN; the view's
+    entries are uninitialised, the pad columns between rows are zero.
 
     The row kernel masks its loads and stores by the stride, so a stride divisible by 16 keeps
     them 128-bit wide at any vocabulary size (V = 50257 would give scalar loads); the GEMMs
-    write the (rows, width) view through cuBLAS's leading dimension, with no copy."""
+    write the (rows, width) view through cuBLAS's leading dimension, with no copy. The pad is
+    zeroed because GEMMs may read it: CPU bf16 GEMMs (oneDNN, one thread) load whole vectors of
+    each row of A past its width, and NaN garbage there times the zero padding of B gave NaN."""
     stride = -(-width // ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(rows, stride, device=device, dtype=dtype)[:, :width]
+    buf = torch.empty(rows, stride, device=device, dtype=dtype)
+    buf[:, width:].zero_()
+    return buf[:, :width]
 
 
 def accumulator_dtype(dtypes: tuple[torch.dtype, torch.dtype]) -> torch.dtype:
@@ -94,122 +95,8 @@ def cast_or_none(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return None if x is None else x.to(dtype)
 
 
-def student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows):
-    """The student side of every fused loss: per chunk of tokens i0:i1, form S = H_s W_s^T + b_s in
-    the compute dtype into a reused (chunk, V) buffer, call `rows(i0, i1, S)` (which computes the
-    chunk's per-token outputs and, if grads, writes G = dloss/dS over S), then dH_s[i0:i1] = G W_s,
-    dW_s += G^T H_s, db_s += sum_rows G. Returns (dH, dW, db), dW and db accumulated in `acc`."""
-    n, d_s = h_s.shape
-    vocab, dev = w_s.shape[0], h_s.device
-    h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
-    s_buf = padded_rows(min(chunk, n), vocab, dtype, dev)
-    dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
-    dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
-    db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
-    for i0 in range(0, n, chunk):
-        i1 = min(i0 + chunk, n)
-        s, hs = s_buf[: i1 - i0], h_s[i0:i1]
-        _linear(hs, w_s, b_s, s)
-        rows(i0, i1, s)
-        if grads:  # s now holds G = dloss/dS for this chunk
-            torch.mm(s, w_s, out=dh[i0:i1])
-            _accumulate_mm(dw, s.t(), hs)
-            if db is not None:
-                db += s.sum(0, dtype=acc)
-    return dh, dw, db
-
-
-def _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, row_op, chunk, dtypes, grads):
-    """The dense loss's chunk loop. Returns per-token (loss, ce, kd) and, if grads, (dH, dW, db);
-    the per-token values, dW and db are accumulated in fp32 (fp64 for fp64 inputs).
-    dtypes: the (student, teacher) compute dtypes; each model's GEMM runs in its own."""
-    dtype, t_dtype = dtypes
-    acc = accumulator_dtype(dtypes)
-    n = h_s.shape[0]
-    shared = min(w_s.shape[0], w_t.shape[0])
-    dev = h_s.device
-    h_t, w_t, b_t = h_t.to(t_dtype), w_t[:shared].to(t_dtype), cast_or_none(b_t, t_dtype)
-    if b_t is not None:
-        b_t = b_t[:shared]
-    loss, ce, kd = (torch.empty(n, device=dev, dtype=acc) for _ in range(3))
-    t_buf = padded_rows(min(chunk, n), shared, t_dtype, dev)
-
-    def rows(i0, i1, s):
-        t = t_buf[: i1 - i0]
-        _linear(h_t[i0:i1], w_t, b_t, t)
-        rows_labels = None if labels is None else labels[i0:i1]
-        row_op(s, t, rows_labels, row_scale[i0:i1], loss[i0:i1], ce[i0:i1], kd[i0:i1], opts, grads)
-
-    return loss, ce, kd, student_chunks(h_s, w_s, b_s, chunk, dtype, acc, grads, rows)
-
-
-# The chunk loop as one custom op: opaque to torch.compile (its buffers, out= GEMMs and kernel
-# launches stay eager), so a compiled graph holds the loss whole when check_labels=False.
-@torch.library.custom_op("fastkd::distill_chunks", mutates_args=())
-def _distill_chunks(
-    h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None, h_t: torch.Tensor,
-    w_t: torch.Tensor, b_t: torch.Tensor | None, labels: torch.Tensor | None,
-    row_scale: torch.Tensor, temperature: float, ce_weight: float, kd_weight: float,
-    divergence: str, beta: float, skew: float, ignore_index: int,
-    student_softcap: float | None, teacher_softcap: float | None, backend: str, chunk: int,
-    s_dtype: torch.dtype, t_dtype: torch.dtype, grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd, dH, dW, db) of `_chunked`; absent gradients as empty tensors."""
-    opts = DistillOptions(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-                          divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
-                          student_softcap=student_softcap, teacher_softcap=teacher_softcap)
-    loss, ce, kd, grads_out = _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts,
-                                       ROW_OPS[backend], chunk, (s_dtype, t_dtype), grads)
-    return loss, ce, kd, *(h_s.new_empty(0) if g is None else g for g in grads_out)
-
-
-@_distill_chunks.register_fake
-def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, temperature, ce_weight, kd_weight,
-      divergence, beta, skew, ignore_index, student_softcap, teacher_softcap, backend, chunk,
-      s_dtype, t_dtype, grads):
-    acc = accumulator_dtype((s_dtype, t_dtype))
-    n, (vocab, d_s) = h_s.shape[0], w_s.shape
-    per_token = [h_s.new_empty(n, dtype=acc) for _ in range(3)]
-    dh = h_s.new_empty((n, d_s) if grads else (0,), dtype=s_dtype)
-    dw = h_s.new_empty((vocab, d_s) if grads else (0,), dtype=acc)
-    db = h_s.new_empty((vocab,) if grads and b_s is not None else (0,), dtype=acc)
-    return *per_token, dh, dw, db
-
-
-def _chunked_op(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk, dtypes,
-                grads):
-    """`_chunked` through the custom op: (loss, ce, kd, (dH, dW, db)), None for absent grads."""
-    out = torch.ops.fastkd.distill_chunks(
-        h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts.temperature, opts.ce_weight,
-        opts.kd_weight, opts.divergence, opts.beta, opts.skew, opts.ignore_index,
-        opts.student_softcap, opts.teacher_softcap, backend, chunk, dtypes[0], dtypes[1], grads,
-    )
-    dh, dw, db = out[3:] if grads else (None, None, None)
-    return *out[:3], (dh, dw, None if b_s is None else db)
-
-
-def _chunks(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk, dtypes, grads,
-            shard):
-    """One process: the custom op. Vocab-parallel (shard given): `_chunked` with the vocab-parallel
-    row op, then dH summed over the ranks (each rank's G W_r is a partial sum), once per call."""
-    if shard is None:
-        return _chunked_op(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts, backend, chunk,
-                           dtypes, grads)
-    from fastkd.vocab_parallel import vocab_parallel_rows
-
-    def row_op(*args):
-        vocab_parallel_rows(*args, shard=shard, backend=backend)
-
-    loss, ce, kd, (dh, dw, db) = _chunked(h_s, w_s, b_s, h_t, w_t, b_t, labels, row_scale, opts,
-                                          row_op, chunk, dtypes, grads)
-    if dh is not None:
-        dh_sum = dh.to(dw.dtype)  # summed in fp32: half-precision partial sums would round
-        torch.distributed.all_reduce(dh_sum, group=shard.group)
-        dh = dh_sum.to(dh.dtype)
-    return loss, ce, kd, (dh, dw, db)
-
-
-def _linear(h, w, b, out):
+def linear_into(h, w, b, out) -> None:
+    """out = h w^T + b (out may be a strided view: a padded buffer)."""
     if b is None:
         torch.mm(h, w.t(), out=out)
     else:
@@ -246,6 +133,241 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += torch.mm(a, b).float()  # one (V, D) half-precision temporary per chunk
 
 
+# ---- backends: the row op on each, and the kernels' import ---------------------------------------
+
+KERNEL_MODULES = ("distill", "sparse")
+
+
+def _interpreted(jit_function) -> bool:
+    return type(jit_function).__name__ == "InterpretedFunction"
+
+
+_TOO_LATE = (
+    "backend='triton' on CPU tensors runs the kernels in Triton's interpreter, which Triton "
+    "fixes for the whole process when it is first imported (torch.compile and torch custom ops "
+    "import it: fastkd's loss is one), and this process imported it for compiling: set "
+    "TRITON_INTERPRET=1 in the environment before the process starts (TRITON_INTERPRET=1 python "
+    "...) or before its first import of torch._dynamo or triton, or use backend='torch' (or "
+    "'auto') on CPU tensors"
+)
+
+
+def load_kernels(device: torch.device) -> None:
+    """Import fastkd.kernels for tensors on `device`: compiled for CUDA, in Triton's interpreter
+    for CPU tensors. @triton.jit reads TRITON_INTERPRET when it decorates a function, at import:
+    Triton's own language functions when triton is first imported, fastkd's kernels when
+    fastkd.kernels is (and Triton reads it again at launches). So a first backend="triton" call on
+    CPU tensors in a process that has not imported triton yet sets TRITON_INTERPRET=1 for the rest
+    of the process and imports both (every Triton kernel of the process then runs interpreted);
+    otherwise TRITON_INTERPRET=1 must be set from the start. A ValueError saying so when the
+    kernels cannot run on `device`."""
+    cpu = device.type != "cuda"
+    name = f"fastkd.kernels.{KERNEL_MODULES[0]}"
+    if name not in sys.modules:
+        lazy = cpu and os.environ.get("TRITON_INTERPRET") != "1"
+        if lazy and "triton" in sys.modules and not _interpreted(
+                sys.modules["triton"].language.zeros):
+            raise ValueError(_TOO_LATE)
+        if lazy:
+            os.environ["TRITON_INTERPRET"] = "1"  # for good: Triton reads it at launches too
+        for module in KERNEL_MODULES:
+            importlib.import_module(f"fastkd.kernels.{module}")
+    interpreted = _interpreted(sys.modules[name].distill_rows_kernel)
+    if cpu and not interpreted:
+        raise ValueError(_TOO_LATE)
+    if not cpu and interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on CUDA tensors: this process loaded the kernels in Triton's "
+            "interpreter for an earlier backend='triton' call on CPU tensors (Triton decides "
+            "once per process); run the GPU work in a process that does not do that first"
+        )
+
+
+@dataclass(frozen=True)
+class RowOp:
+    """One row op on every backend: `torch`, a plain-torch function (the spec's closed form);
+    `triton`, its launcher in fastkd.kernels as "module.function" (imported at first use, after
+    the front-end's `load_kernels`), with the same arguments."""
+
+    torch: Callable
+    triton: str
+
+    def on(self, backend: str) -> Callable:
+        if backend == "torch":
+            return self.torch
+        module, name = self.triton.split(".")
+        return getattr(importlib.import_module(f"fastkd.kernels.{module}"), name)
+
+
+# ---- teacher forms -----------------------------------------------------------------------------
+
+FORMS: dict[str, type[TeacherForm]] = {}
+
+
+def register(cls):
+    """Class decorator: a teacher form the custom op can rebuild from its key."""
+    FORMS[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A check whose verdict needs the tensors' values: `count` (a 0-dim integer tensor, > 0 if
+    the check fails) is read in the front-end's one host sync; `error()` builds the exception
+    (it may sync again: it runs only on failure)."""
+
+    count: torch.Tensor
+    error: Callable[[], Exception]
+
+
+@dataclass(frozen=True)
+class TeacherForm:
+    """What a teacher form supplies to the shared front-end and chunk loop. A form is a frozen
+    dataclass of its non-tensor settings; the teacher's tensors travel beside it as a tuple
+    (`teacher`), so the Function and the custom op see them as tensors."""
+
+    name: ClassVar[str]
+    unused_options: ClassVar[tuple[str, ...]] = ()  # DistillOptions fields this form does not take
+    reference_backend: ClassVar[bool] = True  # whether backend="reference" applies
+    collective: ClassVar[bool] = False  # whether the ranks of a process group run it together
+
+    def op_key(self) -> str | None:
+        """The form as the custom op's `form` string (None: run the chunk loop eagerly)."""
+        return self.name
+
+    @classmethod
+    def from_op_key(cls, key: str) -> TeacherForm:
+        return cls()
+
+    def check(self, teacher: tuple, h_s: torch.Tensor, vocab: int,
+              opts: DistillOptions) -> list[Deferred]:
+        """Raise a TypeError/ValueError naming the first bad teacher argument (types, shapes,
+        devices); return the checks that need the values (read in the one host sync)."""
+        raise NotImplementedError
+
+    def compute_dtype(self, teacher: tuple, s_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the teacher's side of the row op (the student's if it has no GEMM)."""
+        return s_dtype
+
+    def select(self, teacher: tuple, index: torch.Tensor) -> tuple:
+        """The teacher's tensors at the counted tokens only."""
+        raise NotImplementedError
+
+    def width(self, teacher: tuple, vocab: int, device: torch.device) -> int:
+        """Elements per token the row op holds beside the student's logits (the chunk budget)."""
+        raise NotImplementedError
+
+    def reference(self, teacher: tuple, h_s, w_s, b_s, labels, opts: DistillOptions,
+                  dtypes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """backend="reference": (loss, ce, kd) of the plain-torch spec with full logits."""
+        raise NotImplementedError
+
+    def rows(self, teacher: tuple, labels, row_scale, out, opts: DistillOptions, backend: str,
+             dtypes, grads: bool, chunk: int,
+             vocab: int) -> Callable[[int, int, torch.Tensor], None]:
+        """The row op over one chunk: rows(i0, i1, s) writes out[i0:i1] (loss, ce, kd) and, if
+        grads, G = row_scale dloss/ds over the student logits s (chunk, vocab) of tokens i0:i1.
+        Set-up (casts, buffers) happens once per chunk loop, here."""
+        raise NotImplementedError
+
+    def agree(self, call):
+        """A collective form's agreement of its ranks on the checked call (`fastkd.loss.Call`, or
+        the exception a rank's checks raised): the call to run, or the same error on every rank."""
+        raise NotImplementedError
+
+    def student_grad(self, dh: torch.Tensor) -> torch.Tensor:
+        """dL/dH_s after the chunk loop (vocab-parallel: summed over the ranks)."""
+        return dh
+
+
+# ---- the chunk loop, the custom op ------------------------------------------------------------
+
+def chunk_loop(h_s, w_s, b_s, labels, row_scale, form: TeacherForm, teacher: tuple,
+               opts: DistillOptions, backend: str, chunk: int, dtypes, grads: bool):
+    """The shared student loop. Returns per-token (n, OUTPUTS) values and, if grads, (dH, dW, db)
+    (else Nones); the per-token values, dW and db in fp32 (fp64 for fp64 inputs). dtypes: the
+    (student, teacher) compute dtypes; each model's GEMM runs in its own."""
+    dtype = dtypes[0]
+    acc = accumulator_dtype(dtypes)
+    n, d_s = h_s.shape
+    vocab, dev = w_s.shape[0], h_s.device
+    chunk = min(chunk, max(n, 1))
+    out = torch.empty(n, len(OUTPUTS), device=dev, dtype=acc)
+    rows = form.rows(teacher, labels, row_scale, out, opts, backend, dtypes, grads, chunk, vocab)
+    h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
+    s_buf = padded_rows(chunk, vocab, dtype, dev)
+    dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
+    dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
+    db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
+    for i0 in range(0, n, chunk):
+        i1 = min(i0 + chunk, n)
+        s, hs = s_buf[: i1 - i0], h_s[i0:i1]
+        linear_into(hs, w_s, b_s, s)
+        rows(i0, i1, s)
+        if grads:  # s now holds G = dloss/dS for this chunk
+            torch.mm(s, w_s, out=dh[i0:i1])
+            _accumulate_mm(dw, s.t(), hs)
+            if db is not None:
+                db += s.sum(0, dtype=acc)
+    if dh is not None:
+        dh = form.student_grad(dh)
+    return out, dh, dw, db
+
+
+_ARGS = ("(Tensor h_s, Tensor w_s, Tensor? b_s, Tensor? labels, Tensor row_scale, str form, "
+         "Tensor?[] teacher, str backend, int chunk, ScalarType s_dtype, ScalarType t_dtype, "
+         "bool grads, ")
+
+
+# The chunk loop as one custom op: opaque to torch.compile (its buffers, out= GEMMs and kernel
+# launches stay eager), so a compiled graph holds the loss whole when check_labels=False. Its
+# option arguments are DistillOptions' fields (`options.op_schema`).
+@torch.library.custom_op("fastkd::chunk_loop", mutates_args=(),
+                         schema=_ARGS + options.op_schema() + ") -> (Tensor, Tensor, Tensor, "
+                         "Tensor)")
+def _chunk_loop_op(h_s, w_s, b_s, labels, row_scale, form, teacher, backend, chunk, s_dtype,
+                   t_dtype, grads, *option_values):
+    """(per-token, dH, dW, db) of `chunk_loop`; absent gradients as empty tensors."""
+    form = FORMS[form.split(":")[0]].from_op_key(form)
+    out, *grads_out = chunk_loop(h_s, w_s, b_s, labels, row_scale, form, tuple(teacher),
+                                 options.from_op_args(option_values), backend, chunk,
+                                 (s_dtype, t_dtype), grads)
+    return out, *(h_s.new_empty(0) if g is None else g for g in grads_out)
+
+
+@_chunk_loop_op.register_fake
+def _(h_s, w_s, b_s, labels, row_scale, form, teacher, backend, chunk, s_dtype, t_dtype, grads,
+      *option_values):
+    acc = accumulator_dtype((s_dtype, t_dtype))
+    n, (vocab, d_s) = h_s.shape[0], w_s.shape
+    out = h_s.new_empty((n, len(OUTPUTS)), dtype=acc)
+    dh = h_s.new_empty((n, d_s) if grads else (0,), dtype=s_dtype)
+    dw = h_s.new_empty((vocab, d_s) if grads else (0,), dtype=acc)
+    db = h_s.new_empty((vocab,) if grads and b_s is not None else (0,), dtype=acc)
+    return out, dh, dw, db
+
+
+def run_chunks(h_s, w_s, b_s, labels, row_scale, form: TeacherForm, teacher: tuple,
+               opts: DistillOptions, backend: str, chunk: int, dtypes, grads: bool):
+    """`chunk_loop` through the custom op when the form has an op key, else eagerly (the
+    vocab-parallel form: its collectives stay outside any graph). Returns (per-token, (dH, dW,
+    db)), None for absent gradients."""
+    key = form.op_key()
+    if key is None:
+        out, *grads_out = chunk_loop(h_s, w_s, b_s, labels, row_scale, form, teacher, opts,
+                                     backend, chunk, dtypes, grads)
+        return out, grads_out
+    out, dh, dw, db = torch.ops.fastkd.chunk_loop(
+        h_s, w_s, b_s, labels, row_scale, key, list(teacher), backend, chunk, dtypes[0],
+        dtypes[1], grads, *options.op_args(opts),
+    )
+    if not grads:
+        return out, (None, None, None)
+    return out, (dh, dw, None if b_s is None else db)
+
+
+# ---- the autograd Function ---------------------------------------------------------------------
+
 def counted_scale(labels, n: int, opts: DistillOptions, acc: torch.dtype, device):
     """(valid, r): the counted-token mask and each token's gradient scale for the reduction (1
     for "sum", 1/count for "mean", 0 at ignored tokens)."""
@@ -255,13 +377,6 @@ def counted_scale(labels, n: int, opts: DistillOptions, acc: torch.dtype, device
     if opts.reduction == "mean":
         scale = scale / valid.sum().clamp(min=1)
     return valid, scale
-
-
-def reduced_outputs(ctx, per_token, valid, opts: DistillOptions):
-    """(loss, ce, kd) reduced by opts.reduction; ce and kd carry no gradient."""
-    out = [reference.reduce(x, valid, opts.reduction) for x in per_token]
-    ctx.mark_non_differentiable(out[1], out[2])
-    return out[0], out[1], out[2]
 
 
 def first_order_only() -> None:
@@ -290,45 +405,44 @@ def input_grads(grads, need, in_dtypes, g):
     return out
 
 
-class FusedDistillFunction(torch.autograd.Function):
-    """Inputs flattened to (N, D); returns (loss, ce, kd) reduced by opts.reduction."""
+class FusedLossFunction(torch.autograd.Function):
+    """Every fused loss: student inputs flattened to (N, D), the teacher as a form and its
+    tensors (last, so autograd sees them as inputs that get no gradient); returns (loss, ce, kd)
+    reduced by opts.reduction."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts: DistillOptions, backend, chunk,
-                dtypes, grad_enabled, shard=None):
+    def forward(ctx, h_s, w_s, b_s, labels, form: TeacherForm, opts: DistillOptions, backend,
+                chunk, dtypes, grad_enabled, *teacher):
         # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not.
         need = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grads_now = any(need) and opts.reduction != "none"
         valid, scale = counted_scale(labels, h_s.shape[0], opts, accumulator_dtype(dtypes),
                                      h_s.device)
-        loss_i, ce_i, kd_i, (dh, dw, db) = _chunks(
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, opts, backend, chunk, dtypes, grads_now,
-            shard,
-        )
-        ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes = opts, backend, chunk, dtypes
-        ctx.shard = shard
+        per_token, (dh, dw, db) = run_chunks(h_s, w_s, b_s, labels, scale, form, teacher, opts,
+                                             backend, chunk, dtypes, grads_now)
+        ctx.form, ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes = form, opts, backend, chunk, dtypes
         ctx.in_dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         if grads_now:
             ctx.save_for_backward(dh, dw, db)
         elif any(need):  # reduction "none"
-            ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels, valid)
+            ctx.save_for_backward(h_s, w_s, b_s, labels, valid, *teacher)
         ctx.grads_now = grads_now
-        return reduced_outputs(ctx, (loss_i, ce_i, kd_i), valid, opts)
+        out = [reference.reduce(x, valid, opts.reduction) for x in per_token.unbind(1)]
+        ctx.mark_non_differentiable(*out[1:])
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+    def backward(ctx, grad_loss, *_grad_components):
         first_order_only()
         need = ctx.needs_input_grad[:3]
         if ctx.grads_now:
             dh, dw, db = ctx.saved_tensors
             g = grad_loss.to(dw.dtype)
         else:  # reduction "none": recompute the chunks with the upstream gradient as row scale
-            h_s, w_s, b_s, h_t, w_t, b_t, labels, valid = ctx.saved_tensors
+            h_s, w_s, b_s, labels, valid, *teacher = ctx.saved_tensors
             scale = grad_loss.to(accumulator_dtype(ctx.dtypes)) * valid
-            _, _, _, (dh, dw, db) = _chunks(
-                h_s, w_s, b_s, h_t, w_t, b_t, labels, scale, ctx.opts, ctx.backend, ctx.chunk,
-                ctx.dtypes, True, ctx.shard,
-            )
+            _, (dh, dw, db) = run_chunks(h_s, w_s, b_s, labels, scale, ctx.form, tuple(teacher),
+                                         ctx.opts, ctx.backend, ctx.chunk, ctx.dtypes, True)
             g = None
         out = input_grads((dh, dw, db), need, ctx.in_dtypes, g)
-        return (*out, None, None, None, None, None, None, None, None, None, None)
+        return (*out, *[None] * (len(ctx.needs_input_grad) - 3))

@@ -1,15 +1,24 @@
-"""The loss options, as one small frozen dataclass that travels through every layer."""
+"""The loss options, as one small frozen dataclass that travels through every layer.
+
+The field list below is the only place the options are typed: the public functions' and modules'
+keyword arguments (`option_signature`), the custom op's schema and its arguments
+(`op_schema`, `op_args`, `from_op_args`) and the vocab-parallel ranks' agreement (`encode`) are
+all derived from `dataclasses.fields(DistillOptions)`. A new option is one field here (with its
+check in `__post_init__`) plus its use in the spec and the row ops.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from numbers import Real
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 # fastkd.loss's backends, named here (no torch import) for the config and the command line.
 BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+CHOICES = {"divergence": DIVERGENCES, "reduction": REDUCTIONS}  # every str field's values
 
 
 def _real(name: str, value: object) -> float:
@@ -68,3 +77,87 @@ class DistillOptions:
                 if cap <= 0:
                     raise ValueError(f"{name} must be > 0 or None, got {cap}")
                 set_(self, name, cap)
+
+    @property
+    def mix(self) -> float:
+        """The divergence's mixture weight: beta for jsd, alpha (skew) for the skew KLs."""
+        return self.skew if self.divergence.startswith("skew_") else self.beta
+
+
+FIELDS = fields(DistillOptions)
+NAMES = tuple(f.name for f in FIELDS)
+
+# ---- the options as the custom op's arguments ---------------------------------------------------
+# Annotation (a string: `from __future__ import annotations`) -> torch.library schema type.
+_SCHEMA_TYPES = {"float": "float", "int": "int", "str": "str", "bool": "bool",
+                 "float | None": "float?"}
+for _f in FIELDS:  # a field of a new type needs its schema type (and its encoding) here
+    if _f.type not in _SCHEMA_TYPES or (_f.type == "str" and _f.name not in CHOICES):
+        raise TypeError(f"DistillOptions.{_f.name}: no op schema type for {_f.type!r}")
+
+
+def op_schema() -> str:
+    """The options' part of a torch.library schema: "float temperature, ..., float? ..."."""
+    return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in FIELDS)
+
+
+def op_args(opts: DistillOptions) -> tuple:
+    """The options as the op's trailing arguments, in field order."""
+    return tuple(getattr(opts, name) for name in NAMES)
+
+
+def from_op_args(values) -> DistillOptions:
+    return DistillOptions(**dict(zip(NAMES, values, strict=True)))
+
+
+# ---- the options as numbers, for ranks that must agree on them ---------------------------------
+
+def encode(opts: DistillOptions) -> list[float]:
+    """One float64-exact number per field (a str: its index in CHOICES; None: -inf, which no
+    checked field can hold), so ranks can all-gather and compare their options field by field."""
+    out = []
+    for f in FIELDS:
+        value = getattr(opts, f.name)
+        if f.name in CHOICES:
+            value = CHOICES[f.name].index(value)
+        out.append(float("-inf") if value is None else float(value))
+    return out
+
+
+def decode(name: str, number: float):
+    """A field's value from `encode`'s number (for messages)."""
+    if number == float("-inf"):
+        return None
+    if name in CHOICES:
+        return CHOICES[name][int(number)]
+    kind = next(f.type for f in FIELDS if f.name == name)
+    return int(number) if kind == "int" else number
+
+
+# ---- the options as keyword arguments of the public functions and modules ---------------------
+
+def from_kwargs(where: str, options: dict, unused: tuple[str, ...] = ()) -> DistillOptions:
+    """DistillOptions from a public function's or module's **options (a TypeError for a name that
+    is not an option of `where`, as for any unexpected keyword argument)."""
+    for name in options:
+        if name not in NAMES or name in unused:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+    return DistillOptions(**options)
+
+
+def option_signature(unused: tuple[str, ...] = ()):
+    """Decorator: replace the function's **options by one keyword-only parameter per option (with
+    its default and type) in its signature, so help() and inspect show every option."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        first_kw = next((i for i, p in enumerate(params) if p.kind is p.KEYWORD_ONLY),
+                        len(params))
+        opts = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                  default=f.default)
+                for f in FIELDS if f.name not in unused and f.default is not MISSING]
+        fn.__signature__ = sig.replace(parameters=params[:first_kw] + opts + params[first_kw:])
+        return fn
+
+    return decorate

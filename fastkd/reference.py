@@ -5,8 +5,13 @@ logits (so the CPU path and the spec cannot drift apart), and benchmarks use it 
 baseline. It materialises full N x V logits, so use it for checking, not for training at scale.
 
 The gradient w.r.t. the student logits is given in closed form too (`token_losses_and_grad`, the
-formulas of MATH.md), so the CPU path needs no autograd graph per chunk; tests hold it to autograd
-of `token_losses` in float64.
+formulas of docs/math.md), so the CPU path needs no autograd graph per chunk; tests hold it to
+autograd of `token_losses` in float64.
+
+Both are written to be well-conditioned in fp32 too, since the CPU path and backend="reference"
+evaluate them there: log-probabilities as (x - max) - log sum exp(x - max) (`log_softmax`), and
+each divergence's gradient as q (g - E_q[g]), a difference of comparable terms, never
+q g - q sum(q g) (whose two products round separately: at |g| ~ 10 that loses a digit).
 
 Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared
 ids, temperature T, label y.
@@ -38,6 +43,16 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last dim as (x - m) - log sum exp(x - m), m the row's max (held constant
+    for autograd: the value does not depend on it). At the largest entries, the ones that carry
+    the mass, this is 3-5x closer to the exact value in fp32 than x - logsumexp(x), whose rounded
+    logsumexp (|L| ~ 15 at logits of std 3) shifts every entry, or torch.log_softmax on CPU."""
+    m = x.detach().amax(-1, keepdim=True)
+    z = x - torch.where(torch.isfinite(m), m, 0.0)
+    return z - z.exp().sum(-1, keepdim=True).log()
+
+
 def _xlog_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
     """x * (log x - log y), with 0 where x = 0 (0 log 0 = 0: a teacher id at -inf adds nothing)."""
     return torch.where(x > 0, x * (log_x - log_y), 0.0)
@@ -49,12 +64,14 @@ def _log_mix(log_u: torch.Tensor, log_v: torch.Tensor, w: float) -> torch.Tensor
     return torch.logaddexp(log_u + log_w, log_v + math.log1p(-w))
 
 
-def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor,
-                     opts: DistillOptions) -> torch.Tensor:
+def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions,
+                     q: torch.Tensor | None = None, p: torch.Tensor | None = None) -> torch.Tensor:
     """Per-id terms d_v of the divergence D = sum_v d_v of teacher p and student q, both given as
-    log-probabilities (..., K). Every divergence fastkd offers is such a sum, which is what lets a
-    vocabulary split across ranks add up its partial sums."""
-    p, q = log_p.exp(), log_q.exp()
+    log-probabilities (..., K) (and as probabilities, if given; else exp of the logs). Every
+    divergence fastkd offers is such a sum, which is what lets a vocabulary split across ranks
+    add up its partial sums."""
+    q = log_q.exp() if q is None else q
+    p = log_p.exp() if p is None else p
     name = opts.divergence
     if name == "forward_kl":  # KL(p || q)
         return _xlog_ratio(p, log_p, log_q)
@@ -73,46 +90,58 @@ def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor,
 
 
 def divergence(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
-    """Per-row divergence of teacher p and student q, given as log-probabilities (..., K)."""
-    return divergence_terms(log_q, log_p, opts).sum(-1)
+    """Per-row divergence of teacher p and student q, given as log-probabilities over whole rows
+    (..., K); p and q renormalised over the row (see `divergence_grad`)."""
+    return divergence_terms(log_q, log_p, opts, _renormalised(log_q), _renormalised(log_p)).sum(-1)
 
 
-def divergence_qg(log_q: torch.Tensor, log_p: torch.Tensor,
-                  opts: DistillOptions) -> torch.Tensor:
-    """Per-id q_v g_v, g_v = dD/dq_v up to a constant (which cancels in `divergence_grad`), formed
-    without dividing by q, (..., K):
-        forward_kl       -p                              (g = -p / q)
-        reverse_kl       q (log q - log p)               (the terms d_v themselves)
-        jsd              (1 - beta) q (log q - log m),   m = beta p + (1 - beta) q
-        skew_forward_kl  -(1 - alpha) q p / m,           m = alpha p + (1 - alpha) q
-        skew_reverse_kl  q (log q - log m) - alpha q^2 / m,  m = (1 - alpha) p + alpha q
-        tvd              q sign(q - p) / 2               (the subgradient, sign(0) = 0)"""
-    q = log_q.exp()
+def divergence_g(log_q: torch.Tensor, log_p: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
+    """Per-id g_v = dD/dq_v up to a constant (which cancels in `divergence_grad`), formed without
+    dividing by q, (..., K), for every divergence but forward_kl (whose g = -p / q is never formed:
+    its gradient is q - p):
+        reverse_kl       log q - log p
+        jsd              (1 - beta) (log q - log m),   m = beta p + (1 - beta) q
+        skew_forward_kl  -(1 - alpha) p / m,           m = alpha p + (1 - alpha) q
+        skew_reverse_kl  log(q / m) - alpha q / m,     m = (1 - alpha) p + alpha q
+        tvd              sign(q - p) / 2               (the subgradient, sign(0) = 0)"""
     name = opts.divergence
-    if name == "forward_kl":
-        return -log_p.exp()
     if name == "reverse_kl":
-        return q * (log_q - log_p)
+        return log_q - log_p
     if name == "jsd":
-        return (1 - opts.beta) * q * (log_q - _log_mix(log_p, log_q, opts.beta))
+        return (1 - opts.beta) * (log_q - _log_mix(log_p, log_q, opts.beta))
     if name == "skew_forward_kl":
-        return -(1 - opts.skew) * (log_q + log_p - _log_mix(log_p, log_q, opts.skew)).exp()
+        return -(1 - opts.skew) * (log_p - _log_mix(log_p, log_q, opts.skew)).exp()
     if name == "skew_reverse_kl":
         log_ratio = log_q - _log_mix(log_q, log_p, opts.skew)
-        return q * log_ratio - opts.skew * (log_q + log_ratio).exp()
+        return log_ratio - opts.skew * log_ratio.exp()
     if name == "tvd":
-        return 0.5 * q * torch.sign(q - log_p.exp())
-    raise ValueError(f"unknown divergence {name!r}")
+        return 0.5 * torch.sign(log_q.exp() - log_p.exp())
+    raise ValueError(f"divergence_g has no g for {name!r} (forward_kl's gradient is q - p)")
 
 
 def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
                     opts: DistillOptions) -> torch.Tensor:
-    """dD/da, a = s[:K] / T (so q = softmax(a)), in closed form, (..., K): through the softmax,
-    q_v (g_v - sum_u q_u g_u) = qg_v - q_v S with qg = `divergence_qg` and S = sum_u qg_u (for
-    forward_kl S = -1 and this is q - p; for reverse_kl S = D and it is q (log q - log p - D)).
-    A vocabulary split across ranks adds up S from the ranks' partial sums."""
-    qg = divergence_qg(log_q, log_p, opts)
-    return qg - log_q.exp() * qg.sum(-1, keepdim=True)
+    """dD/da, a = s[:K] / T (so q = softmax(a)), in closed form over whole rows, (..., K): q - p
+    for forward_kl, else, through the softmax, q_v (g_v - S) with g = `divergence_g` and S =
+    E_q[g] = sum_u q_u g_u (for reverse_kl S = D: q (log q - log p - D)).
+
+    q and p are exp(log q) and exp(log p) renormalised over the row: exp of a log-softmax sums to
+    1 only up to the rounding of the row's log-normaliser, a relative bias shared by every id, and
+    a gradient whose ids do not sum to 0 sends that bias coherently into dH = G W_s (measured: 2-4x
+    the error of dH in fp32). (A vocabulary split across ranks cannot renormalise per shard: it
+    adds up S from the ranks' partial sums instead.)"""
+    q = _renormalised(log_q)
+    if opts.divergence == "forward_kl":
+        return q - _renormalised(log_p)
+    g = divergence_g(log_q, log_p, opts)
+    return q * (g - (q * g).sum(-1, keepdim=True))
+
+
+def _renormalised(log_x: torch.Tensor) -> torch.Tensor:
+    """exp(log x) / its row's sum (a row of empty slots, all exp = 0, stays 0)."""
+    x = log_x.exp()
+    total = x.sum(-1, keepdim=True)
+    return x / torch.where(total > 0, total, 1.0)
 
 
 def _student_teacher(student_logits, teacher_logits, opts):
@@ -120,8 +149,8 @@ def _student_teacher(student_logits, teacher_logits, opts):
     s = softcap(student_logits, opts.student_softcap)
     t = softcap(teacher_logits, opts.teacher_softcap)
     k = min(s.shape[-1], t.shape[-1])
-    log_q = torch.log_softmax(s[..., :k] / opts.temperature, dim=-1)
-    log_p = torch.log_softmax(t[..., :k] / opts.temperature, dim=-1)
+    log_q = log_softmax(s[..., :k] / opts.temperature)
+    log_p = log_softmax(t[..., :k] / opts.temperature)
     return s, log_q, log_p
 
 
@@ -132,6 +161,19 @@ def _weigh(ce, kd, labels, opts):
     valid = labels != opts.ignore_index
     ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
     return opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd, ce, kd, valid
+
+
+def _cross_entropy(s, labels, opts, grad=False):
+    """Per-token CE over the full vocabulary at T = 1 (0 without labels) and, if grad, its logit
+    gradient softmax(s) - onehot(y) (None without labels)."""
+    if labels is None:
+        return torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device), None
+    y = torch.where(labels != opts.ignore_index, labels, 0).unsqueeze(-1)
+    log_soft = log_softmax(s)
+    ce = -log_soft.gather(-1, y).squeeze(-1)
+    if not grad:
+        return ce, None
+    return ce, log_soft.exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=s.dtype))
 
 
 def token_losses(
@@ -147,12 +189,7 @@ def token_losses(
     """
     s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
     kd = divergence(log_q, log_p, opts)
-    if labels is None:
-        ce = torch.zeros_like(kd)
-    else:
-        ce = F.cross_entropy(s, torch.where(labels != opts.ignore_index, labels, 0),
-                             reduction="none")
-    return _weigh(ce, kd, labels, opts)[:3]
+    return _weigh(_cross_entropy(s, labels, opts)[0], kd, labels, opts)[:3]
 
 
 def token_losses_and_grad(
@@ -169,18 +206,19 @@ def token_losses_and_grad(
     """
     s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
     kd = divergence(log_q, log_p, opts)
-    grad = torch.zeros_like(s)
-    if labels is None:
-        ce = torch.zeros_like(kd)
+    ce, grad = _cross_entropy(s, labels, opts, grad=True)
+    if grad is None:
+        grad = torch.zeros_like(s)
     else:
-        log_soft = torch.log_softmax(s, dim=-1)
-        y = torch.where(labels != opts.ignore_index, labels, 0).unsqueeze(-1)
-        ce = -log_soft.gather(-1, y).squeeze(-1)
-        grad = log_soft.exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=s.dtype))
         grad.mul_(opts.ce_weight)
-        del log_soft
     k = log_q.shape[-1]
     grad[..., :k] += (opts.kd_weight * opts.temperature) * divergence_grad(log_q, log_p, opts)
+    return _finish(s, grad, ce, kd, labels, opts)
+
+
+def _finish(s, grad, ce, kd, labels, opts):
+    """(loss, ce, kd, grad) per token from CE, D and the gradient w.r.t. the softcapped logits s:
+    the softcap's chain rule applied, everything 0 at ignored tokens."""
     if opts.student_softcap is not None:
         grad.mul_(1 - (s / opts.student_softcap) ** 2)
     loss, ce, kd, valid = _weigh(ce, kd, labels, opts)
@@ -249,7 +287,7 @@ def distill_loss(
 #     ids id_j (-1: unused slot) and teacher log-probabilities lp_j = log p_j (already at T);
 #     S = the set of used ids,  P = sum_j p_j,  Q = sum_{v in S} q_v.
 #     bucket:       D over the k + 1 buckets (p_1..p_k, 1 - P) and (q_id_1..q_id_k, 1 - Q), with
-#                   log(1 - Q) = logsumexp_{v not in S} a_v - logsumexp_v a_v (no cancellation)
+#                   log(1 - Q) = logsumexp_{v not in S} log q_v (no cancellation)
 #                   and log(1 - P) = log(-expm1(log P)) in fp64 (-inf where P rounds to >= 1);
 #                   the rest bucket is dropped when S covers the whole vocabulary
 #     renormalize:  D of p / P and q / Q over S (rows with P = 0 carry no divergence)
@@ -260,8 +298,7 @@ def distill_loss(
 # Every divergence of `divergence_terms` applies to bucket and renormalize: the buckets are a
 # distribution, student buckets a softmax of c = (a_id_1..a_id_k, logsumexp_{v not in S} a_v),
 # so dD/dc is `divergence_grad` over the buckets and the chain rule gives, per student id v,
-#     bucket:       dD/da_v = G_j at v = id_j,  G_rest q_v / (1 - Q) = G_rest exp(a_v - lse_out)
-#                   outside S
+#     bucket:       dD/da_v = G_j at v = id_j,  G_rest q_v / (1 - Q) outside S
 #     renormalize:  dD/da_v = G_j at v = id_j (a softmax over S alone), 0 outside S
 #     ignore:       dD/da_v = P q_v - M_v   (M_v = 0 outside S)
 # and the student logit gradient is w_kd T dD/da, as for the dense loss.
@@ -273,44 +310,45 @@ EMPTY_LOG = -1e30
 
 
 def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
-    """The softcapped logits s, a = s / T, logsumexp(a), the used-slot mask, the slots' ids (0 in
-    unused slots) and the per-slot (log_q, log_p) the divergence sees, plus for "bucket" the
-    membership mask (..., V) and logsumexp of a outside S, for "ignore" log M (merged masses)."""
+    """The softcapped logits s, log q = log softmax(s / T) over the full vocabulary, the used-slot
+    mask, the slots' ids (0 in unused slots) and the per-slot (log_q, log_p) the divergence sees,
+    plus for "bucket" the membership mask (..., V) and log(1 - Q), for "ignore" log M (merged
+    masses)."""
     s = softcap(student_logits, opts.student_softcap)
-    a = s / opts.temperature
-    lse_a = torch.logsumexp(a, -1, keepdim=True)
+    log_q_all = log_softmax(s / opts.temperature)
     used = ids >= 0
     safe = torch.where(used, ids, 0).long()
-    a_k = a.gather(-1, safe)
-    log_p = torch.where(used, logprobs.to(a.dtype), float("-inf"))
+    log_q_k = log_q_all.gather(-1, safe)
+    log_p = torch.where(used, logprobs.to(s.dtype), float("-inf"))
     extra = {}
     if tail == "ignore":
         same = (safe.unsqueeze(-1) == safe.unsqueeze(-2)) & used.unsqueeze(-2)
         extra["log_m"] = torch.logsumexp(
             torch.where(same, log_p.unsqueeze(-2), float("-inf")), -1)
-        return s, a, lse_a, used, safe, a_k - lse_a, log_p, extra
+        return s, log_q_all, used, safe, log_q_k, log_p, extra
     if tail == "renormalize":
         lse_p = torch.logsumexp(log_p, -1, keepdim=True)  # log P
         used = used & (lse_p > float("-inf"))
-        lse_in = torch.logsumexp(torch.where(used, a_k, float("-inf")), -1, keepdim=True)  # log Q
-        log_q = torch.where(used, a_k - lse_in, EMPTY_LOG)
+        log_big_q = torch.logsumexp(torch.where(used, log_q_k, float("-inf")), -1, keepdim=True)
+        log_q = torch.where(used, log_q_k - log_big_q, EMPTY_LOG)
         log_p = torch.where(used, log_p - lse_p, EMPTY_LOG)
-        return s, a, lse_a, used, safe, log_q, log_p, extra
+        return s, log_q_all, used, safe, log_q, log_p, extra
     if tail != "bucket":
         raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
-    member = torch.zeros(a.shape, dtype=torch.long, device=a.device).scatter_add_(
+    member = torch.zeros(s.shape, dtype=torch.long, device=s.device).scatter_add_(
         -1, safe, used.long()) > 0
-    lse_out = torch.logsumexp(a.masked_fill(member, float("-inf")), -1, keepdim=True)
+    # log(1 - Q) as the logsumexp of log q outside S: no 1 - Q to cancel when Q is near 1
+    log_q_rest = torch.logsumexp(log_q_all.masked_fill(member, float("-inf")), -1, keepdim=True)
     # log(1 - P) in fp64 whatever the compute dtype: 1 - P cancels when P is near 1
     log_big_p = torch.logsumexp(log_p.double(), -1, keepdim=True).clamp(max=0.0)
-    log_p_rest = torch.log(-torch.expm1(log_big_p)).to(a.dtype)
-    no_rest = lse_out == float("-inf")  # S covers the vocabulary
-    log_q = torch.cat([torch.where(used, a_k - lse_a, EMPTY_LOG),
-                       torch.where(no_rest, EMPTY_LOG, lse_out - lse_a)], -1)
+    log_p_rest = torch.log(-torch.expm1(log_big_p)).to(s.dtype)
+    no_rest = log_q_rest == float("-inf")  # S covers the vocabulary
+    log_q = torch.cat([torch.where(used, log_q_k, EMPTY_LOG),
+                       torch.where(no_rest, EMPTY_LOG, log_q_rest)], -1)
     log_p = torch.cat([torch.where(used, log_p, EMPTY_LOG),
                        torch.where(no_rest, EMPTY_LOG, log_p_rest)], -1)
-    extra.update(member=member, lse_out=lse_out)
-    return s, a, lse_a, used, safe, log_q, log_p, extra
+    extra.update(member=member, log_q_rest=log_q_rest)
+    return s, log_q_all, used, safe, log_q, log_p, extra
 
 
 def _sparse_divergence(used, log_q, log_p, extra, opts, tail):
@@ -320,13 +358,6 @@ def _sparse_divergence(used, log_q, log_p, extra, opts, tail):
         terms = _xlog_ratio(log_p.exp(), extra["log_m"], log_q)
         return torch.where(used, terms, 0.0).sum(-1)
     return divergence(log_q, log_p, opts)
-
-
-def _ce(s, labels, opts):
-    if labels is None:
-        return torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device)
-    return F.cross_entropy(s, torch.where(labels != opts.ignore_index, labels, 0),
-                           reduction="none")
 
 
 def sparse_token_losses(
@@ -340,10 +371,9 @@ def sparse_token_losses(
     """Per-token (loss, ce, kd) of the sparse loss: logits (N, V), ids (N, k) integer (-1 for an
     unused slot), logprobs (N, k) -> three (N,), 0 at ignored tokens. Computes in the logits'
     dtype (pass fp32 or fp64)."""
-    s, _, _, used, _, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs, opts,
-                                                            tail)
+    s, _, used, _, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs, opts, tail)
     kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
-    return _weigh(_ce(s, labels, opts), kd, labels, opts)[:3]
+    return _weigh(_cross_entropy(s, labels, opts)[0], kd, labels, opts)[:3]
 
 
 def sparse_token_losses_and_grad(
@@ -356,34 +386,27 @@ def sparse_token_losses_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sparse_token_losses` and d loss_i / d student_logits (N, V) in closed form (the chain rule
     above; tests hold it to autograd in float64)."""
-    s, a, lse_a, used, safe, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs,
-                                                                   opts, tail)
+    s, log_q_all, used, safe, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs,
+                                                                    opts, tail)
     kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
     k = ids.shape[-1]
     if tail == "ignore":  # P q_v - M_v
         p = torch.where(used, log_p.exp(), 0.0)
-        grad_kd = ((a - lse_a).exp() * p.sum(-1, keepdim=True)).scatter_add_(-1, safe, -p)
+        grad_kd = (log_q_all.exp() * p.sum(-1, keepdim=True)).scatter_add_(-1, safe, -p)
     elif tail == "renormalize":
         g = torch.where(used, divergence_grad(log_q, log_p, opts), 0.0)
-        grad_kd = torch.zeros_like(a).scatter_add_(-1, safe, g)
-    else:
+        grad_kd = torch.zeros_like(s).scatter_add_(-1, safe, g)
+    else:  # outside S: G_rest q_v / (1 - Q)
         g = divergence_grad(log_q, log_p, opts)
-        lse_out = extra["lse_out"]
-        outside = g[..., k:] * (a - torch.where(lse_out > float("-inf"), lse_out, 0.0)).exp()
+        rest = extra["log_q_rest"]
+        outside = g[..., k:] * (log_q_all - torch.where(rest > float("-inf"), rest, 0.0)).exp()
         grad_kd = torch.where(extra["member"], 0.0, outside).scatter_add_(
             -1, safe, torch.where(used, g[..., :k], 0.0))
-    ce = _ce(s, labels, opts)
+    ce, grad_ce = _cross_entropy(s, labels, opts, grad=True)
     grad = (opts.kd_weight * opts.temperature) * grad_kd
-    if labels is not None:
-        y = torch.where(labels != opts.ignore_index, labels, 0).unsqueeze(-1)
-        soft = torch.softmax(s, -1).scatter_add_(-1, y, torch.full_like(y, -1, dtype=s.dtype))
-        grad += opts.ce_weight * soft
-    if opts.student_softcap is not None:
-        grad.mul_(1 - (s / opts.student_softcap) ** 2)
-    loss, ce, kd, valid = _weigh(ce, kd, labels, opts)
-    if valid is not None:
-        grad.masked_fill_(~valid.unsqueeze(-1), 0.0)
-    return loss, ce, kd, grad
+    if grad_ce is not None:
+        grad += opts.ce_weight * grad_ce
+    return _finish(s, grad, ce, kd, labels, opts)
 
 
 def sparse_distill_loss(

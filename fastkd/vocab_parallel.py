@@ -13,68 +13,139 @@ kernel's passes around all-reduces of a few floats per token (never logits):
     3. (jsd, skew KLs, tvd) local partial sums (D, S = sum q g) given the global L; all-reduce SUM
     4. the gradient of this shard's logit columns given the global per-row parameters
 
-Per token: loss = w_ce (L_s - s_y) + w_kd T^2 D, the same on every rank. The caller all-reduces
-dL/dh_s once per call (each rank's G W_r is a partial sum). Backends: the Triton kernels'
-entry points (`distill_stats`, `distill_partials`, `distill_grad`), or the same passes in torch
-built from the spec's elementwise terms (`reference.divergence_terms`, `reference.divergence_qg`).
+Per token: loss = w_ce (L_s - s_y) + w_kd T^2 D, the same on every rank. dL/dh_s is all-reduced
+once per call (each rank's G W_r is a partial sum). Backends: the Triton kernels' entry points
+(`distill_stats`, `distill_partials`, `distill_grad`), or the same passes in torch built from the
+spec's elementwise terms (`reference.divergence_terms`, `reference.divergence_g`).
+
+`VocabParallelTeacher` is the dense teacher form with this row op. Before the chunk loop, one
+all-gather of a fixed-size row of numbers per rank (`agree`) carries what the ranks must agree on:
+whether the rank's own checks passed, its shard, its token and counted-token counts, its label
+range, its chunk size, its compute dtype and every field of its DistillOptions. Every rank reads
+the same table, so a bad input anywhere raises the same error everywhere, at once, instead of
+leaving the others in a collective until the process group's timeout (or gloo's abort on
+collectives of different sizes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from fastkd import reference
+from fastkd import options, reference
+from fastkd.autograd import RowOp, accumulator_dtype
+from fastkd.loss import Call, DenseTeacher
 from fastkd.options import DistillOptions
 
 THREE_PASS = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 @dataclass(frozen=True)
-class VocabShard:
-    """Where this rank's head rows sit: the process group, the first id, and the full vocabulary
-    sizes (checked by `check_tiling`)."""
+class VocabParallelTeacher(DenseTeacher):
+    """The dense teacher with both heads split by vocabulary rows over the ranks of `group`: this
+    rank holds student rows [vocab_start, vocab_start + V_r) and teacher rows [vocab_start,
+    vocab_start + V_t,r). Runs eagerly (its collectives stay outside any compiled graph)."""
 
+    name = "vocab-parallel"
+    reference_backend = False
+    collective = True
     group: dist.ProcessGroup
     vocab_start: int
-    vocab: int  # V, the student's full vocabulary
-    teacher_vocab: int  # V_t
+
+    def op_key(self) -> None:
+        return None
+
+    def check(self, teacher, h_s, vocab, opts):
+        start = self.vocab_start
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"vocab_start must be a non-negative int, got {start!r}")
+        return super().check(teacher, h_s, vocab, opts)
+
+    def row_op(self, backend):
+        return functools.partial(vocab_parallel_rows, group=self.group,
+                                 vocab_start=self.vocab_start, backend=backend)
+
+    def student_grad(self, dh):
+        dh_sum = dh.float() if dh.dtype in (torch.float16, torch.bfloat16) else dh.clone()
+        dist.all_reduce(dh_sum, group=self.group)  # in fp32: half-precision partial sums round
+        return dh_sum.to(dh.dtype)
+
+    def agree(self, call: Call | Exception) -> Call:
+        return agree(self.group, call)
 
 
-def check_tiling(group, vocab_start: int, n_tokens: int, student_rows: int, teacher_rows: int,
-                 device: torch.device) -> VocabShard:
-    """One all-gather of (vocab_start, rows, tokens) per call; a ValueError on every rank (they all
-    see the same table) when the shards do not tile both vocabularies in rank order."""
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+# ---- the agreement: one all-gather before the chunk loop ---------------------------------------
+
+# One float64 per entry (exact for the integers here); the options follow, one per field.
+AGREED = ("checks passed", "vocab_start", "student rows", "teacher rows", "tokens",
+          "counted tokens", "chunk", "lowest label", "highest label", "accumulator bits",
+          "labels given", "gradients wanted")
+
+
+def _row(call: Call | Exception) -> list[float]:
+    if isinstance(call, Exception):
+        return [0.0] * (len(AGREED) + len(options.NAMES))
+    lo, hi = call.label_range or (float("inf"), float("-inf"))
+    counted = -1 if call.n_counted is None else call.n_counted
+    return [1.0, call.form.vocab_start, call.w_s.shape[0], call.teacher[1].shape[0],
+            call.h_s.shape[0], counted, call.chunk, lo, hi,
+            8 * accumulator_dtype(call.dtypes).itemsize, call.labels is not None, call.grads,
+            *options.encode(call.opts)]
+
+
+def agree(group, call: Call | Exception) -> Call:
+    """All-gather every rank's `_row`; raise the same error on every rank when a rank's checks
+    failed or the ranks disagree; else the call with what the ranks settle on: the smallest
+    chunk (every rank must run as many chunks, each a round of collectives), the labels' range
+    over all ranks and the whole vocabulary to check it against."""
     world = dist.get_world_size(group)
     # gloo gathers CPU tensors only; NCCL needs them on the current CUDA device
-    gather_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    mine = torch.tensor([vocab_start, student_rows, teacher_rows, n_tokens], dtype=torch.int64,
-                        device=gather_device)
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    mine = torch.tensor(_row(call), dtype=torch.float64, device=device)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
     rows = [t.tolist() for t in table]
-    tokens = {r[3] for r in rows}
-    if len(tokens) > 1:
-        raise ValueError(f"every rank must pass the same tokens; token counts by rank: "
-                         f"{[r[3] for r in rows]}")
+    failed = [r for r, row in enumerate(rows) if row[0] != 1.0]
+    if failed:  # every rank knows: fetch the first failure's message, raise it everywhere
+        error = call if isinstance(call, Exception) else None
+        reports = [None] * world
+        dist.all_gather_object(reports, None if error is None else
+                               (type(error).__name__, str(error)), group=group)
+        kind, text = reports[failed[0]]
+        raise {"TypeError": TypeError}.get(kind, ValueError)(
+            f"vocab-parallel loss: rank {failed[0]} rejected its inputs: {text}") from error
+    column = dict(zip(AGREED + options.NAMES, zip(*rows, strict=True), strict=True))
+
+    def by_rank(name):
+        if name in options.NAMES:
+            return [options.decode(name, v) for v in column[name]]
+        return [int(v) if v.is_integer() else v for v in column[name]]
+
+    for name in ("tokens", "counted tokens", "accumulator bits", "labels given",
+                 "gradients wanted", *options.NAMES):
+        if len(set(column[name])) > 1:
+            raise ValueError(
+                f"vocab-parallel loss: every rank must pass the same tokens, labels and options; "
+                f"the ranks disagree on {name}: {by_rank(name)} by rank")
     expected = 0
-    for rank, (v0, s_rows, t_rows, _) in enumerate(rows):
-        last = rank == world - 1
-        if v0 != expected or (not last and s_rows != t_rows):
+    for rank, (v0, s_rows, t_rows) in enumerate(zip(column["vocab_start"], column["student rows"],
+                                                    column["teacher rows"], strict=True)):
+        if v0 != expected or (rank < world - 1 and s_rows != t_rows):
             raise ValueError(
                 "the ranks' head shards must tile the vocabulary in rank order: rank r holds "
                 "student rows [v0, v0 + student_weight.shape[0]) and teacher rows [v0, v0 + "
                 "teacher_weight.shape[0]), each starting where rank r-1's end (only the last "
                 "rank's two shards may differ in size); got (vocab_start, student rows, teacher "
-                f"rows) by rank: {[tuple(r[:3]) for r in rows]}"
+                f"rows) by rank: {list(zip(*(by_rank(c) for c in AGREED[1:4]), strict=True))}"
             )
         expected = v0 + s_rows
-    v0, s_rows, t_rows, _ = rows[-1]
-    return VocabShard(group, vocab_start, v0 + s_rows, v0 + t_rows)
+    lo, hi = min(column["lowest label"]), max(column["highest label"])
+    return replace(call, chunk=int(min(column["chunk"])), vocab=int(expected),
+                   label_range=None if lo > hi else (int(lo), int(hi)))
 
 
 # ---- the passes in torch (CPU) ----------------------------------------------------------------
@@ -120,7 +191,7 @@ def _torch_log_probs(s, t, params, opts):
 def _torch_partials(s, t, params, out, opts):
     _, _, _, log_q, log_p = _torch_log_probs(s, t, params, opts)
     out[:, 0] = reference.divergence_terms(log_q, log_p, opts).sum(-1)
-    out[:, 1] = reference.divergence_qg(log_q, log_p, opts).sum(-1)
+    out[:, 1] = (log_q.exp() * reference.divergence_g(log_q, log_p, opts)).sum(-1)
 
 
 def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
@@ -136,8 +207,8 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
         dkd = q - log_p.exp()
     elif opts.divergence == "reverse_kl":  # q (log q - log p - D) = q ((a - b) - E_q[a - b])
         dkd = q * ((a - b) - c)
-    else:
-        dkd = reference.divergence_qg(log_q, log_p, opts) - q * c
+    else:  # q (g - S), S = E_q[g] over the whole vocabulary
+        dkd = q * (reference.divergence_g(log_q, log_p, opts) - c)
     grad[:, : dkd.shape[1]] += (opts.kd_weight * opts.temperature) * dkd
     if opts.student_softcap is not None:
         grad.mul_(1 - (s / opts.student_softcap) ** 2)
@@ -147,13 +218,11 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
     s_buf.copy_(grad)
 
 
-def _triton_passes():
-    from fastkd.kernels import distill as k
-
-    return k.distill_stats, k.distill_partials, k.distill_grad
-
-
-PASSES = {"torch": lambda: (_torch_stats, _torch_partials, _torch_grad), "triton": _triton_passes}
+STATS_PASS = RowOp(torch=_torch_stats, triton="distill.distill_stats")
+PARTIALS_PASS = RowOp(torch=_torch_partials, triton="distill.distill_partials")
+GRAD_PASS = RowOp(torch=_torch_grad, triton="distill.distill_grad")
+STATS = 5  # per row, local: L_s, L_a, L_b, e, s_y (kernels/distill.py's STATS)
+PARTIALS = 2  # per row, local: D, S
 
 
 # ---- the row op ---------------------------------------------------------------------------------
@@ -167,15 +236,14 @@ def _combine_lse(lse: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
     return m, (lse - m).exp()
 
 
-def vocab_parallel_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts: DistillOptions,
-                        compute_grad: bool, shard: VocabShard, backend: str) -> None:
-    """The row op of `autograd._chunked` for one chunk of this rank's logit columns: the per-token
-    (loss, ce, kd) of the whole vocabulary into the outputs (the same on every rank), and, if
-    compute_grad, this shard's G = r dloss/ds written over s."""
-    stats_pass, partials_pass, grad_pass = PASSES[backend]()
-    n, group, acc = s.shape[0], shard.group, loss_out.dtype
-    stats = torch.empty(n, 5, device=s.device, dtype=acc)  # fp32 (fp64 for fp64 inputs)
-    stats_pass(s, t, labels, stats, shard.vocab_start, opts)
+def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, compute_grad: bool,
+                        group, vocab_start: int, backend: str) -> None:
+    """The dense row op for one chunk of this rank's logit columns: the per-token (loss, ce, kd)
+    of the whole vocabulary into out (the same on every rank), and, if compute_grad, this shard's
+    G = r dloss/ds written over s."""
+    n, acc = s.shape[0], out.dtype
+    stats = torch.empty(n, STATS, device=s.device, dtype=acc)  # fp32 (fp64 for fp64 inputs)
+    STATS_PASS.on(backend)(s, t, labels, stats, vocab_start, opts)
     lse = stats[:, :3]
     m, w = _combine_lse(lse, group)
     e_weight = w[:, 2] if opts.divergence == "forward_kl" else w[:, 1]
@@ -191,8 +259,8 @@ def vocab_parallel_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts:
     elif opts.divergence == "reverse_kl":
         kd = e - lse_a + lse_b
     else:
-        partials = torch.empty(n, 2, device=s.device, dtype=acc)
-        partials_pass(s, t, params, partials, opts)
+        partials = torch.empty(n, PARTIALS, device=s.device, dtype=acc)
+        PARTIALS_PASS.on(backend)(s, t, params, partials, opts)
         dist.all_reduce(partials, group=group)
         kd, params[:, 3] = partials[:, 0], partials[:, 1]
     if labels is None:
@@ -203,8 +271,6 @@ def vocab_parallel_rows(s, t, labels, row_scale, loss_out, ce_out, kd_out, opts:
         ce = torch.where(valid, lse_s - sums[:, 4], 0.0)
         kd = torch.where(valid, kd, 0.0)
         loss = opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd
-    loss_out.copy_(loss)
-    ce_out.copy_(ce)
-    kd_out.copy_(kd)
+    out.copy_(torch.stack([loss, ce, kd], 1))
     if compute_grad:
-        grad_pass(s, t, labels, row_scale, params, shard.vocab_start, opts)
+        GRAD_PASS.on(backend)(s, t, labels, row_scale, params, vocab_start, opts)

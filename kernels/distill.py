@@ -12,9 +12,9 @@ dtype:
     pass 1 (statistics): m_s/l_s, m_a/l_a, m_b/l_b, and for the two KL divergences the rescaled sums
         forward_kl: D = sum_v p_v (b_v - a_v) - L_b + L_a
         reverse_kl: D = sum_v q_v (a_v - b_v) - L_a + L_b
-    pass 2 (the other divergences): D = sum_v d_v and S = sum_v q_v g_v, g_v = dD/dq_v (up to a
-        constant, which cancels below), with mixtures as logaddexps, log mix(u, v; w) =
-        log(w u + (1 - w) v), never the log of a sum of small probabilities:
+    pass 2 (the other divergences): D = sum_v d_v and S = E_q[g] = sum_v q_v g_v, g_v = dD/dq_v
+        (up to a constant, which cancels below), with mixtures as logaddexps, log mix(u, v; w) =
+        log(w u + (1 - w) v), never the log of a sum of small probabilities (`_common.py`):
         jsd (beta):       m = mix(p, q; beta)
                           d = beta p (log p - log m) + (1 - beta) q (log q - log m)
                           g = (1 - beta) (log q - log m)
@@ -26,11 +26,13 @@ dtype:
         1. CE:          w_ce (softmax(s)_v - [v = y])                         all v < V
         2. forward_kl:  w_kd T (q_v - p_v)                                     v < K, 0 beyond
         3. reverse_kl:  w_kd T q_v (log q_v - log p_v - D) = w_kd T q_v ((a_v - b_v) - E_q[a - b])
-        4. the others:  w_kd T q_v (g_v - S)            (dD/da_v through the softmax q = softmax(a))
+        4. the others:  w_kd T q_v (g_v - S)            (dD/da_v through the softmax q = softmax(a);
+                        a difference of comparable terms, not q g - q S, whose products round apart)
         5. softcap:     times 1 - (s_v / c_s)^2;  everything times the row's scale r (0 if ignored)
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
-Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. Each row
+Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0
+at ignored rows. Each row
 streams its logits 2 (forward/reverse KL) or 3 (the others) times; bytes per row ~
 (passes * (V + K) + V) * itemsize. Row offsets are int64: n * V passes 2^31 for large chunks at
 V = 256k.
@@ -50,89 +52,25 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from fastkd.kernels._common import (
+    CE,
+    DEFAULT_BLOCK_V,
+    DEFAULT_NUM_WARPS,
+    FORWARD_KL,
+    KD,
+    LOSS,
+    OUTPUTS,
+    REVERSE_KL,
+    _divergence_terms,
+    _load_row_tile,
+    _online_update,
+    _softcap,
+    launch_meta,
+    option_scalars,
+)
 
-# Launch defaults: vocabulary tile and warps per row program. 16 warps put 8 elements (one 128-bit
-# bf16 load) per thread per tile; at 8 warps ptxas 13.4 spilled inside the row loops of some
-# variants (tests/test_distill.py checks the SASS). Unmeasured on a GPU: bench/gpu_profile.py
-# sweeps both.
-DEFAULT_BLOCK_V = 4096
-DEFAULT_NUM_WARPS = 16
-
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_FORWARD_KL = tl.constexpr(3)
-SKEW_REVERSE_KL = tl.constexpr(4)
-TVD = tl.constexpr(5)
-DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
-                  "skew_reverse_kl": 4, "tvd": 5}
-
-
-@triton.jit
-def _softcap(z, cap):
-    # cap * tanh(z / cap) with tanh(x) = 1 - 2 / (exp(2x) + 1): exp overflow gives +-cap, never NaN.
-    return cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
-
-
-@triton.jit
-def _load_row_tile(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr):
-    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid. The load's mask is the
-    padded row width (a multiple of 16 elements: vector loads), the -inf fill is by n_valid."""
-    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
-    if HAS_CAP:
-        z = _softcap(z, cap)
-    return tl.where(offs < n_valid, z, float("-inf"))
-
-
-@triton.jit
-def _log_mix(log_u, log_v, w):
-    """log(w u + (1 - w) v) from log u, log v as a logaddexp; -inf (not NaN) when both are 0."""
-    x = tl.log(w) + log_u
-    z = tl.log(1.0 - w) + log_v
-    mx = tl.maximum(x, z)
-    mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + tl.log(tl.exp(x - mx_ref) + tl.exp(z - mx_ref))
-
-
-@triton.jit
-def _divergence_terms(log_p, log_q, mix, DIVERGENCE: tl.constexpr):
-    """(d_v, qg_v): D = sum d_v, and qg_v = q_v g_v with g_v = dD/dq_v up to a constant (which
-    cancels in q (g - sum q g)), formed without dividing by q. mix is beta for jsd, alpha for the
-    skew KLs. Terms with p_v = 0 add 0 log 0 = 0."""
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
-    if DIVERGENCE == FORWARD_KL:
-        d = tl.where(p > 0.0, p * (log_p - log_q), 0.0)
-        qg = -p
-    elif DIVERGENCE == REVERSE_KL:
-        d = q * (log_q - log_p)
-        qg = d
-    elif DIVERGENCE == JSD:
-        log_m = _log_mix(log_p, log_q, mix)
-        qg = q * (1.0 - mix) * (log_q - log_m)
-        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + qg
-    elif DIVERGENCE == SKEW_FORWARD_KL:
-        log_m = _log_mix(log_p, log_q, mix)
-        d = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
-        qg = -(1.0 - mix) * tl.exp(log_q + log_p - log_m)
-    elif DIVERGENCE == SKEW_REVERSE_KL:
-        log_m = _log_mix(log_q, log_p, mix)
-        d = q * (log_q - log_m)
-        qg = d - mix * q * tl.exp(log_q - log_m)
-    else:  # TVD
-        d = 0.5 * tl.abs(p - q)
-        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-    return d, qg
-
-
-@triton.jit
-def _online_update(m_i, l_i, x):
-    """Online logsumexp state (m_i, l_i) after seeing tile x (entries -inf are ignored; a state
-    still at -inf after the tile stays (-inf, 0), never exp(-inf - -inf) = NaN)."""
-    m_new = tl.maximum(m_i, tl.max(x, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_ref)
-    return m_new, l_i * alpha + tl.sum(tl.exp(x - m_ref), axis=0), alpha
+__all__ = ["DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "ROW_PARAMS", "STATS", "distill_grad",
+           "distill_partials", "distill_rows", "distill_stats"]
 
 
 @triton.jit
@@ -160,7 +98,10 @@ def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap, t_cap,
                 DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
                 BLOCK_V: tl.constexpr):
     """Pass 1: online logsumexp states of s (all V), a = s/T and b = t/T (v < K), and e, the
-    expectation of b - a under p (forward_kl) or of a - b under q (reverse_kl) over the row."""
+    expectation of b - a under p (forward_kl) or of a - b under q (reverse_kl) over the row.
+    Returns L_s, then L_a and L_b each as the pair (m, log l), L = m + log l: the later passes
+    form log q = (a - m_a) - log l_a, closer in fp32 at the large entries than a - L_a, whose
+    rounded L_a (|L_a| ~ 15 at logits of std 3) would shift every entry."""
     offs0 = tl.arange(0, BLOCK_V)
     m_s = tl.full([], float("-inf"), tl.float32)
     l_s = tl.zeros([], tl.float32)
@@ -172,10 +113,10 @@ def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap, t_cap,
     for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
         offs = v0 + offs0
         in_k = offs < K
-        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP, False)
         m_s, l_s, _ = _online_update(m_s, l_s, s)
         a = tl.where(in_k, s * inv_t, float("-inf"))
-        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP, False) * inv_t
         m_a, l_a, alpha_a = _online_update(m_a, l_a, a)
         m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
         if DIVERGENCE == FORWARD_KL:  # p_v = 0 (b = -inf, or v >= K) adds 0, not 0 * -inf
@@ -185,60 +126,63 @@ def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap, t_cap,
             term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
             acc = acc * alpha_a + tl.sum(term, axis=0)
     for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
-        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
+        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP, False)
         m_s, l_s, _ = _online_update(m_s, l_s, s)
     l_e = l_b if DIVERGENCE == FORWARD_KL else l_a
     e = tl.where(l_e > 0.0, acc / l_e, 0.0)  # a shard without shared ids has no mass: 0
-    return m_s + tl.log(l_s), m_a + tl.log(l_a), m_b + tl.log(l_b), e
+    return m_s + tl.log(l_s), m_a, tl.log(l_a), m_b, tl.log(l_b), e
 
 
 @triton.jit
-def _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, lse_a, lse_b, mix, s_cap, t_cap,
-                   DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
-                   BLOCK_V: tl.constexpr):
+def _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, m_a, ll_a, m_b, ll_b, mix, s_cap,
+                   t_cap, DIVERGENCE: tl.constexpr, HAS_S_CAP: tl.constexpr,
+                   HAS_T_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 2 (all but forward/reverse KL): D = sum d and S = sum q g over the row's shared ids,
-    given the (global) log-normalisers L_a and L_b."""
+    given the (global) log-normalisers L_a = m_a + ll_a and L_b = m_b + ll_b."""
     offs0 = tl.arange(0, BLOCK_V)
     kd = tl.zeros([], tl.float32)
     sum_qg = tl.zeros([], tl.float32)
     for v0 in range(0, K, BLOCK_V):
         offs = v0 + offs0
         in_k = offs < K
-        log_q = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP) * inv_t - lse_a
-        log_p = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t - lse_b
-        d, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+        a = _load_row_tile(s_row, offs, stride_s, K, s_cap, HAS_S_CAP, False) * inv_t
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP, False) * inv_t
+        log_q = (a - m_a) - ll_a
+        log_p = (b - m_b) - ll_b
+        q = tl.exp(log_q)
+        d, g = _divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
         kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
-        sum_qg += tl.sum(tl.where(in_k, qg, 0.0), axis=0)
+        sum_qg += tl.sum(tl.where(in_k, q * g, 0.0), axis=0)
     return kd, sum_qg
 
 
 @triton.jit
-def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, lse_a, lse_b, c,
-               y_local, valid, r, ce_weight, kd_weight, temperature, mix, s_cap, t_cap,
+def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, m_a, ll_a, m_b,
+               ll_b, c, y_local, valid, r, ce_weight, kd_weight, temperature, mix, s_cap, t_cap,
                DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
                HAS_T_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Last pass: G = r dloss/dz_s over the row, written to out_row (the student row itself).
-    c is E_q[a - b] for reverse_kl, S = sum q g for the three-pass divergences."""
+    c is E_q[a - b] for reverse_kl, S = E_q[g] for the three-pass divergences."""
     offs0 = tl.arange(0, BLOCK_V)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + offs0
         in_k = offs < K
-        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+        s = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP, False)
         grad = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_LABELS:  # 1. CE (the label's column may belong to another rank: no -1 here)
             grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_local, 1.0, 0.0))
         # KD terms; tiles past K load nothing (all masked) and add 0
-        log_q = tl.where(in_k, s * inv_t - lse_a, float("-inf"))
-        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP) * inv_t
-        log_p = b - lse_b
+        log_q = tl.where(in_k, (s * inv_t - m_a) - ll_a, float("-inf"))
+        b = _load_row_tile(t_row, offs, stride_t, K, t_cap, HAS_T_CAP, False) * inv_t
+        log_p = (b - m_b) - ll_b
         q = tl.exp(log_q)
         if DIVERGENCE == FORWARD_KL:  # 2.
             dkd = q - tl.exp(log_p)
         elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
             dkd = q * ((s * inv_t - b) - c)
         else:  # 4.
-            _, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
-            dkd = qg - q * c
+            _, g = _divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
+            dkd = q * (g - c)
         grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
         if HAS_S_CAP:  # 5.
             grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
@@ -256,9 +200,7 @@ def distill_rows_kernel(
     t_ptr,  # (n, K) teacher logits z_t, rows stride_t >= K apart
     y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
     scale_ptr,  # (n,) fp32 gradient scale r per row
-    loss_ptr,  # (n,) fp32 out: w_ce CE + w_kd T^2 D
-    ce_ptr,  # (n,) fp32 out: CE
-    kd_ptr,  # (n,) fp32 out: D
+    out_ptr,  # (n, OUTPUTS) fp32 out: loss = w_ce CE + w_kd T^2 D, CE, D per row
     # sizes
     V,
     K,
@@ -286,32 +228,35 @@ def distill_rows_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     inv_t = 1.0 / temperature
-    lse_s, lse_a, lse_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_cap,
-                                         t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+    lse_s, m_a, ll_a, m_b, ll_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t,
+                                                 s_cap, t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP,
+                                                 BLOCK_V)
     valid, y_local, s_y = _label(y_ptr, row, s_row, 0, V, ignore_index, s_cap, HAS_LABELS,
                                  HAS_S_CAP)  # after pass 1: fewer registers live in its loops
     ce = lse_s - s_y if HAS_LABELS else 0.0
     c = e  # E_q[a - b] for reverse_kl: the gradient uses it directly, not kd + lse terms
-    if DIVERGENCE == FORWARD_KL:
-        kd = e - lse_b + lse_a
+    if DIVERGENCE == FORWARD_KL:  # L_a - L_b summed from the small parts first
+        kd = e + ((m_a - m_b) + (ll_a - ll_b))
     elif DIVERGENCE == REVERSE_KL:
-        kd = e - lse_a + lse_b
+        kd = e + ((m_b - m_a) + (ll_b - ll_a))
     else:
-        kd, c = _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, lse_a, lse_b, mix,
-                               s_cap, t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+        kd, c = _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, m_a, ll_a, m_b, ll_b,
+                               mix, s_cap, t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
 
     loss = ce_weight * ce + kd_weight * temperature * temperature * kd
     if HAS_LABELS:  # ignored rows count for nothing
         loss = tl.where(valid, loss, 0.0)
         ce = tl.where(valid, ce, 0.0)
         kd = tl.where(valid, kd, 0.0)
-    tl.store(loss_ptr + row, loss)
-    tl.store(ce_ptr + row, ce)
-    tl.store(kd_ptr + row, kd)
+    out = out_ptr + row * OUTPUTS
+    tl.store(out + LOSS, loss)
+    tl.store(out + CE, ce)
+    tl.store(out + KD, kd)
     if COMPUTE_GRAD:
-        _grad_pass(s_row, t_row, s_row, stride_s, stride_t, V, K, inv_t, lse_s, lse_a, lse_b, c,
-                   y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight, temperature,
-                   mix, s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
+        _grad_pass(s_row, t_row, s_row, stride_s, stride_t, V, K, inv_t, lse_s, m_a, ll_a, m_b,
+                   ll_b, c, y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight,
+                   temperature, mix, s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP,
+                   BLOCK_V)
 
 
 # ---- vocab-parallel entry points: the same passes, split around the ranks' all-reduces --------
@@ -319,8 +264,8 @@ def distill_rows_kernel(
 # with the teacher), the caller runs distill_stats_kernel, combines the rows' statistics over the
 # ranks (logsumexps, e weighted by each rank's mass, s_y summed), then for the three-pass
 # divergences distill_partials_kernel and an all-reduce of (D, S), then distill_grad_kernel.
-STATS = 5  # per row: L_s, L_a, L_b, e, s_y (local)
-ROW_PARAMS = 4  # per row: L_s, L_a, L_b, c (global)
+STATS = tl.constexpr(5)  # per row: L_s, L_a, L_b, e, s_y (local)
+ROW_PARAMS = tl.constexpr(4)  # per row: L_s, L_a, L_b, c (global)
 
 
 @triton.jit
@@ -334,15 +279,15 @@ def distill_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    lse_s, lse_a, lse_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K,
-                                         1.0 / temperature, s_cap, t_cap, DIVERGENCE, HAS_S_CAP,
-                                         HAS_T_CAP, BLOCK_V)
+    lse_s, m_a, ll_a, m_b, ll_b, e = _stats_pass(s_row, t_row, stride_s, stride_t, V, K,
+                                                 1.0 / temperature, s_cap, t_cap, DIVERGENCE,
+                                                 HAS_S_CAP, HAS_T_CAP, BLOCK_V)
     _, _, s_y = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_cap, HAS_LABELS,
                        HAS_S_CAP)
-    out = stats_ptr + row * 5
+    out = stats_ptr + row * STATS
     tl.store(out, lse_s)
-    tl.store(out + 1, lse_a)
-    tl.store(out + 2, lse_b)
+    tl.store(out + 1, m_a + ll_a)
+    tl.store(out + 2, m_b + ll_b)
     tl.store(out + 3, e)
     tl.store(out + 4, s_y)
 
@@ -357,11 +302,11 @@ def distill_partials_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    params = params_ptr + row * 4
+    params = params_ptr + row * ROW_PARAMS
     kd, sum_qg = _partials_pass(s_ptr + row * stride_s, t_ptr + row * stride_t, stride_s,
-                                stride_t, K, 1.0 / temperature, tl.load(params + 1),
-                                tl.load(params + 2), mix, s_cap, t_cap, DIVERGENCE, HAS_S_CAP,
-                                HAS_T_CAP, BLOCK_V)
+                                stride_t, K, 1.0 / temperature, tl.load(params + 1), 0.0,
+                                tl.load(params + 2), 0.0, mix, s_cap, t_cap, DIVERGENCE,
+                                HAS_S_CAP, HAS_T_CAP, BLOCK_V)
     tl.store(out_ptr + row * 2, kd)
     tl.store(out_ptr + row * 2 + 1, sum_qg)
 
@@ -379,26 +324,17 @@ def distill_grad_kernel(
     s_row = s_ptr + row * stride_s
     valid, y_local, _ = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_cap,
                                HAS_LABELS, HAS_S_CAP)
-    params = params_ptr + row * 4
+    params = params_ptr + row * ROW_PARAMS
     _grad_pass(s_row, t_ptr + row * stride_t, s_row, stride_s, stride_t, V, K, 1.0 / temperature,
-               tl.load(params), tl.load(params + 1), tl.load(params + 2), tl.load(params + 3),
-               y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight, temperature, mix,
-               s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
-
-
-def _mix(opts) -> float:
-    return opts.skew if opts.divergence.startswith("skew_") else opts.beta
-
-
-def _caps(opts) -> tuple[float, float]:
-    return opts.student_softcap or 1.0, opts.teacher_softcap or 1.0
+               tl.load(params), tl.load(params + 1), 0.0, tl.load(params + 2), 0.0,
+               tl.load(params + 3), y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight,
+               temperature, mix, s_cap, t_cap, DIVERGENCE, HAS_LABELS, HAS_S_CAP, HAS_T_CAP,
+               BLOCK_V)
 
 
 def _meta(opts, labels, vocab: int, block_v: int, num_warps: int) -> dict:
-    return dict(DIVERGENCE=DIVERGENCE_IDS[opts.divergence], HAS_LABELS=labels is not None,
-                HAS_S_CAP=opts.student_softcap is not None,
-                HAS_T_CAP=opts.teacher_softcap is not None,
-                BLOCK_V=min(block_v, triton.next_power_of_2(max(vocab, 1))), num_warps=num_warps)
+    return dict(launch_meta(opts, labels is not None, vocab, block_v, num_warps),
+                HAS_T_CAP=opts.teacher_softcap is not None)
 
 
 def _teacher_rows(student_logits, teacher_logits):
@@ -414,18 +350,16 @@ def distill_rows(
     teacher_logits,
     labels,
     row_scale,
-    loss_out,
-    ce_out,
-    kd_out,
+    out,
     opts,
     compute_grad: bool,
     block_v: int = DEFAULT_BLOCK_V,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> None:
-    """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
-    over student_logits. Shapes as in the kernel's pointer comments; rows must have unit inner
-    stride, and the columns between a row's end and the next row's start are scratch (padded
-    buffers from `fastkd.autograd.padded_rows`: 128-bit loads at any V).
+    """Launch one program per row; writes out (n, OUTPUTS) (loss, ce, kd per row) and, if
+    compute_grad, the gradient over student_logits. Shapes as in the kernel's pointer comments;
+    rows must have unit inner stride, and the columns between a row's end and the next row's start
+    are scratch (padded buffers from `fastkd.autograd.padded_rows`: 128-bit loads at any V).
     `opts` is a fastkd.DistillOptions (read, not checked: the caller checks)."""
     n, vocab = student_logits.shape
     if n == 0:
@@ -433,9 +367,8 @@ def distill_rows(
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
     distill_rows_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
-        loss_out, ce_out, kd_out, vocab, teacher_logits.shape[1], student_logits.stride(0),
-        teacher_logits.stride(0), opts.ignore_index, opts.temperature, opts.ce_weight,
-        opts.kd_weight, _mix(opts), *_caps(opts), COMPUTE_GRAD=compute_grad,
+        out, vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
+        *option_scalars(opts), COMPUTE_GRAD=compute_grad,
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
@@ -447,10 +380,11 @@ def distill_stats(student_logits, teacher_logits, labels, stats_out, vocab_start
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
+    ignore_index, temperature, _, _, _, s_cap, t_cap = option_scalars(opts)
     distill_stats_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else stats_out, stats_out,
         vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
-        vocab_start, opts.ignore_index, opts.temperature, *_caps(opts),
+        vocab_start, ignore_index, temperature, s_cap, t_cap,
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
@@ -464,10 +398,11 @@ def distill_partials(student_logits, teacher_logits, params, out, opts,
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
     meta = _meta(opts, None, vocab, block_v, num_warps)
     del meta["HAS_LABELS"]
+    _, temperature, _, _, mix, s_cap, t_cap = option_scalars(opts)
     distill_partials_kernel[(n,)](
         student_logits, teacher_logits, params, out, teacher_logits.shape[1],
-        student_logits.stride(0), teacher_logits.stride(0), opts.temperature, _mix(opts),
-        *_caps(opts), **meta,
+        student_logits.stride(0), teacher_logits.stride(0), temperature, mix, s_cap, t_cap,
+        **meta,
     )
 
 
@@ -479,10 +414,10 @@ def distill_grad(student_logits, teacher_logits, labels, row_scale, params, voca
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
+    ignore_index, *scalars = option_scalars(opts)
     distill_grad_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
         params, vocab, teacher_logits.shape[1], student_logits.stride(0),
-        teacher_logits.stride(0), vocab_start, opts.ignore_index, opts.temperature,
-        opts.ce_weight, opts.kd_weight, _mix(opts), *_caps(opts),
+        teacher_logits.stride(0), vocab_start, ignore_index, *scalars,
         **_meta(opts, labels, vocab, block_v, num_warps),
     )

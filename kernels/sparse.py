@@ -17,7 +17,7 @@ dtype (the spec is `fastkd.reference.sparse_token_losses`):
        empty slots get log-probability EMPTY_LOG on both sides and add exactly 0):
         bucket:       buckets (p_1..p_k, 1 - P) vs (q_id_1..q_id_k, 1 - Q); G = dD/dc over the
                       buckets, c = (a_id_1..a_id_k, lse_out), as in the dense kernel:
-                      forward_kl Q - P;  the others Q g - Q sum(Q g), Q g from
+                      forward_kl Q - P;  the others Q (g - sum(Q g)), g from
                       `_divergence_terms` (reverse_kl: g = log Q - log P)
         renormalize:  the same over p / P and softmax(a_id) restricted to S (no rest bucket)
         ignore:       D = sum_j p_j (log M_j - log q_id_j), M_j = the summed mass of id_j's
@@ -34,7 +34,8 @@ dtype (the spec is `fastkd.reference.sparse_token_losses`):
        (ignore; duplicate slots write the same value), softcap as in 3.
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
-Outputs per row: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0 at ignored rows. The row
+Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0
+at ignored rows. The row
 streams its logits twice (pass 1, gradient) and touches k ids three times; bytes per row about
 3 V itemsize + k (ids + logprobs). Row offsets are int64 (n V passes 2^31 at large V). With
 COMPUTE_GRAD off the buffer is scratch (bucket leaves -inf at the ids).
@@ -44,14 +45,22 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastkd.kernels.distill import (
+from fastkd.kernels._common import (
+    CE,
     DEFAULT_BLOCK_V,
     DEFAULT_NUM_WARPS,
-    DIVERGENCE_IDS,
     FORWARD_KL,
+    KD,
+    LOSS,
+    OUTPUTS,
     _divergence_terms,
+    _load_row_tile,
+    _logaddexp,
+    _lse,
     _online_update,
     _softcap,
+    launch_meta,
+    option_scalars,
 )
 
 BUCKET = tl.constexpr(0)
@@ -60,31 +69,6 @@ IGNORE = tl.constexpr(2)
 TAIL_IDS = {"bucket": 0, "renormalize": 1, "ignore": 2}
 EMPTY_LOG: tl.constexpr = tl.constexpr(-1e30)  # as fastkd.reference.EMPTY_LOG
 BLOCK_M_DEFAULT = 16  # slots per column tile of the duplicate merge (tail="ignore")
-
-
-@triton.jit
-def _load_logits(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr):
-    """fp32 logits of one tile, softcapped except at -inf (the bucket tail's mark of the ids in
-    S), -inf where offs >= n_valid; loads masked by the padded row width (vector loads)."""
-    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
-    if HAS_CAP:
-        z = tl.where(z == float("-inf"), z, _softcap(z, cap))
-    return tl.where(offs < n_valid, z, float("-inf"))
-
-
-@triton.jit
-def _lse(x):
-    """logsumexp of a tile; -inf (not NaN) when every entry is -inf."""
-    m = tl.max(x, axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    return m_ref + tl.log(tl.sum(tl.exp(x - m_ref), axis=0))
-
-
-@triton.jit
-def _logaddexp(x, y):
-    m = tl.maximum(x, y)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    return m_ref + tl.log(tl.exp(x - m_ref) + tl.exp(y - m_ref))
 
 
 @triton.jit
@@ -98,12 +82,14 @@ def _log_rest(log_p):
 @triton.jit
 def _bucket_divergence(log_q, log_p, mix, DIVERGENCE: tl.constexpr):
     """D and G = dD/dc over a tile of buckets given as log-probabilities, q = softmax(c):
-    G = q g - q sum(q g) with q g from `_divergence_terms` (q - p for forward_kl)."""
-    d, qg = _divergence_terms(log_p, log_q, mix, DIVERGENCE)
+    G = q (g - sum(q g)) with g from `_divergence_terms` (q - p for forward_kl)."""
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    d, g = _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE)
     if DIVERGENCE == FORWARD_KL:
-        grad = tl.exp(log_q) - tl.exp(log_p)
+        grad = q - p
     else:
-        grad = qg - tl.exp(log_q) * tl.sum(qg, axis=0)
+        grad = q * (g - tl.sum(q * g, axis=0))
     return tl.sum(d, axis=0), grad
 
 
@@ -116,9 +102,7 @@ def sparse_rows_kernel(
     lp_ptr,  # (n, k) teacher log-probabilities at T, any float dtype
     y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
     scale_ptr,  # (n,) fp32 gradient scale r per row
-    loss_ptr,  # (n,) fp32 out: w_ce CE + w_kd T^2 D
-    ce_ptr,  # (n,) fp32 out: CE
-    kd_ptr,  # (n,) fp32 out: D
+    out_ptr,  # (n, OUTPUTS) fp32 out: loss = w_ce CE + w_kd T^2 D, CE, D per row
     # sizes
     V,
     K_SLOTS,
@@ -186,7 +170,7 @@ def sparse_rows_kernel(
     m_a = m_s
     l_a = l_s
     for v0 in range(0, V, BLOCK_V):
-        z = _load_logits(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP)
+        z = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP, True)
         m_s, l_s, _ = _online_update(m_s, l_s, z)
         m_a, l_a, _ = _online_update(m_a, l_a, z * inv_t)
     lse_s = m_s + tl.log(l_s)
@@ -242,16 +226,17 @@ def sparse_rows_kernel(
         loss = tl.where(valid, loss, 0.0)
         ce = tl.where(valid, ce, 0.0)
         kd = tl.where(valid, kd, 0.0)
-    tl.store(loss_ptr + row, loss)
-    tl.store(ce_ptr + row, ce)
-    tl.store(kd_ptr + row, kd)
+    out = out_ptr + row * OUTPUTS
+    tl.store(out + LOSS, loss)
+    tl.store(out + CE, ce)
+    tl.store(out + KD, kd)
 
     # ---- 3. gradient: the dense term over the whole row, written in place -----------------------
     if COMPUTE_GRAD:
         r = tl.load(scale_ptr + row)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + offs0
-            z = _load_logits(s_row, offs, stride_s, V, s_cap, HAS_S_CAP)
+            z = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP, True)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_LABELS:  # 1. CE
                 grad = ce_weight * (tl.exp(z - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
@@ -284,51 +269,26 @@ def sparse_rows(
     logprobs,
     labels,
     row_scale,
-    loss_out,
-    ce_out,
-    kd_out,
+    out,
     opts,
     tail: str,
     compute_grad: bool,
     block_v: int = DEFAULT_BLOCK_V,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> None:
-    """Launch one program per row; writes loss_out/ce_out/kd_out and, if compute_grad, the gradient
-    over student_logits (else the buffer is scratch). Shapes as in the kernel's pointer comments;
-    rows of every tensor have unit inner stride. `opts` is a fastkd.DistillOptions and `tail` one
-    of TAIL_IDS (read, not checked: the caller checks)."""
+    """Launch one program per row; writes out (n, OUTPUTS) (loss, ce, kd per row) and, if
+    compute_grad, the gradient over student_logits (else the buffer is scratch). Shapes as in the
+    kernel's pointer comments; rows of every tensor have unit inner stride. `opts` is a
+    fastkd.DistillOptions and `tail` one of TAIL_IDS (read, not checked: the caller checks)."""
     n, vocab = student_logits.shape
     k = ids.shape[1]
     if n == 0:
         return
     block_k = triton.next_power_of_2(k + 1)
     sparse_rows_kernel[(n,)](
-        student_logits,
-        ids,
-        logprobs,
-        labels if labels is not None else row_scale,
-        row_scale,
-        loss_out,
-        ce_out,
-        kd_out,
-        vocab,
-        k,
-        student_logits.stride(0),
-        ids.stride(0),
-        logprobs.stride(0),
-        opts.ignore_index,
-        opts.temperature,
-        opts.ce_weight,
-        opts.kd_weight,
-        opts.skew if opts.divergence.startswith("skew_") else opts.beta,
-        opts.student_softcap or 1.0,
-        TAIL=TAIL_IDS[tail],
-        DIVERGENCE=DIVERGENCE_IDS[opts.divergence],
-        HAS_LABELS=labels is not None,
-        HAS_S_CAP=opts.student_softcap is not None,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
-        BLOCK_K=block_k,
-        BLOCK_M=min(BLOCK_M_DEFAULT, block_k),
-        num_warps=num_warps,
+        student_logits, ids, logprobs, labels if labels is not None else row_scale, row_scale,
+        out, vocab, k, student_logits.stride(0), ids.stride(0), logprobs.stride(0),
+        *option_scalars(opts)[:6], TAIL=TAIL_IDS[tail], COMPUTE_GRAD=compute_grad,
+        BLOCK_K=block_k, BLOCK_M=min(BLOCK_M_DEFAULT, block_k),
+        **launch_meta(opts, labels is not None, vocab, block_v, num_warps),
     )

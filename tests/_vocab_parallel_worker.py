@@ -1,4 +1,5 @@
-"""Ranks of the vocab-parallel tests: `python _vocab_parallel_worker.py WORLD SUITE`.
+"""Ranks of the vocab-parallel tests: `python _vocab_parallel_worker.py WORLD SUITE`, SUITE
+"matrix", "probe" or both ("matrix+probe", in one process group).
 
 Each rank builds the same full heads from one seed, keeps its slice of both, runs the
 vocab-parallel loss, and checks the loss and every gradient against the single-process fused loss
@@ -8,10 +9,12 @@ which fails that rank, which makes torch.multiprocessing.spawn (and so the scrip
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -203,20 +206,87 @@ def bad_tiling(rank, world, group):
         raise AssertionError("a gap between the shards was accepted")
 
 
+def expect_same_error(group, call, kind, match):
+    """`call` raises `kind` (matching `match`) on every rank, the same message everywhere, within
+    seconds; a rank left waiting in a collective would instead hit the group's 60 s timeout."""
+    start = time.monotonic()
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 -- checked below
+        error = e
+    else:
+        error = None
+    elapsed = time.monotonic() - start
+    rank = dist.get_rank(group)
+    assert isinstance(error, kind) and match in str(error), (rank, match, repr(error))
+    assert elapsed < 10, (rank, match, elapsed)
+    seen = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, (type(error).__name__, str(error)), group=group)
+    assert len(set(seen)) == 1, seen
+
+
+def disagreements(rank, world, group):
+    """Bad input on one rank, or ranks that disagree: the same error on every rank, at once (gloo
+    would otherwise wait out its timeout, or abort on collectives of different sizes)."""
+    vocab, n = 40, 12
+    h_s, w_s, h_t, w_t, _, _, labels, _ = make_inputs(n, vocab, vocab, False, 11)
+    rows = vocab // world
+    v0 = rank * rows
+    rows = rows if rank < world - 1 else vocab - v0
+    last = rank == world - 1
+
+    def loss(**changes):
+        kw = dict(student_hidden=h_s.clone().requires_grad_(), student_weight=w_s[v0:v0 + rows],
+                  teacher_hidden=h_t, teacher_weight=w_t[v0:v0 + rows], labels=labels,
+                  process_group=group, vocab_start=v0, divergence="jsd", temperature=2.0)
+        kw.update(changes if last else {})
+        out = fused_distill_loss(**kw)
+        out.backward()
+        return out
+
+    expect_same_error(group, lambda: loss(vocab_start=-1), ValueError,
+                      f"rank {world - 1} rejected its inputs: vocab_start must be a non-negative "
+                      "int, got -1")
+    expect_same_error(group, lambda: loss(vocab_start=None), ValueError, "got None")
+    expect_same_error(group, lambda: loss(student_hidden=h_s.long()), TypeError,
+                      "student_hidden must be a floating tensor")
+    expect_same_error(group, lambda: loss(temperature=0.0), ValueError,
+                      "temperature must be > 0")  # an option rejected by DistillOptions
+    fewer = labels.clone()
+    fewer[torch.nonzero(fewer != -100)[0]] = -100  # one counted token less
+    expect_same_error(group, lambda: loss(labels=fewer), ValueError,
+                      "the ranks disagree on counted tokens")
+    expect_same_error(group, lambda: loss(divergence="forward_kl"), ValueError,
+                      "the ranks disagree on divergence: ")
+    expect_same_error(group, lambda: loss(temperature=3.0), ValueError,
+                      f"the ranks disagree on temperature: {[2.0] * (world - 1) + [3.0]} by rank")
+    wrong = labels.clone()
+    wrong[0] = vocab
+    expect_same_error(group, lambda: loss(labels=wrong), ValueError,
+                      f"labels must lie in [0, {vocab})")
+    # the group is still in step: a good call gives the single-process loss
+    hs1 = h_s.clone().requires_grad_()
+    want = fused_distill_loss(hs1, w_s, h_t, w_t, labels, divergence="jsd", temperature=2.0)
+    assert max_err(loss(), want) < 1e-5
+
+
 def main(rank, world, name, store):
     from _interpreter import speed_up
 
     speed_up()
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a rank left waiting fails in a minute (gloo's default is 30)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         group = dist.group.WORLD
-        if name == "matrix":
-            for case in suite(name, world):
+        if "matrix" in name.split("+"):
+            for case in suite("matrix", world):
                 run_case(rank, world, group, case)
-        elif name == "probe":
+        if "probe" in name.split("+"):
             memory_probe(rank, world, group)
             dtensor_head(rank, world, group)
             bad_tiling(rank, world, group)
+            disagreements(rank, world, group)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -353,3 +353,82 @@ def test_bad_inputs():
         call(student_hidden=inputs["student_hidden"][:, :5])
     with pytest.raises(ValueError, match="tail must be one of"):
         fastkd.FusedSparseDistillLoss(tail="none")
+
+
+def test_teacher_mass_above_one_is_an_error():
+    """Issue 20: slots whose probabilities sum past 1 by more than their dtype's rounding are not
+    log-probabilities (three slots at log-probability 0 gave a finite loss); with ids covering
+    the whole vocabulary, tail="bucket" has no rest bucket, so a mass below 1 is an error too (it
+    gave a negative forward KL)."""
+    inputs = make_inputs(n=8, vocab=50, k=3, seed=15, ignore_every=0)
+
+    def call(**changes):
+        return fastkd.fused_sparse_distill_loss(**{**inputs, **changes}, backend="torch")
+
+    with pytest.raises(ValueError, match="sum\\(exp\\(teacher_logprobs\\)\\) = 3 > 1"):
+        call(teacher_logprobs=torch.zeros_like(inputs["teacher_logprobs"]))
+    lp = inputs["teacher_logprobs"].clone()
+    lp[4] = torch.tensor([1.01 / 3] * 3).log()  # P = 1.01 in fp32
+    with pytest.raises(ValueError, match="= 1.01 > 1"):
+        call(teacher_logprobs=lp)
+    # every id of a 50-word vocabulary: the exact log-softmax passes in fp32 and as bf16 (also
+    # upcast again: the values keep bf16's rounding), a mass of 0.01 does not under "bucket"
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(16)) * 3
+    full_lp = torch.log_softmax(logits, -1)
+    full_ids = torch.arange(50).expand(8, 50)
+    full = dict(teacher_ids=full_ids, teacher_logprobs=full_lp)
+    want = call(**full)
+    for dtype in (torch.bfloat16, torch.float16):
+        stored = full_lp.to(dtype)
+        assert stored.double().exp().sum(-1).max() > 1 + 1e-4  # rounding pushed a row past 1
+        for lp in (stored, stored.float()):
+            assert torch.isfinite(call(teacher_ids=full_ids, teacher_logprobs=lp))
+    with pytest.raises(ValueError, match="cover the whole vocabulary.*sum to 0.01"):
+        call(teacher_ids=full_ids, teacher_logprobs=full_lp + math.log(0.01))
+    renormalized = call(teacher_ids=full_ids, teacher_logprobs=full_lp + math.log(0.01),
+                        tail="renormalize")
+    torch.testing.assert_close(renormalized, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsigned_ids(backend):
+    """Issue 20: uint8 ids (no unused slot can be spelled in them) give the int64 ids' loss and
+    gradients; an out-of-range one is named, not read as -1 after a wrap."""
+    inputs = make_inputs(n=9, vocab=200, k=4, seed=17)
+    ids = inputs["teacher_ids"]
+    used = (ids >= 0).all(-1)
+    inputs = {k: (v[used] if v is not None and v.shape[:1] == used.shape else v)
+              for k, v in inputs.items()}
+    want_loss, want_grads = run(inputs, backend, tail="bucket", divergence="jsd")
+    loss, grads = run({**inputs, "teacher_ids": inputs["teacher_ids"].to(torch.uint8)}, backend,
+                      tail="bucket", divergence="jsd")
+    torch.testing.assert_close(loss, want_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name])
+    bad = inputs["teacher_ids"].to(torch.uint8)
+    bad[0, 0] = 250
+    with pytest.raises(ValueError, match="teacher_ids must lie in \\[0, 200\\).*found 250"):
+        run({**inputs, "teacher_ids": bad}, backend)
+
+
+def test_fits_a_fullgraph_compiled_graph_with_check_labels_false():
+    """As the dense loss: check_labels=False skips the host sync, the chunk loop is the same
+    custom op, so torch.compile(fullgraph=True) traces the sparse loss whole and equals eager."""
+    inputs = make_inputs(n=9, vocab=50, k=3, seed=18)
+
+    def loss_fn(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels):
+        return fastkd.fused_sparse_distill_loss(
+            student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
+            temperature=2.0, divergence="jsd", check_labels=False, backend="torch")
+
+    h = inputs["student_hidden"].requires_grad_()
+    w = inputs["student_weight"].requires_grad_()
+    args = (h, w, inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["labels"])
+
+    def step(fn):
+        loss = fn(*args)
+        return loss, *torch.autograd.grad(loss, (h, w))
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for got, want in zip(step(compiled), step(loss_fn), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

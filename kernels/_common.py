@@ -1,0 +1,134 @@
+"""What the row kernels share: launch defaults, the divergence ids, and the @triton.jit helpers.
+
+Notation as in `distill.py`: a = s / T and b = t / T the tempered logits of the student and the
+teacher, q = softmax(a), p = softmax(b), online-logsumexp state (m_i, l_i). The divergences'
+per-id terms are written once here (`_divergence_terms`), for the dense kernel's streamed rows
+and the sparse kernel's buckets alike.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Launch defaults: vocabulary tile and warps per row program. 16 warps put 8 elements (one 128-bit
+# bf16 load) per thread per tile; at 8 warps ptxas 13.4 spilled inside the row loops of some
+# variants (tests/test_distill.py checks the SASS). Unmeasured on a GPU: bench/gpu_profile.py
+# sweeps both.
+DEFAULT_BLOCK_V = 4096
+DEFAULT_NUM_WARPS = 16
+
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
+                  "skew_reverse_kl": 4, "tvd": 5}
+
+# Per-token outputs: one (n, OUTPUTS) fp32 row per token, in this column order.
+OUTPUTS = tl.constexpr(3)
+LOSS = tl.constexpr(0)  # w_ce CE + w_kd T^2 D
+CE = tl.constexpr(1)
+KD = tl.constexpr(2)  # D (without T^2)
+
+
+@triton.jit
+def _softcap(z, cap):
+    # cap * tanh(z / cap) with tanh(x) = 1 - 2 / (exp(2x) + 1): exp overflow gives +-cap, never NaN.
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+
+
+@triton.jit
+def _load_row_tile(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr,
+                   MARKED: tl.constexpr):
+    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid. The load's mask is the
+    padded row width (a multiple of 16 elements: vector loads), the -inf fill is by n_valid.
+    MARKED: -inf entries are marks (the sparse kernel's ids) and stay -inf under the softcap
+    (which maps a logit of -inf to -cap)."""
+    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        capped = _softcap(z, cap)
+        if MARKED:
+            capped = tl.where(z == float("-inf"), z, capped)
+        z = capped
+    return tl.where(offs < n_valid, z, float("-inf"))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    """log(exp x + exp y); -inf (not NaN) when both are -inf."""
+    m = tl.maximum(x, y)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.exp(x - m_ref) + tl.exp(y - m_ref))
+
+
+@triton.jit
+def _lse(x):
+    """logsumexp of a tile; -inf (not NaN) when every entry is -inf."""
+    m = tl.max(x, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.sum(tl.exp(x - m_ref), axis=0))
+
+
+@triton.jit
+def _log_mix(log_u, log_v, w):
+    """log(w u + (1 - w) v) from log u, log v as a logaddexp, never the log of a sum of small
+    probabilities."""
+    return _logaddexp(tl.log(w) + log_u, tl.log(1.0 - w) + log_v)
+
+
+@triton.jit
+def _online_update(m_i, l_i, x):
+    """Online logsumexp state (m_i, l_i) after seeing tile x (entries -inf are ignored; a state
+    still at -inf after the tile stays (-inf, 0), never exp(-inf - -inf) = NaN)."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    return m_new, l_i * alpha + tl.sum(tl.exp(x - m_ref), axis=0), alpha
+
+
+@triton.jit
+def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
+    """(d_v, g_v) from log p, log q and p = exp(log p), q = exp(log q): D = sum d_v, and g_v =
+    dD/dq_v up to a constant (it cancels in q (g - E_q[g])), formed without dividing by q;
+    forward_kl's g (-p / q) is never used (its gradient is q - p) and comes back as 0. mix is beta
+    for jsd, alpha for the skew KLs. Terms with p_v = 0 add 0 log 0 = 0 (as
+    `fastkd.reference.divergence_terms` and `divergence_g`)."""
+    if DIVERGENCE == FORWARD_KL:
+        d = tl.where(p > 0.0, p * (log_p - log_q), 0.0)
+        g = tl.zeros_like(d)
+    elif DIVERGENCE == REVERSE_KL:
+        g = log_q - log_p
+        d = q * g
+    elif DIVERGENCE == JSD:
+        log_m = _log_mix(log_p, log_q, mix)
+        g = (1.0 - mix) * (log_q - log_m)
+        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + q * g
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        log_m = _log_mix(log_p, log_q, mix)
+        d = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
+        g = -(1.0 - mix) * tl.exp(log_p - log_m)
+    elif DIVERGENCE == SKEW_REVERSE_KL:
+        log_ratio = log_q - _log_mix(log_q, log_p, mix)
+        d = q * log_ratio
+        g = log_ratio - mix * tl.exp(log_ratio)
+    else:  # TVD: the subgradient, sign(0) = 0
+        d = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, g
+
+
+def launch_meta(opts, has_labels: bool, vocab: int, block_v: int, num_warps: int) -> dict:
+    """The constexpr and launch arguments every row kernel takes, from a DistillOptions."""
+    return dict(DIVERGENCE=DIVERGENCE_IDS[opts.divergence], HAS_LABELS=has_labels,
+                HAS_S_CAP=opts.student_softcap is not None,
+                BLOCK_V=min(block_v, triton.next_power_of_2(max(vocab, 1))), num_warps=num_warps)
+
+
+def option_scalars(opts) -> tuple:
+    """(ignore_index, temperature, ce_weight, kd_weight, mix, s_cap, t_cap): the scalar arguments
+    every row kernel takes, in this order (an absent cap as 1.0, unused: HAS_*_CAP is off)."""
+    return (opts.ignore_index, opts.temperature, opts.ce_weight, opts.kd_weight, opts.mix,
+            opts.student_softcap or 1.0, opts.teacher_softcap or 1.0)
