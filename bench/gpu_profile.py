@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for the rehearsal")
     p.add_argument("--steps", default="ceilings,targets,chunks,row_kernel,flat_in_n")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the steps of --out's profile.json (same device) that this call "
+                        "does not run: a session can profile in several calls")
     p.add_argument("--heads", default="llama,gemma")
     p.add_argument("--n", type=int, default=8192, help="tokens of the targets and chunk sweep")
     p.add_argument("--scale", type=_pair, default=(1, 1), metavar="D_DIV,V_DIV",
@@ -298,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
            "triton": triton.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
     if dev.type == "cpu":
         doc["note"] = "CPU numbers, not GPU (a rehearsal of the GPU session's script)"
+    earlier = args.out / "profile.json"
+    if args.merge and earlier.is_file():
+        old = json.loads(earlier.read_text())
+        if old.get("device", {}).get("name") != doc["device"].get("name"):
+            raise SystemExit(f"--merge: {earlier} was measured on {old.get('device')}, not here")
+        doc = {**old, **doc}
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return [int(v) for v in text.split(",") if v]
 
     steps = args.steps.split(",")
-    rate = 790.0
+    rate = doc.get("ceilings", {}).get("gemm_bf16", {}).get("tflops", 790.0)
     if "ceilings" in steps:
         doc["ceilings"] = ceilings(dev, args.gemm_n, args.copy_mib * 2**20 // 4)
         rate = doc["ceilings"]["gemm_bf16"]["tflops"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session in one command, from the repo root: install, the loss tests on CUDA, the
-# profile (ceilings, target shapes with the fp64 check, breakdown, tuning sweeps, memory in N) and
-# `python -m bench` beside the peers (Liger; TRL's chunked-divergence kernel in the forward KL,
-# reverse KL and JSD cases). Everything lands under $OUT (default ./gpu_out):
+# One GPU session in one command, from the repo root, most important evidence first: install, the
+# loss tests on CUDA, the profile's ceilings and target shapes (fp64 check, time against the
+# floor, breakdown), `python -m bench` at those shapes beside the peers (Liger; TRL's
+# chunked-divergence kernel in the forward KL, reverse KL and JSD cases), then the profile's
+# tuning sweeps and memory in N. Everything lands under $OUT (default ./gpu_out):
 #   session.log          all output, as it happens (a run cut off at its limit still returns it)
 #   profile.json/.md     python -m bench.gpu_profile
 #   bench_results.json   python -m bench's results.json (re-render: python -m bench.report FILE)
@@ -60,9 +61,13 @@ if [[ $STEPS == *tests* ]]; then
   pack
 fi
 
+# Most important evidence first, so that a run cut off at its limit still returns it:
+# correctness (above), then the target shapes (fp64 check, time against the floor, breakdown),
+# then those shapes beside the peers, then the tuning sweeps.
 if [[ $STEPS == *profile* ]]; then
-  stamp "profile"
-  timeout $(( $(left) * 3 / 5 )) python3 -m bench.gpu_profile --out "$OUT" ${PROFILE_ARGS:-}
+  stamp "profile: ceilings and the target shapes"
+  timeout $(( $(left) * 2 / 5 )) python3 -m bench.gpu_profile --out "$OUT" ${PROFILE_ARGS:-} \
+    --steps ceilings,targets
   echo "profile exit $?"
   pack
 fi
@@ -71,12 +76,20 @@ if [[ $STEPS == *bench* ]]; then
   stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
   bench_out=$(mktemp -d)
   # kd, rkl, jsd: forward KL, reverse KL and JSD alone, where TRL's kernel (trl) runs
-  timeout $(( $(left) - 15 )) python3 -m bench --quick --out "$bench_out" \
+  timeout $(( $(left) * 2 / 3 )) python3 -m bench --quick --out "$bench_out" \
     ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none \
     --cases distill,kd,rkl,jsd,sparse --methods fastkd,reference,liger,liger_kl,trl}
   echo "bench exit $?"
   cp "$bench_out/results.json" "$OUT/bench_results.json" 2>/dev/null
   mkdir -p "$OUT/bench" && cp "$bench_out"/* "$OUT/bench/" 2>/dev/null
+  pack
+fi
+
+if [[ $STEPS == *profile* ]]; then
+  stamp "profile: tuning sweeps (chunk, row kernel) and memory in N"
+  timeout $(( $(left) - 15 )) python3 -m bench.gpu_profile --out "$OUT" ${PROFILE_ARGS:-} \
+    --merge --steps chunks,row_kernel,flat_in_n
+  echo "sweeps exit $?"
   pack
 fi
 stamp "done"

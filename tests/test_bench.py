@@ -215,8 +215,11 @@ def test_gpu_session_script_rehearsed_on_cpu(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = (out / "session.log").read_text()
     assert proc.returncode == 0, log[-3000:]
-    for step in ("pytest", "profile", "bench"):
+    for step in ("pytest", "profile", "bench", "sweeps"):
         assert f"{step} exit 0" in log, log[-3000:]
+    # most important evidence first: the target shapes, then the peers, then the sweeps
+    order = [log.index(s) for s in ("pytest exit", "profile exit", "bench exit", "sweeps exit")]
+    assert order == sorted(order), order
     assert "=== [" in log and log.rstrip().endswith("done")
 
     junit = (out / "pytest_cuda.xml").read_text()
