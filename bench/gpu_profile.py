@@ -47,7 +47,7 @@ from bench.harness import (
 )
 from bench.methods import Problem
 from bench.shapes import PRESETS, Shape, cases, flop_floor
-from fastkd.autograd import ROW_ALIGN, padded_rows
+from fastkd.autograd import OUTPUTS, ROW_ALIGN, padded_rows
 
 
 def bench(fn, dev: torch.device, rep_ms: float = 300) -> dict:
@@ -181,7 +181,7 @@ def row_kernel_sweep(dev: torch.device, configs, log, n: int = 1024, vocab: int 
     t.copy_(torch.randn(n, vocab, generator=g, device=dev).mul_(2))
     labels = torch.randint(0, vocab, (n,), generator=g, device=dev)
     scale = torch.full((n,), 1.0 / n, device=dev)
-    out = torch.empty(n, 3, device=dev)  # loss, ce, kd per row
+    out = torch.empty(n, len(OUTPUTS), device=dev)  # loss, ce, kd, entropy per row
     opts = fastkd.DistillOptions(temperature=2.0, divergence=divergence)
     passes = 3 if divergence == "jsd" else 2  # reads of S and T; plus one write of G
     nbytes = n * (passes * 2 * vocab + vocab) * 2

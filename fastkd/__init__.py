@@ -9,6 +9,7 @@ import importlib
 # Public name -> the module that defines it.
 _EXPORTS = {
     "DistillOptions": "fastkd.options",
+    "Components": "fastkd.reference",
     "FusedDistillLoss": "fastkd.loss",
     "distill": "fastkd.loss",
     "fused_distill_loss": "fastkd.loss",

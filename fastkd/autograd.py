@@ -7,7 +7,8 @@ The layers, top to bottom (each name says which layer it is):
                            teacher form allows it (opaque to torch.compile), else eagerly
     chunk_loop             per chunk of tokens (rows i0:i1), with G = dloss/dS:
         S = H_s W_s^T + b_s      (chunk, V)  cuBLAS, in the compute dtype, into a reused buffer
-        rows(i0, i1, S)          the teacher form's row op: per-token (loss, ce, kd), and G over S
+        rows(i0, i1, S)          the teacher form's row op: per-token (loss, ce, kd, entropy),
+                                 and G over S
         dH_s[i0:i1] = G W_s,  dW_s += G^T H_s,  db_s += sum_rows G    (dW_s, db_s in fp32)
     TeacherForm.rows       what differs per teacher form: the dense teacher forms its logits T =
                            H_t W_t[:K]^T + b_t per chunk (FLOPs 2 N V (3 D_s + D_t), the floor);
@@ -36,7 +37,8 @@ import torch
 from fastkd import options, reference
 from fastkd.options import DistillOptions
 
-OUTPUTS = ("loss", "ce", "kd")  # the per-token columns every row op writes, in this order
+# The per-token columns every row op writes, in this order (kernels/_common.py's LOSS ... ENTROPY)
+OUTPUTS = ("loss", "ce", "kd", "entropy")
 
 # ---- chunk sizes and buffers --------------------------------------------------------------------
 
@@ -259,13 +261,14 @@ class TeacherForm:
 
     def reference(self, teacher: tuple, h_s, w_s, b_s, labels, opts: DistillOptions,
                   dtypes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """backend="reference": (loss, ce, kd) of the plain-torch spec with full logits."""
+        """backend="reference": the plain-torch spec's `reference.Components` with full
+        logits."""
         raise NotImplementedError
 
     def rows(self, teacher: tuple, labels, row_scale, out, opts: DistillOptions, backend: str,
              dtypes, grads: bool, chunk: int,
              vocab: int) -> Callable[[int, int, torch.Tensor], None]:
-        """The row op over one chunk: rows(i0, i1, s) writes out[i0:i1] (loss, ce, kd) and, if
+        """The row op over one chunk: rows(i0, i1, s) writes out[i0:i1] (OUTPUTS) and, if
         grads, G = row_scale dloss/ds over the student logits s (chunk, vocab) of tokens i0:i1.
         Set-up (casts, buffers) happens once per chunk loop, here."""
         raise NotImplementedError
@@ -407,8 +410,8 @@ def input_grads(grads, need, in_dtypes, g):
 
 class FusedLossFunction(torch.autograd.Function):
     """Every fused loss: student inputs flattened to (N, D), the teacher as a form and its
-    tensors (last, so autograd sees them as inputs that get no gradient); returns (loss, ce, kd)
-    reduced by opts.reduction."""
+    tensors (last, so autograd sees them as inputs that get no gradient); returns (loss, ce, kd,
+    entropy) reduced by opts.reduction."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, labels, form: TeacherForm, opts: DistillOptions, backend,

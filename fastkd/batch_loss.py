@@ -68,7 +68,7 @@ class TeacherForward(nn.Module):
     def __init__(self, teacher: LMHead):
         super().__init__()
         self.model = teacher.model
-        self.softcap = teacher.softcap
+        self.softcap, self.logit_scale = teacher.softcap, teacher.logit_scale
 
     def forward(self, inputs):
         h = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]

@@ -254,7 +254,9 @@ def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) ->
 def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: int, offset: int,
                  vocab: int, device) -> Rows:
     """The targets of the counted positions of some packed sequences (split sequences first,
-    first + 1, ...). The logits are the head's first `vocab` rows (the tokenizer's ids). Sequence
+    first + 1, ...). The logits are the head's first `vocab` rows (the tokenizer's ids), with
+    the head's logit scale and softcap (`reference.head_logits`: as the model's forward gives
+    them, so the student's sparse loss sees the teacher it would see online). Sequence
     i's draws are seeded by (plan.seed, offset + first + i), so any shard can be recomputed alone,
     identically."""
     counted = counted_positions(blocks)
@@ -264,8 +266,8 @@ def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: in
     for b0 in range(0, len(blocks), plan.batch_size):
         b1 = min(b0 + plan.batch_size, len(blocks))
         h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
-        logits = reference.softcap(torch.nn.functional.linear(h, weight, bias).float(),
-                                   teacher.softcap)
+        logits = reference.head_logits(torch.nn.functional.linear(h, weight, bias).float(),
+                                       teacher.logit_scale, teacher.softcap)
         for i in range(b1 - b0):
             rows = logits[i][counted[b0 + i].to(device)]
             finite = torch.isfinite(rows).all(-1)

@@ -30,7 +30,7 @@ from fastkd.config import (
     UTF8_ERRORS,
     DistillConfig,
 )
-from fastkd.options import BACKENDS, DIVERGENCES
+from fastkd.options import BACKENDS, CHOICES, TRAINER_OPTIONS, DistillOptions
 
 # Flags that map to no DistillConfig field of the same name.
 FLAG_FIELDS = {"no_report": "report", "no_progress": "progress", "no_packing": "packing"}
@@ -123,12 +123,10 @@ def _distill_parser(sub) -> None:
     _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
             type=int)
     g = p.add_argument_group("loss")
-    _option(g, "--temperature", "distillation temperature T", type=float)
-    _option(g, "--ce-weight", "weight of the hard-label cross-entropy", type=float)
-    _option(g, "--kd-weight", "weight of the T^2-scaled divergence to the teacher", type=float)
-    _option(g, "--divergence", "divergence to the teacher", choices=DIVERGENCES)
-    _option(g, "--beta", "JSD mixing weight", type=float)
-    _option(g, "--skew", "skew KL mixing weight alpha, in [0, 1)", type=float)
+    for name, text in TRAINER_OPTIONS.items():  # the DistillOptions fields a trainer's user sets
+        kind = ({"choices": CHOICES[name]} if name in CHOICES
+                else {"type": type(getattr(DistillOptions, name))})  # its default's type
+        _option(g, "--" + name.replace("_", "-"), text, **kind)
     g = p.add_argument_group("optimisation")
     _option(g, "--steps", "optimizer steps", type=int)
     _option(g, "--batch-size", "sequences per micro-batch", type=int)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
-from fastkd.options import BACKENDS, DistillOptions
+from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
 
 # This module imports no torch: `fastkd --help` and argument errors need only the config.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -49,7 +49,8 @@ class DistillConfig:
     data: list[str]  # text, chat, prompt-completion files or datasets (fastkd.data)
     out: str  # the run directory
     tokenizer: str | None = None  # default: the teacher's (else the student's)
-    # The loss (fastkd.DistillOptions).
+    # The loss: fastkd.DistillOptions' fields a trainer's user sets (options.TRAINER_OPTIONS; the
+    # trainer sets the rest), with the trainer's defaults.
     temperature: float = 2.0
     ce_weight: float = 0.5
     kd_weight: float = 0.5
@@ -176,10 +177,11 @@ class DistillConfig:
         return self.steps // 10 if self.warmup is None else self.warmup
 
     def loss_options(self) -> DistillOptions:
-        # Summed over tokens: the loop divides by the token count of the whole accumulated step.
-        return DistillOptions(temperature=self.temperature, ce_weight=self.ce_weight,
-                              kd_weight=self.kd_weight, divergence=self.divergence,
-                              beta=self.beta, skew=self.skew, reduction="sum")
+        """The loss's options (the heads' softcaps and logit scales come later, from the models:
+        `fastkd.models.with_heads`). Summed over tokens: the loop divides by the token count of
+        the whole accumulated step."""
+        return DistillOptions(**{name: getattr(self, name) for name in TRAINER_OPTIONS},
+                              reduction="sum")
 
     def save(self, run_dir: Path) -> None:
         fsio.atomic_write_text(run_dir / "config.json",

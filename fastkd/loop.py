@@ -13,7 +13,6 @@ forward/backward, the clip norm, the per-step sums, the evaluation and the check
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint
 from fastkd.config import DistillConfig
 from fastkd.data import Batches, Blocks, check_packing
 from fastkd.memory import PeakMemory
-from fastkd.models import check_vocab, lm_head, load_lm
+from fastkd.models import check_vocab, lm_head, load_lm, with_heads
 
 log = logging.getLogger("fastkd")
 
@@ -235,8 +234,8 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     if config.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
         enable = getattr(head.model, "activation_checkpointing_enable", None)
         (enable or head.model.gradient_checkpointing_enable)({"use_reentrant": False})
-    opts = dataclasses.replace(opts, student_softcap=head.softcap,
-                               teacher_softcap=(head if teacher is None else teacher).softcap)
+    # the heads' softcaps and logit scales (hard labels only: the student is its own teacher)
+    opts = with_heads(opts, head, head if teacher is None else teacher)
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
                                        use_bf16, device)
     student.train()

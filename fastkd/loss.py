@@ -187,7 +187,8 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
                labels, opts: DistillOptions, *, backend="auto", chunk_size=None,
                check_labels=True, return_components=False):
     """The front-end of every fused loss: checks, backend, ignored-token compaction, the autograd
-    Function, the reduction's shape. Returns the loss, or (loss, ce, kd) with return_components."""
+    Function, the reduction's shape. Returns the loss, or with return_components a
+    `reference.Components`: (loss, ce, kd) with .entropy."""
     if form.collective:  # every rank reaches the agreement, even one whose checks failed
         try:
             call = _prepare(form, teacher, student_hidden, student_weight, student_bias, labels,
@@ -207,10 +208,10 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
     if call.backend == "reference":
         with torch.autocast(student_hidden.device.type, enabled=False):
             s_dtype = call.dtypes[0]
-            loss, ce, kd = form.reference(
+            out = form.reference(
                 teacher, student_hidden.to(s_dtype), student_weight.to(s_dtype),
                 cast_or_none(student_bias, s_dtype), call.labels, opts, call.dtypes)
-        return (loss, ce, kd) if return_components else loss
+        return out if return_components else out.loss
 
     h_s, flat_labels, teacher = call.h_s, call.labels, call.teacher
     if flat_labels is not None:
@@ -226,10 +227,10 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
         h_s, flat_labels = h_s.index_select(0, counted), flat_labels.index_select(0, counted)
         teacher = form.select(teacher, counted)
     with torch.autocast(student_hidden.device.type, enabled=False):
-        loss, ce, kd = FusedLossFunction.apply(
+        out = FusedLossFunction.apply(
             h_s, student_weight, student_bias, flat_labels, form, opts, call.backend, call.chunk,
             call.dtypes, torch.is_grad_enabled(), *teacher)
-    if torch.float16 in call.dtypes and check_labels and not bool(torch.isfinite(loss).all()):
+    if torch.float16 in call.dtypes and check_labels and not bool(torch.isfinite(out[0]).all()):
         # fp16 only (a second host sync): logits past 65504 overflow the fp16 GEMM output
         raise ValueError(
             "the loss is not finite in fp16: logits beyond +-65504 overflow fp16 (or the hidden "
@@ -238,9 +239,9 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
         )
     if opts.reduction == "none":
         if counted is not None:  # back to every token, 0 at the ignored ones
-            loss, ce, kd = (x.new_zeros(n).index_copy(0, counted, x) for x in (loss, ce, kd))
-        loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
-    return (loss, ce, kd) if return_components else loss
+            out = [x.new_zeros(n).index_copy(0, counted, x) for x in out]
+        out = [x.reshape(lead) for x in out]
+    return reference.Components(*out) if return_components else out[0]
 
 
 # ---- the dense teacher: hidden states and LM head ---------------------------------------------
@@ -251,11 +252,11 @@ def _torch_rows(s, t, labels, row_scale, out, opts, compute_grad):
     acc = out.dtype
     s_acc, t_acc = s.to(acc), t.to(acc)
     if compute_grad:
-        *per_token, grad = reference.token_losses_and_grad(s_acc, t_acc, labels, opts)
+        per_token, grad = reference.token_losses_and_grad(s_acc, t_acc, labels, opts)
         s.copy_(grad.mul_(row_scale.to(acc).unsqueeze(-1)))
     else:
         per_token = reference.token_losses(s_acc, t_acc, labels, opts)
-    out.copy_(torch.stack(per_token, 1))
+    out.copy_(torch.stack(per_token.columns(), 1))
 
 
 DENSE_ROWS = RowOp(torch=_torch_rows, triton="distill.distill_rows")
@@ -356,10 +357,12 @@ def fused_distill_loss(
 
     Options (keyword-only, the fields of `fastkd.DistillOptions`, with their defaults):
     temperature=1.0, ce_weight=0.5, kd_weight=0.5, divergence="forward_kl", beta=0.5, skew=0.1,
-    ignore_index=-100, reduction="mean", student_softcap=None, teacher_softcap=None.
+    ignore_index=-100, reduction="mean", student_softcap=None, teacher_softcap=None,
+    student_logit_scale=1.0, teacher_logit_scale=1.0.
 
-    Per token, with s = h_s W_s^T + b_s and t = h_t W_t^T + b_t (each optionally softcapped),
-    K = min(V, V_t), p = softmax(t[:K] / T), q = softmax(s[:K] / T):
+    Per token, with s = h_s W_s^T + b_s and t = h_t W_t^T + b_t, each times its logit scale, then
+    optionally softcapped (c tanh(x / c)), K = min(V, V_t), p = softmax(t[:K] / T),
+    q = softmax(s[:K] / T):
 
         loss = ce_weight * cross_entropy(s, y) + kd_weight * T**2 * D(p, q)
 
@@ -370,7 +373,9 @@ def fused_distill_loss(
     `fastkd.reference.distill_loss`.
 
     Returns the loss (a scalar, or the leading shape for reduction="none"); with
-    return_components=True, (loss, ce, kd): reduced, unweighted, detached, kd without T**2.
+    return_components=True, a `fastkd.reference.Components` that unpacks as (loss, ce, kd)
+    (reduced, unweighted, detached, kd without T**2) and carries `.entropy`, the student's entropy
+    H(q) = -sum q log q at T over the shared ids, reduced (and detached) the same way.
     Gradients reach student_hidden, student_weight and student_bias (each in its own dtype); the
     teacher gets none. backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU
     tensors: the kernels in Triton's interpreter, slow, for checking), "torch", "reference".
@@ -434,9 +439,15 @@ class FusedDistillLoss(torch.nn.Module):
 
     >>> crit = FusedDistillLoss(temperature=2.0, ce_weight=0.5, kd_weight=0.5)
     >>> loss = crit(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+
+    The first arguments may also come positionally, in their order before the options became one
+    dataclass (`FusedDistillLoss(2.0, 0.5, 0.5)`); options added since are keyword-only.
     """
 
-    @options.option_signature()
+    @options.option_signature(positional=(
+        "temperature", "ce_weight", "kd_weight", "divergence", "beta", "skew", "ignore_index",
+        "reduction", "student_softcap", "teacher_softcap", "return_components", "backend",
+        "chunk_size", "check_labels", "process_group"))
     def __init__(self, *, return_components: bool = False, backend: str = "auto",
                  chunk_size: int | None = None, check_labels: bool = True, process_group=None,
                  **options_):

@@ -1,39 +1,55 @@
-"""Causal LMs as the fused loss sees them: `softcap(base(x).last_hidden_state @ W^T + b)`.
+"""Causal LMs as the fused loss sees them: `softcap(scale * (base(x).last_hidden_state @ W^T + b))`.
 
 Loading through `from_pretrained` with errors that name the role, splitting a model into its base
-and its LM head (refusing heads whose logits the fused loss cannot reproduce), the head's effective
-weight under a PEFT adapter (`head_weight_and_bias`), and the tokenizer checks.
+and its LM head (its logit scale and softcap from its config; refusing heads whose logits the
+fused loss cannot reproduce), the head's effective weight under a PEFT adapter
+(`head_weight_and_bias`), and the tokenizer checks.
 Shared by the trainer, the teacher cache and the Hugging Face integrations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastkd import reference
+from fastkd.options import DistillOptions
 
-# Config attributes of heads that rescale logits after the matmul (the fused loss would drop them).
-SCALED_LOGITS = {
-    "logit_scale": "multiplies its logits by it (Cohere)",
-    "logits_scaling": "divides its logits by it (Granite)",
-    "lm_head_multiplier": "multiplies its logits by it (Falcon-H1)",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def logit_scale(config) -> float:
+    """The factor a model's head multiplies its logits by after the matmul, before any softcap,
+    from its (text) config, read as TRL 1.16's DistillationTrainer reads it: `logit_scale`
+    (Cohere), else `output_multiplier` (Muse Glimmer), else `lm_head_multiplier` (Falcon-H1),
+    else 1 / `logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies by it); 1 when none is
+    set. The one place fastkd reads it; `lm_head`'s probe checks the model's own forward agrees."""
+    for attr in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
 
 
 @dataclass
 class LMHead:
-    """A causal LM as the fused loss sees it: `softcap(base(x).last_hidden_state @ W^T + b)`."""
+    """A causal LM as the fused loss sees it:
+    `softcap(logit_scale * (base(x).last_hidden_state @ W^T + b))`."""
 
     model: torch.nn.Module
     base: torch.nn.Module
     weight: torch.nn.Parameter
     bias: torch.nn.Parameter | None
     softcap: float | None
+    logit_scale: float = 1.0
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,22 +130,20 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
 def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     """Check that `model`'s logits are its head applied to its base's hidden states, and split it.
 
-    Gemma-2-style `final_logit_softcapping` becomes the loss's softcap; heads that rescale logits
-    (`logit_scale`, `logits_scaling`, ...) are refused. A probe on 8 tokens then compares the
-    model's own logits with the recomposed ones, which catches any other post-processing.
+    Gemma-2-style `final_logit_softcapping` becomes the loss's softcap, and a head's logit scale
+    (`logit_scale`: Cohere's logit_scale, Granite's 1 / logits_scaling, ...) its logit scale. A
+    probe on 8 tokens then compares the model's own logits with the recomposed ones, which catches
+    any other post-processing (and a scale attribute the model's forward does not apply).
     probe=False skips it (the config checks stay): for a model already sharded by FSDP or
     DeepSpeed ZeRO-3, whose weights outside its own forward are shards.
     """
     name = getattr(model, "name_or_path", "") or type(model).__name__
     config = model.config.get_text_config()
-    for attr, what in SCALED_LOGITS.items():
-        value = getattr(config, attr, None)
-        if value is not None and value != 1:
-            raise ValueError(
-                f"{role} model {name}: its head {what} (config.{attr}={value}); fastkd computes "
-                "logits from the head weight and the base's hidden states and would drop that "
-                "scale, so it refuses this model"
-            )
+    scale = logit_scale(config)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{role} model {name}: its config's logit scale is {scale} (from "
+                         "logit_scale, output_multiplier, lm_head_multiplier or logits_scaling); "
+                         "fastkd needs a finite scale > 0")
     softcap = getattr(config, "final_logit_softcapping", None)
     base = model.base_model
     head = model.get_output_embeddings()
@@ -137,7 +151,8 @@ def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
         raise ValueError(f"{role} model {name}: expected a causal LM with a base model and a "
                          f"linear output layer, got {type(model).__name__}")
     bias = getattr(head, "bias", None)
-    result = LMHead(model, base, head.weight, bias, None if softcap is None else float(softcap))
+    result = LMHead(model, base, head.weight, bias, None if softcap is None else float(softcap),
+                    scale)
     if not probe:
         return result
     weight, bias = head_weight_and_bias(head)  # a LoRA head: its effective weight
@@ -150,18 +165,31 @@ def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         h = result.hidden(ids, mask).float()
-        got = reference.softcap(h @ weight.float().T + (0 if bias is None else bias.float()),
-                                result.softcap)
+        got = reference.head_logits(h @ weight.float().T + (0 if bias is None else bias.float()),
+                                    result.logit_scale, result.softcap)
     model.train(was_training)
     tol = (1e-4 if weight.dtype == torch.float32 else 3e-2) * max(1.0, expected.abs().max())
     err = (expected - got).abs().max().item()
     if err > tol:
         raise ValueError(
             f"{role} model {name}: its logits are not its output layer applied to the base model's "
-            f"last hidden state (max |difference| {err:.3g} > {tol:.3g}): the model post-processes "
-            "logits in a way fastkd cannot reproduce, so it refuses this model"
+            f"last hidden state (max |difference| {err:.3g} > {tol:.3g}; fastkd applied logit "
+            f"scale {result.logit_scale:g} and softcap {result.softcap} from its config): the "
+            "model post-processes logits in a way fastkd cannot reproduce, so it refuses this model"
         )
     return result
+
+
+def with_heads(opts: DistillOptions, student, teacher=None) -> DistillOptions:
+    """opts with the models' own logit post-processing: each head's (`LMHead`, or anything with
+    `softcap` and `logit_scale`) softcap and logit scale; without a teacher (a teacher cache, whose
+    log-probabilities include its head's), the teacher's fields stay as they are."""
+    opts = dataclasses.replace(opts, student_softcap=student.softcap,
+                               student_logit_scale=student.logit_scale)
+    if teacher is None:
+        return opts
+    return dataclasses.replace(opts, teacher_softcap=teacher.softcap,
+                               teacher_logit_scale=teacher.logit_scale)
 
 
 def from_pretrained(auto_class, source: str, role: str, **kwargs):

@@ -9,6 +9,7 @@ check in `__post_init__`) plus its use in the spec and the row ops.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import MISSING, dataclass, fields
@@ -35,6 +36,10 @@ class DistillOptions:
     """Everything that defines the loss except the tensors.
 
     loss_i = ce_weight * CE_i + kd_weight * temperature**2 * D_i, reduced over counted tokens.
+    The logits each model's head gives, z = h W^T + b, enter as softcap(logit_scale * z)
+    (`fastkd.reference.head_logits`): the scale is the head's own (Cohere's logit_scale, 1 /
+    Granite's logits_scaling, Falcon-H1's lm_head_multiplier), set from the model's config by
+    `fastkd.models`, not chosen.
     """
 
     temperature: float = 1.0
@@ -47,6 +52,8 @@ class DistillOptions:
     reduction: str = "mean"
     student_softcap: float | None = None
     teacher_softcap: float | None = None
+    student_logit_scale: float = 1.0  # > 0: the student head's logits are scale * (h W^T + b)
+    teacher_logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door once, here
@@ -77,6 +84,11 @@ class DistillOptions:
                 if cap <= 0:
                     raise ValueError(f"{name} must be > 0 or None, got {cap}")
                 set_(self, name, cap)
+        for name in ("student_logit_scale", "teacher_logit_scale"):
+            value = _real(name, getattr(self, name))
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            set_(self, name, value)
 
     @property
     def mix(self) -> float:
@@ -86,6 +98,19 @@ class DistillOptions:
 
 FIELDS = fields(DistillOptions)
 NAMES = tuple(f.name for f in FIELDS)
+
+# The options a trainer's user sets: DistillConfig's loss fields and `fastkd distill`'s "loss"
+# flags (with this help). The trainers set the others themselves: reduction and ignore_index
+# (they sum over the counted tokens), the softcaps and logit scales (from the models' configs,
+# `fastkd.models.with_heads`). tests/test_cli.py holds DistillConfig and the flags to this list.
+TRAINER_OPTIONS = {
+    "temperature": "distillation temperature T",
+    "ce_weight": "weight of the hard-label cross-entropy",
+    "kd_weight": "weight of the T^2-scaled divergence to the teacher",
+    "divergence": "divergence to the teacher",
+    "beta": "JSD mixing weight",
+    "skew": "skew KL mixing weight alpha, in [0, 1)",
+}
 
 # ---- the options as the custom op's arguments ---------------------------------------------------
 # Annotation (a string: `from __future__ import annotations`) -> torch.library schema type.
@@ -145,9 +170,15 @@ def from_kwargs(where: str, options: dict, unused: tuple[str, ...] = ()) -> Dist
     return DistillOptions(**options)
 
 
-def option_signature(unused: tuple[str, ...] = ()):
+def option_signature(unused: tuple[str, ...] = (), positional: tuple[str, ...] = ()):
     """Decorator: replace the function's **options by one keyword-only parameter per option (with
-    its default and type) in its signature, so help() and inspect show every option."""
+    its default and type) in its signature, so help() and inspect show every option.
+
+    positional: names (options, and the function's own keyword-only parameters) that may also
+    come positionally, in this order, after its positional parameters: the modules' constructors
+    keep the order they had before the options became one dataclass. The function then receives
+    every argument by name, bound to that signature (too many, or one given twice: Python's
+    TypeError)."""
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -157,7 +188,19 @@ def option_signature(unused: tuple[str, ...] = ()):
         opts = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
                                   default=f.default)
                 for f in FIELDS if f.name not in unused and f.default is not MISSING]
-        fn.__signature__ = sig.replace(parameters=params[:first_kw] + opts + params[first_kw:])
-        return fn
+        keyword = {p.name: p for p in opts + params[first_kw:]}
+        ordered = [keyword.pop(name).replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                   for name in positional]
+        signature = sig.replace(parameters=params[:first_kw] + ordered + list(keyword.values()))
+        if not positional:
+            fn.__signature__ = signature
+            return fn
+
+        @functools.wraps(fn)
+        def by_name(*args, **kwargs):
+            return fn(**signature.bind(*args, **kwargs).arguments)
+
+        by_name.__signature__ = signature
+        return by_name
 
     return decorate

@@ -13,10 +13,11 @@ evaluate them there: log-probabilities as (x - max) - log sum exp(x - max) (`log
 each divergence's gradient as q (g - E_q[g]), a difference of comparable terms, never
 q g - q sum(q g) (whose two products round separately: at |g| ~ 10 that loses a digit).
 
-Notation (one token): student logits s (V ids), teacher logits t (V_t ids), K = min(V, V_t) shared
-ids, temperature T, label y.
+Notation (one token): student logits s (V ids), teacher logits t (V_t ids), each its head's
+output h W^T + b, K = min(V, V_t) shared ids, temperature T, label y.
 
-    s <- c_s * tanh(s / c_s),  t <- c_t * tanh(t / c_t)          (optional softcaps)
+    s <- c_s * tanh(sigma_s s / c_s),  t <- c_t * tanh(sigma_t t / c_t)
+                        (logit scales sigma, default 1, then optional softcaps: `head_logits`)
     CE  = logsumexp(s) - s_y                                      (full student vocab, T = 1)
     q   = softmax(s[:K] / T),  p = softmax(t[:K] / T)
     forward_kl: KL(p || q)     reverse_kl: KL(q || p)
@@ -26,6 +27,14 @@ ids, temperature T, label y.
     tvd:        1/2 sum |p - q|
     (0 log 0 = 0: teacher ids at -inf, p = 0, contribute nothing)
     loss = ce_weight * CE + kd_weight * T**2 * D
+    entropy H(q) = -sum_v q_v log q_v   (reported, not trained: the student's entropy at T over
+                                         the distribution the divergence compares)
+
+The scale multiplies the head's output, bias included, before the softcap, as transformers'
+Cohere (logit_scale), Granite (1 / logits_scaling), Falcon-H1 (lm_head_multiplier) and Muse
+Glimmer (output_multiplier, then the softcap) heads do, and as TRL 1.16's DistillationTrainer
+applies logit_scale and final_logit_softcapping; the temperature divides after both. The student
+logit gradient gets the chain-rule factor sigma_s (1 - (s / c_s)^2).
 """
 
 from __future__ import annotations
@@ -38,9 +47,41 @@ import torch.nn.functional as F
 from fastkd.options import DistillOptions
 
 
+class Components(tuple):
+    """What `return_components=True` returns: unpacks as (loss, ce, kd), as it always has, and
+    also carries the student's entropy: `.entropy` (and `.loss`, `.ce`, `.kd` by name). Per token
+    (the spec's `token_losses`) or reduced like the loss (the public functions)."""
+
+    def __new__(cls, loss, ce, kd, entropy):
+        out = super().__new__(cls, (loss, ce, kd))
+        out.entropy = entropy
+        return out
+
+    def __getnewargs__(self):  # copy and pickle: the four values
+        return (*self, self.entropy)
+
+    loss = property(lambda self: self[0])
+    ce = property(lambda self: self[1])
+    kd = property(lambda self: self[2])
+
+    def columns(self) -> tuple:
+        """(loss, ce, kd, entropy)."""
+        return (*self, self.entropy)
+
+    def __repr__(self) -> str:
+        return (f"Components(loss={self[0]!r}, ce={self[1]!r}, kd={self[2]!r}, "
+                f"entropy={self.entropy!r})")
+
+
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma-2 style logit softcapping `cap * tanh(logits / cap)`; identity for cap=None."""
     return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def head_logits(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    """The logits the loss sees from a head's output h W^T + b: times the head's logit scale,
+    then softcapped, `cap * tanh(scale * logits / cap)` (the temperature divides after both)."""
+    return softcap(logits if scale == 1.0 else logits * scale, cap)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +178,11 @@ def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 
+def entropy(log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy -sum q log q of q given as log-probabilities (..., K) (0 log 0 = 0)."""
+    return -torch.where(log_q > float("-inf"), log_q.exp() * log_q, 0.0).sum(-1)
+
+
 def _renormalised(log_x: torch.Tensor) -> torch.Tensor:
     """exp(log x) / its row's sum (a row of empty slots, all exp = 0, stays 0)."""
     x = log_x.exp()
@@ -145,22 +191,25 @@ def _renormalised(log_x: torch.Tensor) -> torch.Tensor:
 
 
 def _student_teacher(student_logits, teacher_logits, opts):
-    """Softcapped logits and the tempered log-probabilities over the K shared ids."""
-    s = softcap(student_logits, opts.student_softcap)
-    t = softcap(teacher_logits, opts.teacher_softcap)
+    """The student's logits as the loss sees them (`head_logits`) and the tempered
+    log-probabilities over the K shared ids."""
+    s = head_logits(student_logits, opts.student_logit_scale, opts.student_softcap)
+    t = head_logits(teacher_logits, opts.teacher_logit_scale, opts.teacher_softcap)
     k = min(s.shape[-1], t.shape[-1])
     log_q = log_softmax(s[..., :k] / opts.temperature)
     log_p = log_softmax(t[..., :k] / opts.temperature)
     return s, log_q, log_p
 
 
-def _weigh(ce, kd, labels, opts):
-    """(loss, ce, kd) per token, 0 at ignored tokens, and the counted-token mask."""
-    if labels is None:
-        return opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd, ce, kd, None
-    valid = labels != opts.ignore_index
-    ce, kd = torch.where(valid, ce, 0.0), torch.where(valid, kd, 0.0)
-    return opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd, ce, kd, valid
+def _weigh(ce, kd, ent, labels, opts):
+    """(loss, ce, kd, entropy) per token as `Components`, 0 at ignored tokens, and the
+    counted-token mask (None without labels)."""
+    valid = None
+    if labels is not None:
+        valid = labels != opts.ignore_index
+        ce, kd, ent = (torch.where(valid, x, 0.0) for x in (ce, kd, ent))
+    loss = opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd
+    return Components(loss, ce, kd, ent), valid
 
 
 def _cross_entropy(s, labels, opts, grad=False):
@@ -181,15 +230,16 @@ def token_losses(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
     opts: DistillOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (loss, ce, kd) from logits before softcap: (N, V), (N, V_t) -> three (N,).
+) -> Components:
+    """Per-token (loss, ce, kd) and .entropy from the heads' logits (before scale and softcap):
+    (N, V), (N, V_t) -> four (N,).
 
-    Ignored tokens (label == ignore_index) get 0 in all three. Computes in the logits' dtype; pass
+    Ignored tokens (label == ignore_index) get 0 in all four. Computes in the logits' dtype; pass
     fp32 or fp64 logits (`distill_loss` upcasts half precision first).
     """
     s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
     kd = divergence(log_q, log_p, opts)
-    return _weigh(_cross_entropy(s, labels, opts)[0], kd, labels, opts)[:3]
+    return _weigh(_cross_entropy(s, labels, opts)[0], kd, entropy(log_q), labels, opts)[0]
 
 
 def token_losses_and_grad(
@@ -197,12 +247,13 @@ def token_losses_and_grad(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
     opts: DistillOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`token_losses` and d loss_i / d student_logits (N, V) in closed form, no autograd graph:
+) -> tuple[Components, torch.Tensor]:
+    """(`token_losses`, d loss_i / d student_logits (N, V)), the gradient in closed form, no
+    autograd graph:
 
         CE:       w_ce (softmax(s) - onehot(y))                    all V ids
         KD:       w_kd T dD/da  (`divergence_grad`; a = s / T)      the K shared ids, 0 beyond
-        softcap:  times 1 - (s / c_s)^2;  ignored tokens: exactly 0
+        head:     times sigma_s (1 - (s / c_s)^2)  (logit scale, softcap);  ignored tokens: 0
     """
     s, log_q, log_p = _student_teacher(student_logits, teacher_logits, opts)
     kd = divergence(log_q, log_p, opts)
@@ -213,18 +264,20 @@ def token_losses_and_grad(
         grad.mul_(opts.ce_weight)
     k = log_q.shape[-1]
     grad[..., :k] += (opts.kd_weight * opts.temperature) * divergence_grad(log_q, log_p, opts)
-    return _finish(s, grad, ce, kd, labels, opts)
+    return _finish(s, grad, ce, kd, entropy(log_q), labels, opts)
 
 
-def _finish(s, grad, ce, kd, labels, opts):
-    """(loss, ce, kd, grad) per token from CE, D and the gradient w.r.t. the softcapped logits s:
-    the softcap's chain rule applied, everything 0 at ignored tokens."""
+def _finish(s, grad, ce, kd, ent, labels, opts):
+    """(`Components` per token, grad) from CE, D, H and the gradient w.r.t. the logits s the loss
+    sees: the head's chain rule applied (softcap, logit scale), everything 0 at ignored tokens."""
     if opts.student_softcap is not None:
         grad.mul_(1 - (s / opts.student_softcap) ** 2)
-    loss, ce, kd, valid = _weigh(ce, kd, labels, opts)
+    if opts.student_logit_scale != 1.0:
+        grad.mul_(opts.student_logit_scale)
+    per_token, valid = _weigh(ce, kd, ent, labels, opts)
     if valid is not None:
         grad.masked_fill_(~valid.unsqueeze(-1), 0.0)  # not a product: NaN * 0 would stay NaN
-    return loss, ce, kd, grad
+    return per_token, grad
 
 
 def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -237,17 +290,19 @@ def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
-def _reduced(loss, ce, kd, flat_labels, opts: DistillOptions, lead):
-    """Per-token (loss, ce, kd) reduced by opts.reduction over the counted tokens; ce and kd
+def _reduced(per_token: Components, flat_labels, opts: DistillOptions, lead) -> Components:
+    """Per-token components reduced by opts.reduction over the counted tokens; all but the loss
     detached; "none" back to the leading shape."""
+    loss = per_token.loss
     if flat_labels is None:
         valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
     else:
         valid = flat_labels != opts.ignore_index
-    out = [reduce(x, valid, opts.reduction) for x in (loss, ce.detach(), kd.detach())]
+    out = [reduce(x, valid, opts.reduction)
+           for x in (loss, *(x.detach() for x in per_token.columns()[1:]))]
     if opts.reduction == "none":
         out = [x.reshape(lead) for x in out]
-    return out[0], out[1], out[2]
+    return Components(*out)
 
 
 def distill_loss(
@@ -259,8 +314,9 @@ def distill_loss(
     opts: DistillOptions,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd) with full logits; ce and kd reduced like loss, unweighted, kd without T**2.
+) -> Components:
+    """(loss, ce, kd) and .entropy with full logits; ce, kd and entropy reduced like loss,
+    unweighted, detached, kd without T**2.
 
     Logits are formed in the inputs' dtype (as `F.linear` would) and the softmax math runs in fp32
     for half-precision inputs, in the inputs' dtype otherwise. `reduction="none"` returns the
@@ -275,8 +331,7 @@ def distill_loss(
         s = s.float()
     t = t.to(s.dtype)
     flat_labels = None if labels is None else labels.reshape(-1)
-    loss, ce, kd = token_losses(s, t, flat_labels, opts)
-    return _reduced(loss, ce, kd, flat_labels, opts, lead)
+    return _reduced(token_losses(s, t, flat_labels, opts), flat_labels, opts, lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +348,9 @@ def distill_loss(
 #     renormalize:  D of p / P and q / Q over S (rows with P = 0 carry no divergence)
 #     ignore:       forward_kl only, D = sum_j p_j (log M_j - log q_id_j), M_j = the mass of id_j
 #                   summed over its duplicate slots (entries add up)
-#     loss = ce_weight * CE + kd_weight * T**2 * D, CE over the full vocabulary at T = 1.
+#     loss = ce_weight * CE + kd_weight * T**2 * D, CE over the full vocabulary at T = 1;
+#     entropy H(q) over the full vocabulary (the student's logit scale and softcap apply to s as
+#     for the dense loss; the teacher's are already in its log-probabilities).
 #
 # Every divergence of `divergence_terms` applies to bucket and renormalize: the buckets are a
 # distribution, student buckets a softmax of c = (a_id_1..a_id_k, logsumexp_{v not in S} a_v),
@@ -310,11 +367,12 @@ EMPTY_LOG = -1e30
 
 
 def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
-    """The softcapped logits s, log q = log softmax(s / T) over the full vocabulary, the used-slot
+    """The logits s the loss sees (`head_logits`), log q = log softmax(s / T) over the full
+    vocabulary, the used-slot
     mask, the slots' ids (0 in unused slots) and the per-slot (log_q, log_p) the divergence sees,
     plus for "bucket" the membership mask (..., V) and log(1 - Q), for "ignore" log M (merged
     masses)."""
-    s = softcap(student_logits, opts.student_softcap)
+    s = head_logits(student_logits, opts.student_logit_scale, opts.student_softcap)
     log_q_all = log_softmax(s / opts.temperature)
     used = ids >= 0
     safe = torch.where(used, ids, 0).long()
@@ -367,13 +425,14 @@ def sparse_token_losses(
     labels: torch.Tensor | None,
     opts: DistillOptions,
     tail: str = "bucket",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (loss, ce, kd) of the sparse loss: logits (N, V), ids (N, k) integer (-1 for an
-    unused slot), logprobs (N, k) -> three (N,), 0 at ignored tokens. Computes in the logits'
-    dtype (pass fp32 or fp64)."""
-    s, _, used, _, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs, opts, tail)
+) -> Components:
+    """Per-token (loss, ce, kd) and .entropy of the sparse loss: logits (N, V), ids (N, k)
+    integer (-1 for an unused slot), logprobs (N, k) -> four (N,), 0 at ignored tokens. Computes
+    in the logits' dtype (pass fp32 or fp64)."""
+    s, log_q_all, used, _, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs,
+                                                                 opts, tail)
     kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
-    return _weigh(_cross_entropy(s, labels, opts)[0], kd, labels, opts)[:3]
+    return _weigh(_cross_entropy(s, labels, opts)[0], kd, entropy(log_q_all), labels, opts)[0]
 
 
 def sparse_token_losses_and_grad(
@@ -383,9 +442,9 @@ def sparse_token_losses_and_grad(
     labels: torch.Tensor | None,
     opts: DistillOptions,
     tail: str = "bucket",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sparse_token_losses` and d loss_i / d student_logits (N, V) in closed form (the chain rule
-    above; tests hold it to autograd in float64)."""
+) -> tuple[Components, torch.Tensor]:
+    """(`sparse_token_losses`, d loss_i / d student_logits (N, V)), the gradient in closed form
+    (the chain rule above; tests hold it to autograd in float64)."""
     s, log_q_all, used, safe, log_q, log_p, extra = _sparse_buckets(student_logits, ids, logprobs,
                                                                     opts, tail)
     kd = _sparse_divergence(used, log_q, log_p, extra, opts, tail)
@@ -406,7 +465,7 @@ def sparse_token_losses_and_grad(
     grad = (opts.kd_weight * opts.temperature) * grad_kd
     if grad_ce is not None:
         grad += opts.ce_weight * grad_ce
-    return _finish(s, grad, ce, kd, labels, opts)
+    return _finish(s, grad, ce, kd, entropy(log_q_all), labels, opts)
 
 
 def sparse_distill_loss(
@@ -418,8 +477,9 @@ def sparse_distill_loss(
     opts: DistillOptions,
     tail: str = "bucket",
     student_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd) of the sparse loss with full logits, reduced like `distill_loss`:
+) -> Components:
+    """(loss, ce, kd) and .entropy of the sparse loss with full logits, reduced like
+    `distill_loss`:
     hidden (..., D), weight (V, D), teacher_ids / teacher_logprobs (..., k)."""
     lead = student_hidden.shape[:-1]
     s = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
@@ -427,7 +487,7 @@ def sparse_distill_loss(
         s = s.float()
     k = teacher_ids.shape[-1]
     flat_labels = None if labels is None else labels.reshape(-1)
-    loss, ce, kd = sparse_token_losses(s, teacher_ids.reshape(-1, k),
-                                       teacher_logprobs.reshape(-1, k).detach(), flat_labels,
-                                       opts, tail)
-    return _reduced(loss, ce, kd, flat_labels, opts, lead)
+    per_token = sparse_token_losses(s, teacher_ids.reshape(-1, k),
+                                    teacher_logprobs.reshape(-1, k).detach(), flat_labels, opts,
+                                    tail)
+    return _reduced(per_token, flat_labels, opts, lead)

@@ -28,12 +28,12 @@ def _torch_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_gr
     acc = out.dtype
     s_acc, lp_acc = s.to(acc), logprobs.to(acc)
     if compute_grad:
-        *per_token, grad = reference.sparse_token_losses_and_grad(s_acc, ids, lp_acc, labels,
-                                                                  opts, tail)
+        per_token, grad = reference.sparse_token_losses_and_grad(s_acc, ids, lp_acc, labels,
+                                                                 opts, tail)
         s.copy_(grad.mul_(row_scale.to(acc).unsqueeze(-1)))
     else:
         per_token = reference.sparse_token_losses(s_acc, ids, lp_acc, labels, opts, tail)
-    out.copy_(torch.stack(per_token, 1))
+    out.copy_(torch.stack(per_token.columns(), 1))
 
 
 SPARSE_ROWS = RowOp(torch=_torch_rows, triton="sparse.sparse_rows")
@@ -73,7 +73,8 @@ class SparseTeacher(TeacherForm):
     with the mass outside the k ids (`fastkd.reference.sparse_token_losses`)."""
 
     name = "sparse"
-    unused_options = ("teacher_softcap",)  # the teacher comes as log-probabilities
+    # the teacher comes as log-probabilities (its head's scale and softcap already applied)
+    unused_options = ("teacher_softcap", "teacher_logit_scale")
     tail: str = "bucket"
 
     def __post_init__(self) -> None:
@@ -197,12 +198,13 @@ def fused_sparse_distill_loss(
     slot; teacher_logprobs (..., k) float, log softmax(t / T)[id] (already at temperature T);
     labels (...,) integer or None. fp32, fp16 or bf16 (fp64 on the torch/reference backends).
 
-    Options (keyword-only): those of `fused_distill_loss` but teacher_softcap (temperature=1.0,
-    ce_weight=0.5, kd_weight=0.5, divergence="forward_kl", beta=0.5, skew=0.1, ignore_index=-100,
-    reduction="mean", student_softcap=None).
+    Options (keyword-only): those of `fused_distill_loss` but the teacher's softcap and logit
+    scale, which its log-probabilities already include (temperature=1.0, ce_weight=0.5,
+    kd_weight=0.5, divergence="forward_kl", beta=0.5, skew=0.1, ignore_index=-100,
+    reduction="mean", student_softcap=None, student_logit_scale=1.0).
 
-    Per token, with s = h W^T + b (optionally softcapped), q = softmax(s / T) over the full
-    vocabulary, P = sum_k p_k and Q = sum_k q_id_k:
+    Per token, with s = h W^T + b (times student_logit_scale, then optionally softcapped), q =
+    softmax(s / T) over the full vocabulary, P = sum_k p_k and Q = sum_k q_id_k:
 
         loss = ce_weight * cross_entropy(s, y) + kd_weight * T**2 * D
 
@@ -217,7 +219,8 @@ def fused_sparse_distill_loss(
     with skew, tvd). Plain-torch equivalent: `fastkd.reference.sparse_distill_loss`.
 
     Returns the loss (a scalar, or the leading shape for reduction="none"); with
-    return_components=True, (loss, ce, kd): reduced, unweighted, detached, kd without T**2.
+    return_components=True, a `fastkd.reference.Components`: (loss, ce, kd), reduced, unweighted,
+    detached, kd without T**2, and `.entropy`, the student's entropy of q (the full vocabulary).
     Gradients reach student_hidden, student_weight and student_bias only. Bad input raises a
     ValueError/TypeError naming the argument: one host sync checks labels, ids (range, duplicates)
     and log-probabilities (sign, and a token's mass: sum_j exp(teacher_logprobs) > 1 by more than
@@ -238,7 +241,8 @@ def sparse_distill(student_hidden, student_weight, teacher_ids, teacher_logprobs
                    opts: DistillOptions, *, tail="bucket", student_bias=None,
                    return_components=False, backend="auto", chunk_size=None, check_labels=True):
     """`fused_sparse_distill_loss` with the options as one `DistillOptions` (the module's and the
-    trainer's entry point); opts.teacher_softcap is unused (the teacher comes as log-probs)."""
+    trainer's entry point); opts.teacher_softcap and teacher_logit_scale are unused (the teacher
+    comes as log-probabilities)."""
     return fused_loss(SparseTeacher(tail), (teacher_ids, teacher_logprobs), student_hidden,
                       student_weight, student_bias, labels, opts, backend=backend,
                       chunk_size=chunk_size, check_labels=check_labels,
@@ -250,9 +254,15 @@ class FusedSparseDistillLoss(torch.nn.Module):
 
     >>> crit = FusedSparseDistillLoss(temperature=2.0, tail="bucket")
     >>> loss = crit(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels)
+
+    The first arguments may also come positionally, in their order before the options became one
+    dataclass; options added since (and check_labels) are keyword-only.
     """
 
-    @options.option_signature(unused=SparseTeacher.unused_options)
+    @options.option_signature(unused=SparseTeacher.unused_options, positional=(
+        "temperature", "ce_weight", "kd_weight", "divergence", "tail", "beta", "skew",
+        "ignore_index", "reduction", "student_softcap", "return_components", "backend",
+        "chunk_size"))
     def __init__(self, *, tail: str = "bucket", return_components: bool = False,
                  backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
                  **options_):

@@ -6,10 +6,12 @@ global labels). Per chunk, each rank forms its own logit columns only, and the r
 kernel's passes around all-reduces of a few floats per token (never logits):
 
     1. local statistics per row: L_s, L_a, L_b (log-sum-exps over this shard), e (the KL
-       divergences' expectation, normalised by this shard's mass) and s_y (the label's softcapped
-       logit if this shard owns the label, else 0)
-    2. all-reduce MAX of (L_s, L_a, L_b), then SUM of (exp(L - M) for each, exp(L_e - M_e) e, s_y):
-       global L = M + log(sum), e = sum(w e) / sum(w)
+       divergences' expectation, normalised by this shard's mass), s_y (the label's logit, scaled
+       and softcapped, if this shard owns the label, else 0) and H_r (the entropy of q
+       restricted to this shard and renormalised there)
+    2. all-reduce MAX of (L_s, L_a, L_b), then SUM of (w = exp(L - M) for each, w_e e, s_y,
+       w_a (H_r - log w_a)): global L = M + log(sum w), e = sum(w_e e) / sum(w_e), and the
+       entropy H = sum_r pi_r (H_r - log pi_r), pi_r = w_a,r / sum w_a (the shards' shares of q)
     3. (jsd, skew KLs, tvd) local partial sums (D, S = sum q g) given the global L; all-reduce SUM
     4. the gradient of this shard's logit columns given the global per-row parameters
 
@@ -151,10 +153,11 @@ def agree(group, call: Call | Exception) -> Call:
 # ---- the passes in torch (CPU) ----------------------------------------------------------------
 
 def _torch_logits(s, t, inv_t, opts):
-    """fp32 (fp64 for fp64) softcapped s, and a = s[:, :K] / T, b = t / T over the shared ids."""
+    """fp32 (fp64 for fp64) s as the loss sees it (`reference.head_logits`), and a = s[:, :K] / T,
+    b = t / T over the shared ids."""
     acc = torch.promote_types(s.dtype, torch.float32)
-    s = reference.softcap(s.to(acc), opts.student_softcap)
-    b = reference.softcap(t.to(acc), opts.teacher_softcap) * inv_t
+    s = reference.head_logits(s.to(acc), opts.student_logit_scale, opts.student_softcap)
+    b = reference.head_logits(t.to(acc), opts.teacher_logit_scale, opts.teacher_softcap) * inv_t
     return s, s[:, : b.shape[1]] * inv_t, b
 
 
@@ -180,7 +183,8 @@ def _torch_stats(s, t, labels, stats, vocab_start, opts):
     if labels is not None:
         _, here, col = _label_column(labels, vocab_start, s.shape[1], opts)
         s_y = torch.where(here, s.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
-    stats.copy_(torch.stack([lse_s, lse_a, lse_b, e, s_y], 1))
+    local_h = reference.entropy(a - lse_a.unsqueeze(-1))  # 0 on a shard without shared ids
+    stats.copy_(torch.stack([lse_s, lse_a, lse_b, e, s_y, local_h], 1))
 
 
 def _torch_log_probs(s, t, params, opts):
@@ -212,7 +216,7 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
     grad[:, : dkd.shape[1]] += (opts.kd_weight * opts.temperature) * dkd
     if opts.student_softcap is not None:
         grad.mul_(1 - (s / opts.student_softcap) ** 2)
-    grad.mul_(row_scale.to(s.dtype).unsqueeze(1))
+    grad.mul_((row_scale.to(s.dtype) * opts.student_logit_scale).unsqueeze(1))
     if labels is not None:
         grad.masked_fill_((labels == opts.ignore_index).unsqueeze(1), 0.0)
     s_buf.copy_(grad)
@@ -221,7 +225,7 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
 STATS_PASS = RowOp(torch=_torch_stats, triton="distill.distill_stats")
 PARTIALS_PASS = RowOp(torch=_torch_partials, triton="distill.distill_partials")
 GRAD_PASS = RowOp(torch=_torch_grad, triton="distill.distill_grad")
-STATS = 5  # per row, local: L_s, L_a, L_b, e, s_y (kernels/distill.py's STATS)
+STATS = 6  # per row, local: L_s, L_a, L_b, e, s_y, H_r (kernels/distill.py's STATS)
 PARTIALS = 2  # per row, local: D, S
 
 
@@ -238,18 +242,22 @@ def _combine_lse(lse: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, compute_grad: bool,
                         group, vocab_start: int, backend: str) -> None:
-    """The dense row op for one chunk of this rank's logit columns: the per-token (loss, ce, kd)
-    of the whole vocabulary into out (the same on every rank), and, if compute_grad, this shard's
-    G = r dloss/ds written over s."""
+    """The dense row op for one chunk of this rank's logit columns: the per-token (loss, ce, kd,
+    entropy) of the whole vocabulary into out (the same on every rank), and, if compute_grad,
+    this shard's G = r dloss/ds written over s."""
     n, acc = s.shape[0], out.dtype
     stats = torch.empty(n, STATS, device=s.device, dtype=acc)  # fp32 (fp64 for fp64 inputs)
     STATS_PASS.on(backend)(s, t, labels, stats, vocab_start, opts)
     lse = stats[:, :3]
     m, w = _combine_lse(lse, group)
     e_weight = w[:, 2] if opts.divergence == "forward_kl" else w[:, 1]
-    sums = torch.cat([w, (e_weight * stats[:, 3]).unsqueeze(1), stats[:, 4:5]], 1)
+    # the entropy's share: w_a (H_r - log w_a), log w_a = L_a,r - M_a (0 where w_a = 0)
+    h_term = torch.where(w[:, 1] > 0, w[:, 1] * (stats[:, 5] - (lse[:, 1] - m[:, 1])), 0.0)
+    sums = torch.cat([w, (e_weight * stats[:, 3]).unsqueeze(1), stats[:, 4:5],
+                      h_term.unsqueeze(1)], 1)
     dist.all_reduce(sums, group=group)
     lse = m + sums[:, :3].log()
+    ent = sums[:, 5] / sums[:, 1] + sums[:, 1].log()  # q's mass is on some rank: sum w_a >= 1
     e_mass = sums[:, 2] if opts.divergence == "forward_kl" else sums[:, 1]
     e = torch.where(e_mass > 0, sums[:, 3] / e_mass, 0.0)
     lse_s, lse_a, lse_b = lse.unbind(1)
@@ -269,8 +277,8 @@ def vocab_parallel_rows(s, t, labels, row_scale, out, opts: DistillOptions, comp
     else:
         valid = labels != opts.ignore_index
         ce = torch.where(valid, lse_s - sums[:, 4], 0.0)
-        kd = torch.where(valid, kd, 0.0)
+        kd, ent = torch.where(valid, kd, 0.0), torch.where(valid, ent, 0.0)
         loss = opts.ce_weight * ce + (opts.kd_weight * opts.temperature**2) * kd
-    out.copy_(torch.stack([loss, ce, kd], 1))
+    out.copy_(torch.stack([loss, ce, kd, ent], 1))
     if compute_grad:
         GRAD_PASS.on(backend)(s, t, labels, row_scale, params, vocab_start, opts)

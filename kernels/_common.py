@@ -3,7 +3,8 @@
 Notation as in `distill.py`: a = s / T and b = t / T the tempered logits of the student and the
 teacher, q = softmax(a), p = softmax(b), online-logsumexp state (m_i, l_i). The divergences'
 per-id terms are written once here (`_divergence_terms`), for the dense kernel's streamed rows
-and the sparse kernel's buckets alike.
+and the sparse kernel's buckets alike; so are a tile's load (logit scale, then softcap) and the
+online entropy state.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl":
                   "skew_reverse_kl": 4, "tvd": 5}
 
 # Per-token outputs: one (n, OUTPUTS) fp32 row per token, in this column order.
-OUTPUTS = tl.constexpr(3)
+OUTPUTS = tl.constexpr(4)
 LOSS = tl.constexpr(0)  # w_ce CE + w_kd T^2 D
 CE = tl.constexpr(1)
 KD = tl.constexpr(2)  # D (without T^2)
+ENTROPY = tl.constexpr(3)  # H(q), the student's entropy at T
 
 
 @triton.jit
@@ -41,13 +43,14 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _load_row_tile(row_ptr, offs, row_width, n_valid, cap, HAS_CAP: tl.constexpr,
+def _load_row_tile(row_ptr, offs, row_width, n_valid, scale, cap, HAS_CAP: tl.constexpr,
                    MARKED: tl.constexpr):
-    """fp32 logits of one tile, softcapped, -inf where offs >= n_valid. The load's mask is the
-    padded row width (a multiple of 16 elements: vector loads), the -inf fill is by n_valid.
-    MARKED: -inf entries are marks (the sparse kernel's ids) and stay -inf under the softcap
-    (which maps a logit of -inf to -cap)."""
-    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32)
+    """fp32 logits of one tile as the loss sees them, softcap(scale z), -inf where offs >=
+    n_valid. The load's mask is the padded row width (a multiple of 16 elements: vector loads),
+    the -inf fill is by n_valid. MARKED: -inf entries are marks (the sparse kernel's ids) and
+    stay -inf under the softcap (which maps a logit of -inf to -cap; the scale, > 0, keeps
+    them)."""
+    z = tl.load(row_ptr + offs, mask=offs < row_width, other=0.0).to(tl.float32) * scale
     if HAS_CAP:
         capped = _softcap(z, cap)
         if MARKED:
@@ -90,6 +93,28 @@ def _online_update(m_i, l_i, x):
 
 
 @triton.jit
+def _online_entropy(m_i, l_i, h_i, x):
+    """`_online_update` that also keeps h = sum_v exp(x_v - m)(m - x_v) >= 0 for the entropy of
+    softmax(x), H = log l + h / l: terms of one sign, no cancellation (E_q[x] subtracted from
+    the logsumexp would cancel at |x| >> H). When m grows to m', exp(x - m')(m' - x) =
+    alpha exp(x - m)((m - x) + (m' - m)), so h <- alpha (h + (m' - m) l) + the tile's terms."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    e = tl.exp(x - m_ref)
+    shift = tl.where(l_i > 0.0, m_ref - m_i, 0.0)  # l = 0: nothing seen yet, h = 0
+    terms = tl.where(x > float("-inf"), e * (m_ref - x), 0.0)
+    h_new = alpha * (h_i + shift * l_i) + tl.sum(terms, axis=0)
+    return m_new, l_i * alpha + tl.sum(e, axis=0), h_new, alpha
+
+
+@triton.jit
+def _entropy(l_i, h_i):
+    """H from the online state (`_online_entropy`); 0 for an empty state (no ids: a shard)."""
+    return tl.where(l_i > 0.0, tl.log(l_i) + h_i / l_i, 0.0)
+
+
+@triton.jit
 def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
     """(d_v, g_v) from log p, log q and p = exp(log p), q = exp(log q): D = sum d_v, and g_v =
     dD/dq_v up to a constant (it cancels in q (g - E_q[g])), formed without dividing by q;
@@ -127,8 +152,12 @@ def launch_meta(opts, has_labels: bool, vocab: int, block_v: int, num_warps: int
                 BLOCK_V=min(block_v, triton.next_power_of_2(max(vocab, 1))), num_warps=num_warps)
 
 
-def option_scalars(opts) -> tuple:
-    """(ignore_index, temperature, ce_weight, kd_weight, mix, s_cap, t_cap): the scalar arguments
-    every row kernel takes, in this order (an absent cap as 1.0, unused: HAS_*_CAP is off)."""
-    return (opts.ignore_index, opts.temperature, opts.ce_weight, opts.kd_weight, opts.mix,
-            opts.student_softcap or 1.0, opts.teacher_softcap or 1.0)
+def option_scalars(opts, kernel) -> dict:
+    """The scalar arguments `kernel` takes of these, by name, from a DistillOptions: ignore_index,
+    temperature, ce_weight, kd_weight, mix (beta or alpha), s_cap, t_cap (an absent cap as 1.0,
+    unused: HAS_*_CAP is off), s_scale, t_scale (the logit scales)."""
+    scalars = dict(ignore_index=opts.ignore_index, temperature=opts.temperature,
+                   ce_weight=opts.ce_weight, kd_weight=opts.kd_weight, mix=opts.mix,
+                   s_cap=opts.student_softcap or 1.0, t_cap=opts.teacher_softcap or 1.0,
+                   s_scale=opts.student_logit_scale, t_scale=opts.teacher_logit_scale)
+    return {name: value for name, value in scalars.items() if name in kernel.arg_names}

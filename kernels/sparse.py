@@ -5,8 +5,11 @@ included; per token it passes k slots: teacher ids id_j (-1: an unused slot) and
 lp_j = log p_j, already at temperature T. One program handles one row, in fp32 whatever the buffer
 dtype (the spec is `fastkd.reference.sparse_token_losses`):
 
-    s = c tanh(z / c) (if HAS_S_CAP),  a = s / T,  S = the used ids,  P = sum_j p_j
-    L_s = lse_v s_v,  L_a = lse_v a_v,  q = exp(a - L_a),  CE = L_s - s_y
+    s = c tanh(sigma z / c) (HAS_S_CAP; else sigma z, sigma the logit scale),  a = s / T,
+    S = the used ids,  P = sum_j p_j
+    L_s = lse_v s_v,  L_a = lse_v a_v,  q = exp(a - L_a),  CE = L_s - s_y,
+    H(q) = log l_a + h_a / l_a over the whole vocabulary (the online state of `_online_entropy`,
+    for TAIL=bucket the ids outside S merged with the gathered ids)
 
     0. gather s at the k ids (and s_y); for TAIL=bucket, write -inf over the ids in the buffer
        (a barrier on each side), so that
@@ -28,14 +31,15 @@ dtype (the spec is `fastkd.reference.sparse_token_losses`):
         2. bucket:      w_kd T G_rest exp(a_v - lse_out)     (q_v / (1 - Q) times dD/dc_rest)
            ignore:      w_kd T P q_v
            renormalize: 0
-        3. softcap:     times 1 - (s_v / c)^2;  everything times the row's scale r (0 if ignored)
+        3. the head:    times 1 - (s_v / c)^2 (softcap) and sigma (logit scale, folded into the
+                        row's scale r, 0 if ignored)
     4. a barrier, then the sparse fix-up: at each used id v = id_j the full value, from the
        gathered s_v: CE as in 1., KD w_kd T G_j (bucket, renormalize) or w_kd T (P q_v - M_j)
        (ignore; duplicate slots write the same value), softcap as in 3.
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
-Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, all 0
-at ignored rows. The row
+Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D,
+entropy = H(q), all 0 at ignored rows. The row
 streams its logits twice (pass 1, gradient) and touches k ids three times; bytes per row about
 3 V itemsize + k (ids + logprobs). Row offsets are int64 (n V passes 2^31 at large V). With
 COMPUTE_GRAD off the buffer is scratch (bucket leaves -inf at the ids).
@@ -49,14 +53,17 @@ from fastkd.kernels._common import (
     CE,
     DEFAULT_BLOCK_V,
     DEFAULT_NUM_WARPS,
+    ENTROPY,
     FORWARD_KL,
     KD,
     LOSS,
     OUTPUTS,
     _divergence_terms,
+    _entropy,
     _load_row_tile,
     _logaddexp,
     _lse,
+    _online_entropy,
     _online_update,
     _softcap,
     launch_meta,
@@ -102,7 +109,7 @@ def sparse_rows_kernel(
     lp_ptr,  # (n, k) teacher log-probabilities at T, any float dtype
     y_ptr,  # (n,) int64 labels (unused without HAS_LABELS)
     scale_ptr,  # (n,) fp32 gradient scale r per row
-    out_ptr,  # (n, OUTPUTS) fp32 out: loss = w_ce CE + w_kd T^2 D, CE, D per row
+    out_ptr,  # (n, OUTPUTS) fp32 out: loss = w_ce CE + w_kd T^2 D, CE, D, H(q) per row
     # sizes
     V,
     K_SLOTS,
@@ -117,6 +124,7 @@ def sparse_rows_kernel(
     kd_weight,
     mix,  # beta for jsd, alpha for the skew KLs
     s_cap,
+    s_scale,  # the student's logit scale sigma
     # meta
     TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
@@ -148,13 +156,13 @@ def sparse_rows_kernel(
     safe = tl.where(used, ids, 0)
     log_p = tl.load(lp_row + offs_k, mask=used, other=0.0).to(tl.float32)
     log_p = tl.where(used, log_p, float("-inf"))
-    s_k = tl.load(s_row + safe, mask=used, other=0.0).to(tl.float32)
+    s_k = tl.load(s_row + safe, mask=used, other=0.0).to(tl.float32) * s_scale
     if HAS_S_CAP:
         s_k = _softcap(s_k, s_cap)
     s_k = tl.where(used, s_k, float("-inf"))
     a_k = s_k * inv_t
     if HAS_LABELS:
-        s_y = tl.load(s_row + y_safe).to(tl.float32)
+        s_y = tl.load(s_row + y_safe).to(tl.float32) * s_scale
         if HAS_S_CAP:
             s_y = _softcap(s_y, s_cap)
     if TAIL == BUCKET:  # mark S in the buffer: pass 1 then sums the ids outside it only
@@ -164,21 +172,25 @@ def sparse_rows_kernel(
         tl.store(s_row + safe, neg_inf, mask=used)
         tl.debug_barrier()
 
-    # ---- 1. pass 1: logsumexp of s and a (outside S for the bucket tail) ------------------------
+    # ---- 1. pass 1: logsumexp of s and a (outside S for the bucket tail), the entropy ----------
     m_s = tl.full([], float("-inf"), tl.float32)
     l_s = tl.zeros([], tl.float32)
     m_a = m_s
     l_a = l_s
+    h_a = l_s
     for v0 in range(0, V, BLOCK_V):
-        z = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_cap, HAS_S_CAP, True)
+        z = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_scale, s_cap, HAS_S_CAP, True)
         m_s, l_s, _ = _online_update(m_s, l_s, z)
-        m_a, l_a, _ = _online_update(m_a, l_a, z * inv_t)
+        m_a, l_a, h_a, _ = _online_entropy(m_a, l_a, h_a, z * inv_t)
     lse_s = m_s + tl.log(l_s)
     lse_a = m_a + tl.log(l_a)
     lse_out = lse_a
+    ent = _entropy(l_a, h_a)
     if TAIL == BUCKET:
         lse_s = _logaddexp(lse_s, _lse(s_k))
         lse_a = _logaddexp(lse_out, _lse(a_k))
+        _, l_all, h_all, _ = _online_entropy(m_a, l_a, h_a, a_k)  # S's ids, marked in pass 1
+        ent = _entropy(l_all, h_all)
     ce = 0.0
     if HAS_LABELS:
         ce = lse_s - s_y
@@ -226,17 +238,19 @@ def sparse_rows_kernel(
         loss = tl.where(valid, loss, 0.0)
         ce = tl.where(valid, ce, 0.0)
         kd = tl.where(valid, kd, 0.0)
+        ent = tl.where(valid, ent, 0.0)
     out = out_ptr + row * OUTPUTS
     tl.store(out + LOSS, loss)
     tl.store(out + CE, ce)
     tl.store(out + KD, kd)
+    tl.store(out + ENTROPY, ent)
 
     # ---- 3. gradient: the dense term over the whole row, written in place -----------------------
     if COMPUTE_GRAD:
-        r = tl.load(scale_ptr + row)
+        r = tl.load(scale_ptr + row) * s_scale  # 3. the logit scale's factor, once per row
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + offs0
-            z = _load_row_tile(s_row, offs, stride_s, V, s_cap, HAS_S_CAP, True)
+            z = _load_row_tile(s_row, offs, stride_s, V, s_scale, s_cap, HAS_S_CAP, True)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_LABELS:  # 1. CE
                 grad = ce_weight * (tl.exp(z - lse_s) - tl.where(offs == y_safe, 1.0, 0.0))
@@ -276,7 +290,7 @@ def sparse_rows(
     block_v: int = DEFAULT_BLOCK_V,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> None:
-    """Launch one program per row; writes out (n, OUTPUTS) (loss, ce, kd per row) and, if
+    """Launch one program per row; writes out (n, OUTPUTS) (loss, ce, kd, entropy per row) and, if
     compute_grad, the gradient over student_logits (else the buffer is scratch). Shapes as in the
     kernel's pointer comments; rows of every tensor have unit inner stride. `opts` is a
     fastkd.DistillOptions and `tail` one of TAIL_IDS (read, not checked: the caller checks)."""
@@ -288,7 +302,8 @@ def sparse_rows(
     sparse_rows_kernel[(n,)](
         student_logits, ids, logprobs, labels if labels is not None else row_scale, row_scale,
         out, vocab, k, student_logits.stride(0), ids.stride(0), logprobs.stride(0),
-        *option_scalars(opts)[:6], TAIL=TAIL_IDS[tail], COMPUTE_GRAD=compute_grad,
+        **option_scalars(opts, sparse_rows_kernel), TAIL=TAIL_IDS[tail],
+        COMPUTE_GRAD=compute_grad,
         BLOCK_K=block_k, BLOCK_M=min(BLOCK_M_DEFAULT, block_k),
         **launch_meta(opts, labels is not None, vocab, block_v, num_warps),
     )

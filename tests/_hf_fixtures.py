@@ -21,7 +21,9 @@ INIT = {"initializer_range": 0.3}
 
 
 def tiny_pair(out_dir: Path) -> dict[str, Path]:
-    """Tokenizer, an untied and a tied student (D=32, 1 layer) and a teacher (D=48, 2 layers)."""
+    """Tokenizer, an untied and a tied student (D=32, 1 layer) and a teacher (D=48, 2 layers);
+    and a pair whose heads scale their logits: a Cohere student (times logit_scale = 0.5) and a
+    Granite teacher (divided by logits_scaling = 4)."""
     tokenizer = build_tokenizer(out_dir / "tokenizer", vocab_size=VOCAB)
     return {
         "tokenizer": out_dir / "tokenizer",
@@ -29,6 +31,10 @@ def tiny_pair(out_dir: Path) -> dict[str, Path]:
         "tied": save_llama(out_dir / "tied", tokenizer, hidden=32, layers=1, seed=2, tie=True,
                            **INIT),
         "teacher": save_llama(out_dir / "teacher", tokenizer, hidden=48, layers=2, seed=1, **INIT),
+        "cohere": save_llama(out_dir / "cohere", tokenizer, hidden=32, seed=3, arch="cohere",
+                             logit_scale=0.5, **INIT),
+        "granite": save_llama(out_dir / "granite", tokenizer, hidden=48, seed=4, arch="granite",
+                              logits_scaling=4.0, **INIT),
     }
 
 

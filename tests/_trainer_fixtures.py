@@ -39,18 +39,21 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320, texts: list[str] | Non
 
 def save_llama(out_dir: Path, tokenizer, hidden: int = 32, layers: int = 1,
                vocab_size: int | None = None, tie: bool = False, seed: int = 0,
-               with_tokenizer: bool = True, **config) -> Path:
-    """A seeded random tiny Llama saved in HF format (loaded back through from_pretrained)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+               with_tokenizer: bool = True, arch: str = "llama", **config) -> Path:
+    """A seeded random tiny Llama saved in HF format (loaded back through from_pretrained).
+    arch="cohere" or "granite": the same tiny shape in an architecture whose head scales its
+    logits (Cohere: times config.logit_scale; Granite: divided by config.logits_scaling)."""
+    import transformers
 
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden,
-                      intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie, bos_token_id=None,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      **config)
+    name = {"llama": "Llama", "cohere": "Cohere", "granite": "Granite"}[arch]
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden,
+        intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config)
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    getattr(transformers, f"{name}ForCausalLM")(cfg).save_pretrained(out_dir)
     if with_tokenizer:
         tokenizer.save_pretrained(out_dir)
     return out_dir

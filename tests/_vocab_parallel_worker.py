@@ -58,6 +58,7 @@ def run_case(rank, world, group, case):
     labels[:world] = torch.tensor([sum(parts[:r]) for r in range(world)])  # a label in each shard
     kw = dict(temperature=case["T"], divergence=case["divergence"], beta=0.3, skew=0.2,
               reduction=reduction, student_softcap=case["cap"], teacher_softcap=case["cap"],
+              student_logit_scale=case["scales"][0], teacher_logit_scale=case["scales"][1],
               return_components=True, backend=backend, chunk_size=case.get("chunk"))
 
     def leaves(ws, bs):
@@ -89,7 +90,8 @@ def run_case(rank, world, group, case):
     b64 = None if b_s is None else f64(b_s).requires_grad_()
     opts = DistillOptions(**{k: kw[k] for k in ("temperature", "divergence", "beta", "skew",
                                                  "reduction", "student_softcap",
-                                                 "teacher_softcap")})
+                                                 "teacher_softcap", "student_logit_scale",
+                                                 "teacher_logit_scale")})
     spec = reference.distill_loss(hs64, w64, f64(h_t), f64(w_t), labels, opts, b64, f64(b_t))
     backward(spec[0])
 
@@ -100,7 +102,8 @@ def run_case(rank, world, group, case):
         # moves by O(1/N) there (measured 3.9e-2 of its max); one process agrees to 4e-3
         tol_spec = 5e-2
     pairs = [("loss", out[0], one[0], spec[0]), ("ce", out[1], one[1], spec[1]),
-             ("kd", out[2], one[2], spec[2]), ("dh", hs.grad, hs1.grad, hs64.grad),
+             ("kd", out[2], one[2], spec[2]), ("entropy", out.entropy, one.entropy, spec.entropy),
+             ("dh", hs.grad, hs1.grad, hs64.grad),
              ("dW", w.grad, w1.grad[v0:v0 + rows], w64.grad[v0:v0 + rows])]
     if b is not None:
         pairs.append(("db", b.grad, b1.grad[v0:v0 + rows], b64.grad[v0:v0 + rows]))
@@ -130,11 +133,13 @@ def suite(name: str, world: int) -> list[dict]:
             reduction = ("mean", "none", "sum")[i % 3]
             temp = (1.0, 2.0, 0.5)[(i // 3) % 3]
             cap = (None, 3.0)[(i // 2) % 2]
+            scales = ((1.0, 1.0), (0.7, 1.6), (1.3, 0.6))[(i // 2) % 3]  # logit scales (s, t)
             bias = (False, True)[(i // 4) % 2]
             vocab, t_vocab, parts = layouts[i % 2]
             cases.append(dict(vocab=vocab, t_vocab=t_vocab, parts=parts, divergence=div,
                               backend=backend, dtype=dtype, reduction=reduction, T=temp, cap=cap,
-                              bias=bias, seed=i, chunk=5 if i % 3 == 0 else None))
+                              scales=scales, bias=bias, seed=i,
+                              chunk=5 if i % 3 == 0 else None))
     return cases
 
 

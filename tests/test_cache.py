@@ -42,6 +42,9 @@ def assets(tmp_path_factory):
         root=root, tokenizer=tokenizer, data=[str(data)],
         teacher=save_llama(root / "teacher", tokenizer, hidden=32, seed=1),
         student=save_llama(root / "student", tokenizer, hidden=16, seed=2),
+        # a student whose head scales its logits (Cohere: times logit_scale)
+        cohere=save_llama(root / "cohere", tokenizer, hidden=16, seed=2, arch="cohere",
+                          logit_scale=0.5, initializer_range=0.1),
     )
 
 
@@ -310,10 +313,13 @@ def test_nan_teacher_is_refused_naming_the_sequence(assets, tmp_path):
         TeacherCache(out)
 
 
-def test_padded_teacher_vocabulary_caches_only_the_tokenizers_ids(assets, tmp_path):
+def test_padded_scaled_teacher_caches_only_the_tokenizers_ids_of_its_logits(assets, tmp_path):
     # 384 head rows over a 320-token tokenizer: the padding rows are never cached, and the
-    # log-probabilities are over the 320 shared ids (as the dense loss compares them)
-    padded = save_llama(tmp_path / "padded", assets.tokenizer, hidden=32, vocab_size=384, seed=3)
+    # log-probabilities are over the 320 shared ids (as the dense loss compares them); a Granite
+    # teacher, whose head divides its logits by logits_scaling: the cached log-probabilities are
+    # those of the model's own (scaled) logits
+    padded = save_llama(tmp_path / "padded", assets.tokenizer, hidden=32, vocab_size=384, seed=3,
+                        arch="granite", logits_scaling=0.25, initializer_range=0.1)
     out = tmp_path / "cache"
     cache_teacher(plan(assets, out, teacher=str(padded), k=8, layout="fixed"))
     cache = TeacherCache(out)
@@ -322,10 +328,11 @@ def test_padded_teacher_vocabulary_caches_only_the_tokenizers_ids(assets, tmp_pa
     ids, lp = batch.targets.load()
     counted = batch.attention_mask[:, 1:].bool()
     teacher = load_lm(str(padded), "teacher", torch.float32, torch.device("cpu"))
+    assert teacher.logit_scale == 4.0
     with torch.no_grad():
-        h = teacher.hidden(batch.input_ids, batch.attention_mask)[:, :-1]
-        want_lp, want_ids = torch.log_softmax(h @ teacher.weight[:320].T / TEMPERATURE,
-                                              -1).topk(8, -1)
+        logits = teacher.model(input_ids=batch.input_ids,
+                               attention_mask=batch.attention_mask).logits[:, :-1, :320]
+        want_lp, want_ids = torch.log_softmax(logits / TEMPERATURE, -1).topk(8, -1)
     assert torch.equal(ids[counted].long(), want_ids[counted])
     torch.testing.assert_close(lp[counted].float(), want_lp[counted], rtol=2e-3, atol=2e-3)
     # the cache's largest id is checked against the student when the cache is opened
@@ -544,7 +551,8 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
 
 def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
     # CacheDataset + cache_collator + FusedKDTrainer(teacher_model=None): no teacher; the sparse
-    # spec's loss on the student's full logits; DataLoader workers read the same batches
+    # spec's loss on the student's full logits, a Cohere student's logit scale included (the
+    # sparse loss applies it); DataLoader workers read the same batches
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from fastkd import reference
@@ -562,11 +570,12 @@ def test_transformers_trainer_from_a_cache(assets, topk_cache, tmp_path):
                                  max_steps=2, learning_rate=1e-2, report_to=[],
                                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                                  dataloader_num_workers=workers)
-        return FusedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.student),
+        return FusedKDTrainer(model=AutoModelForCausalLM.from_pretrained(assets.cohere),
                               teacher_model=None, args=args, train_dataset=train,
                               data_collator=cache_collator, distill_options=opts)
 
     one = trainer(0, "w0")
+    assert one.distill_options.student_logit_scale == 0.5
     batch = cache_collator([train[i] for i in (0, 5, len(train) - 1)])
     loss = one.compute_loss(one.model, batch)
     with torch.no_grad():

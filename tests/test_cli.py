@@ -228,6 +228,33 @@ def test_help_and_argument_errors_answer_without_importing_torch():
         fastkd.no_such_name  # noqa: B018
 
 
+def test_loss_options_are_typed_once():
+    """DistillConfig's loss fields and `fastkd distill`'s "loss" flags are exactly the
+    DistillOptions fields a trainer's user sets (options.TRAINER_OPTIONS); the trainers set the
+    others (reduction, ignore_index; the heads' softcaps and logit scales from the models'
+    configs). A new loss option is one field, plus its help if a trainer's user sets it."""
+    import dataclasses
+
+    from fastkd.cli import build_parser
+    from fastkd.options import NAMES, TRAINER_OPTIONS, DistillOptions
+
+    set_by_trainers = {"ignore_index", "reduction", "student_softcap", "teacher_softcap",
+                       "student_logit_scale", "teacher_logit_scale"}
+    assert set(NAMES) == set(TRAINER_OPTIONS) | set_by_trainers
+    config_fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    assert config_fields & set(NAMES) == set(TRAINER_OPTIONS)
+    distill = build_parser()._subparsers._group_actions[0].choices["distill"]
+    loss = next(g for g in distill._action_groups if g.title == "loss")
+    assert [a.dest for a in loss._group_actions] == list(TRAINER_OPTIONS)
+    args = distill.parse_args(["--temperature", "3", "--divergence", "jsd", "--beta", "0.2"])
+    assert (args.temperature, args.divergence, args.beta) == (3.0, "jsd", 0.2)
+    config = DistillConfig(teacher="t", student="s", data=["d"], out="o", temperature=3.0,
+                           ce_weight=0.1, kd_weight=0.9, divergence="skew_reverse_kl", skew=0.3)
+    assert config.loss_options() == DistillOptions(
+        temperature=3.0, ce_weight=0.1, kd_weight=0.9, divergence="skew_reverse_kl", skew=0.3,
+        reduction="sum")
+
+
 def test_cache_teacher_help_gives_every_option_its_help_and_default(capsys):
     from fastkd.cache import CachePlan
 

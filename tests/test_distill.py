@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pickle
 
 import pytest
 import torch
 from _device import DEVICE, ON_GPU
+from _spec_check import assert_close, check_against_spec
 
 import fastkd
 from fastkd import DistillOptions, reference
 
 BACKENDS = ["torch", "triton"]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
-# max |got - want| / max |want|, per tensor, against the float64 spec
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def make_inputs(n=77, d_s=24, d_t=40, vocab=1003, vocab_t=1011, dtype=torch.float32, bias=True,
@@ -51,38 +51,28 @@ def make_inputs(n=77, d_s=24, d_t=40, vocab=1003, vocab_t=1011, dtype=torch.floa
 STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
-def run(inputs, backend, upstream=None, **kw):
-    """Loss and the student gradients; backend "spec" is the reference in float64."""
+def run(inputs, backend, upstream=None, components=False, **kw):
+    """Loss (with components=True: all of return_components' `Components`, entropy included) and
+    the student gradients; backend "spec" is the reference in float64."""
     args = {}
     for name, x in inputs.items():
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             x = x.detach().double() if backend == "spec" else x.detach().clone()
             x.requires_grad_(name in STUDENT and inputs[name].requires_grad)
         args[name] = x
-    loss = fastkd.fused_distill_loss(**args, backend="reference" if backend == "spec" else backend,
-                                     **kw)
+    parts = fastkd.fused_distill_loss(**args, backend="reference" if backend == "spec"
+                                      else backend, return_components=True, **kw)
+    loss = parts.loss
     out = loss if upstream is None else loss * upstream.to(loss.device, loss.dtype)
     out.sum().backward()
     grads = {k: args[k].grad for k in STUDENT if k in args and args[k].requires_grad}
+    if components:
+        return fastkd.Components(*(x.detach() for x in parts.columns())), grads
     return loss.detach(), grads
 
 
-def assert_close(got, want, dtype, what=""):
-    assert got.dtype != torch.float64 or want.dtype == torch.float64
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
-
-
 def check(inputs, backend, dtype, upstream=None, **kw):
-    loss, grads = run(inputs, backend, upstream, **kw)
-    want_loss, want_grads = run(inputs, "spec", upstream, **kw)
-    assert_close(loss, want_loss, dtype, "loss")
-    assert grads.keys() == want_grads.keys()
-    for name in grads:
-        assert grads[name].dtype == inputs[name].dtype, name
-        assert_close(grads[name], want_grads[name], dtype, name)
-    return loss, grads
+    return check_against_spec(run, inputs, backend, dtype, upstream, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,11 +88,14 @@ def test_matches_spec(backend, divergence, dtype):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_softcaps(backend, divergence):
+def test_softcaps_and_logit_scales(backend, divergence):
+    # each model's logit scale with and without its softcap, each cap with and without a scale
     inputs = make_inputs(n=33, scale=3.0, seed=1)
-    for caps in ({"student_softcap": 4.0}, {"teacher_softcap": 3.0},
-                 {"student_softcap": 5.0, "teacher_softcap": 2.5}):
-        check(inputs, backend, torch.float32, temperature=1.5, divergence=divergence, **caps)
+    for heads in ({"student_softcap": 4.0, "teacher_logit_scale": 1.7},
+                  {"teacher_softcap": 3.0, "student_logit_scale": 0.6},
+                  {"student_softcap": 5.0, "teacher_softcap": 2.5, "student_logit_scale": 1.8,
+                   "teacher_logit_scale": 0.7}):
+        check(inputs, backend, torch.float32, temperature=1.5, divergence=divergence, **heads)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 10.0])
@@ -258,15 +251,20 @@ def test_module_and_components():
     inputs = make_inputs(n=20, vocab=211, vocab_t=205, seed=16)
     kw = dict(temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4)
     crit = fastkd.FusedDistillLoss(**kw, return_components=True)
-    loss, ce, kd = crit(**inputs)
+    out = crit(**inputs)
+    loss, ce, kd = out  # three, as before the entropy came
+    assert (out.loss, out.ce, out.kd) == (loss, ce, kd) and len(out) == 3
     assert not ce.requires_grad and not kd.requires_grad and loss.requires_grad
+    assert not out.entropy.requires_grad
     opts = DistillOptions(**kw)
     d = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in inputs.items()}
     want = reference.distill_loss(d["student_hidden"], d["student_weight"], d["teacher_hidden"],
                                   d["teacher_weight"], d["labels"], opts, d["student_bias"],
                                   d["teacher_bias"])
-    for got, exp in zip((loss, ce, kd), want, strict=True):
+    for got, exp in zip(out.columns(), want.columns(), strict=True):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-7)
+    copied = pickle.loads(pickle.dumps(fastkd.Components(*(x.detach() for x in out.columns()))))
+    assert torch.equal(copied.entropy, out.entropy) and torch.equal(copied[2], kd)
     torch.testing.assert_close(loss.double(), 0.3 * want[1] + 0.7 * 4.0 * want[2])
     assert fastkd.fused_distill_loss(**inputs, **kw).item() == pytest.approx(loss.item(), rel=1e-6)
 
@@ -305,10 +303,10 @@ def test_kernel_writes_every_output(divergence):
     labels[3] = -100
     scale = torch.rand(n, generator=g).to(DEVICE)
     opts = DistillOptions(temperature=1.7, divergence=divergence, student_softcap=6.0,
-                          teacher_softcap=9.0)
+                          teacher_softcap=9.0, student_logit_scale=0.8, teacher_logit_scale=1.3)
     results = {}
     for backend in BACKENDS:
-        out = torch.full((n, 3), float("nan"), device=DEVICE)
+        out = torch.full((n, 4), float("nan"), device=DEVICE)
         # the chunk loop's padded buffers, pad columns poisoned: the kernel reads them (its loads
         # are masked by the padded width) but must never let them into a result
         grad = padded_rows(n, vocab, s.dtype, DEVICE)
@@ -377,8 +375,8 @@ for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6),
                                                      flags):
     if dt == "fp32" and not (labels and grad):
         continue
-    types = ["*" + dt, "*" + dt, "*i64", "*fp32", "*fp32", "i32", "i32", "i64", "i64", "i32",
-             "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"] + ["constexpr"] * 6
+    types = ["*" + dt, "*" + dt, "*i64", "*fp32", "*fp32", "i32", "i32", "i64", "i64", "i32"] + [
+        "fp32"] * 8 + ["constexpr"] * 6
     consts = dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_S_CAP=caps, HAS_T_CAP=caps,
                   COMPUTE_GRAD=grad, BLOCK_V=DEFAULT_BLOCK_V)
     jobs.append(("kernel", types, consts, aligned, [dt, div, labels, caps, grad]))
@@ -388,15 +386,15 @@ ptrs = ("s_ptr", "t_ptr", "y_ptr", "scale_ptr", "stride_s", "stride_t")
 for div in range(6):
     caps = dict(HAS_S_CAP=True, HAS_T_CAP=True, BLOCK_V=DEFAULT_BLOCK_V, DIVERGENCE=div)
     jobs.append(("distill_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
-                                        "i64", "i32", "i32", "fp32", "fp32", "fp32"]
+                                        "i64", "i32", "i32"] + ["fp32"] * 5
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs[:3] + ptrs[4:],
                  ["tp-stats", div]))
     if div >= 2:
         jobs.append(("distill_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
-                                               "i64", "fp32", "fp32", "fp32", "fp32"]
+                                               "i64"] + ["fp32"] * 6
                      + ["constexpr"] * 4, caps, ptrs[:2] + ptrs[4:], ["tp-partials", div]))
     jobs.append(("distill_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
-                                       "i64", "i64", "i32", "i32"] + ["fp32"] * 6
+                                       "i64", "i64", "i32", "i32"] + ["fp32"] * 8
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div]))
 # the cached-teacher (sparse) kernel: every tail and divergence it takes, bf16 logits, int32 ids
 # (the cache's), k = 64 slots, labels and a softcap; with and without the gradient
@@ -404,7 +402,7 @@ for tail, div, grad in itertools.product(TAIL_IDS, range(6), flags):
     if (tail == "ignore" and div != 0) or (not grad and (tail, div) != ("bucket", 0)):
         continue
     jobs.append(("sparse_rows_kernel", ["*bf16", "*i32", "*fp32", "*i64", "*fp32", "*fp32",
-                                        "i32", "i32", "i64", "i64", "i64", "i32"] + ["fp32"] * 5
+                                        "i32", "i32", "i64", "i64", "i64", "i32"] + ["fp32"] * 6
                  + ["constexpr"] * 8,
                  dict(TAIL=TAIL_IDS[tail], DIVERGENCE=div, HAS_LABELS=True, HAS_S_CAP=True,
                       COMPUTE_GRAD=grad, BLOCK_V=DEFAULT_BLOCK_V, BLOCK_K=128,

@@ -155,11 +155,15 @@ def setup_loss_tensors(assets, tmp_path):
 
 
 def check_loss_tensors(ns, assets):
-    """The first loss's gradients and the second (JSD) loss against the float64 spec."""
+    """The first loss's gradients, its components (the entropy too) and the second (JSD) loss
+    against the float64 spec."""
     names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
     h_s, w_s, h_t, w_t = (ns[n].detach().double().requires_grad_() for n in names)
-    first = reference.distill_loss(h_s, w_s, h_t, w_t, ns["labels"],
-                                   DistillOptions(temperature=2.0, ce_weight=0.5, kd_weight=0.5))[0]
+    parts = reference.distill_loss(h_s, w_s, h_t, w_t, ns["labels"],
+                                   DistillOptions(temperature=2.0, ce_weight=0.5, kd_weight=0.5))
+    for got, want in zip(ns["out"].columns(), parts.columns(), strict=True):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    first = parts[0]
     first.backward()
     torch.testing.assert_close(ns["student_hidden"].grad.double(), h_s.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ns["student_weight"].grad.double(), w_s.grad, rtol=1e-5, atol=1e-7)

@@ -5,6 +5,7 @@ gradient accumulation and 2 processes against one big batch, and a dispatch prob
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -35,14 +36,14 @@ def models(tmp_path_factory):
 
 
 def make_trainer(models, tmp_path, student="student", rows=None, opts=None, model=None,
-                 trainer_kwargs=None, **args):
+                 teacher=None, trainer_kwargs=None, **args):
     defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                     max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                     lr_scheduler_type="constant", report_to=[], save_strategy="no",
                     use_cpu=True, seed=0, disable_tqdm=True)
     defaults.update(args)
     return FusedKDTrainer(
-        model=model or load(models[student]), teacher_model=load(models["teacher"]),
+        model=model or load(models[student]), teacher_model=teacher or load(models["teacher"]),
         args=TrainingArguments(**defaults), train_dataset=rows or sequences(LENGTHS),
         **{"data_collator": collate, **(trainer_kwargs or {})},
         distill_options=opts or OPTIONS)
@@ -151,13 +152,34 @@ def test_bad_arguments(models, tmp_path):
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         FusedKDTrainer(model=student, teacher_model=teacher, args=smooth)
     scaled = load(models["teacher"])
-    scaled.config.logit_scale = 2.0  # a head that rescales logits: refused by fastkd.models.lm_head
-    with pytest.raises(ValueError, match="logit_scale"):
+    scaled.config.logit_scale = 2.0  # a scale Llama's forward does not apply: the probe refuses
+    with pytest.raises(ValueError, match="logit scale 2"):
         FusedKDTrainer(model=student, teacher_model=scaled, args=args)
     bf16 = FusedKDTrainer(model=student, teacher_model=str(models["teacher"]), args=args,
                           teacher_dtype="bfloat16")
     assert bf16.teacher_model.dtype == torch.bfloat16 and not bf16.teacher_model.training
     assert not any(p.requires_grad for p in bf16.teacher_model.parameters())
+
+
+def test_heads_that_scale_logits(models, tmp_path):
+    """A Cohere student (logits times logit_scale) learning from a Granite teacher (logits divided
+    by logits_scaling): the trainer's options carry both scales, and its loss and gradients
+    equal the full-logit reference on the models' own logits."""
+    trainer = make_trainer(models, tmp_path, model=load(models["cohere"]),
+                           teacher=load(models["granite"]))
+    opts = trainer.distill_options
+    assert (opts.student_logit_scale, opts.teacher_logit_scale) == (0.5, 0.25)
+    model, batch = trainer.model, collate(sequences(LENGTHS))
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain = dataclasses.replace(opts, student_logit_scale=1.0, teacher_logit_scale=1.0)
+    expected = reference_loss(model, trainer.teacher_model, batch, plain)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_padding_free_packed_batch(models, tmp_path):

@@ -501,24 +501,26 @@ def gkd_collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_gkd(cls, models, tmp_path, dtype=torch.float32, **config):
+def make_gkd(cls, models, tmp_path, dtype=torch.float32, pair=("student", "teacher"), **config):
     from datasets import Dataset
 
     config = {"output_dir": str(tmp_path / cls.__name__), "per_device_train_batch_size": 4,
               "max_steps": 1, "report_to": [], "save_strategy": "no", "use_cpu": True,
               "bf16": False, "max_new_tokens": 3, "disable_tqdm": True, **config}
-    return cls(model=load(models["student"], dtype=dtype),
-               teacher_model=load(models["teacher"], dtype=dtype), args=GKDConfig(**config),
+    return cls(model=load(models[pair[0]], dtype=dtype),
+               teacher_model=load(models[pair[1]], dtype=dtype), args=GKDConfig(**config),
                train_dataset=Dataset.from_list(gkd_rows()), data_collator=gkd_collate,
                processing_class=AutoTokenizer.from_pretrained(models["tokenizer"]))
 
 
-@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
-def test_compute_loss_equals_gkd_trainer(models, tmp_path, beta):
+@pytest.mark.parametrize(("beta", "pair"), [(0.0, ("student", "teacher")),
+                                            (0.5, ("cohere", "granite")),
+                                            (1.0, ("student", "teacher"))])
+def test_compute_loss_equals_gkd_trainer(models, tmp_path, beta, pair):
     """The trainers' own compute_loss on one batch, float64: TRL's full logits vs the fused
-    loss."""
-    ours, theirs = (make_gkd(cls, models, tmp_path, torch.float64, beta=beta, temperature=0.7)
-                    for cls in (FusedGKDTrainer, GKDTrainer))
+    loss; with heads that scale their logits (Cohere student, Granite teacher) too."""
+    ours, theirs = (make_gkd(cls, models, tmp_path, torch.float64, pair, beta=beta,
+                             temperature=0.7) for cls in (FusedGKDTrainer, GKDTrainer))
     batch = gkd_collate(gkd_rows())
     for num_items in (None, torch.tensor(40)):
         got = ours.compute_loss(ours.model, batch, num_items_in_batch=num_items)

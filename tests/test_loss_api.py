@@ -68,6 +68,12 @@ BAD_OPTIONS = [
     ("ce_weight must be >= 0", dict(ce_weight=-0.1), ValueError),
     ("kd_weight must be >= 0", dict(kd_weight=-1.0), ValueError),
     ("student_softcap must be > 0", dict(student_softcap=0.0), ValueError),
+    ("student_logit_scale must be > 0", dict(student_logit_scale=0.0), ValueError),
+    ("teacher_logit_scale must be > 0", dict(teacher_logit_scale=-2.0), ValueError),
+    ("student_logit_scale must be finite", dict(student_logit_scale=float("nan")), ValueError),
+    ("teacher_logit_scale must be finite", dict(teacher_logit_scale=float("inf")), ValueError),
+    ("student_logit_scale must be a real number", dict(student_logit_scale=True), TypeError),
+    ("teacher_logit_scale must be a real number", dict(teacher_logit_scale="2"), TypeError),
     ("backend must be one of", dict(backend="cuda"), ValueError),
     ("chunk_size must be a positive int", dict(chunk_size=0), ValueError),
     ("ignore_index must be an int", dict(ignore_index=1.5), TypeError),
@@ -128,6 +134,48 @@ def test_triton_backend_on_cpu_in_a_fresh_process():
     assert fresh["triton"] == pytest.approx(fresh["torch"], rel=1e-6) and interpret == "1"
     assert "TRITON_INTERPRET=1" in compiled["triton"] and still_unset is None
     assert "before the process starts" in compiled["triton"]
+
+
+# The modules' constructors before the options became one dataclass (issue 20): these took
+# positional arguments in this order, with these defaults.
+OLD_POSITIONAL = {
+    "FusedDistillLoss": (
+        ("temperature", 1.0), ("ce_weight", 0.5), ("kd_weight", 0.5), ("divergence", "forward_kl"),
+        ("beta", 0.5), ("skew", 0.1), ("ignore_index", -100), ("reduction", "mean"),
+        ("student_softcap", None), ("teacher_softcap", None), ("return_components", False),
+        ("backend", "auto"), ("chunk_size", None), ("check_labels", True),
+        ("process_group", None)),
+    "FusedSparseDistillLoss": (
+        ("temperature", 1.0), ("ce_weight", 0.5), ("kd_weight", 0.5), ("divergence", "forward_kl"),
+        ("tail", "bucket"), ("beta", 0.5), ("skew", 0.1), ("ignore_index", -100),
+        ("reduction", "mean"), ("student_softcap", None), ("return_components", False),
+        ("backend", "auto"), ("chunk_size", None)),
+}
+
+
+@pytest.mark.parametrize("name", OLD_POSITIONAL)
+def test_module_constructors_keep_their_positional_order(name):
+    """Positional arguments bind as they did before issue 20's refactor; options added since are
+    keyword-only; too many positional arguments or one given twice is Python's TypeError."""
+    import inspect
+
+    module = getattr(fastkd, name)
+    params = inspect.signature(module).parameters.values()
+    positional = tuple((p.name, p.default) for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+    assert positional == OLD_POSITIONAL[name]
+    keyword = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    assert {"student_logit_scale"} <= keyword and not keyword & {n for n, _ in positional}
+    sparse = name == "FusedSparseDistillLoss"  # its 5th: tail (the old order)
+    values = (2.0, 0.3, 0.7, "jsd", *(("renormalize",) if sparse else ()), 0.4, 0.2, -1)
+    crit = module(*values, student_logit_scale=0.5)
+    assert crit.options == fastkd.DistillOptions(
+        temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4, skew=0.2,
+        ignore_index=-1, student_logit_scale=0.5)
+    assert not sparse or crit.tail == "renormalize"
+    with pytest.raises(TypeError):
+        module(*[v for _, v in OLD_POSITIONAL[name]], None)  # one positional too many
+    with pytest.raises(TypeError, match="multiple values for argument 'temperature'"):
+        module(2.0, temperature=3.0)
 
 
 def test_module_rejects_bad_options_at_construction():
@@ -218,18 +266,22 @@ def test_cpu_default_chunk_keeps_its_memory_budget(divergence):
 def test_fits_a_fullgraph_compiled_graph_with_check_labels_false():
     """check_labels=False has no host sync and the chunk loop is one custom op: torch.compile(
     fullgraph=True) traces the loss whole (a graph break would raise), and the compiled loss and
-    gradients equal eager ones (ignored tokens included, computed and masked)."""
+    gradients equal eager ones (ignored tokens included, computed and masked), and so does the
+    components' entropy (the `Components` tuple traces too)."""
     args = good(n=9, vocab=50, vocab_t=53)
     args["labels"][:3] = -100
 
     def loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
-        return fastkd.fused_distill_loss(student_hidden, student_weight, teacher_hidden,
-                                         teacher_weight, labels, temperature=2.0,
-                                         divergence="jsd", check_labels=False)
+        out = fastkd.fused_distill_loss(student_hidden, student_weight, teacher_hidden,
+                                        teacher_weight, labels, temperature=2.0,
+                                        divergence="jsd", check_labels=False,
+                                        student_logit_scale=0.7, return_components=True)
+        return out.loss, out.entropy
 
     def step(fn):
-        loss = fn(**args)
-        return loss, *torch.autograd.grad(loss, (args["student_hidden"], args["student_weight"]))
+        loss, entropy = fn(**args)
+        return loss, entropy, *torch.autograd.grad(loss, (args["student_hidden"],
+                                                          args["student_weight"]))
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(step(compiled), step(loss_fn), strict=True):

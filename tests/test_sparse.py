@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from _device import DEVICE
+from _spec_check import assert_close, check_against_spec
 
 import fastkd
 from fastkd import DistillOptions, reference
@@ -18,7 +19,6 @@ from fastkd.options import DIVERGENCES
 BACKENDS = ["torch", "triton"]
 TAIL_DIVERGENCES = [("bucket", d) for d in DIVERGENCES] + [
     ("renormalize", d) for d in DIVERGENCES] + [("ignore", "forward_kl")]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
@@ -50,45 +50,39 @@ def make_inputs(n=77, d=24, vocab=1003, k=7, dtype=torch.float32, temperature=2.
     return {name: x.to(DEVICE) for name, x in inputs.items()}
 
 
-def run(inputs, backend, upstream=None, **kw):
-    """Loss and the student gradients; backend "spec" is the reference in float64."""
+def run(inputs, backend, upstream=None, components=False, **kw):
+    """Loss (with components=True: return_components' `Components`, entropy included) and the
+    student gradients; backend "spec" is the reference in float64."""
     args = {}
     for name, x in inputs.items():
         if x is not None and x.is_floating_point():
             x = x.detach().double() if backend == "spec" else x.detach().clone()
             x.requires_grad_(name in STUDENT)
         args[name] = x
-    loss = fastkd.fused_sparse_distill_loss(
-        **args, backend="reference" if backend == "spec" else backend, **kw)
+    parts = fastkd.fused_sparse_distill_loss(
+        **args, backend="reference" if backend == "spec" else backend, return_components=True,
+        **kw)
+    loss = parts.loss
     out = loss if upstream is None else loss * upstream.to(loss.device, loss.dtype)
     out.sum().backward()
-    return loss.detach(), {k: args[k].grad for k in STUDENT if args.get(k) is not None}
-
-
-def assert_close(got, want, dtype, what=""):
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+    grads = {k: args[k].grad for k in STUDENT if args.get(k) is not None}
+    if components:
+        return fastkd.Components(*(x.detach() for x in parts.columns())), grads
+    return loss.detach(), grads
 
 
 def check(inputs, backend, dtype=torch.float32, upstream=None, **kw):
-    loss, grads = run(inputs, backend, upstream, **kw)
-    want_loss, want_grads = run(inputs, "spec", upstream, **kw)
-    assert_close(loss, want_loss, dtype, "loss")
-    assert grads.keys() == want_grads.keys()
-    for name in grads:
-        assert grads[name].dtype == inputs[name].dtype, name
-        assert_close(grads[name], want_grads[name], dtype, name)
-    return loss, grads
+    return check_against_spec(run, inputs, backend, dtype, upstream, **kw)
 
 
 # ---- the spec: closed-form gradient == autograd, the dense loss as the full-k limit --------------
 
 
 @pytest.mark.parametrize("tail,divergence", TAIL_DIVERGENCES)
-@pytest.mark.parametrize("temperature,cap,scale", [(1.0, None, 1.0), (2.0, 4.0, 3.0),
-                                                   (0.5, None, 30.0)])
-def test_spec_closed_form_gradient_is_autograds(tail, divergence, temperature, cap, scale):
+@pytest.mark.parametrize("temperature,cap,logit_scale,scale", [  # scale: the logits' size
+    (1.0, None, 1.0, 1.0), (2.0, 4.0, 0.6, 3.0), (0.5, None, 1.7, 30.0)])
+def test_spec_closed_form_gradient_is_autograds(tail, divergence, temperature, cap, logit_scale,
+                                                scale):
     g = torch.Generator().manual_seed(3)
     n, vocab, k = 11, 61, 9
     s = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale).requires_grad_()
@@ -103,16 +97,24 @@ def test_spec_closed_form_gradient_is_autograds(tail, divergence, temperature, c
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[::4] = -100
     opts = DistillOptions(temperature=temperature, divergence=divergence, beta=0.3, skew=0.2,
-                          ce_weight=0.7, kd_weight=1.3, student_softcap=cap)
-    loss, ce, kd = reference.sparse_token_losses(s, ids, logprobs, labels, opts, tail)
+                          ce_weight=0.7, kd_weight=1.3, student_softcap=cap,
+                          student_logit_scale=logit_scale)
+    per_token = reference.sparse_token_losses(s, ids, logprobs, labels, opts, tail)
+    loss, ce, kd = per_token
     (want,) = torch.autograd.grad(loss.sum(), s)
-    loss2, ce2, kd2, grad = reference.sparse_token_losses_and_grad(s.detach(), ids, logprobs,
-                                                                   labels, opts, tail)
-    for got, exp in ((loss2, loss), (ce2, ce), (kd2, kd), (grad, want)):
-        assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, exp.detach(), rtol=1e-9, atol=1e-11)
+    got, grad = reference.sparse_token_losses_and_grad(s.detach(), ids, logprobs, labels, opts,
+                                                       tail)
+    for x, exp in zip((*got.columns(), grad), (*per_token.columns(), want), strict=True):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, exp.detach(), rtol=1e-9, atol=1e-11)
     assert (grad[labels == -100] == 0).all()
-    assert (kd[2] == 0) and (kd >= -1e-12).all()  # no entries: no divergence; D >= 0
+    # no entries: no divergence (bucket: the rest buckets, both 1 up to fp64 rounding); D >= 0
+    assert abs(kd[2]) <= 1e-12 and (kd >= -1e-12).all()
+    # the entropy: of the student's full softmax at T, its logits scaled, then softcapped
+    z = s.detach() * logit_scale
+    q = torch.softmax((z if cap is None else cap * torch.tanh(z / cap)) / temperature, -1)
+    entropy = torch.where(labels != -100, -(q * q.log()).sum(-1), 0.0)
+    torch.testing.assert_close(per_token.entropy, entropy, rtol=1e-10, atol=1e-12)
 
 
 def test_spec_tails_by_hand():
@@ -181,7 +183,8 @@ def test_matches_spec(backend, tail, divergence):
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_slot_counts(backend, tail, k):
-    check(make_inputs(k=k, seed=k), backend, temperature=1.5, tail=tail, chunk_size=32)
+    check(make_inputs(k=k, seed=k), backend, temperature=1.5, tail=tail, chunk_size=32,
+          student_logit_scale=0.7)
 
 
 @pytest.mark.parametrize("tail", ["bucket", "ignore"])
@@ -193,11 +196,12 @@ def test_bf16(backend, tail):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_reverse_kl"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_softcap_and_extreme_logits(backend, divergence):
+def test_softcap_logit_scale_and_extreme_logits(backend, divergence):
     inputs = make_inputs(n=29, vocab=301, k=7, seed=6, scale=40.0)
     check(inputs, backend, temperature=0.7, divergence=divergence, student_softcap=30.0,
-          tail="bucket")
-    check(inputs, backend, temperature=1.0, divergence=divergence, tail="renormalize")
+          student_logit_scale=1.3, tail="bucket")
+    check(inputs, backend, temperature=1.0, divergence=divergence, tail="renormalize",
+          student_logit_scale=0.8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,12 +294,12 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     s = torch.randn(n_tok, vocab, generator=g, dtype=torch.float64)
     t = torch.randn(n_tok, vocab, generator=g, dtype=torch.float64)
     opts = DistillOptions(temperature=temperature, ce_weight=0.0, kd_weight=1.0)
-    grad_dense = reference.token_losses_and_grad(s, t, None, opts)[3]
+    grad_dense = reference.token_losses_and_grad(s, t, None, opts)[1]
     mean = torch.zeros_like(s)
     for r in range(repeats):
         ids, logprobs = sample_targets(t.float(), temperature, samples, samples, seed=r)
         mean += reference.sparse_token_losses_and_grad(s, ids, logprobs.double(), None, opts,
-                                                       "ignore")[3]
+                                                       "ignore")[1]
     mean /= repeats
     p = torch.softmax(t / temperature, -1)
     # w_kd T (q - count / n): the estimate's sd per id
@@ -305,7 +309,7 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     assert z.mean() < 1.5  # the errors look like noise of the predicted size, not a bias
     topk_lp, topk_ids = torch.log_softmax(t / temperature, -1).topk(samples, -1)
     grad_topk = reference.sparse_token_losses_and_grad(s, topk_ids, topk_lp, None, opts,
-                                                       "ignore")[3]
+                                                       "ignore")[1]
     assert ((grad_topk - grad_dense).abs() / sd).max() > 20.0  # biased: the missing mass
 
 
@@ -353,6 +357,11 @@ def test_bad_inputs():
         call(student_hidden=inputs["student_hidden"][:, :5])
     with pytest.raises(ValueError, match="tail must be one of"):
         fastkd.FusedSparseDistillLoss(tail="none")
+    with pytest.raises(ValueError, match="student_logit_scale must be > 0"):
+        call(student_logit_scale=-1.0)
+    for teacher_only in ("teacher_softcap", "teacher_logit_scale"):  # in the log-probabilities
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{teacher_only}'"):
+            call(**{teacher_only: 2.0})
 
 
 def test_teacher_mass_above_one_is_an_error():

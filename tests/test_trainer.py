@@ -191,29 +191,38 @@ def test_resume_refuses_a_changed_config_and_new_run_refuses_a_used_dir(straight
         run_distillation(config)
 
 
-def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """The gradients of params from the trainer's loss on 3 sequences (batch_loss: the fused loss
-    on the base's hidden states and the head's weight), and from the same loss through the HF
-    forward's full logits and the spec's per-token losses."""
-    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
-    train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
-    batch = train.select(torch.arange(3))
-    opts = DistillOptions(temperature=2.0, reduction="sum")
-
-    loss, _, _ = batch_loss(StudentLoss(lm_head(model, "student"), opts, "auto"),
-                            TeacherForward(teacher), batch, torch.device("cpu"))
+def fused_and_spec(student: StudentLoss, teacher: TeacherForward, batch, params: dict):
+    """(loss, gradients of params) of the trainer's loss on a batch (batch_loss: the fused loss on
+    the base's hidden states and the head's weight), and of the same loss through the HF
+    forward's full logits and the spec's per-token losses (with no logit scales or softcaps: the
+    models' own logits apply them)."""
+    loss, _, _ = batch_loss(student, teacher, batch, torch.device("cpu"))
     loss.backward()
     fused = {name: p.grad.clone() for name, p in params.items()}
+    model = student.model
     model.zero_grad()
-    labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1)
+    plain = dataclasses.replace(student.opts, student_softcap=None, teacher_softcap=None,
+                                student_logit_scale=1.0, teacher_logit_scale=1.0)
+    labels = batch.labels(plain.ignore_index)[:, 1:].reshape(-1)
     s = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     with torch.no_grad():
         t = teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    per_token, _, _ = reference.token_losses(s.flatten(0, 1), t[:, :-1].flatten(0, 1), labels,
-                                             opts)
-    per_token.sum().backward()
-    return fused, {name: p.grad for name, p in params.items()}
+    spec = reference.token_losses(s.flatten(0, 1), t[:, :-1].flatten(0, 1), labels,
+                                  plain).loss.sum()
+    spec.backward()
+    return (loss, fused), (spec, {name: p.grad for name, p in params.items()})
+
+
+def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """`fused_and_spec`'s gradients on 3 sequences, the trainer's teacher."""
+    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
+    train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
+    student = StudentLoss(lm_head(model, "student"), DistillOptions(temperature=2.0,
+                                                                    reduction="sum"), "auto")
+    (_, fused), (_, spec) = fused_and_spec(student, TeacherForward(teacher),
+                                           train.select(torch.arange(3)), params)
+    return fused, spec
 
 
 def test_tied_embeddings_get_the_head_and_embedding_gradients(assets, tmp_path):
@@ -296,15 +305,45 @@ def test_gemma2_softcap_becomes_the_loss_softcap(assets, tmp_path):
         lm_head(llama, "student")
 
 
-def test_heads_that_scale_logits_are_refused(tmp_path):
-    from transformers import CohereConfig, CohereForCausalLM
+def test_heads_that_scale_logits_train_with_their_scales(assets, tmp_path):
+    """A Cohere student (logits times logit_scale) and a Granite teacher (logits divided by
+    logits_scaling): the loop's setup gives the loss both heads' scales, and the trainer's loss
+    on a batch (batch_loss) and its gradients equal the spec's on the models' own full logits.
+    A config scale the model's forward does not apply (a Llama with logit_scale) is refused."""
+    from fastkd.loop import _setup
 
-    config = CohereConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, logit_scale=0.25,
-                          max_position_embeddings=32)
-    CohereForCausalLM(config).save_pretrained(tmp_path / "cohere")
-    with pytest.raises(ValueError, match="logit_scale=0.25"):
-        lm_head(AutoModelForCausalLM.from_pretrained(tmp_path / "cohere"), "teacher")
+    kw = dict(hidden=24, initializer_range=0.3, with_tokenizer=False)
+    config = make_config(
+        assets, tmp_path / "run",
+        student=str(save_llama(tmp_path / "cohere", assets.tokenizer, arch="cohere", seed=5,
+                               logit_scale=0.5, **kw)),
+        teacher=str(save_llama(tmp_path / "granite", assets.tokenizer, arch="granite", seed=6,
+                               logits_scaling=4.0, **kw)))
+    cpu = torch.device("cpu")
+    teacher = TeacherForward(load_teacher(config, cpu))
+    train, _ = load_blocks(assets.data, assets.tokenizer, seq_len=32, eval_fraction=0.1)
+    phase = _setup(config, None, teacher, assets.tokenizer, train, cpu)
+    opts = phase.student.opts
+    assert (opts.student_logit_scale, opts.teacher_logit_scale) == (0.5, 0.25)
+    batch = train.select(torch.arange(3))
+    params = dict(phase.student.model.named_parameters())
+    (loss, fused), (spec, spec_grads) = fused_and_spec(phase.student, teacher, batch, params)
+    assert loss.item() == pytest.approx(spec.item(), rel=1e-5)
+    for name in params:
+        torch.testing.assert_close(fused[name], spec_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the scales matter here: the spec on the models' logits with the scales undone differs
+    labels = batch.labels(opts.ignore_index)[:, 1:].reshape(-1)
+    with torch.no_grad():
+        s, t = (m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                for m in (phase.student.model, teacher.model))
+    unscaled = reference.token_losses(s.flatten(0, 1) / 0.5, t.flatten(0, 1) * 4.0, labels,
+                                      config.loss_options())
+    assert abs(unscaled.loss.sum().item() / spec.item() - 1) > 0.05
+
+    llama = AutoModelForCausalLM.from_pretrained(assets.student)
+    llama.config.logit_scale = 0.5  # Llama's forward ignores it: the probe refuses the model
+    with pytest.raises(ValueError, match="logit scale 0.5"):
+        lm_head(llama, "student")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch
 
 from fastkd import reference
 from fastkd.loss import distill
-from fastkd.models import from_pretrained, head_weight_and_bias, lm_head
+from fastkd.models import from_pretrained, head_weight_and_bias, lm_head, with_heads
 from fastkd.options import DistillOptions
 from fastkd.sparse import sparse_distill
 
@@ -247,8 +247,9 @@ class FusedKDTrainer(Trainer):
     (`distill_options`, a `fastkd.DistillOptions`; its reduction is replaced: the trainer sums and
     divides by the counted tokens of the whole optimizer step). Next-token shift: position i
     predicts label i+1; without a `labels` column, the labels are the input ids with padding
-    ignored. The student's and teacher's softcaps come from their configs; heads that rescale
-    logits are refused (`fastkd.models.lm_head`).
+    ignored. The student's and teacher's softcaps and logit scales (Cohere, Granite, ...) come
+    from their configs (`fastkd.models.lm_head`, whose probe checks them against each model's
+    own forward).
 
     teacher_model: a causal LM (or a path / hub id) sharing the student's tokenizer; it is moved to
     the student's device, put in eval mode without gradients, and cast to teacher_dtype ("bfloat16",
@@ -307,8 +308,9 @@ class FusedKDTrainer(Trainer):
         if teacher_model is None:  # from a teacher cache: its targets come with the batches
             self.teacher_model = None
             self.cache_tail = _cache_tail(self.train_dataset, opts, cache_tail)
-            self.distill_options = dataclasses.replace(opts, reduction="sum",
-                                                       student_softcap=student.softcap)
+            # the cached log-probabilities already hold the teacher's logit scale and softcap
+            self.distill_options = with_heads(dataclasses.replace(opts, reduction="sum"),
+                                              student)
             return
         if cache_tail is not None:
             raise ValueError("cache_tail applies to training from a teacher cache "
@@ -319,8 +321,8 @@ class FusedKDTrainer(Trainer):
         teacher_model.eval().requires_grad_(False)
         teacher = lm_head(teacher_model, "teacher")
         self.teacher_model = teacher_model
-        self.distill_options = dataclasses.replace(
-            opts, reduction="sum", student_softcap=student.softcap, teacher_softcap=teacher.softcap)
+        self.distill_options = with_heads(dataclasses.replace(opts, reduction="sum"), student,
+                                          teacher)
 
     def _set_signature_columns_if_needed(self):
         """A cache's targets are batch columns the model's forward does not take: keep them."""

@@ -32,12 +32,14 @@ TRL's objective, read from TRL 1.16's source (`trl/trainer/distillation_trainer.
   `args.temperature` (also the sampling temperature); GKD's at T = 1 (its `temperature` is the
   sampling one only).
 - logits: scale * (h W^T + b), then softcap c tanh(x / c), then / T; scale and c from each model's
-  text config (`trl_logit_scale`: logit_scale, output_multiplier, lm_head_multiplier, 1 /
-  logits_scaling; `final_logit_softcapping`).
+  text config (`fastkd.models.logit_scale`: logit_scale, output_multiplier, lm_head_multiplier,
+  1 / logits_scaling; `final_logit_softcapping`), fastkd's own DistillOptions fields
+  (student/teacher_logit_scale, student/teacher_softcap), in the same order.
 - no cross-entropy term (ce_weight = 0); the completion mask (times the tool mask) selects tokens.
 - reduction: per-token divergences summed over the selected tokens, divided by
   `num_items_in_batch` when given, else by the local count.
-- logged metrics: TRL's, the student's mean entropy at T ("entropy") included.
+- logged metrics: TRL's, the student's mean entropy at T ("entropy") included: the fused loss's
+  own (`return_components=True`'s `.entropy`, from the row statistics it keeps; no extra pass).
 
 A `distill_options` (a `fastkd.DistillOptions`) replaces that objective with fastkd's own (other
 divergences, CE mixing on the completion tokens): off by default.
@@ -52,13 +54,12 @@ divides `num_items_in_batch` by the number of processes) and ours inherits it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
 
 import torch
 
 from fastkd.loss import distill
-from fastkd.models import head_weight_and_bias, lm_head
+from fastkd.models import head_weight_and_bias, lm_head, logit_scale, with_heads
 from fastkd.options import DistillOptions
 from fastkd.sparse import sparse_distill
 
@@ -110,42 +111,9 @@ def gkd_options(beta: float, temperature: float = 1.0) -> DistillOptions:
     )
 
 
-def trl_logit_scale(config) -> float:
-    """The factor TRL 1.16's DistillationTrainer multiplies a model's logits by (before the
-    softcap), from its text config: `logit_scale` (Cohere), else `output_multiplier` (Muse
-    Glimmer), else `lm_head_multiplier` (Falcon-H1), else 1 / `logits_scaling` (Granite, MiniCPM3;
-    HyperCLOVA X multiplies by it); 1 when none is set."""
-    for attr in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is None:
-        return 1.0
-    return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
-
-
-def _scaled(hidden: torch.Tensor, bias: torch.Tensor | None, scale: float):
-    """scale * (h W^T + b) as (scale h) W^T + scale b: the logit scale before the loss has its own
-    option (a differentiable product on the (N, D) hidden states, no copy of the head)."""
-    if scale == 1.0:
-        return hidden, bias
-    return hidden * scale, None if bias is None else bias * scale
-
-
-def _entropy_sum(h_s, w_s, b_s, labels, opts: DistillOptions, backend, chunk_size):
-    """Sum over the counted tokens of the student's entropy H(q), q = softmax(softcap(s) / T),
-    without gradient: H(q) = log V - KL(q || uniform), the uniform teacher being zero logits
-    (zero hidden states of width 1 and a zero (V, 1) head). One forward pass of the student GEMM
-    beyond the loss's, until the loss returns the entropy from the row statistics it keeps."""
-    vocab = w_s.shape[0]
-    uniform = dataclasses.replace(opts, ce_weight=0.0, kd_weight=1.0 / opts.temperature**2,
-                                  divergence="reverse_kl", reduction="sum", teacher_softcap=None)
-    with torch.no_grad():
-        kl = distill(h_s, w_s, h_s.new_zeros(*h_s.shape[:-1], 1), w_s.new_zeros(vocab, 1), labels,
-                     uniform, student_bias=b_s, backend=backend, chunk_size=chunk_size)
-        counted = (labels != opts.ignore_index).sum()
-        return counted.to(kl.dtype) * math.log(vocab) - kl
+# The factor TRL 1.16's DistillationTrainer multiplies a model's logits by (before the softcap),
+# from its text config: the one reader, fastkd.models.logit_scale, under its former name here.
+trl_logit_scale = logit_scale
 
 
 def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -186,16 +154,21 @@ def fused_divergence_loss(
     num_items_in_batch, else by the count (clamped to 1). Gradients reach the student's hidden
     states, weight and bias.
 
-    options: a `fastkd.DistillOptions` replacing TRL's objective (its reduction, ignore_index and
-    softcaps are set here); labels (B, K), the completion token ids, are then needed for a CE term.
-    backend, chunk_size: as in `fastkd.fused_distill_loss`.
+    The logit scales and softcaps are the loss's own options (`DistillOptions`'
+    student/teacher_logit_scale and _softcap: scale, then softcap, then T, as TRL), and the
+    entropy is the loss's `return_components` entropy (summed over the counted tokens).
+
+    options: a `fastkd.DistillOptions` replacing TRL's objective (its reduction, ignore_index,
+    logit scales and softcaps are set here); labels (B, K), the completion token ids, are then
+    needed for a CE term. backend, chunk_size: as in `fastkd.fused_distill_loss`.
     """
     valid = completion_mask != 0
     opts = dataclasses.replace(
         gkd_options(beta, temperature) if options is None else options,
         ignore_index=IGNORE_INDEX, reduction="sum",
         student_softcap=student_final_logit_softcapping,
-        teacher_softcap=teacher_final_logit_softcapping)
+        teacher_softcap=teacher_final_logit_softcapping,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
     if labels is None:
         if opts.ce_weight > 0:
             raise ValueError("options with ce_weight > 0 need labels (the completion token ids)")
@@ -203,13 +176,11 @@ def fused_divergence_loss(
     labels = labels.long().masked_fill(~valid, IGNORE_INDEX)
     w_s, b_s = _same_dtype(student_hidden_states, student_lm_head_weight, student_lm_head_bias)
     w_t, b_t = _same_dtype(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias)
-    h_s, b_s = _scaled(student_hidden_states, b_s, student_logit_scale)
-    h_t, b_t = _scaled(teacher_hidden_states.detach(), b_t, teacher_logit_scale)
-    loss = distill(h_s, w_s, h_t, w_t.detach(), labels, opts, student_bias=b_s,
-                   teacher_bias=None if b_t is None else b_t.detach(), backend=backend,
-                   chunk_size=chunk_size)
-    entropy_sum = _entropy_sum(h_s.detach(), w_s.detach(), None if b_s is None else b_s.detach(),
-                               labels, opts, backend, chunk_size)
+    out = distill(student_hidden_states, w_s, teacher_hidden_states.detach(), w_t.detach(),
+                  labels, opts, student_bias=b_s,
+                  teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
+                  backend=backend, chunk_size=chunk_size)
+    loss, entropy_sum = out.loss, out.entropy
     n_valid = valid.sum()
     if num_items_in_batch is None:
         return loss / n_valid.clamp(min=1), entropy_sum, n_valid
@@ -315,7 +286,7 @@ class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
         t_config = unwrapped_teacher.config.get_text_config()
         return fused_divergence_loss(
             h_s, h_t.to(w_t.device), w_s, w_t, loss_mask.to(w_s.device), self.beta,
-            num_items_in_batch, b_s, b_t, trl_logit_scale(s_config), trl_logit_scale(t_config),
+            num_items_in_batch, b_s, b_t, logit_scale(s_config), logit_scale(t_config),
             getattr(s_config, "final_logit_softcapping", None),
             getattr(t_config, "final_logit_softcapping", None), self.temperature,
             labels=completion_ids.to(w_s.device), options=self.distill_options,
@@ -420,9 +391,9 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
             teacher, completion_ids, required, self.beta, self.loss_add_tail)
         opts = dataclasses.replace(
             gkd_options(self.beta, self.temperature),
-            student_softcap=getattr(config, "final_logit_softcapping", None))
+            student_softcap=getattr(config, "final_logit_softcapping", None),
+            student_logit_scale=logit_scale(config))
         w_s, b_s = _same_dtype(h_s, w_s, b_s)
-        h_s, b_s = _scaled(h_s, b_s, trl_logit_scale(config))
         labels = completion_ids.masked_fill(~required, IGNORE_INDEX).to(w_s.device)
         loss = sparse_distill(h_s, w_s, ids.to(w_s.device), lps.to(w_s.device, h_s.dtype), labels,
                               opts, tail=tail, student_bias=b_s, backend=self.backend,
@@ -448,9 +419,7 @@ class FusedGKDTrainer(GKDTrainer):
         if teacher is None:
             teacher = lm_head(_inner_model(self.teacher_model), "teacher", probe=False)
         student = lm_head(_inner_model(self.model), "student")
-        self.fused_options = dataclasses.replace(
-            gkd_options(self.beta), student_softcap=student.softcap,
-            teacher_softcap=teacher.softcap)
+        self.fused_options = with_heads(gkd_options(self.beta), student, teacher)
         self.backend, self.chunk_size = backend, chunk_size
         # a sharded teacher's gathered head weight is freed after its forward: copy it out
         self._copy_teacher_head = self.is_fsdp_enabled or self.is_deepspeed_enabled
