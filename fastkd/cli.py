@@ -402,3 +402,5 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(results, f"run `{launcher} distill --resume {results['run_dir']}`")
     except (ValueError, OSError) as err:  # bad inputs, unloadable models, missing files
         parser.exit(2, f"fastkd {args.command}: error: {err}\n")
+    except FloatingPointError as err:  # a NaN or inf loss: stopped before the step was applied
+        parser.exit(1, f"fastkd {args.command}: error: {err}\n")

@@ -137,7 +137,14 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
             if distributed.any_rank(stop.signum is not None, device) or (
                     step - start_step == max_steps):
                 break  # checkpoint below and return
-            stats = _optimizer_step(phase, config, device)
+            try:
+                stats = _optimizer_step(phase, config, device)
+            except NonFiniteLoss as err:
+                kept = f"step {saved_step}" if saved_step is not None else "none yet"
+                raise NonFiniteLoss(
+                    f"{name}: step {step + 1} of {config.steps}: {err}. The step was not applied; "
+                    f"the newest checkpoint in {phase_dir} ({kept}) is as it was: fix the cause, "
+                    f"then resume from it (--resume)") from None
             step += 1
             record = {"step": step, **stats}
             postfix.update(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}")
@@ -277,19 +284,43 @@ def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) 
             # == one big batch. DDP and FSDP average gradients over the ranks: times P.
             (loss / (n_targets / world)).backward()
         totals += torch.stack([loss.detach(), ce, kd])
-    grad_norm = (distributed.clip_grad_norm(phase.params, config.clip)
+    totals = distributed.all_reduce_sum(totals)  # every rank then sees the same numbers
+    loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
+    grad_norm = (float(distributed.clip_grad_norm(phase.params, config.clip))
                  if config.clip is not None else None)
+    # Before the update: a NaN or inf never reaches the weights, the optimizer or a checkpoint.
+    if not all(math.isfinite(x) for x in (loss_v, ce_v, kd_v, grad_norm or 0.0)):
+        raise NonFiniteLoss(_non_finite(loss_v, ce_v, kd_v, grad_norm, phase))
     lr = phase.scheduler.get_last_lr()[0]
     phase.optimizer.step()
     phase.scheduler.step()
     phase.optimizer.zero_grad(set_to_none=True)
-
-    totals = distributed.all_reduce_sum(totals)
-    loss_v, ce_v, kd_v = (totals / n_targets).tolist()  # host sync, once per step
     seconds = time.perf_counter() - t0
     return {"loss": loss_v, "ce": ce_v, "kd": kd_v if phase.logs_kd else None, "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens": n_targets, "seconds": seconds, "tokens_per_s": n_targets / seconds}
+            "grad_norm": grad_norm, "tokens": n_targets, "seconds": seconds,
+            "tokens_per_s": n_targets / seconds}
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training step whose loss or gradient is NaN or inf; raised before the step is applied,
+    on every rank alike (the numbers are all-reduced)."""
+
+
+def _non_finite(loss: float, ce: float, kd: float, grad_norm: float | None, phase: _Phase) -> str:
+    """What went wrong, and on which side, as far as the step's numbers tell."""
+    numbers = f"loss {loss}, ce {ce}, kd {kd}, grad norm {grad_norm}"
+    if not math.isfinite(ce):
+        why = ("the student's cross-entropy is not finite: its logits hold NaN or inf (a student "
+               "that diverged: try a lower --lr; or fp16 overflow)")
+    elif not math.isfinite(kd) and phase.train_teacher is not None:
+        why = ("the KD term is not finite while the student's cross-entropy is: the teacher's "
+               "outputs hold NaN or inf on this batch (or the divergence is infinite, as reverse "
+               "KL is where the teacher gives an id probability 0 and the student does not)")
+    elif not math.isfinite(kd):
+        why = "the KD term against the teacher cache is not finite"
+    else:
+        why = "the loss is finite but its gradient is not (an overflow in the backward pass)"
+    return f"{why} ({numbers})"
 
 
 @torch.no_grad()

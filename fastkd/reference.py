@@ -95,8 +95,9 @@ def log_softmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _xlog_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
-    """x * (log x - log y), with 0 where x = 0 (0 log 0 = 0: a teacher id at -inf adds nothing)."""
-    return torch.where(x > 0, x * (log_x - log_y), 0.0)
+    """x * (log x - log y), with 0 where x = 0 (0 log 0 = 0: a teacher id at -inf adds nothing);
+    NaN stays NaN (a test of x != 0, not x > 0: a NaN from a model must not vanish)."""
+    return torch.where(x != 0, x * (log_x - log_y), 0.0)
 
 
 def _log_mix(log_u: torch.Tensor, log_v: torch.Tensor, w: float) -> torch.Tensor:
@@ -180,7 +181,7 @@ def divergence_grad(log_q: torch.Tensor, log_p: torch.Tensor,
 
 def entropy(log_q: torch.Tensor) -> torch.Tensor:
     """Per-row entropy -sum q log q of q given as log-probabilities (..., K) (0 log 0 = 0)."""
-    return -torch.where(log_q > float("-inf"), log_q.exp() * log_q, 0.0).sum(-1)
+    return -torch.where(log_q != float("-inf"), log_q.exp() * log_q, 0.0).sum(-1)
 
 
 def _renormalised(log_x: torch.Tensor) -> torch.Tensor:

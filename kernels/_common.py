@@ -120,9 +120,10 @@ def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
     dD/dq_v up to a constant (it cancels in q (g - E_q[g])), formed without dividing by q;
     forward_kl's g (-p / q) is never used (its gradient is q - p) and comes back as 0. mix is beta
     for jsd, alpha for the skew KLs. Terms with p_v = 0 add 0 log 0 = 0 (as
-    `fastkd.reference.divergence_terms` and `divergence_g`)."""
+    `fastkd.reference.divergence_terms` and `divergence_g`); a NaN p_v stays NaN (p != 0, not
+    p > 0: a NaN from the teacher must reach the loss, not vanish from it)."""
     if DIVERGENCE == FORWARD_KL:
-        d = tl.where(p > 0.0, p * (log_p - log_q), 0.0)
+        d = tl.where(p != 0.0, p * (log_p - log_q), 0.0)
         g = tl.zeros_like(d)
     elif DIVERGENCE == REVERSE_KL:
         g = log_q - log_p
@@ -130,10 +131,10 @@ def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
     elif DIVERGENCE == JSD:
         log_m = _log_mix(log_p, log_q, mix)
         g = (1.0 - mix) * (log_q - log_m)
-        d = tl.where(p > 0.0, mix * p * (log_p - log_m), 0.0) + q * g
+        d = tl.where(p != 0.0, mix * p * (log_p - log_m), 0.0) + q * g
     elif DIVERGENCE == SKEW_FORWARD_KL:
         log_m = _log_mix(log_p, log_q, mix)
-        d = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
+        d = tl.where(p != 0.0, p * (log_p - log_m), 0.0)
         g = -(1.0 - mix) * tl.exp(log_p - log_m)
     elif DIVERGENCE == SKEW_REVERSE_KL:
         log_ratio = log_q - _log_mix(log_q, log_p, mix)

@@ -6,7 +6,9 @@ runs (counted at the gradient clipping, after the step's backward), ACTION is
     kill              SIGKILL itself: a rank dies mid-run;
     sigterm-launcher  SIGTERM to torchrun (what a scheduler's preemption or Ctrl-C does), then wait
                       3 s, so torchrun's SIGTERM reaches every rank before the next step begins;
-    kill-after-shard  (`fastkd cache-teacher`) SIGKILL itself once its STEP-th shard is written.
+    kill-after-shard  (`fastkd cache-teacher`) SIGKILL itself once its STEP-th shard is written;
+    nan-teacher       the teacher's hidden states of this rank's first sequence are NaN in every
+                      forward from the start (STEP unused): one rank's model gives NaN.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ def inject(spec: str) -> None:
             return entry
 
         cache.write_shard = write_then_die
+        return
+    if action == "nan-teacher":
+        import torch
+
+        import fastkd.batch_loss as batch_loss
+
+        forward = batch_loss.TeacherForward.forward
+
+        def nan_forward(self, inputs):
+            h, w, b = forward(self, inputs)
+            if distributed.rank() == int(rank):
+                h = h.clone().index_fill_(0, torch.tensor([0]), float("nan"))
+            return h, w, b
+
+        batch_loss.TeacherForward.forward = nan_forward
         return
     clip = distributed.clip_grad_norm
     calls = 0

@@ -324,3 +324,22 @@ def test_killed_rank_then_sigterm_then_resume_equal_the_uninterrupted_run(fsdp_r
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert untimed(log_records(out)) == untimed(log_records(fsdp_run.cfg.out))
+
+
+def test_nan_from_one_ranks_teacher_stops_every_rank_before_the_step(fsdp_run):
+    """One rank's teacher gives NaN: the loss is summed over the ranks before the update, so every
+    rank raises the same error at the same step, the launch ends promptly (no hang, no abort),
+    and the checkpoint on disk is the one before."""
+    cfg = dataclasses.replace(fsdp_run.cfg, out=str(fsdp_run.root / "nan"))
+    out = Path(cfg.out)
+    rc, _, err, _ = torchrun([*cli_args(cfg), "--stop-after", "2"])
+    assert_clean(rc, err)
+    assert latest_checkpoint(out).name == "step-00000002"
+    rc, _, err, seconds = torchrun(["--resume", cfg.out, "--no-progress"], fault="1:0:nan-teacher")
+    assert rc != 0 and seconds < 120, err[-3000:]
+    assert_ended_without_abort(err)
+    assert err.count("fastkd distill: error: distill: step 3 of 4: the KD term is not finite "
+                     "while the student's cross-entropy is: the teacher's outputs hold NaN") == 2, (
+        err[-3000:])
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not list((out / "checkpoints").glob("*step-00000003"))

@@ -286,3 +286,33 @@ def test_fits_a_fullgraph_compiled_graph_with_check_labels_false():
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(step(compiled), step(loss_fn), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("where", ["teacher NaN", "teacher inf", "student NaN"])
+def test_a_non_finite_model_output_gives_a_nan_loss_never_a_finite_one(backend, where):
+    """NaN or inf from either model on one counted token makes the loss NaN on every backend and
+    divergence, never a finite loss over NaN gradients (forward and skew forward KL once dropped
+    the teacher's NaN as if p were 0: 0 log 0)."""
+    for divergence in DIVERGENCES:
+        args = good()
+        hidden = "student_hidden" if where.startswith("student") else "teacher_hidden"
+        with torch.no_grad():
+            args[hidden][3, 1] = float("nan") if where.endswith("NaN") else float("inf")
+        args = on_device(args)
+        loss = fastkd.fused_distill_loss(**args, divergence=divergence, temperature=2.0,
+                                         backend=backend)
+        assert torch.isnan(loss), (divergence, loss)
+        if backend == "reference":  # full logits: like plain PyTorch, a NaN at an ignored
+            continue  # token still reaches dW through 0 * NaN
+        # the same token ignored: loss and gradients finite again (compaction drops the token)
+        labels = args["labels"].clone()
+        labels[3] = -100
+        loss = fastkd.fused_distill_loss(**{**args, "labels": labels}, divergence=divergence,
+                                         temperature=2.0, backend=backend)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(args["student_weight"].grad).all(), (
+            divergence)

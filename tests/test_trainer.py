@@ -183,6 +183,52 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(straight_run, 
         assert torch.equal(want[name], got[name]), name
 
 
+def test_a_nan_from_the_teacher_stops_before_the_step_and_the_run_resumes_exactly(
+        straight_run, tmp_path, monkeypatch, capsys):
+    """A teacher that starts giving NaN (an overflow, a damaged weight): the step that sees it
+    raises before the update, names the teacher's side and the checkpoint that is kept, and
+    writes nothing; the CLI says so in one line (exit status 1); resumed with a sound teacher,
+    the run ends exactly where the straight run does."""
+    from fastkd import batch_loss as batch_loss_module
+    from fastkd.cli import main
+
+    config, _ = straight_run
+    out = tmp_path / "run"
+    assert run_distillation(dataclasses.replace(config, out=str(out), stop_after=3))[
+        "distill"]["step"] == 3
+
+    def files():
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+                if p.is_file() and p.name != "log.jsonl"}
+
+    before = files()
+    forward = batch_loss_module.TeacherForward.forward
+
+    def nan_teacher(self, inputs):
+        h, w, b = forward(self, inputs)
+        return h.clone().index_fill_(0, torch.tensor([0]), float("nan")), w, b  # one sequence
+
+    monkeypatch.setattr(batch_loss_module.TeacherForward, "forward", nan_teacher)
+    resume = dataclasses.replace(DistillConfig.load(out), resume=True)
+    with pytest.raises(FloatingPointError, match=(
+            r"^distill: step 4 of 6: the KD term is not finite while the student's "
+            r"cross-entropy is: the teacher's outputs hold NaN or inf .*\(step 3\) is as it "
+            r"was")):
+        run_distillation(resume)
+    assert files() == before  # no step-4 checkpoint, no weights touched
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--resume", str(out)])
+    assert exit_.value.code == 1
+    assert "fastkd distill: error: distill: step 4 of 6" in capsys.readouterr().err
+    assert files() == before
+
+    monkeypatch.setattr(batch_loss_module.TeacherForward, "forward", forward)
+    assert run_distillation(resume)["status"] == "completed"
+    want, got = student_weights(config.out), student_weights(out)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def test_resume_refuses_a_changed_config_and_new_run_refuses_a_used_dir(straight_run):
     config, _ = straight_run
     with pytest.raises(ValueError, match=r"differs .* in \['lr'\]"):
