@@ -39,7 +39,7 @@ import torch
 
 from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
 from fastkd.cache_format import DTYPES, FORMAT, LAYOUTS, Rows, plan_digest
-from fastkd.data import SPLIT_SEED, Blocks, json_lines, split
+from fastkd.data import SPLIT_SEED, Blocks, decode_utf8, json_lines, split
 
 MASS_SLACK = 1e-3  # maps whose probabilities add up to more: not log-probabilities
 
@@ -136,7 +136,8 @@ def read_records(paths: list[str], vocab: int) -> list[tuple[list[int], list]]:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"logprobs file not found: {path}")
-        text = Path(path).read_text(encoding="utf-8")
+        text = decode_utf8(Path(path), Path(path).read_bytes(),
+                           hint="a server's JSON output is UTF-8: is this the right file?")
         sequences += [read_sequence(where, record, vocab)
                       for where, record in json_lines(Path(path), text)]
     if not sequences:

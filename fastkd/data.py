@@ -69,9 +69,9 @@ def read_records(path: str | Path, utf8_errors: str = "strict") -> tuple[str, li
     elif not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     elif path.suffix == ".jsonl":
-        fmt, records = _read_jsonl(path, _decode(path, path.read_bytes(), utf8_errors))
+        fmt, records = _read_jsonl(path, decode_utf8(path, path.read_bytes(), utf8_errors))
     else:
-        text = _decode(path, path.read_bytes(), utf8_errors)
+        text = decode_utf8(path, path.read_bytes(), utf8_errors)
         fmt, records = "text", [(str(path), {"text": text})]
     if fmt == "text":
         records = [(where, r) for where, r in records if r["text"].strip()]
@@ -88,12 +88,17 @@ def read_documents(path: str | Path, utf8_errors: str = "strict") -> list[str]:
     return [record["text"] for _, record in records]
 
 
-def _decode(path: Path, raw: bytes, utf8_errors: str) -> str:
-    """The file's text; strict: refuse undecodable bytes and NUL bytes (binary or UTF-16 data)."""
+REPLACE_HINT = ("convert it to UTF-8, or pass utf8_errors='replace' (fastkd distill / "
+                "cache-teacher --utf8-errors replace) to train on it with undecodable bytes "
+                "replaced by U+FFFD")
+
+
+def decode_utf8(path: Path, raw: bytes, utf8_errors: str = "strict",
+                hint: str = REPLACE_HINT) -> str:
+    """The file's text; strict: refuse undecodable bytes and NUL bytes (binary or UTF-16 data)
+    with a ValueError naming the file, the byte offset and the line, then `hint`."""
     if utf8_errors == "replace":
         return raw.decode("utf-8", errors="replace")
-    hint = ("convert it to UTF-8, or pass utf8_errors='replace' (fastkd distill / cache-teacher "
-            "--utf8-errors replace) to train on it with undecodable bytes replaced by U+FFFD")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -546,6 +546,14 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
 
             import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
                                        str(tmp_path / "never"), progress=False))
+    # a file that is not UTF-8 (a Latin-1 byte in line 5; UTF-16): named with the byte and line
+    for data, message in ((("\n".join(lines[:4]) + "\n").encode() + b'{"input_ids": "\xe9"}\n',
+                           r"not UTF-8 text: byte offset \d+ \(line 5\)"),
+                          (lines[0].encode("utf-16-le"), r"not UTF-8 text: byte offset 1 \(line 1\) is a NUL byte")):
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{bad}: {message}"):
+            import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
+                                       str(tmp_path / "never"), progress=False))
     assert not (tmp_path / "never").exists()
 
 
