@@ -1,5 +1,7 @@
 """Training from a teacher cache inside transformers' Trainer: the step time with the cache's rows
-read and decoded in the training process, and in DataLoader workers that overlap the steps.
+read and decoded in the training process, and in DataLoader workers that overlap the steps; and in
+`fastkd distill --teacher-cache`: the step's wait for its decoded targets, loaded when used and
+prefetched on a background thread (fastkd.cache.Prefetch).
 
     python bench/cache_loader.py          # writes bench/results/cache/cache_loader.{json,md}
 
@@ -108,6 +110,10 @@ def main(argv=None) -> int:
                    "step_ms_wall": (ends[-1] - ends[0]) / (len(ends) - 1) * 1e3}
             results["settings"].append(row)
             print(json.dumps(row))
+        results["distill"] = [distill_waits(root, data, prefetch, args.steps)
+                              for prefetch in (False, True)]
+        for row in results["distill"]:
+            print(json.dumps(row))
     results["hidden"] = 64
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,46 @@ def main(argv=None) -> int:
     (out / "cache_loader.md").write_text(render(results))
     print(render(results))
     return 0
+
+
+def distill_waits(root: Path, data: Path, prefetch: bool, steps: int) -> dict:
+    """`run_distillation` from the cache for 3 + steps steps: the mean step time and the mean
+    time a step's own thread spent getting its cached targets (decoding them, or waiting for the
+    prefetch thread), over the timed steps."""
+    import threading
+
+    from fastkd import cache, loop
+    from fastkd.trainer import DistillConfig, run_distillation
+
+    waits: list[float] = []
+    direct_load, prefetch_load, make = cache.CacheRows.load, cache.Prefetch.load, loop.Prefetch
+
+    def timed(fn):
+        def wrapper(self, *a):
+            started = time.perf_counter()
+            out = fn(self, *a)
+            rows = a[0] if a else self
+            if threading.current_thread() is threading.main_thread() and rows.split == "train":
+                waits.append(time.perf_counter() - started)
+            return out
+        return wrapper
+
+    cache.CacheRows.load, cache.Prefetch.load = timed(direct_load), timed(prefetch_load)
+    loop.Prefetch = make if prefetch else (lambda: None)
+    try:
+        result = run_distillation(DistillConfig(
+            teacher=None, teacher_cache=str(root / "cache"), student=str(root / "student"),
+            data=[str(data)], out=str(root / f"distill-{prefetch}"),
+            tokenizer=str(root / "tokenizer"), steps=steps + 3, warmup=1, batch_size=4,
+            seq_len=128, temperature=1.0, lr=1e-3, eval_every=10_000, save_every=10_000,
+            eval_sequences=4, baseline=False, report=False, progress=False))
+    finally:
+        cache.CacheRows.load, cache.Prefetch.load, loop.Prefetch = (direct_load, prefetch_load,
+                                                                   make)
+    seconds = [r["seconds"] for r in result["history"] if r["step"] > 3]
+    timed_waits = waits[-steps:]  # one load a step (no accumulation): the timed steps' loads
+    return {"prefetch": prefetch, "step_ms": sum(seconds) / len(seconds) * 1e3,
+            "targets_wait_ms": sum(timed_waits) / len(timed_waits) * 1e3}
 
 
 def render(results: dict) -> str:
@@ -134,6 +180,14 @@ def render(results: dict) -> str:
         lines.append(f"| {row['dataloader_num_workers']} | {row['step_ms_wall']:.0f} | "
                      f"{row['step_ms_compute']:.0f} | "
                      f"{row['step_ms_wall'] - row['step_ms_compute']:.0f} |")
+    if results.get("distill"):
+        lines += ["", "`fastkd distill --teacher-cache` on the same cache and student (batch 4, "
+                  "one cached-target load a step): the step's time, and the part of it its "
+                  "thread spent getting the step's decoded targets.", "",
+                  "| cached targets | step (ms) | getting the targets (ms) |", "|---|---:|---:|"]
+        for row in results["distill"]:
+            how = "prefetched a step ahead" if row["prefetch"] else "loaded when used"
+            lines.append(f"| {how} | {row['step_ms']:.0f} | {row['targets_wait_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.cache import CachedBlocks
+from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.data import Blocks
 from fastkd.loss import distill
 from fastkd.models import LMHead, head_weight_and_bias
@@ -86,13 +86,13 @@ def _is_fsdp(module: nn.Module) -> bool:
 
 
 def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Blocks,
-               device: torch.device):
+               device: torch.device, prefetch: Prefetch | None = None):
     """Summed (loss, ce, kd) over the batch's next-token predictions, through the fused loss.
 
     student: a StudentLoss (its options and backend), maybe wrapped in DDP or FSDP; teacher: a
     TeacherForward, or None (hard labels only, kd_weight=0: no teacher forward runs). A
     CachedBlocks batch (a teacher cache) goes through the sparse loss on its cached targets, and
-    no teacher runs either.
+    no teacher runs either; `prefetch` (fastkd.cache.Prefetch), if given, loads those targets.
     """
     inputs = batch.model_inputs(device)
     # Next-token shift: position i predicts token i + 1; what is not a target (padding, prompts,
@@ -100,7 +100,7 @@ def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Bloc
     # DistillOptions' default ignore_index.
     labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
     if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
-        ids, logprobs = batch.targets.load()
+        ids, logprobs = batch.targets.load() if prefetch is None else prefetch.load(batch.targets)
         return student(inputs, labels,
                        cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))
     if teacher is None:

@@ -546,6 +546,44 @@ class CacheRows:
         return self.cache.targets(self.split, self.index, self.counted)
 
 
+class Prefetch:
+    """Decodes the cached targets of the training batches on one background thread, the next
+    step's while this step computes (the codec's torch ops release the GIL; `fastkd distill
+    --teacher-cache`). `ahead(rows)` starts loads in order; `load(rows)` returns a started load's
+    result (waiting for it), else loads now. Keyed by split and rows, so a step gets exactly what
+    a direct load gives, and the Batches position (what a checkpoint saves) never moves ahead."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastkd-cache")
+        self._pending: dict = {}
+
+    @staticmethod
+    def _key(rows: CacheRows) -> tuple:
+        return rows.split, tuple(rows.index.tolist())
+
+    def ahead(self, rows) -> None:
+        for r in rows:
+            key = self._key(r)
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(r.load)
+
+    def load(self, rows: CacheRows) -> tuple[torch.Tensor, torch.Tensor]:
+        future = self._pending.pop(self._key(rows), None)
+        return rows.load() if future is None else future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class CachedBlocks(Blocks):
     """Packed sequences with their cached teacher targets (what `Batches` hands out)."""

@@ -32,6 +32,7 @@ makes resume exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -592,6 +593,11 @@ class Batches:
         index = self._order[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
         return self.blocks.select(index)
+
+    def peek(self, n: int) -> list[Blocks]:
+        """The next n batches, without moving the position."""
+        ahead = copy.copy(self)  # shares the permutation tensor, which next() only replaces
+        return [next(ahead) for _ in range(n)]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}

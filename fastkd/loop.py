@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fastkd import distributed, lora
 from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
-from fastkd.cache import CachedBlocks
+from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
 from fastkd.data import Batches, Blocks, check_packing
@@ -91,6 +91,7 @@ class _Phase:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: Batches
     autocast: object  # bf16 autocast, or a null context
+    prefetch: Prefetch | None  # a teacher cache: its targets decoded a step ahead
 
 
 def train_phase(name: str, config: DistillConfig, phase_dir: Path,
@@ -131,7 +132,9 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
                disable=not (config.progress and main), dynamic_ncols=True)
     postfix = {}
-    with open(log_path if main else os.devnull, "a") as log_file:  # the log is rank 0's
+    # the log is rank 0's; a teacher cache's targets decode on a thread, closed on the way out
+    with open(log_path if main else os.devnull, "a") as log_file, (
+            phase.prefetch or nullcontext()):
         while step < config.steps:
             # A signal (any rank's: all stop at the same step), or --stop-after.
             if distributed.any_rank(stop.signum is not None, device) or (
@@ -262,7 +265,8 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
         # The KD term is trained (and logged) from the teacher, or from its cache (no teacher).
         logs_kd=opts.kd_weight > 0 and (teacher is not None or config.teacher_cache is not None),
         params=params, optimizer=optimizer, scheduler=scheduler,
-        batches=Batches(train, config.batch_size, config.seed), autocast=autocast)
+        batches=Batches(train, config.batch_size, config.seed), autocast=autocast,
+        prefetch=Prefetch() if isinstance(train, CachedBlocks) else None)
 
 
 def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) -> dict:
@@ -272,6 +276,9 @@ def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) 
     # Every rank draws the whole global batch (so the global target count needs no
     # communication) and runs its own rows of it.
     micro_batches = [next(phase.batches) for _ in range(config.grad_accum)]
+    if phase.prefetch is not None:  # this step's cached targets, then the next step's
+        phase.prefetch.ahead(distributed.local_rows(b).targets
+                             for b in (*micro_batches, *phase.batches.peek(config.grad_accum)))
     n_targets = sum(count_targets(b) for b in micro_batches)
     world = distributed.world_size()
     totals = torch.zeros(3, device=device)  # this rank's summed loss, ce, kd
@@ -279,7 +286,7 @@ def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) 
         with distributed.no_sync(phase.student, skip=i < len(micro_batches) - 1):
             with phase.autocast:
                 loss, ce, kd = batch_loss(phase.student, phase.train_teacher,
-                                          distributed.local_rows(batch), device)
+                                          distributed.local_rows(batch), device, phase.prefetch)
             # Sum-reduced losses over the whole step's targets on all ranks: accumulation
             # == one big batch. DDP and FSDP average gradients over the ranks: times P.
             (loss / (n_targets / world)).backward()

@@ -405,6 +405,45 @@ def test_distill_from_cache_api_matches_online_kd(assets, fixed_cache, tmp_path)
                                                             rel=1e-5)
 
 
+def test_prefetched_targets_train_exactly_as_direct_loads(assets, topk_cache, tmp_path,
+                                                         monkeypatch):
+    """`fastkd distill --teacher-cache` decodes each step's cached targets, and the next step's,
+    on a background thread (fastkd.cache.Prefetch). The run is bit-identical to one that loads
+    every batch directly, with gradient accumulation, through a stop and a resume; every training
+    load ran on that thread (none in the step's own thread), the held-out ones directly."""
+    import threading
+
+    from fastkd import loop
+
+    threads = {"train": set(), "heldout": set()}
+    load = cache_mod.CacheRows.load
+
+    def recorded(rows):
+        threads[rows.split].add(threading.current_thread().name)
+        return load(rows)
+
+    monkeypatch.setattr(cache_mod.CacheRows, "load", recorded)
+    base = DistillConfig(teacher=None, teacher_cache=str(topk_cache), student=str(assets.student),
+                         data=assets.data, out=str(tmp_path / "prefetch"), steps=5, warmup=1,
+                         batch_size=4, grad_accum=2, seq_len=SEQ_LEN, temperature=TEMPERATURE,
+                         eval_every=3, save_every=2, eval_sequences=8, baseline=False,
+                         report=False, progress=False, tokenizer=str(assets.root / "tokenizer"))
+    assert run_distillation(dataclasses.replace(base, stop_after=3))["status"] == "stopped"
+    assert run_distillation(dataclasses.replace(DistillConfig.load(base.out), resume=True))[
+        "status"] == "completed"
+    assert threads["train"] and all(t.startswith("fastkd-cache") for t in threads["train"]), threads
+    assert threads["heldout"] == {threading.main_thread().name}
+
+    monkeypatch.setattr(loop, "Prefetch", lambda: None)  # every batch loaded when it is used
+    direct = dataclasses.replace(base, out=str(tmp_path / "direct"))
+    assert run_distillation(direct)["status"] == "completed"
+    assert threading.main_thread().name in threads["train"]
+    want, got = (load_file(str(Path(d) / "student" / "model.safetensors"))
+                 for d in (direct.out, base.out))
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_cache, tmp_path):
     # the report of an offline run: no teacher model; the students' KL is the bucket KL on the
     # cached top-k ids at the cache's temperature, checked here against the teacher's own logits
@@ -549,7 +588,8 @@ def test_cache_import_of_server_logprobs(assets, tmp_path, capsys):
     # a file that is not UTF-8 (a Latin-1 byte in line 5; UTF-16): named with the byte and line
     for data, message in ((("\n".join(lines[:4]) + "\n").encode() + b'{"input_ids": "\xe9"}\n',
                            r"not UTF-8 text: byte offset \d+ \(line 5\)"),
-                          (lines[0].encode("utf-16-le"), r"not UTF-8 text: byte offset 1 \(line 1\) is a NUL byte")):
+                          (lines[0].encode("utf-16-le"),
+                           r"not UTF-8 text: byte offset 1 \(line 1\) is a NUL byte")):
         bad.write_bytes(data)
         with pytest.raises(ValueError, match=rf"{bad}: {message}"):
             import_logprobs(ImportPlan(str(bad), str(assets.root / "tokenizer"),
