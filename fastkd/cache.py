@@ -28,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +35,7 @@ import torch
 
 from fastkd import reference
 from fastkd.cache_format import (
-    DTYPES,
     FORMAT,
-    LAYOUTS,
     SPLITS,
     CacheReader,
     ManifestCorrupt,
@@ -52,12 +48,11 @@ from fastkd.cache_format import (
     write_manifest,
     write_shard,
 )
-from fastkd.data import SPLIT_SEED, UTF8_ERRORS, Blocks, check_packing, load_blocks
+from fastkd.data import SPLIT_SEED, Blocks, check_packing, load_blocks
 from fastkd.fsio import sha256_file
+from fastkd.plans import CachePlan
 
 log = logging.getLogger("fastkd")
-
-MODES = ("topk", "sample")
 
 
 # ---- the targets: top-k and sampled, from one chunk of teacher logits ------------------------
@@ -155,73 +150,6 @@ def hash_seed(seed: int, sequence: int) -> int:
 
 
 # ---- the plan ----------------------------------------------------------------------------------
-
-
-@dataclass
-class CachePlan:
-    """One `fastkd cache-teacher` run."""
-
-    teacher: str
-    data: list[str]
-    out: str
-    mode: str = "topk"
-    k: int = 64
-    samples: int | None = None  # sample mode: draws per position (default k)
-    temperature: float = 1.0
-    seq_len: int = 256
-    batch_size: int = 8
-    tokenizer: str | None = None  # default: the teacher's
-    eval_fraction: float = 0.05
-    layout: str = "compact"  # or "fixed": k int32 ids + k float16/bfloat16 a position (format /1)
-    logprob_step: float = 0.125  # compact top-k: the log-probability grid, nats
-    dtype: str = "float16"  # fixed layout: the stored log-probabilities
-    seed: int = 0
-    shard_sequences: int = 1024
-    device: str | None = None
-    teacher_dtype: str = "auto"
-    dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
-    progress: bool = True
-    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
-    utf8_errors: str = "strict"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [str(p) for p in self.data]
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("k", "batch_size", "shard_sequences"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.mode == "sample":
-            self.samples = self.k if self.samples is None else self.samples
-            if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
-                    not 1 <= self.samples <= self.k:
-                raise ValueError(f"samples must be an int in [1, k={self.k}] (each distinct id "
-                                 f"drawn needs a slot), got {self.samples!r}")
-        elif self.samples is not None:
-            raise ValueError("samples applies to mode='sample' only")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
-                and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        self.temperature = float(self.temperature)
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if not (isinstance(self.logprob_step, (int, float))
-                and 2.0 ** -12 <= self.logprob_step <= 1.0):
-            raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got "
-                             f"{self.logprob_step!r}")
-        self.logprob_step = float(self.logprob_step)
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.utf8_errors not in UTF8_ERRORS:
-            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
-                             f"{self.utf8_errors!r}")
 
 
 def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:

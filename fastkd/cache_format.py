@@ -45,13 +45,13 @@ from fastkd import codec
 from fastkd.data import Blocks
 from fastkd.fsio import atomic_write, sha256_file
 from fastkd.options import DistillOptions
+from fastkd.plans import DTYPE_NAMES
 
 NAME = "fastkd-teacher-cache"
 VERSION = 2
 FORMAT = f"{NAME}/{VERSION}"
-LAYOUTS = ("compact", "fixed")
 SPLITS = ("train", "heldout")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # fastkd.plans names them
 IGNORE = DistillOptions.ignore_index
 # manifest fields that are not the plan (everything else a resumed run must agree with)
 RESULT_FIELDS = ("format", "shards", "complete", "bytes", "positions", "max_id", "sha256",

@@ -31,52 +31,16 @@ atomically and checked on a rerun, as `fastkd cache-teacher`'s: an interrupted i
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
-from fastkd.cache_format import DTYPES, FORMAT, LAYOUTS, Rows, plan_digest
+from fastkd.cache_format import FORMAT, Rows, plan_digest
 from fastkd.data import SPLIT_SEED, Blocks, decode_utf8, json_lines, split
+from fastkd.plans import ImportPlan
 
 MASS_SLACK = 1e-3  # maps whose probabilities add up to more: not log-probabilities
-
-
-@dataclass
-class ImportPlan:
-    """One `fastkd cache-import` run."""
-
-    logprobs: list[str]  # .jsonl files (the schema above)
-    tokenizer: str  # the student's tokenizer: ids must lie in [0, len(tokenizer))
-    out: str
-    teacher: str = "imported"  # what produced the log-probabilities (recorded)
-    temperature: float = 1.0  # the temperature the log-probabilities are at
-    seq_len: int | None = None  # default: the longest sequence
-    eval_fraction: float = 0.05
-    layout: str = "compact"
-    logprob_step: float = 0.125
-    dtype: str = "float16"
-    shard_sequences: int = 1024
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.logprobs, (str, os.PathLike)):
-            self.logprobs = [self.logprobs]
-        self.logprobs = [str(p) for p in self.logprobs]
-        if not self.logprobs:
-            raise ValueError("logprobs: pass at least one .jsonl file")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
-                and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        self.temperature = float(self.temperature)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
 
 
 def _value(where: str, key: str, value) -> float:

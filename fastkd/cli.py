@@ -60,8 +60,8 @@ def field_defaults(cls) -> dict:
 
 def _cache_defaults() -> dict:
     """cache-teacher's defaults: CachePlan's, the ones it shares with the trainer from
-    DistillConfig. Imports fastkd.cache (torch): called only to print help or to run."""
-    from fastkd.cache import CachePlan
+    DistillConfig (fastkd.plans: no torch, the help answers at once)."""
+    from fastkd.plans import CachePlan
 
     distill = field_defaults(DistillConfig)
     return {**field_defaults(CachePlan), **{k: distill[k] for k in CACHE_SHARES_DISTILL}}
@@ -249,8 +249,8 @@ def _store_options(option) -> None:
 
 
 def _import_defaults() -> dict:
-    """cache-import's defaults, ImportPlan's (imports fastkd.cache_import: torch)."""
-    from fastkd.cache_import import ImportPlan
+    """cache-import's defaults, ImportPlan's (fastkd.plans: no torch)."""
+    from fastkd.plans import ImportPlan
 
     return field_defaults(ImportPlan)
 

@@ -198,12 +198,13 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
 
 
 def test_help_and_argument_errors_answer_without_importing_torch():
-    """`fastkd --help`, `fastkd distill --help` and a bad value answer before torch or
+    """`fastkd --help`, each command's --help and a bad value answer before torch or
     transformers load (they took seconds); `import fastkd` stays lazy, its names still work."""
     probe = (
         "import sys, time\n"
         "from fastkd.cli import main\n"
-        "for argv in (['--help'], ['distill', '--help'], ['distill', '--teacher', 't', "
+        "for argv in (['--help'], ['distill', '--help'], ['cache-teacher', '--help'], "
+        "['cache-import', '--help'], ['distill', '--teacher', 't', "
         "'--student', 's', '--data', 'd', '--out', 'o', '--steps', '6', '--warmup', '9']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -216,9 +217,10 @@ def test_help_and_argument_errors_answer_without_importing_torch():
                           timeout=60)
     seconds = time.perf_counter() - started
     assert "loaded: []" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.stderr.count("exit 0") == 2 and "exit 2" in proc.stderr
+    assert proc.stderr.count("exit 0") == 4 and "exit 2" in proc.stderr
     assert "warmup (--warmup) must be an int in [0, steps=6], got 9" in proc.stderr
     assert "--lora-r" in proc.stdout and "(default: 200)" in proc.stdout
+    assert "--logprob-step" in proc.stdout and "(default: 0.125)" in proc.stdout  # their help
     assert seconds < 5, f"{seconds:.1f} s"  # interpreter start-up included; torch alone takes ~2
 
     import fastkd

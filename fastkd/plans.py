@@ -1,0 +1,117 @@
+"""The runs of `fastkd cache-teacher` (`CachePlan`) and `fastkd cache-import` (`ImportPlan`): what
+each is told, checked when it is made. Free of torch, as fastkd.config is for `fastkd distill`, so
+that the commands' help (which prints these defaults) and argument errors answer at once."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from fastkd.config import UTF8_ERRORS
+
+MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
+LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
+DTYPE_NAMES = ("float16", "bfloat16")  # the fixed layout's stored log-probabilities
+
+
+@dataclass
+class CachePlan:
+    """One `fastkd cache-teacher` run."""
+
+    teacher: str
+    data: list[str]
+    out: str
+    mode: str = "topk"
+    k: int = 64
+    samples: int | None = None  # sample mode: draws per position (default k)
+    temperature: float = 1.0
+    seq_len: int = 256
+    batch_size: int = 8
+    tokenizer: str | None = None  # default: the teacher's
+    eval_fraction: float = 0.05
+    layout: str = "compact"  # or "fixed": k int32 ids + k float16/bfloat16 a position (format /1)
+    logprob_step: float = 0.125  # compact top-k: the log-probability grid, nats
+    dtype: str = "float16"  # fixed layout: the stored log-probabilities
+    seed: int = 0
+    shard_sequences: int = 1024
+    device: str | None = None
+    teacher_dtype: str = "auto"
+    dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
+    progress: bool = True
+    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    utf8_errors: str = "strict"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [self.data]
+        self.data = [str(p) for p in self.data]
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("k", "batch_size", "shard_sequences"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.mode == "sample":
+            self.samples = self.k if self.samples is None else self.samples
+            if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
+                    not 1 <= self.samples <= self.k:
+                raise ValueError(f"samples must be an int in [1, k={self.k}] (each distinct id "
+                                 f"drawn needs a slot), got {self.samples!r}")
+        elif self.samples is not None:
+            raise ValueError("samples applies to mode='sample' only")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if not (isinstance(self.logprob_step, (int, float))
+                and 2.0 ** -12 <= self.logprob_step <= 1.0):
+            raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got "
+                             f"{self.logprob_step!r}")
+        self.logprob_step = float(self.logprob_step)
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.utf8_errors not in UTF8_ERRORS:
+            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
+                             f"{self.utf8_errors!r}")
+
+
+@dataclass
+class ImportPlan:
+    """One `fastkd cache-import` run."""
+
+    logprobs: list[str]  # .jsonl files (the schema above)
+    tokenizer: str  # the student's tokenizer: ids must lie in [0, len(tokenizer))
+    out: str
+    teacher: str = "imported"  # what produced the log-probabilities (recorded)
+    temperature: float = 1.0  # the temperature the log-probabilities are at
+    seq_len: int | None = None  # default: the longest sequence
+    eval_fraction: float = 0.05
+    layout: str = "compact"
+    logprob_step: float = 0.125
+    dtype: str = "float16"
+    shard_sequences: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logprobs, (str, os.PathLike)):
+            self.logprobs = [self.logprobs]
+        self.logprobs = [str(p) for p in self.logprobs]
+        if not self.logprobs:
+            raise ValueError("logprobs: pass at least one .jsonl file")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
