@@ -5,7 +5,8 @@
                                           trainer_state.pt (optimizer, scheduler, RNG states),
                                           meta.json (step, data cursor, history, world size, and
                                           the size and sha256 of every other file: written last)
-                                          (under torchrun: dcp/ shards of the model and the
+                                          (under torchrun: dcp/ shards of the trained
+                                          parameters (LoRA: the adapters alone) and the
                                           optimizer, and rng-RANK.pt, no model/)
     PHASE_DIR/checkpoints/damaged-step-N/  a checkpoint found damaged on resume, set aside
     PHASE_DIR/student/                     the finished student, HF format (`export_student`)
@@ -293,7 +294,7 @@ def export_student(checkpoint: Path, student: StudentLoss, tokenizer, target: Pa
     (lora_base: its initial model) is merged into a plain HF model, its adapter saved beside it
     as target's sibling "adapter"."""
     if distributed.is_distributed():
-        _export_sharded_model(student, tokenizer, target, device)
+        _export_sharded_model(student, tokenizer, target, device, lora_base)
     elif lora_base is not None:
         lora.export_merged(lora_base, checkpoint / "model", tokenizer, target,
                            target.with_name("adapter"))
@@ -311,14 +312,20 @@ def _export_model(checkpoint: Path, target: Path) -> None:
 
 
 def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
-                          device: torch.device) -> None:
+                          device: torch.device, lora_base: str | None) -> None:
     """Under torchrun: gather the whole student to rank 0 (on CPU, once), which saves it as an HF
-    safetensors model, atomically (a collective)."""
+    safetensors model, atomically (a collective). A LoRA student: rank 0 saves the gathered
+    adapter and merges it into lora_base, as one process does (lora.export_merged)."""
     if distributed.any_rank(target.exists(), device):
         return
     model = distributed.unwrap(student).model
     state = distributed.full_state_dict(model)  # empty except on rank 0
-    if distributed.is_main():
+    if distributed.is_main() and lora_base is not None:
+        with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=target.parent) as adapter:
+            lora.save_adapter(model, Path(adapter), state)
+            lora.export_merged(lora_base, Path(adapter), tokenizer, target,
+                               target.with_name("adapter"))
+    elif distributed.is_main():
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)

@@ -267,25 +267,36 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
 
 def save_shards(directory: Path, module: nn.Module, optimizer) -> None:
-    """Each rank writes its shards of the model and the optimizer state (a collective)."""
+    """Each rank writes its shards of the trained parameters and the optimizer state (a
+    collective). Frozen parameters (a LoRA student's base) are left out: they are the initial
+    model's, which a resume loads again."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optim_state = get_state_dict(module, optimizer)
+    model_state, optim_state = get_state_dict(
+        module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_state, "optimizer": optim_state},
              storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
 
 
 def load_shards(directory: Path, module: nn.Module, optimizer) -> None:
-    """Load save_shards' model and optimizer state into the wrapped module (a collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    """Load save_shards' model and optimizer state into the wrapped module (a collective).
 
-    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.load fills every trained parameter (a missing one raises); the frozen ones, absent from
+    the state, keep the values the module was built with (strict=False)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    model_state, optim_state = get_state_dict(
+        module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(module, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -224,7 +224,8 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     # fp32 master weights; bf16 comes from autocast. One process reloads the checkpoint's HF
     # model; several load the initial student, then the checkpoint's DCP shards
     # (load_checkpoint). Under FSDP it loads on the CPU: fully_shard moves each shard to the device.
-    # A LoRA student reloads its initial model, then the checkpoint's adapter.
+    # A LoRA student reloads its initial model, then the checkpoint's adapter (several
+    # processes: the DCP shards hold the adapters alone).
     sharded = distributed.is_distributed() and config.parallel == "fsdp"
     from_checkpoint = checkpoint is not None and distributed.world_size() == 1
     full_model = from_checkpoint and config.lora_r is None

@@ -8,6 +8,11 @@ format (`save_adapter`: adapter_config.json and adapter_model.safetensors); resu
 initial student again and the adapter into it (`load_adapter`), which is exact since the base
 never changes. `export_merged` writes the finished student as a plain HF model with the adapters
 merged into its weights, and the adapter beside it.
+
+Under torchrun the adapted model is wrapped (DDP or FSDP2) like any student; its checkpoints are
+the DCP shards of the trained parameters, the adapters alone (fastkd.distributed.save_shards
+leaves the frozen base out), and the export gathers the model once to rank 0, which saves the
+adapter and merges it as one process does.
 """
 
 from __future__ import annotations
@@ -52,14 +57,17 @@ def add_lora(model: torch.nn.Module, r: int, alpha: float | None,
     return wrapped.get_base_model()  # model itself, the adapters inside
 
 
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """The adapter's weights and config in PEFT's format (PeftModel.from_pretrained loads it)."""
+def save_adapter(model: torch.nn.Module, directory: Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter's weights and config in PEFT's format (PeftModel.from_pretrained loads it).
+    state_dict: the model's, gathered whole (under torchrun), instead of model.state_dict()."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: the frozen output layer is not saved with its adapter.
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER,
+                                      save_embedding_layers=False)
     save_file({PREFIX + k: v.detach().contiguous() for k, v in state.items()},
               str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     model.peft_config[ADAPTER].save_pretrained(str(directory))

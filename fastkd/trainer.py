@@ -131,9 +131,6 @@ def check_inputs(config: DistillConfig) -> None:
         require("tensorboard", "--report-to tensorboard", "tensorboard")
     if config.lora_r is not None:
         require("peft", "LoRA (--lora-r)", "lora")
-        if distributed.launched_world_size() > 1:
-            raise ValueError("LoRA students (--lora-r) train in one process for now: under "
-                             "torchrun the adapters are not wired into FSDP/DDP checkpoints")
 
 
 def require(module: str, feature: str, extra: str) -> None:

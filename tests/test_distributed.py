@@ -34,6 +34,7 @@ import pytest
 import torch
 from _trainer_fixtures import build_tokenizer, save_llama, write_data
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from fastkd import distributed
 from fastkd.cache import CachePlan, cache_teacher
@@ -74,6 +75,8 @@ def cli_args(cfg: DistillConfig) -> list[str]:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "clip",
                  "eval_every", "save_every", "eval_sequences", "seed", "device", "dist_timeout"):
         args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    if cfg.lora_r is not None:
+        args += ["--lora-r", str(cfg.lora_r), "--lora-alpha", str(cfg.lora_alpha)]
     return args + (["--baseline"] if cfg.baseline else ["--no-baseline"]) + (
         [] if cfg.report else ["--no-report"])
 
@@ -343,3 +346,82 @@ def test_nan_from_one_ranks_teacher_stops_every_rank_before_the_step(fsdp_run):
         err[-3000:])
     assert latest_checkpoint(out).name == "step-00000002"
     assert not list((out / "checkpoints").glob("*step-00000003"))
+
+
+# LoRA students: rank-4 adapters on every linear layer (the output layer included), base frozen.
+LORA = {"lora_r": 4, "lora_alpha": 8.0}
+HEAD = "base_model.model.lm_head.lora_"  # the output layer's adapter, as PEFT saves it
+
+
+def adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def lora_one(assets, tmp_path_factory):
+    """The LoRA run in one process."""
+    one = run_distillation(config(assets, tmp_path_factory.mktemp("lora") / "one", assets.student,
+                                  **LORA))
+    assert one["status"] == "completed"
+    return one
+
+
+def test_lora_fsdp_two_processes_equal_one_and_resume_exactly(assets, lora_one, tmp_path):
+    """FSDP2 over a LoRA student: the adapters (and the merged export) equal one process's, as do
+    the logged losses; the checkpoints' DCP shards hold the adapters alone, so the base cannot
+    drift; stopped after 2 steps and resumed, the run equals the uninterrupted one bit for bit."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from fastkd import lora
+
+    cfg = config(assets, tmp_path / "two", assets.student, parallel="fsdp", **LORA)
+    rc, _, err, _ = torchrun(cli_args(cfg))
+    assert_clean(rc, err)
+    got, want = adapter(cfg.out), adapter(lora_one["run_dir"])
+    assert_same_training(got, want, log_records(cfg.out), lora_one["history"])
+    assert_same_training(weights(cfg.out), weights(lora_one["run_dir"]), [], [])
+    # The output layer's adapter moved: B from 0, A from its seeded initial value.
+    model = AutoModelForCausalLM.from_pretrained(assets.student)
+    torch.manual_seed(OPTIONS["seed"])
+    initial_a = lora.add_lora(model, 4, 8.0, None).lm_head.lora_A["default"].weight
+    assert got[HEAD + "B.weight"].abs().max() > 1e-3
+    assert (got[HEAD + "A.weight"] - initial_a).abs().max() > 1e-3
+    # The base did not move: the shards hold the trained parameters alone, the frozen base is
+    # the initial model's on resume, and the merged export keeps the unadapted weights as they were.
+    dcp_to_torch_save(latest_checkpoint(cfg.out) / "dcp", tmp_path / "dcp.pt")
+    shards = torch.load(tmp_path / "dcp.pt", weights_only=True)["model"]
+    assert len(shards) == len(got) and all("lora_" in name for name in shards)
+    initial = load_file(str(assets.student / "model.safetensors"))
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(weights(cfg.out)[name], initial[name]), name
+
+    resumed = dataclasses.replace(cfg, out=str(tmp_path / "resumed"))
+    rc, _, err, _ = torchrun([*cli_args(resumed), "--stop-after", "2"])
+    assert_clean(rc, err)
+    assert latest_checkpoint(resumed.out).name == "step-00000002"
+    rc, _, err, _ = torchrun(["--resume", resumed.out, "--no-progress"])
+    assert_clean(rc, err)
+    for run in (weights, adapter):
+        want, got = run(cfg.out), run(resumed.out)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(got[name], want[name]) for name in want)
+    assert untimed(log_records(resumed.out)) == untimed(log_records(cfg.out))
+
+
+def test_lora_ddp_two_processes_equal_one_and_export_loads(assets, lora_one, tmp_path):
+    """DDP over a LoRA student equals one process; the merged export is a plain HF model whose
+    logits are the base's with the adapter (PEFT)."""
+    from peft import PeftModel
+
+    cfg = config(assets, tmp_path / "two", assets.student, parallel="ddp", **LORA)
+    rc, _, err, _ = torchrun(cli_args(cfg))
+    assert_clean(rc, err)
+    assert_same_training(adapter(cfg.out), adapter(lora_one["run_dir"]), log_records(cfg.out),
+                         lora_one["history"])
+    assert_same_training(weights(cfg.out), weights(lora_one["run_dir"]), [], [])
+    merged = AutoModelForCausalLM.from_pretrained(Path(cfg.out) / "student")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets.student),
+                                     str(Path(cfg.out) / "adapter"))
+    ids = torch.arange(16).unsqueeze(0)
+    torch.testing.assert_close(merged(input_ids=ids).logits, peft(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
