@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -223,7 +224,7 @@ class Deferred:
 
 
 @dataclass(frozen=True)
-class TeacherForm:
+class TeacherForm(ABC):
     """What a teacher form supplies to the shared front-end and chunk loop. A form is a frozen
     dataclass of its non-tensor settings; the teacher's tensors travel beside it as a tuple
     (`teacher`), so the Function and the custom op see them as tensors."""
@@ -241,42 +242,42 @@ class TeacherForm:
     def from_op_key(cls, key: str) -> TeacherForm:
         return cls()
 
+    @abstractmethod
     def check(self, teacher: tuple, h_s: torch.Tensor, vocab: int,
               opts: DistillOptions) -> list[Deferred]:
         """Raise a TypeError/ValueError naming the first bad teacher argument (types, shapes,
         devices); return the checks that need the values (read in the one host sync)."""
-        raise NotImplementedError
 
     def compute_dtype(self, teacher: tuple, s_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the teacher's side of the row op (the student's if it has no GEMM)."""
         return s_dtype
 
+    @abstractmethod
     def select(self, teacher: tuple, index: torch.Tensor) -> tuple:
         """The teacher's tensors at the counted tokens only."""
-        raise NotImplementedError
 
+    @abstractmethod
     def width(self, teacher: tuple, vocab: int, device: torch.device) -> int:
         """Elements per token the row op holds beside the student's logits (the chunk budget)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reference(self, teacher: tuple, h_s, w_s, b_s, labels, opts: DistillOptions,
                   dtypes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """backend="reference": the plain-torch spec's `reference.Components` with full
         logits."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rows(self, teacher: tuple, labels, row_scale, out, opts: DistillOptions, backend: str,
              dtypes, grads: bool, chunk: int,
              vocab: int) -> Callable[[int, int, torch.Tensor], None]:
         """The row op over one chunk: rows(i0, i1, s) writes out[i0:i1] (OUTPUTS) and, if
         grads, G = row_scale dloss/ds over the student logits s (chunk, vocab) of tokens i0:i1.
         Set-up (casts, buffers) happens once per chunk loop, here."""
-        raise NotImplementedError
 
     def agree(self, call):
         """A collective form's agreement of its ranks on the checked call (`fastkd.loss.Call`, or
         the exception a rank's checks raised): the call to run, or the same error on every rank."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} is not a collective form: its ranks do not agree")
 
     def student_grad(self, dh: torch.Tensor) -> torch.Tensor:
         """dL/dH_s after the chunk loop (vocab-parallel: summed over the ranks)."""
