@@ -15,6 +15,14 @@ LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, o
 DTYPE_NAMES = ("float16", "bfloat16")  # the fixed layout's stored log-probabilities
 
 
+def _temperature(value) -> float:
+    """A plan's temperature as a float; a ValueError unless it is a finite number > 0."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
+                                       and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class CachePlan:
     """One `fastkd cache-teacher` run."""
@@ -60,10 +68,7 @@ class CachePlan:
                                  f"drawn needs a slot), got {self.samples!r}")
         elif self.samples is not None:
             raise ValueError("samples applies to mode='sample' only")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
-                and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        self.temperature = float(self.temperature)
+        self.temperature = _temperature(self.temperature)
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.layout not in LAYOUTS:
@@ -105,10 +110,7 @@ class ImportPlan:
         self.logprobs = [str(p) for p in self.logprobs]
         if not self.logprobs:
             raise ValueError("logprobs: pass at least one .jsonl file")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
-                and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        self.temperature = float(self.temperature)
+        self.temperature = _temperature(self.temperature)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dtype not in DTYPE_NAMES:
