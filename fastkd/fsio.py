@@ -6,11 +6,15 @@ A file is written beside its target under a temp name, fsynced, renamed over the
 itself survives a power loss. A directory is filled under a temp name, every file in it and the
 directory fsynced, then renamed into place (`publish_dir`). `sha256_file` is the checksum the
 cache records for its shards. `check_writable` is what a run checks before it loads anything.
+`locked` is the one inter-process lock: a command that writes a directory holds it, so a second
+copy says who holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -95,3 +99,31 @@ def check_writable(path: str | Path, what: str) -> None:
             err.errno, err.strerror or str(err))
         where = "" if existing == path else f" (its nearest existing folder {existing})"
         raise PermissionError(f"{what} {path}: cannot write there{where}: {reason}") from err
+
+
+class Busy(RuntimeError):
+    """Another process holds a lock that this one asked for without waiting."""
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, what: str, *, wait: bool = False):
+    """Hold an exclusive advisory lock (`fcntl.flock`) on the file `path` (created if missing; the
+    holder's pid is written into it) for the `with` block. The kernel drops the lock when the
+    holder exits, kill -9 included, so a stale lock file never blocks a later run.
+
+    wait=False: raise `Busy` at once, naming `what`, the path and the holder's pid, if another
+    process holds it. wait=True: block until it is free (one process prepares, the others wait)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise Busy(f"{what} is in use by another process (pid {holder}), which holds the "
+                       f"lock {path}; wait for it to finish, or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
