@@ -30,7 +30,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -205,6 +205,7 @@ class RowOp:
 # ---- teacher forms -----------------------------------------------------------------------------
 
 FORMS: dict[str, type[TeacherForm]] = {}
+LEAN = ":lean"  # an op key's suffix: components=False
 
 
 def register(cls):
@@ -233,14 +234,17 @@ class TeacherForm(ABC):
     unused_options: ClassVar[tuple[str, ...]] = ()  # DistillOptions fields this form does not take
     reference_backend: ClassVar[bool] = True  # whether backend="reference" applies
     collective: ClassVar[bool] = False  # whether the ranks of a process group run it together
+    # Whether every term's per-token values are wanted (return_components); if not, the CPU row
+    # ops skip a term whose weight is 0.
+    components: bool = field(default=True, kw_only=True)
 
     def op_key(self) -> str | None:
         """The form as the custom op's `form` string (None: run the chunk loop eagerly)."""
-        return self.name
+        return self.name + ("" if self.components else LEAN)
 
     @classmethod
     def from_op_key(cls, key: str) -> TeacherForm:
-        return cls()
+        return cls(components=not key.endswith(LEAN))
 
     @abstractmethod
     def check(self, teacher: tuple, h_s: torch.Tensor, vocab: int,

@@ -7,7 +7,7 @@ itself survives a power loss. A directory is filled under a temp name, every fil
 directory fsynced, then renamed into place (`publish_dir`). `sha256_file` is the checksum the
 cache records for its shards. `check_writable` is what a run checks before it loads anything.
 `locked` is the one inter-process lock: a command that writes a directory holds it, so a second
-copy says who holds it.
+copy says who holds it. `default_cache_dir` is where fastkd keeps what it can rebuild.
 """
 
 from __future__ import annotations
@@ -70,6 +70,14 @@ def publish_dir(tmp: Path, target: Path) -> None:
     fsync_tree(tmp)
     os.rename(tmp, target)
     fsync_dir(target.parent)
+
+
+def default_cache_dir() -> Path:
+    """Where fastkd keeps what it can rebuild (the demo's teacher, the compiled CPU row op):
+    $FASTKD_CACHE, else $XDG_CACHE_HOME/fastkd or ~/.cache/fastkd."""
+    if os.environ.get("FASTKD_CACHE"):
+        return Path(os.environ["FASTKD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastkd"
 
 
 def sha256_file(path: Path) -> str:

@@ -12,11 +12,12 @@ by vocabulary rows over ranks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 
-from fastkd import options, reference
+from fastkd import cpu_rows, options, reference
 from fastkd.autograd import (
     FusedLossFunction,
     RowOp,
@@ -204,6 +205,8 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
         if lo < 0 or hi >= call.vocab:
             raise ValueError(f"labels must lie in [0, {call.vocab}) or equal ignore_index="
                              f"{opts.ignore_index}; found {lo if lo < 0 else hi}")
+    if not return_components:  # a zero-weighted term's values are not wanted: it may be skipped
+        form = replace(form, components=False)
     lead = student_hidden.shape[:-1]
     if call.backend == "reference":
         with torch.autocast(student_hidden.device.type, enabled=False):
@@ -246,9 +249,14 @@ def fused_loss(form: TeacherForm, teacher: tuple, student_hidden, student_weight
 
 # ---- the dense teacher: hidden states and LM head ---------------------------------------------
 
-def _torch_rows(s, t, labels, row_scale, out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` (and its closed-form logit gradient) on one chunk in
-    fp32 (fp64 for fp64 logits)."""
+def _torch_rows(s, t, labels, row_scale, out, opts, compute_grad, components=True):
+    """CPU row op: the fused native loop (`fastkd.cpu_rows`), else the spec's `token_losses` (and
+    its closed-form logit gradient) on one chunk in fp32 (fp64 for fp64 logits). t is None when
+    the KD term is skipped (kd_weight=0, components not wanted)."""
+    if cpu_rows.dense_rows(s, t, labels, row_scale, out, opts, compute_grad, components):
+        return
+    if t is None:  # the student stands in for the skipped teacher: its KD term, weighted 0
+        t = s
     acc = out.dtype
     s_acc, t_acc = s.to(acc), t.to(acc)
     if compute_grad:
@@ -316,12 +324,17 @@ class DenseTeacher(TeacherForm):
         h_t = h_t.detach().reshape(-1, h_t.shape[-1]).to(t_dtype)
         w_t = w_t.detach()[:k].to(t_dtype)
         b_t = None if b_t is None else b_t.detach()[:k].to(t_dtype)
-        t_buf = padded_rows(chunk, k, t_dtype, h_t.device)
         row_op = self.row_op(backend)
+        lean = backend == "torch" and not self.components and not self.collective
+        if lean:  # the CPU row op skips a zero-weighted term; kd_weight=0: no teacher GEMM either
+            row_op = functools.partial(row_op, components=False)
+        t_buf = None if lean and opts.kd_weight == 0 else padded_rows(chunk, k, t_dtype,
+                                                                      h_t.device)
 
         def rows(i0, i1, s):
-            t = t_buf[: i1 - i0]
-            linear_into(h_t[i0:i1], w_t, b_t, t)
+            t = None if t_buf is None else t_buf[: i1 - i0]
+            if t is not None:
+                linear_into(h_t[i0:i1], w_t, b_t, t)
             row_labels = None if labels is None else labels[i0:i1]
             row_op(s, t, row_labels, row_scale[i0:i1], out[i0:i1], opts, grads)
 

@@ -10,21 +10,27 @@ logits, flat in N. The spec and the tail modes' math: `fastkd.reference.sparse_t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from fastkd import options, reference
-from fastkd.autograd import Deferred, RowOp, TeacherForm, register
+from fastkd import cpu_rows, options, reference
+from fastkd.autograd import LEAN, Deferred, RowOp, TeacherForm, register
 from fastkd.loss import BACKENDS, check_devices, check_tensor, fused_loss
 from fastkd.options import DistillOptions
 from fastkd.reference import SPARSE_TAILS
 
 
-def _torch_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad):
-    """CPU row op: the spec's `sparse_token_losses` (and its closed-form logit gradient) on one
-    chunk, in fp32 (fp64 for fp64 logits)."""
+def _torch_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad,
+                components=True):
+    """CPU row op: the fused native loop (`fastkd.cpu_rows`), else the spec's
+    `sparse_token_losses` (and its closed-form logit gradient) on one chunk, in fp32 (fp64 for
+    fp64 logits)."""
+    if cpu_rows.sparse_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad,
+                            components):
+        return
     acc = out.dtype
     s_acc, lp_acc = s.to(acc), logprobs.to(acc)
     if compute_grad:
@@ -82,11 +88,11 @@ class SparseTeacher(TeacherForm):
             raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {self.tail!r}")
 
     def op_key(self) -> str:
-        return f"{self.name}:{self.tail}"
+        return f"{self.name}:{self.tail}" + ("" if self.components else LEAN)
 
     @classmethod
     def from_op_key(cls, key: str) -> SparseTeacher:
-        return cls(tail=key.split(":")[1])
+        return cls(tail=key.split(":")[1], components=not key.endswith(LEAN))
 
     def check(self, teacher, h_s, vocab, opts):
         """Types, shapes and devices now; the ids' range, duplicate ids (bucket, renormalize),
@@ -165,6 +171,8 @@ class SparseTeacher(TeacherForm):
         ids = ids.reshape(-1, k).contiguous()
         logprobs = logprobs.detach().reshape(-1, k).contiguous()
         row_op = SPARSE_ROWS.on(backend)
+        if backend == "torch" and not self.components:  # a zero-weighted term may be skipped
+            row_op = functools.partial(row_op, components=False)
 
         def rows(i0, i1, s):
             row_labels = None if labels is None else labels[i0:i1]
