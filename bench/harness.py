@@ -6,10 +6,15 @@ each method and each mode ("fwd": the loss under no_grad; "fwd_bwd": the loss an
 1. a first call (warm-up: compilation, autotuning, allocator growth), its wall time first_call_ms;
 2. one call under memory accounting: peak memory beyond what was allocated before it (the inputs),
    so the gradients it returns count; in fwd_bwd its loss and gradients are checked against float64;
-3. timed calls after 25 ms of warm-up, for `rep_ms` and at least `min_reps` calls. CUDA: the
-   `triton.testing.do_bench` protocol (CUDA events around each call, the L2 flushed by zeroing a
-   256 MiB buffer before it); CPU: `time.perf_counter` around each call. Reported: quantiles
-   (0.5, 0.2, 0.8) of the per-call times.
+then, every method and mode warmed up for 25 ms,
+3. timed rounds: each round calls every method once, in turn, the order reversed every other
+   round (a shared machine drifts: alternating spreads it over the methods), for `rep_ms` of the
+   slowest method and at least `min_reps` rounds. CUDA: the `triton.testing.do_bench` protocol
+   (CUDA events around each call, the L2 flushed by zeroing a 256 MiB buffer before it); CPU:
+   `time.perf_counter` around each call. Reported: quantiles (0.5, 0.2, 0.8) of the per-call times.
+On CPU a method that holds full N x V logits is skipped where they would need more than half the
+memory free at the start of the problem (`Method.logit_copies`): Linux would rather kill the
+process than fail the allocation.
 
 Peak memory: CUDA `max_memory_allocated` after `reset_peak_memory_stats`, less `memory_allocated`
 before the call. CPU: the process's peak RSS (VmHWM, reset by writing 5 to /proc/self/clear_refs
@@ -57,6 +62,8 @@ class Settings:
     shapes: tuple[Shape, ...]
     quick: bool = False
     seed: int = 0
+    modes: tuple[str, ...] = MODES
+    grid: str = "default"  # "floor": the unscaled CPU floor grid (bench.shapes.FLOOR_HEADS)
 
     @property
     def cpu(self) -> bool:
@@ -263,11 +270,11 @@ def compare(loss: torch.Tensor, grads: Sequence[torch.Tensor], ref: Reference) -
 _LIBC = ctypes.CDLL(None)
 
 
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _proc_kib(field: str, path: str = "/proc/self/status") -> int:
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
+    raise OSError(f"no {field} in {path}")
 
 
 def _reset_cpu_peak() -> bool:
@@ -305,31 +312,54 @@ def _summary(times_ms: Sequence[float]) -> dict:
     return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, settings: Settings,
-               estimate_ms: float) -> dict:
-    """Quantiles of per-call times after 25 ms of warm-up, over rep_ms of calls (at least
-    min_reps); estimate_ms (one call's time) sizes both."""
-    estimate_ms = max(estimate_ms, 1e-3)
-    reps = max(settings.min_reps, min(1000, int(settings.rep_ms / estimate_ms)))
-    for _ in range(max(1, int(25 / estimate_ms))):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
+class Timer:
+    """Times single calls: CPU `time.perf_counter`; CUDA events around the call, the L2 flushed
+    (a 256 MiB buffer zeroed) before it, read at `collect` (one sync for many calls)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flush = (torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+                      if device.type == "cuda" else None)
+        self.pending: list[tuple[list, object, object]] = []
+
+    def __call__(self, fn: Callable[[], object], into: list) -> None:
+        if self.flush is None:
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return _summary(times)
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends, strict=True):
-        flush.zero_()
+            into.append((time.perf_counter() - t0) * 1e3)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.flush.zero_()
         start.record()
         fn()
         end.record()
-    _sync(device)
-    return _summary([start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)])
+        self.pending.append((into, start, end))
+
+    def collect(self) -> None:
+        _sync(self.device)
+        for into, start, end in self.pending:
+            into.append(start.elapsed_time(end))
+        self.pending.clear()
+
+
+def time_alternating(fns: Sequence[Callable[[], object]], estimates_ms: Sequence[float],
+                     device: torch.device, settings: Settings) -> list[dict]:
+    """Quantiles of each fn's per-call times over alternating rounds: every fn warmed up for
+    25 ms, then rounds calling each fn once, the order reversed every other round, for rep_ms of
+    the slowest fn (by its estimate) and at least min_reps rounds."""
+    timer = Timer(device)
+    for fn, estimate in zip(fns, estimates_ms, strict=True):
+        for _ in range(max(1, int(25 / max(estimate, 1e-3)))):
+            fn()
+    rounds = max(settings.min_reps,
+                 min(1000, int(settings.rep_ms / max(max(estimates_ms, default=0), 1e-3))))
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for r in range(rounds):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            timer(fns[k], times[k])
+        timer.collect()
+    return [_summary(t) for t in times]
 
 
 def matmul_rate(settings: Settings) -> dict:
@@ -343,7 +373,8 @@ def matmul_rate(settings: Settings) -> dict:
     t0 = time.perf_counter()
     torch.mm(a, b)
     _sync(dev)
-    stats = time_calls(lambda: torch.mm(a, b), dev, settings, (time.perf_counter() - t0) * 1e3)
+    (stats,) = time_alternating([lambda: torch.mm(a, b)], [(time.perf_counter() - t0) * 1e3],
+                                dev, settings)
     return {"n": n, "dtype": str(settings.dtype).removeprefix("torch."), **stats,
             "tflops": 2 * n**3 / (stats["median_ms"] * 1e-3) / 1e12}
 
@@ -370,9 +401,11 @@ def _timed_once(fn: Callable[[], object], device: torch.device) -> tuple[object,
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def measure_mode(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inputs],
-                 ref: Reference | None, rate_tflops: float, settings: Settings) -> dict:
-    """One method in one mode: first call, memory (+ check in fwd_bwd), then timed calls."""
+def first_calls(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inputs],
+                ref: Reference | None) -> tuple[dict, Callable[[], object], float]:
+    """One method in one mode, before the timed rounds: the first call, then one call under
+    memory accounting (+ check in fwd_bwd). Returns (its figures so far, the step to time,
+    rotating through the copies, one call's time in ms)."""
     dev = problem.device
     step = _step(loss_fn, mode)
     feeds = [c.detached() for c in copies] if mode == "fwd" else copies
@@ -383,14 +416,20 @@ def measure_mode(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inpu
     check = compare(loss, grads, ref) if mode == "fwd_bwd" and ref is not None else None
     del loss, grads
     rotation = itertools.cycle(feeds)
-    stats = time_calls(lambda: step(next(rotation)), dev, settings, estimate_ms)
+    figures = {"status": "ok", "first_call_ms": first_ms,
+               "peak_mib": None if peak is None else peak / 2**20, "check": check}
+    return figures, lambda: step(next(rotation)), estimate_ms
+
+
+def with_times(figures: dict, stats: dict, problem: Problem, mode: str,
+               rate_tflops: float) -> dict:
+    """figures with the timed quantiles, the FLOP floor and the time against it."""
     flops = flop_floor(problem.shape, backward=mode == "fwd_bwd",
                        teacher=problem.case.teacher_gemm)
     floor_ms = flops / (rate_tflops * 1e12) * 1e3
-    return {"status": "ok", **stats, "first_call_ms": first_ms,
-            "peak_mib": None if peak is None else peak / 2**20, "flops": flops,
+    return {**figures, **stats, "flops": flops,
             "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
-            "x_floor": stats["median_ms"] / floor_ms, "check": check}
+            "x_floor": stats["median_ms"] / floor_ms}
 
 
 def _failure(err: BaseException, shape: Shape) -> dict:
@@ -407,33 +446,63 @@ def _row(method: Method, problem: Problem) -> dict:
             "check": None}
 
 
-def measure_method(method: Method, problem: Problem, copies: list[Inputs], ref: Reference | None,
-                   rate_tflops: float, settings: Settings, oom_at: dict) -> dict:
-    """Every figure of one method on one problem; a failure becomes the row's status."""
+def _too_big(method: Method, problem: Problem) -> str | None:
+    """Why a method holding full logits is not run here (CPU: half the free memory), or None."""
+    if method.logit_copies is None or problem.device.type != "cpu":
+        return None
+    s = problem.shape
+    need = method.logit_copies * s.n * (s.v + min(s.v, s.v_t)) * 4
+    free = _available_bytes()
+    if free is None or need <= free / 2:
+        return None
+    return (f"its full N x V logits need about {need / 2**30:.1f} GiB, more than half the "
+            f"{free / 2**30:.1f} GiB free")
+
+
+def _available_bytes() -> int | None:
+    try:
+        return _proc_kib("MemAvailable", "/proc/meminfo") * 1024
+    except OSError:
+        return None
+
+
+def start_method(method: Method, problem: Problem, copies: list[Inputs], ref: Reference | None,
+                 settings: Settings, oom_at: dict) -> tuple[dict, list[tuple[str, Callable,
+                                                                                float]]]:
+    """One method's row with its first calls done, and what to time: (mode, step, estimate ms)
+    per mode that ran. A failure becomes the mode's (and the row's) status."""
     row = _row(method, problem)
-    if (reason := method.skip(problem)) is not None:
-        return {**row, "status": "skipped", "reason": reason}
+    if (reason := method.skip(problem) or _too_big(method, problem)) is not None:
+        return {**row, "status": "skipped", "reason": reason}, []
     try:
         loss_fn = method.build(problem)
     except Exception as err:  # an optional peer that fails to import or construct is a result
-        return {**row, "status": "error", "reason": f"build: {type(err).__name__}: {err}"[:400]}
-    for mode in MODES:
+        return {**row, "status": "error", "reason": f"build: {type(err).__name__}: {err}"[:400]}, []
+    timed = []
+    for mode in settings.modes:
         key = (method.name, problem.case.name, problem.shape.sweep, mode)
         if problem.shape.x > oom_at.get(key, problem.shape.x):
             row[mode] = {"status": "skipped",
                          "reason": f"OOM at {problem.shape.x_name}={oom_at[key]}, larger not run"}
             continue
         try:
-            row[mode] = measure_mode(loss_fn, mode, problem, copies, ref, rate_tflops, settings)
+            row[mode], step, estimate = first_calls(loss_fn, mode, problem, copies,
+                                                    ref if method.loss else None)
+            timed.append((mode, step, estimate))
         except Exception as err:  # OOM is a result; so is any other failure, reported as an error
             row[mode] = _failure(err, problem.shape)
         _release(problem.device)
         if row[mode]["status"] == "oom":
             oom_at[key] = problem.shape.x
         row["check"] = row["check"] or row[mode].pop("check", None)
-    statuses = {row[mode]["status"] for mode in MODES}
+    return row, timed
+
+
+def finish_row(row: dict, settings: Settings) -> dict:
+    """The row's status and reason from its modes'."""
+    statuses = {row[mode]["status"] for mode in settings.modes}
     row["status"] = next((s for s in ("error", "oom", "skipped") if s in statuses), "ok")
-    reasons = [f"{m}: {row[m]['reason']}" for m in MODES if row[m].get("reason")]
+    reasons = [f"{m}: {row[m]['reason']}" for m in settings.modes if row[m].get("reason")]
     row["reason"] = "; ".join(reasons) or None
     return row
 
@@ -460,14 +529,26 @@ def run_problem(problem: Problem, methods: Sequence[Method], rate_tflops: float,
             raise
         ref, ref_note = None, f"float64 reference OOM at {problem.shape.x_name}={problem.shape.x}"
     _release(problem.device)
-    rows = []
+    rows, timed = [], []  # timed: (row, mode, step, estimate)
     for method in methods:
-        row = measure_method(method, problem, copies, ref, rate_tflops, settings, oom_at)
+        row, steps = start_method(method, problem, copies, ref, settings, oom_at)
         if ref_note is not None:
             row["check_note"] = ref_note
-        log(_log_line(row, problem))
         rows.append(row)
-    del copies, ref
+        timed += [(row, *step) for step in steps]
+    try:
+        stats = time_alternating([step for _, _, step, _ in timed],
+                                 [estimate for *_, estimate in timed], problem.device, settings)
+    except Exception as err:  # a failure in the timed rounds (OOM from drift, ...) spoils them all
+        stats = [_failure(err, problem.shape)] * len(timed)
+    for (row, mode, _, _), fig in zip(timed, stats, strict=True):
+        row[mode] = (with_times(row[mode], fig, problem, mode, rate_tflops) if "median_ms" in fig
+                     else fig)
+    for row in rows:
+        if any(row[mode] is not None for mode in settings.modes):
+            finish_row(row, settings)
+        log(_log_line(row, problem))
+    del copies, ref, timed
     _release(problem.device)
     return rows
 
@@ -477,8 +558,8 @@ def _log_line(row: dict, problem: Problem) -> str:
     if row["status"] == "skipped" and row["fwd"] is None:
         return f"{head} {row['method']}: skipped ({row['reason']})"
     parts = []
-    for mode in MODES:
-        fig = row[mode] or {}
+    for mode in (m for m in MODES if row[m] is not None):
+        fig = row[mode]
         parts.append(f"{mode} {fig['median_ms']:.3g} ms" if fig.get("status") == "ok"
                      else f"{mode} {fig.get('status', row['status'])}")
     peak = (row["fwd_bwd"] or {}).get("peak_mib")
@@ -502,6 +583,7 @@ def header(settings: Settings, methods: Sequence[Method], rate: dict) -> dict:
         "versions": versions(),
         "dtype": str(settings.dtype).removeprefix("torch."),
         "quick": settings.quick,
+        "grid": settings.grid,
         "quantiles": list(QUANTILES),
         "cases": {c.name: {"title": c.title, "options": asdict(c.opts)} for c in settings.cases},
         "methods": {m.name: m.description for m in methods},

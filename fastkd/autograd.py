@@ -49,14 +49,23 @@ CPU_CHUNK_BUDGET = 256 * 2**20  # bytes of the buffers and the torch row op's te
 # rows of its accumulation dtype per token at its peak, the buffers included: 5.5 to 9 measured
 # for jsd, the largest (tests/test_loss_api.py checks the peak against the budget).
 CPU_ROW_OP_COPIES = 10
+# The fused CPU row op (`fastkd.cpu_rows`) holds the two logit buffers alone: they get the whole
+# budget, up to 512 rows, where the GEMMs run within a few % of their rate on 2048 (D_s = 256,
+# D_t = 512, 2 threads: 128 rows cost them 40% more, 256 rows 15%); more rows would add memory
+# and little speed. Peak beyond the inputs at N = 2048 (python -m bench --grid floor): 159 MiB
+# at V = 32000 (512 rows), 383 MiB at V = 128256 (256 rows), against 176 and 424 MiB for the
+# spec's row op at its budget.
+CPU_FUSED_MAX_ROWS = 512
 
 
 def default_chunk_size(
-    n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device
+    n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device,
+    fused: bool = False,
 ) -> int:
     """Tokens per chunk so a chunk's memory fits a budget: on GPU the two logit buffers in 512
-    MiB; on CPU the buffers and the row op's temporaries in 256 MiB. `shared`: the teacher side's
-    width per token (the dense teacher's K logits).
+    MiB; on CPU the buffers and the row op's temporaries in 256 MiB (`fused`: the fused CPU row
+    op, which has none; at most CPU_FUSED_MAX_ROWS). `shared`: the teacher side's width per token
+    (the dense teacher's K logits).
 
     Each chunk re-reads and re-writes the fp32 dW accumulator (V x D_s), so fewer, larger chunks
     cost less traffic; 512 MiB gives 1024-token chunks at V = 128k in bf16 (unmeasured on a GPU).
@@ -64,7 +73,10 @@ def default_chunk_size(
     if device.type == "cuda":
         rows = GPU_CHUNK_BUDGET // ((vocab + shared) * itemsize)
     else:
-        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * CPU_ROW_OP_COPIES)
+        copies = 1 if fused else CPU_ROW_OP_COPIES
+        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * copies)
+        if fused:
+            rows = min(rows, CPU_FUSED_MAX_ROWS)
     rows = max(1, rows)
     if rows >= 128:
         rows -= rows % 128  # keep the GEMM's M dimension a multiple of the tile size

@@ -248,10 +248,10 @@ inline Terms terms(vf lq, vf lp, vf q, vf p, float w) {
     vf ratio = lq - vlog((1.0f - w) * p + w * q);
     return {zero_unless(q != 0.0f, q * ratio), ratio - w * vexp(ratio)};
   }
-  // TVD: 1/2 |p - q|, g = sign(q - p) / 2 with sign(0) = 0
-  vf g = q > p ? splat(0.5f) : (q < p ? splat(-0.5f) : splat(0.0f));
+  // TVD: 1/2 |p - q|, g = sign(q - p) / 2 with sign(0) = 0 (and NaN for a NaN, as torch.sign)
   vf d = p - q;
-  return {0.5f * (d < 0.0f ? -d : d), g};
+  vf g = d < 0.0f ? splat(0.5f) : (d > 0.0f ? splat(-0.5f) : splat(0.0f));
+  return {0.5f * (d < 0.0f ? -d : d), d != d ? d : g};
 }
 
 // ---- the dense row -------------------------------------------------------------------------

@@ -141,6 +141,15 @@ def library() -> ctypes.CDLL | None:
 
 # ---- the row ops -------------------------------------------------------------------------------
 
+def fused(dtypes) -> bool:
+    """Whether the row ops run natively for these compute dtypes (not float64) on this machine."""
+    if not all(dtype in DTYPES for dtype in dtypes):
+        return False
+    if torch.compiler.is_compiling():  # traced code builds nothing: whether a call loaded it
+        return _STATE.get("lib") is not None
+    return library() is not None
+
+
 def _rows_ok(x: torch.Tensor | None) -> bool:
     """A (rows, width) CPU logit buffer the native loop reads: fp32, bf16 or fp16, unit column
     stride."""

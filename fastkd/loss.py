@@ -176,8 +176,10 @@ def _prepare(form, teacher, h_s, w_s, b_s, labels, opts, backend, chunk_size,
             label_range = (values[-2], values[-1])  # (min, max) over the counted labels
     rows = n if n_counted is None else n_counted
     itemsize = max(d.itemsize for d in dtypes)
+    fused = backend == "torch" and not form.collective and cpu_rows.fused(dtypes)
     chunk = chunk_size or default_chunk_size(
-        rows, w_s.shape[0], form.width(teacher, w_s.shape[0], h_s.device), itemsize, h_s.device)
+        rows, w_s.shape[0], form.width(teacher, w_s.shape[0], h_s.device), itemsize, h_s.device,
+        fused)
     grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (h_s, w_s, b_s))
     return Call(form, teacher, h_s.reshape(-1, h_s.shape[-1]), w_s, b_s, flat, opts, backend,
