@@ -11,7 +11,8 @@ On a machine without CUDA the same command runs CPU-sized shapes (the heads' wid
 vocabularies / 32, N <= 256, fp32) and labels everything "CPU numbers, not GPU". `--grid floor`
 runs instead the heads D_s 256, D_t 512, V 32000 and 128256 unscaled at N 512, 2048, 8192, every
 divergence alone, CE alone and the sparse loss, forward + backward only, beside the GEMMs alone
-(the `floor` method): each method's time over the floor's is the headline. Writes
+(the `floor` method): each method's time over the floor's is the headline (3 alternating rounds,
+the float64 check up to N = 2048). Writes
 results.json, results.md and bench_<case>.png into --out (default ./bench-results/<device-slug>/,
 git-ignored: a run never dirties the checkout; the committed tables are written with
 --out bench/results/<device-slug>).
@@ -47,6 +48,9 @@ from bench.shapes import (
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The floor grid's calls take seconds to a minute: 3 alternating rounds (after a first call and
+# one under memory accounting), the float64 check up to N = 2048.
+FLOOR_SETTINGS = {"rounds": 3, "check_max_n": 2048}
 
 
 def _names(text: str, allowed: list[str], what: str) -> list[str]:
@@ -149,7 +153,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     all_cases = cases(args.temperature)
     dtype = DTYPES[args.dtype or ("fp32" if kind == "cpu" else "bf16")]
     return Settings(device, dtype, tuple(all_cases[c] for c in args.cases), tuple(shapes),
-                    quick=args.quick, seed=args.seed, modes=tuple(args.modes), grid=args.grid)
+                    quick=args.quick, seed=args.seed, modes=tuple(args.modes), grid=args.grid,
+                    **(FLOOR_SETTINGS if args.grid == "floor" else {}))
 
 
 def _default_shapes(args: argparse.Namespace, kind: str) -> list[Shape]:

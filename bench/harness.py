@@ -64,6 +64,8 @@ class Settings:
     seed: int = 0
     modes: tuple[str, ...] = MODES
     grid: str = "default"  # "floor": the unscaled CPU floor grid (bench.shapes.FLOOR_HEADS)
+    check_max_n: int | None = None  # no float64 check above this N (None: everywhere)
+    rounds: int | None = None  # timed rounds at least (None: 3 with quick, 5 on CPU, 10 on CUDA)
 
     @property
     def cpu(self) -> bool:
@@ -71,6 +73,8 @@ class Settings:
 
     @property
     def min_reps(self) -> int:
+        if self.rounds is not None:
+            return self.rounds
         return 3 if self.quick else (5 if self.cpu else 10)
 
     @property
@@ -348,8 +352,8 @@ def time_alternating(fns: Sequence[Callable[[], object]], estimates_ms: Sequence
     25 ms, then rounds calling each fn once, the order reversed every other round, for rep_ms of
     the slowest fn (by its estimate) and at least min_reps rounds."""
     timer = Timer(device)
-    for fn, estimate in zip(fns, estimates_ms, strict=True):
-        for _ in range(max(1, int(25 / max(estimate, 1e-3)))):
+    for fn, estimate in zip(fns, estimates_ms, strict=True):  # (a slow fn is warm already)
+        for _ in range(int(25 / max(estimate, 1e-3))):
             fn()
     rounds = max(settings.min_reps,
                  min(1000, int(settings.rep_ms / max(max(estimates_ms, default=0), 1e-3))))
@@ -521,13 +525,16 @@ def run_problem(problem: Problem, methods: Sequence[Method], rate_tflops: float,
         _release(problem.device)
         reason = f"inputs do not fit at {problem.shape.x_name}={problem.shape.x}"
         return [{**_row(m, problem), "status": "oom", "reason": reason} for m in methods]
-    ref_note = None
-    try:
-        ref = fp64_reference(copies[0], problem.opts)
-    except Exception as err:
-        if not is_oom(err):
-            raise
-        ref, ref_note = None, f"float64 reference OOM at {problem.shape.x_name}={problem.shape.x}"
+    ref, ref_note = None, None
+    if settings.check_max_n is not None and problem.shape.n > settings.check_max_n:
+        ref_note = f"no float64 check above N={settings.check_max_n} (minutes per case on a CPU)"
+    else:
+        try:
+            ref = fp64_reference(copies[0], problem.opts)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            ref_note = f"float64 reference OOM at {problem.shape.x_name}={problem.shape.x}"
     _release(problem.device)
     rows, timed = [], []  # timed: (row, mode, step, estimate)
     for method in methods:

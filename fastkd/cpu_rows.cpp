@@ -32,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -271,93 +272,92 @@ void ignored_row(float* out, void* s_row, int64_t V, int32_t dtype, bool grad) {
   if (grad) std::memset(s_row, 0, V * itemsize(dtype));
 }
 
+// One dense row through the passes (see the file's header); x (V) and y (K) are fp32 scratch,
+// padded with -inf past their width.
 template <int DIV>
-void dense_row(const Dense& c, int64_t i, float* x, float* y) {
-  constexpr bool KD = DIV != NONE;
-  const Options& o = *c.o;
-  const int64_t V = c.V, K = c.K;
-  float* out = c.out + 4 * i;
-  const bool labelled = c.labels != nullptr;
-  const int64_t label = labelled ? c.labels[i] : -1;
-  void* s_row = static_cast<char*>(c.s) + i * c.ld_s * itemsize(c.s_dtype);
-  if (labelled && label == o.ignore_index) return ignored_row(out, s_row, V, c.s_dtype, o.grad);
-  const bool ce = labelled && o.ce;
-  const bool ent = KD || o.values;  // the entropy: free beside the KD term, else if asked for
-  const float inv_t = float(1.0 / o.temperature);
+struct DenseRow {
+  static constexpr bool KD = DIV != NONE;
+  const Options& o;
+  float *x, *y;
+  int64_t V, K, nk, label;
+  bool ce, ent, share;
+  float inv_t, s_label = 0.0f, m_s = 0.0f, m_a = 0.0f, m_b = 0.0f;
+  double l_s = 0, l_a = 0, l_b = 0, h = 0, e = 0;    // B's sums
+  double log_la = 0, log_lb = 0, kd = 0, s_kd = 0;  // S = E_q[g] (three-pass); e_q (reverse KL)
 
-  // A. load, transform, maxima
-  widen(s_row, c.s_dtype, x, V);
-  head(x, V, float(o.s_scale), float(o.s_cap), 1.0f);
-  std::fill(x + V, x + V + 2 * W, -INF);
-  if (KD) {
-    widen(static_cast<const char*>(c.t) + i * c.ld_t * itemsize(c.t_dtype), c.t_dtype, y, K);
-    head(y, K, float(o.t_scale), float(o.t_cap), inv_t);
-    std::fill(y + K, y + K + 2 * W, -INF);
+  // A. load and transform the rows into x, y; the maxima
+  void load(const void* s_row, int32_t s_dtype, const void* t_row, int32_t t_dtype) {
+    widen(s_row, s_dtype, x, V);
+    head(x, V, float(o.s_scale), float(o.s_cap), 1.0f);
+    std::fill(x + V, x + V + 2 * W, -INF);
+    if (KD) {
+      widen(t_row, t_dtype, y, K);
+      head(y, K, float(o.t_scale), float(o.t_cap), inv_t);
+      std::fill(y + K, y + K + 2 * W, -INF);
+    }
+    if (ce) s_label = x[label];
+    vf mk = splat(-INF), mr = splat(-INF), mb = splat(-INF);
+    for (int64_t j = 0; j < nk; ++j) {
+      mk = nanmax(mk, below(j * W, K) ? load_x(j) : splat(-INF));
+      if (KD) mb = nanmax(mb, ::load(y + j * W));
+    }
+    for (int64_t v = K; v < V; v += W) mr = nanmax(mr, ::load(x + v));
+    const float m_sk = hmax(mk);
+    m_s = nanmax(m_sk, hmax(mr));
+    m_a = m_sk * inv_t;
+    m_b = hmax(mb);
+    share = ce && inv_t == 1.0f && K == V;  // then exp(s - m_s) = exp(a - m_a)
   }
-  const float s_label = ce ? x[label] : 0.0f;
-  const int64_t nk = (K + W - 1) / W;
-  vf mk = splat(-INF), mr = splat(-INF), mb = splat(-INF);
-  for (int64_t j = 0; j < nk; ++j) {
-    mk = nanmax(mk, below(j * W, K) ? load(x + j * W) : splat(-INF));
-    if (KD) mb = nanmax(mb, load(y + j * W));
-  }
-  for (int64_t v = K; v < V; v += W) mr = nanmax(mr, load(x + v));
-  const float m_sk = hmax(mk), m_s = nanmax(m_sk, hmax(mr)), m_a = m_sk * inv_t, m_b = hmax(mb);
-  const bool share = ce && inv_t == 1.0f && K == V;  // then exp(s - m_s) = exp(a - m_a)
 
-  // B. sums
-  Sum l_s, l_a, l_b, h, e;
-  for (int64_t j0 = 0; j0 < nk; j0 += BLOCK) {
-    for (int64_t j = j0; j < std::min(j0 + BLOCK, nk); ++j) {
-      vf xs = below(j * W, K) ? load(x + j * W) : splat(-INF);
-      vf a = xs * inv_t;
-      vf ea = splat(0.0f);
-      if (ent || share) {
-        ea = vexp0(a - m_a);
-        l_a.v += ea;
-        h.v += zero_unless(ea > 0.0f, ea * (m_a - a));
-      }
-      if (ce) l_s.v += share ? ea : vexp0(xs - m_s);
-      if (KD) {
-        vf b = load(y + j * W);
-        vf eb = vexp0(b - m_b);
-        l_b.v += eb;
+  vf load_x(int64_t j) const { return ::load(x + j * W); }
+  vf a_at(int64_t j) const { return (below(j * W, K) ? load_x(j) : splat(-INF)) * inv_t; }
+
+  // B. l_s, l_a, l_b, h, and the KLs' expectation of u = (a - m_a) - (b - m_b)
+  void sums() {
+    Sum ls, la, lb, hs, es;
+    for (int64_t j0 = 0; j0 < nk; j0 += BLOCK) {
+      for (int64_t j = j0; j < std::min(j0 + BLOCK, nk); ++j) {
+        vf xs = below(j * W, K) ? load_x(j) : splat(-INF);
+        vf a = xs * inv_t, ea = splat(0.0f);
+        if (ent || share) {
+          ea = vexp0(a - m_a);
+          la.v += ea;
+          hs.v += zero_unless(ea > 0.0f, ea * (m_a - a));
+        }
+        if (ce) ls.v += share ? ea : vexp0(xs - m_s);
+        if (!KD) continue;
+        vf b = ::load(y + j * W), eb = vexp0(b - m_b);
+        lb.v += eb;
         vf u = (a - m_a) - (b - m_b);
         if (DIV == FORWARD_KL) {
-          e.v += zero_unless(eb > 0.0f, eb * u);
+          es.v += zero_unless(eb > 0.0f, eb * u);
           store(y + j * W, eb);  // p's numerators, for the gradient
         }
-        if (DIV == REVERSE_KL) e.v += zero_unless(ea > 0.0f, ea * u);
+        if (DIV == REVERSE_KL) es.v += zero_unless(ea > 0.0f, ea * u);
       }
+      ls.flush(); la.flush(); lb.flush(); hs.flush(); es.flush();
     }
-    l_s.flush(); l_a.flush(); l_b.flush(); h.flush(); e.flush();
-  }
-  if (ce) {
-    for (int64_t v0 = K; v0 < V; v0 += W * BLOCK) {
+    for (int64_t v0 = K; ce && v0 < V; v0 += W * BLOCK) {
       for (int64_t v = v0; v < std::min(v0 + W * BLOCK, V); v += W)
-        l_s.v += vexp0(load(x + v) - m_s);
-      l_s.flush();
+        ls.v += vexp0(::load(x + v) - m_s);
+      ls.flush();
     }
-  }
-  const double log_la = std::log(l_a.total), log_lb = std::log(l_b.total);
-  const double ce_value = ce ? double(m_s) + std::log(l_s.total) - s_label : 0.0;
-  double kd_value = 0.0, e_q = 0.0, big_s = 0.0;
-  if (DIV == FORWARD_KL) kd_value = -e.total / l_b.total - log_lb + log_la;
-  if (DIV == REVERSE_KL) {
-    e_q = e.total / l_a.total;
-    kd_value = e_q - log_la + log_lb;
+    l_s = ls.total; l_a = la.total; l_b = lb.total; h = hs.total; e = es.total;
+    log_la = std::log(l_a);
+    log_lb = std::log(l_b);
+    if (DIV == FORWARD_KL) kd = -e / l_b - log_lb + log_la;
+    if (DIV == REVERSE_KL) kd = e / l_a - log_la + log_lb;
   }
 
-  // C. the three-pass divergences: D and S = E_q[g]; g kept in y for the gradient
-  const float inv_la = float(1.0 / l_a.total), inv_lb = float(1.0 / l_b.total);
-  if (DIV >= JSD && DIV < NONE) {
-    // log q = (a - m_a) - log l_a: a - m_a is exact near the maximum, only log l_a rounds
+  // C. the three-pass divergences: D and S = E_q[g], g kept in y for the gradient. log q =
+  // (a - m_a) - log l_a: a - m_a is exact near the maximum, only log l_a rounds.
+  void three_pass() {
     const float lla = float(log_la), llb = float(log_lb), w = float(o.mix);
+    const float inv_la = float(1.0 / l_a), inv_lb = float(1.0 / l_b);
     Sum d_sum, s_sum;
     for (int64_t j0 = 0; j0 < nk; j0 += BLOCK) {
       for (int64_t j = j0; j < std::min(j0 + BLOCK, nk); ++j) {
-        vf a = (below(j * W, K) ? load(x + j * W) : splat(-INF)) * inv_t;
-        vf b = load(y + j * W);
+        vf a = a_at(j), b = ::load(y + j * W);
         vf q = vexp0(a - m_a) * inv_la, p = vexp0(b - m_b) * inv_lb;
         Terms tm = terms<DIV>((a - m_a) - lla, (b - m_b) - llb, q, p, w);
         d_sum.v += tm.d;
@@ -366,54 +366,77 @@ void dense_row(const Dense& c, int64_t i, float* x, float* y) {
       }
       d_sum.flush(); s_sum.flush();
     }
-    kd_value = d_sum.total;
-    big_s = s_sum.total;
+    kd = d_sum.total;
+    s_kd = s_sum.total;
   }
 
-  const double w_kd_t2 = o.kd_weight * o.temperature * o.temperature;
-  out[0] = float((ce ? o.ce_weight * ce_value : 0.0) + (KD ? w_kd_t2 * kd_value : 0.0));
-  out[1] = ce || !labelled ? float(ce_value) : NAN;
-  out[2] = KD ? float(kd_value) : NAN;
-  out[3] = ent ? float(log_la + h.total / l_a.total) : NAN;
-  if (!o.grad) return;
+  // out: loss, ce, kd, entropy (NaN for a term skipped: not computed, never read)
+  void values(float* out, bool labelled) const {
+    const double ce_value = ce ? double(m_s) + std::log(l_s) - s_label : 0.0;
+    const double w_kd_t2 = o.kd_weight * o.temperature * o.temperature;
+    out[0] = float((ce ? o.ce_weight * ce_value : 0.0) + (KD ? w_kd_t2 * kd : 0.0));
+    out[1] = ce || !labelled ? float(ce_value) : NAN;
+    out[2] = KD ? float(kd) : NAN;
+    out[3] = ent ? float(log_la + h / l_a) : NAN;
+  }
 
-  // G. the gradient over x in place, then back over the row
-  const double r = double(c.row_scale[i]) * o.s_scale;
-  const float c_ce = float(r * o.ce_weight / l_s.total);
-  const float c_kd = float(r * o.kd_weight * o.temperature);
-  const float inv_cap = o.s_cap > 0 ? float(1.0 / o.s_cap) : 0.0f;
-  const float eq = float(e_q), sq = float(big_s);
-  const int64_t nv = (V + W - 1) / W;
-  for (int64_t j = 0; j < nv; ++j) {
-    vf xs = load(x + j * W);
-    vf g = splat(0.0f), ea = splat(0.0f);
-    if ((KD || share) && j < nk) {
-      vf a = (below(j * W, K) ? xs : splat(-INF)) * inv_t;
-      ea = vexp0(a - m_a);
-      if (KD) {
-        vf q = ea * inv_la, k;
-        if (DIV == FORWARD_KL) {
-          k = q - load(y + j * W) * inv_lb;
-        } else if (DIV == REVERSE_KL) {
-          k = zero_unless(ea > 0.0f, q * ((a - m_a) - (load(y + j * W) - m_b) - eq));
-        } else {
-          k = zero_unless(q > 0.0f, q * (load(y + j * W) - sq));
-        }
+  // G. the gradient over x in place: r sigma (w_ce softmax(s) + w_kd T k) (1 - (s / c)^2), the
+  // label's -w_ce after
+  void gradient(double row_scale) {
+    const double r = row_scale * o.s_scale;
+    const float c_ce = float(r * o.ce_weight / l_s), c_kd = float(r * o.kd_weight * o.temperature);
+    const float inv_cap = o.s_cap > 0 ? float(1.0 / o.s_cap) : 0.0f;
+    const float inv_la = float(1.0 / l_a), inv_lb = float(1.0 / l_b);
+    const float e_q = float(e / l_a), big_s = float(s_kd);
+    const int64_t nv = (V + W - 1) / W;
+    for (int64_t j = 0; j < nv; ++j) {
+      vf xs = load_x(j), g = splat(0.0f), ea = splat(0.0f), a = splat(-INF);
+      if ((KD || share) && j < nk) {
+        a = a_at(j);
+        ea = vexp0(a - m_a);
+      }
+      if (KD && j < nk) {
+        vf q = ea * inv_la, yj = ::load(y + j * W), k;
+        if (DIV == FORWARD_KL) k = q - yj * inv_lb;
+        else if (DIV == REVERSE_KL) k = zero_unless(ea > 0.0f, q * ((a - m_a) - (yj - m_b) - e_q));
+        else k = zero_unless(q > 0.0f, q * (yj - big_s));
         g = c_kd * k;
       }
+      if (ce) g += c_ce * (share && j < nk ? ea : vexp0(xs - m_s));
+      if (inv_cap > 0) {
+        vf z = xs * inv_cap;
+        g *= 1.0f - z * z;
+      }
+      store(x + j * W, g);
     }
-    if (ce) g += c_ce * (share && j < nk ? ea : vexp0(xs - m_s));
-    if (inv_cap > 0) {
-      vf z = xs * inv_cap;
-      g *= 1.0f - z * z;
+    if (ce) {
+      const float z = s_label * inv_cap;
+      x[label] -= float(r * o.ce_weight) * (1.0f - z * z);
     }
-    store(x + j * W, g);
   }
-  if (ce) {
-    const float z = s_label * inv_cap;
-    x[label] -= float(r * o.ce_weight) * (1.0f - z * z);
-  }
-  narrow(x, s_row, c.s_dtype, V);
+};
+
+template <int DIV>
+void dense_row(const Dense& c, int64_t i, float* x, float* y) {
+  const Options& o = *c.o;
+  float* out = c.out + 4 * i;
+  const bool labelled = c.labels != nullptr;
+  const int64_t label = labelled ? c.labels[i] : -1;
+  void* s_row = static_cast<char*>(c.s) + i * c.ld_s * itemsize(c.s_dtype);
+  if (labelled && label == o.ignore_index) return ignored_row(out, s_row, c.V, c.s_dtype, o.grad);
+  constexpr bool KD = DIV != NONE;
+  const bool ce = labelled && o.ce;
+  DenseRow<DIV> row{o, x, y, c.V, c.K, (c.K + W - 1) / W, label, ce, KD || o.values, false,
+                    float(1.0 / o.temperature)};
+  const void* t_row = KD ? static_cast<const char*>(c.t) + i * c.ld_t * itemsize(c.t_dtype)
+                         : nullptr;
+  row.load(s_row, c.s_dtype, t_row, c.t_dtype);
+  row.sums();
+  if (DIV >= JSD && DIV < NONE) row.three_pass();
+  row.values(out, labelled);
+  if (!o.grad) return;
+  row.gradient(c.row_scale[i]);
+  narrow(x, s_row, c.s_dtype, c.V);
 }
 
 // ---- the sparse row ------------------------------------------------------------------------
@@ -526,66 +549,63 @@ struct Sparse {
   const Options* o;
 };
 
-template <int DIV>
-void sparse_row(const Sparse& c, int64_t i, float* x, float* work) {
-  constexpr bool KD = DIV != NONE;
-  const Options& o = *c.o;
-  const int64_t V = c.V, k = c.k, kp = (k + 1 + W - 1) / W * W;
-  float* out = c.out + 4 * i;
-  const bool labelled = c.labels != nullptr;
-  const int64_t label = labelled ? c.labels[i] : -1;
-  void* s_row = static_cast<char*>(c.s) + i * c.ld_s * itemsize(c.s_dtype);
-  if (labelled && label == o.ignore_index) return ignored_row(out, s_row, V, c.s_dtype, o.grad);
-  const bool ce = labelled && o.ce, ent = KD || o.values;
-  const bool mark = KD && o.tail == BUCKET;  // pass B then sums outside the slots
-  const float inv_t = float(1.0 / o.temperature);
-  const int64_t* ids = c.ids + i * k;
-  const float* lpr = c.lp + i * k;
-  float *s_k = work, *a_k = work + kp, *lq = work + 2 * kp, *lp = work + 3 * kp;
-  float* g_k = work + 4 * kp;
+// One sparse row through the passes; x (V) fp32 scratch, the slot arrays k (+1) long.
+struct SparseState {
+  const Options& o;
+  float* x;
+  int64_t V, k, label;
+  const int64_t* ids;
+  bool ce, ent, mark;  // mark: the bucket tail's pass B sums outside the slots
+  float inv_t, s_label = 0.0f, m_s = 0.0f, m_a = 0.0f;
+  double lse_s = 0, lse_out = 0, lse_a = 0, entropy = 0;
 
-  // 0. load and transform; gather the slots (and mark them in the row for the bucket tail)
-  widen(s_row, c.s_dtype, x, V);
-  head(x, V, float(o.s_scale), float(o.s_cap), 1.0f);
-  std::fill(x + V, x + V + 2 * W, -INF);
-  const float s_label = ce ? x[label] : 0.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    s_k[j] = ids[j] >= 0 ? x[ids[j]] : -INF;
-    a_k[j] = s_k[j] * inv_t;
-  }
-  if (mark)
-    for (int64_t j = 0; j < k; ++j)
-      if (ids[j] >= 0) x[ids[j]] = -INF;
-
-  // A, B. the maximum and the sums over the row
-  const int64_t nv = (V + W - 1) / W;
-  vf mv = splat(-INF);
-  for (int64_t j = 0; j < nv; ++j) mv = nanmax(mv, load(x + j * W));
-  const float m_s = hmax(mv) == -INF ? 0.0f : hmax(mv), m_a = m_s * inv_t;
-  const bool share = ce && inv_t == 1.0f;
-  Sum l_s, l_a, h;
-  for (int64_t j0 = 0; j0 < nv; j0 += BLOCK) {
-    for (int64_t j = j0; j < std::min(j0 + BLOCK, nv); ++j) {
-      vf xs = load(x + j * W), a = xs * inv_t, ea = splat(0.0f);
-      if (ent || share) {
-        ea = vexp0(a - m_a);
-        l_a.v += ea;
-        h.v += zero_unless(ea > 0.0f, ea * (m_a - a));
-      }
-      if (ce) l_s.v += share ? ea : vexp0(xs - m_s);
+  // 0, A, B. load and transform, gather the slots (s_k, a_k) and mark them; the row's maximum
+  // and sums: CE's log-normaliser, a's (outside the slots if marked) and the entropy's h
+  void load_and_sum(const void* s_row, int32_t dtype, float* s_k, float* a_k) {
+    widen(s_row, dtype, x, V);
+    head(x, V, float(o.s_scale), float(o.s_cap), 1.0f);
+    std::fill(x + V, x + V + 2 * W, -INF);
+    if (ce) s_label = x[label];
+    for (int64_t j = 0; j < k; ++j) {
+      s_k[j] = ids[j] >= 0 ? x[ids[j]] : -INF;
+      a_k[j] = s_k[j] * inv_t;
     }
-    l_s.flush(); l_a.flush(); h.flush();
+    for (int64_t j = 0; mark && j < k; ++j)
+      if (ids[j] >= 0) x[ids[j]] = -INF;
+    const int64_t nv = (V + W - 1) / W;
+    vf mv = splat(-INF);
+    for (int64_t j = 0; j < nv; ++j) mv = nanmax(mv, load(x + j * W));
+    m_s = hmax(mv) == -INF ? 0.0f : hmax(mv);
+    m_a = m_s * inv_t;
+    const bool share = ce && inv_t == 1.0f;
+    Sum l_s, l_a, h;
+    for (int64_t j0 = 0; j0 < nv; j0 += BLOCK) {
+      for (int64_t j = j0; j < std::min(j0 + BLOCK, nv); ++j) {
+        vf xs = load(x + j * W), a = xs * inv_t, ea = splat(0.0f);
+        if (ent || share) {
+          ea = vexp0(a - m_a);
+          l_a.v += ea;
+          h.v += zero_unless(ea > 0.0f, ea * (m_a - a));
+        }
+        if (ce) l_s.v += share ? ea : vexp0(xs - m_s);
+      }
+      l_s.flush(); l_a.flush(); h.flush();
+    }
+    lse_s = m_s + std::log(l_s.total);
+    lse_out = lse_a = m_a + std::log(l_a.total);
+    entropy = std::log(l_a.total) + h.total / l_a.total;
+    if (mark) merge_slots(s_k, a_k, l_a.total, h.total);
   }
-  double lse_s = m_s + std::log(l_s.total), lse_out = m_a + std::log(l_a.total), lse_a = lse_out;
-  double entropy = std::log(l_a.total) + h.total / l_a.total;
-  if (mark) {  // merge the slots into CE's and the entropy's sums
+
+  // the marked slots merged back into CE's and a's log-normalisers and the entropy's state
+  void merge_slots(const float* s_k, const float* a_k, double l_a, double h) {
     lse_s = logaddexp(lse_s, lse(s_k, k));
     lse_a = logaddexp(lse_out, lse(a_k, k));
-    double top = m_a;
-    for (int64_t j = 0; j < k; ++j) top = nanmax(float(top), a_k[j]);
-    const double ref = top == -INFINITY ? 0.0 : top;
-    const double alpha = l_a.total > 0 ? std::exp(m_a - ref) : 0.0;
-    double l = l_a.total * alpha, hh = alpha * (h.total + (ref - m_a) * l_a.total);
+    float top = m_a;
+    for (int64_t j = 0; j < k; ++j) top = nanmax(top, a_k[j]);
+    const double ref = top == -INF ? 0.0 : top;
+    const double alpha = l_a > 0 ? std::exp(m_a - ref) : 0.0;
+    double l = l_a * alpha, hh = alpha * (h + (ref - m_a) * l_a);
     for (int64_t j = 0; j < k; ++j) {
       if (ids[j] < 0) continue;
       const double e = std::exp(a_k[j] - ref);
@@ -594,45 +614,69 @@ void sparse_row(const Sparse& c, int64_t i, float* x, float* work) {
     }
     entropy = l > 0 ? std::log(l) + hh / l : 0.0;
   }
-  const double ce_value = ce ? lse_s - s_label : 0.0;
 
-  // 3. the divergence over the slots
-  SlotResult kd{0.0, 0.0, 0.0};
-  if (KD) kd = slots<DIV>(o.tail, ids, lpr, a_k, k, lse_a, lse_out, float(o.mix), lq, lp, g_k);
-  const double w_kd_t2 = o.kd_weight * o.temperature * o.temperature;
-  out[0] = float((ce ? o.ce_weight * ce_value : 0.0) + (KD ? w_kd_t2 * kd.kd : 0.0));
-  out[1] = ce || !labelled ? float(ce_value) : NAN;
-  out[2] = KD ? float(kd.kd) : NAN;
-  out[3] = ent ? float(entropy) : NAN;
-  if (!o.grad) return;
-
-  // G. the dense gradient (as if every id were outside the slots), then the slots' ids
-  const double r = double(c.row_scale[i]) * o.s_scale, wt = o.kd_weight * o.temperature;
-  const float c_ce = float(r * o.ce_weight * std::exp(m_s - lse_s));
-  const float c_kd = KD ? float(r * wt * kd.coef * std::exp(m_a - kd.lse_dense)) : 0.0f;
-  const float inv_cap = o.s_cap > 0 ? float(1.0 / o.s_cap) : 0.0f;
-  for (int64_t j = 0; j < nv; ++j) {
-    vf xs = load(x + j * W), g = splat(0.0f), ea = splat(0.0f);
-    if (c_kd != 0.0f || share) ea = vexp0(xs * inv_t - m_a);
-    if (ce) g = c_ce * (share ? ea : vexp0(xs - m_s));
-    g += c_kd * ea;
-    if (inv_cap > 0) {
-      vf z = xs * inv_cap;
-      g = zero_unless(xs > -INF, g * (1.0f - z * z));
+  // G. the dense term over the row (as if every id were outside the slots: the KD part coef
+  // exp(a - lse_dense)), then the label's -w_ce and the slots' full values over it
+  void gradient(double row_scale, const SlotResult& kd, const float* s_k, const float* g_k) {
+    const double r = row_scale * o.s_scale, wt = o.kd_weight * o.temperature;
+    const float c_ce = float(r * o.ce_weight * std::exp(m_s - lse_s));
+    const float c_kd =  // 0 without a dense term (renormalize, no KD), never 0 x inf
+        kd.coef == 0.0 ? 0.0f : float(r * wt * kd.coef * std::exp(m_a - kd.lse_dense));
+    const float inv_cap = o.s_cap > 0 ? float(1.0 / o.s_cap) : 0.0f;
+    const bool share = ce && inv_t == 1.0f;
+    for (int64_t j = 0; j < (V + W - 1) / W; ++j) {
+      vf xs = load(x + j * W), g = splat(0.0f), ea = splat(0.0f);
+      if (c_kd != 0.0f || share) ea = vexp0(xs * inv_t - m_a);
+      if (ce) g = c_ce * (share ? ea : vexp0(xs - m_s));
+      g += c_kd * ea;
+      if (inv_cap > 0) {
+        vf z = xs * inv_cap;
+        g = zero_unless(xs > -INF, g * (1.0f - z * z));  // 0 at the marks: rewritten below
+      }
+      store(x + j * W, g);
     }
-    store(x + j * W, g);
-  }
-  auto cap_factor = [&](double z) { return 1.0 - (z * inv_cap) * (z * inv_cap); };
-  if (ce) x[label] -= float(r * o.ce_weight * cap_factor(s_label));
-  if (KD) {
-    for (int64_t j = 0; j < k; ++j) {
+    auto cap_factor = [&](double z) { return 1.0 - (z * inv_cap) * (z * inv_cap); };
+    if (ce) x[label] -= float(r * o.ce_weight * cap_factor(s_label));
+    for (int64_t j = 0; g_k != nullptr && j < k; ++j) {
       if (ids[j] < 0) continue;
       double g = wt * g_k[j];
       if (ce) g += o.ce_weight * (std::exp(s_k[j] - lse_s) - (ids[j] == label ? 1.0 : 0.0));
       x[ids[j]] = float(r * g * cap_factor(s_k[j]));
     }
   }
-  narrow(x, s_row, c.s_dtype, V);
+};
+
+template <int DIV>
+void sparse_row(const Sparse& c, int64_t i, float* x, float* work) {
+  constexpr bool KD = DIV != NONE;
+  const Options& o = *c.o;
+  const int64_t k = c.k, kp = (k + 1 + W - 1) / W * W;
+  float* out = c.out + 4 * i;
+  const bool labelled = c.labels != nullptr;
+  const int64_t label = labelled ? c.labels[i] : -1;
+  void* s_row = static_cast<char*>(c.s) + i * c.ld_s * itemsize(c.s_dtype);
+  if (labelled && label == o.ignore_index) return ignored_row(out, s_row, c.V, c.s_dtype, o.grad);
+  const int64_t* ids = c.ids + i * k;
+  float *s_k = work, *a_k = work + kp, *lq = work + 2 * kp, *lp = work + 3 * kp;
+  float* g_k = work + 4 * kp;
+  const bool ce = labelled && o.ce;
+  SparseState row{o, x, c.V, k, label, ids, ce, KD || o.values, KD && o.tail == BUCKET,
+                  float(1.0 / o.temperature)};
+  row.load_and_sum(s_row, c.s_dtype, s_k, a_k);
+  SlotResult kd{0.0, 0.0, 0.0};
+  if (KD) {
+    kd = slots<DIV>(o.tail, ids, c.lp + i * k, a_k, k, row.lse_a, row.lse_out, float(o.mix), lq,
+                    lp, g_k);
+  }
+  const double ce_value = ce ? row.lse_s - row.s_label : 0.0;
+  const double w_kd_t2 = o.kd_weight * o.temperature * o.temperature;
+  out[0] = float((ce ? o.ce_weight * ce_value : 0.0) + (KD ? w_kd_t2 * kd.kd : 0.0));
+  out[1] = ce || !labelled ? float(ce_value) : NAN;
+  out[2] = KD ? float(kd.kd) : NAN;
+  out[3] = KD || o.values ? float(row.entropy) : NAN;
+  if (!o.grad) return;
+  row.gradient(c.row_scale[i], kd, s_k, KD ? g_k : nullptr);
+  narrow(x, s_row, c.s_dtype, c.V);
 }
 
 float* scratch(int64_t n) {  // n floats, 64-byte aligned, or null
@@ -659,25 +703,19 @@ int parallel_rows(int64_t n, int threads, int64_t width_x, int64_t width_y, Body
   return *std::max_element(failed.begin(), failed.end());
 }
 
-template <template <int> class Row, typename Call>
+// call(std::integral_constant<int, DIV>) for the divergence (NONE: no KD term)
+template <typename Call>
 int dispatch(int32_t div, Call call) {
   switch (div) {
-    case FORWARD_KL: return call(Row<FORWARD_KL>{});
-    case REVERSE_KL: return call(Row<REVERSE_KL>{});
-    case JSD: return call(Row<JSD>{});
-    case SKEW_FORWARD_KL: return call(Row<SKEW_FORWARD_KL>{});
-    case SKEW_REVERSE_KL: return call(Row<SKEW_REVERSE_KL>{});
-    case TVD: return call(Row<TVD>{});
-    default: return call(Row<NONE>{});
+    case FORWARD_KL: return call(std::integral_constant<int, FORWARD_KL>{});
+    case REVERSE_KL: return call(std::integral_constant<int, REVERSE_KL>{});
+    case JSD: return call(std::integral_constant<int, JSD>{});
+    case SKEW_FORWARD_KL: return call(std::integral_constant<int, SKEW_FORWARD_KL>{});
+    case SKEW_REVERSE_KL: return call(std::integral_constant<int, SKEW_REVERSE_KL>{});
+    case TVD: return call(std::integral_constant<int, TVD>{});
+    default: return call(std::integral_constant<int, NONE>{});
   }
 }
-
-template <int DIV> struct DenseRow {
-  void operator()(const Dense& c, int64_t i, float* x, float* y) const { dense_row<DIV>(c, i, x, y); }
-};
-template <int DIV> struct SparseRow {
-  void operator()(const Sparse& c, int64_t i, float* x, float* w) const { sparse_row<DIV>(c, i, x, w); }
-};
 
 }  // namespace
 
@@ -689,9 +727,10 @@ extern "C" int fastkd_dense_rows(void* s, int64_t ld_s, int32_t s_dtype, int64_t
                                  int64_t n, const Options* o, int32_t threads) {
   const Dense c{s, ld_s, s_dtype, V, t, ld_t, t_dtype, K, labels, row_scale, out, o};
   const int32_t div = t != nullptr && o->kd ? o->divergence : NONE;
-  return dispatch<DenseRow>(div, [&](auto row) {
-    return parallel_rows(n, threads, V + 2 * W, V + 2 * W,
-                         [&](int64_t i, float* x, float* y) { row(c, i, x, y); });
+  return dispatch(div, [&](auto d) {
+    return parallel_rows(n, threads, V + 2 * W, V + 2 * W, [&](int64_t i, float* x, float* y) {
+      dense_row<decltype(d)::value>(c, i, x, y);
+    });
   });
 }
 
@@ -702,8 +741,9 @@ extern "C" int fastkd_sparse_rows(void* s, int64_t ld_s, int32_t s_dtype, int64_
                                   int64_t n, const Options* o, int32_t threads) {
   const Sparse c{s, ld_s, s_dtype, V, ids, lp, k, labels, row_scale, out, o};
   const int64_t kp = (k + 1 + W - 1) / W * W;
-  return dispatch<SparseRow>(o->kd ? o->divergence : NONE, [&](auto row) {
-    return parallel_rows(n, threads, V + 2 * W, 5 * kp,
-                         [&](int64_t i, float* x, float* w) { row(c, i, x, w); });
+  return dispatch(o->kd ? o->divergence : NONE, [&](auto d) {
+    return parallel_rows(n, threads, V + 2 * W, 5 * kp, [&](int64_t i, float* x, float* w) {
+      sparse_row<decltype(d)::value>(c, i, x, w);
+    });
   });
 }

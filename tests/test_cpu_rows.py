@@ -259,3 +259,23 @@ def test_the_build_is_cached_per_source_and_machine():
     stamp = first.stat().st_mtime_ns
     assert cpu_rows.build() == first and first.stat().st_mtime_ns == stamp
     assert first.parent.name == "native" and first.name.startswith("cpu_rows-")
+
+
+@built
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+def test_sparse_rows_at_extreme_logits(tail):
+    """Logits of magnitude 1e4: every exp finite, the dense term of renormalize (none) never
+    0 x inf."""
+    s, ids, logprobs, labels, row_scale = sparse_case(n=8, vocab=301, k=7, seed=9, tail=tail)
+    s = s * 3e3
+    opts = DistillOptions(temperature=2.0, divergence="forward_kl")
+    buf = _buffer(s, torch.float32)
+    out = torch.empty(s.shape[0], 4)
+    assert cpu_rows.sparse_rows(buf, ids, logprobs, labels, row_scale.float(), out, opts, tail,
+                                True)
+    per_token, grad = reference.sparse_token_losses_and_grad(
+        s.float().double(), ids, logprobs.double(), labels, opts, tail)
+    assert torch.isfinite(buf).all() and torch.isfinite(out).all()
+    want = grad * row_scale.float().double().unsqueeze(-1)
+    assert (buf.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    _close(out[:, 0], per_token.loss, torch.float32, "loss")
