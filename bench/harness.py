@@ -28,7 +28,6 @@ sweep are not tried for that method and mode.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import itertools
 import math
@@ -45,11 +44,17 @@ import torch
 import triton
 
 import fastkd
+from bench.measure import (
+    QUANTILES,
+    available_bytes,
+    measure_peak,
+    sync,
+    time_alternating,
+)
 from bench.methods import Inputs, LossFn, Method, Problem, peer_versions
 from bench.shapes import Case, Shape, flop_floor, problem_shape
 from fastkd import DistillOptions, reference
 
-QUANTILES = (0.5, 0.2, 0.8)
 MODES = ("fwd", "fwd_bwd")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,11 +139,6 @@ def versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "triton": triton.__version__, "fastkd": fastkd.__version__,
             "fastkd_commit": _git_commit(), **peer_versions()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _release(device: torch.device) -> None:
@@ -269,103 +269,6 @@ def compare(loss: torch.Tensor, grads: Sequence[torch.Tensor], ref: Reference) -
             "dw_rel_diff": max_rel_diff(grads[1], ref.dw)}
 
 
-# ---- memory --------------------------------------------------------------------------------------
-
-_LIBC = ctypes.CDLL(None)
-
-
-def _proc_kib(field: str, path: str = "/proc/self/status") -> int:
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in {path}")
-
-
-def _reset_cpu_peak() -> bool:
-    gc.collect()
-    if hasattr(_LIBC, "malloc_trim"):  # glibc: hand freed heap back so the baseline is the live set
-        _LIBC.malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-    except OSError:
-        return False
-    return True
-
-
-def measure_peak(fn: Callable[[], object], device: torch.device) -> tuple[object, int | None]:
-    """(fn(), peak bytes allocated during fn beyond what was allocated before it, or None)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        _sync(device)
-        return out, torch.cuda.max_memory_allocated(device) - base
-    if not _reset_cpu_peak():
-        return fn(), None
-    base = _proc_kib("VmRSS")
-    out = fn()
-    return out, max(0, _proc_kib("VmHWM") - base) * 1024
-
-
-# ---- timing --------------------------------------------------------------------------------------
-
-def _summary(times_ms: Sequence[float]) -> dict:
-    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
-                       torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
-
-
-class Timer:
-    """Times single calls: CPU `time.perf_counter`; CUDA events around the call, the L2 flushed
-    (a 256 MiB buffer zeroed) before it, read at `collect` (one sync for many calls)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.flush = (torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-                      if device.type == "cuda" else None)
-        self.pending: list[tuple[list, object, object]] = []
-
-    def __call__(self, fn: Callable[[], object], into: list) -> None:
-        if self.flush is None:
-            t0 = time.perf_counter()
-            fn()
-            into.append((time.perf_counter() - t0) * 1e3)
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.flush.zero_()
-        start.record()
-        fn()
-        end.record()
-        self.pending.append((into, start, end))
-
-    def collect(self) -> None:
-        _sync(self.device)
-        for into, start, end in self.pending:
-            into.append(start.elapsed_time(end))
-        self.pending.clear()
-
-
-def time_alternating(fns: Sequence[Callable[[], object]], estimates_ms: Sequence[float],
-                     device: torch.device, settings: Settings) -> list[dict]:
-    """Quantiles of each fn's per-call times over alternating rounds: every fn warmed up for
-    25 ms, then rounds calling each fn once, the order reversed every other round, for rep_ms of
-    the slowest fn (by its estimate) and at least min_reps rounds."""
-    timer = Timer(device)
-    for fn, estimate in zip(fns, estimates_ms, strict=True):  # (a slow fn is warm already)
-        for _ in range(int(25 / max(estimate, 1e-3))):
-            fn()
-    rounds = max(settings.min_reps,
-                 min(1000, int(settings.rep_ms / max(max(estimates_ms, default=0), 1e-3))))
-    times: list[list[float]] = [[] for _ in fns]
-    order = list(range(len(fns)))
-    for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            timer(fns[k], times[k])
-        timer.collect()
-    return [_summary(t) for t in times]
-
-
 def matmul_rate(settings: Settings) -> dict:
     """The device's own dense-GEMM rate: an n x n x n matmul in the benchmark dtype."""
     dev = settings.device
@@ -373,12 +276,12 @@ def matmul_rate(settings: Settings) -> dict:
     a = torch.randn(n, n, device=dev, dtype=settings.dtype)
     b = torch.randn(n, n, device=dev, dtype=settings.dtype)
     torch.mm(a, b)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     torch.mm(a, b)
-    _sync(dev)
+    sync(dev)
     (stats,) = time_alternating([lambda: torch.mm(a, b)], [(time.perf_counter() - t0) * 1e3],
-                                dev, settings)
+                                dev, settings.min_reps, settings.rep_ms)
     return {"n": n, "dtype": str(settings.dtype).removeprefix("torch."), **stats,
             "tflops": 2 * n**3 / (stats["median_ms"] * 1e-3) / 1e12}
 
@@ -401,7 +304,7 @@ def _step(loss_fn: LossFn, mode: str) -> Callable[[Inputs], tuple]:
 def _timed_once(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, (time.perf_counter() - t0) * 1e3
 
 
@@ -456,18 +359,11 @@ def _too_big(method: Method, problem: Problem) -> str | None:
         return None
     s = problem.shape
     need = method.logit_copies * s.n * (s.v + min(s.v, s.v_t)) * 4
-    free = _available_bytes()
+    free = available_bytes()
     if free is None or need <= free / 2:
         return None
     return (f"its full N x V logits need about {need / 2**30:.1f} GiB, more than half the "
             f"{free / 2**30:.1f} GiB free")
-
-
-def _available_bytes() -> int | None:
-    try:
-        return _proc_kib("MemAvailable", "/proc/meminfo") * 1024
-    except OSError:
-        return None
 
 
 def start_method(method: Method, problem: Problem, copies: list[Inputs], ref: Reference | None,
@@ -545,7 +441,8 @@ def run_problem(problem: Problem, methods: Sequence[Method], rate_tflops: float,
         timed += [(row, *step) for step in steps]
     try:
         stats = time_alternating([step for _, _, step, _ in timed],
-                                 [estimate for *_, estimate in timed], problem.device, settings)
+                                 [estimate for *_, estimate in timed], problem.device,
+                                 settings.min_reps, settings.rep_ms)
     except Exception as err:  # a failure in the timed rounds (OOM from drift, ...) spoils them all
         stats = [_failure(err, problem.shape)] * len(timed)
     for (row, mode, _, _), fig in zip(timed, stats, strict=True):

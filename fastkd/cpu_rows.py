@@ -2,10 +2,11 @@
 chunk's logit rows in a few passes over a row that stays in the core's cache, instead of the
 spec's ten or so V-wide tensor ops (each a trip through memory).
 
-`dense_rows` is the dense teacher's row op (`fastkd.loss`'s torch row op calls it), with the
-arguments of the Triton launcher `distill_rows`. The loop is C++ (cpu_rows.cpp, beside this
-file; its header lists the passes, docs/math.md derives them): fp32 arithmetic with double
-accumulators, exp, log1p and tanh as vector polynomials, rows split over torch's CPU threads
+`dense_rows` and `sparse_rows` are the dense and the sparse teacher's row ops (the torch row
+ops of `fastkd.loss` and `fastkd.sparse` call them), with the arguments of the Triton launchers
+`distill_rows` and `sparse_rows`. The loops are C++ (cpu_rows.cpp, beside this file; its
+header lists the passes, docs/math.md derives them): fp32 arithmetic with double accumulators,
+exp, log and tanh as vector polynomials, the rows split over torch's CPU threads
 (`torch.get_num_threads()`), one thread per block of rows. bf16 and fp16 logit buffers are read
 and written in place; float64 runs the spec (the native loop is fp32).
 
@@ -14,12 +15,13 @@ caller did not ask for return_components): no CE pass for ce_weight=0, no teache
 kd_weight=0 (the dense form then skips the teacher's GEMM too, passing no teacher logits).
 
 Built once per machine: the first call compiles cpu_rows.cpp with the system's C++ compiler
-($CXX, else c++) into `fsio.default_cache_dir()/native/cpu_rows-<key>.so` (about 1 s; the key
-hashes the source, the compiler's version, the flags and this CPU's model and feature flags, so
-a changed source or another machine gets its own build); every later call and process loads
-that file. Where it cannot be built or loaded (no compiler, a failed build), the row ops run the
-spec chunk by chunk instead (slower, the same results to rounding) and say so once, with a
-RuntimeWarning.
+($CXX, else c++) into `fsio.default_cache_dir()/native/cpu_rows-<key>.so` (3 to 5 s with g++
+12; the key hashes the source, the compiler's version, the flags and this CPU's model and feature
+flags, so a changed source or another machine gets its own build); every later process loads
+that file, and every call after the first in a process reuses it (options, shapes and dtypes
+are arguments: nothing is compiled per call). Where it cannot be built or loaded (no compiler,
+a failed build), the row ops run the spec chunk by chunk instead (slower, the same results to
+rounding) and say so once, with a RuntimeWarning.
 """
 
 from __future__ import annotations

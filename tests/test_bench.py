@@ -15,6 +15,7 @@ from _bench import REPO, import_bench
 from fastkd import reference
 
 harness = import_bench("harness")
+measure = import_bench("measure")
 methods = import_bench("methods")
 shapes = import_bench("shapes")
 
@@ -257,10 +258,9 @@ def test_timed_rounds_alternate_the_methods_order():
     warmed up: a shared machine's drift spreads over the methods instead of landing on one."""
     calls: list[str] = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
-    settings = _tiny_settings()
-    stats = harness.time_alternating(fns, [1.0, 1.0], torch.device("cpu"), settings)
+    stats = measure.time_alternating(fns, [1.0, 1.0], torch.device("cpu"), 3, 100.0)
     rounds = stats[0]["reps"]
-    assert rounds == stats[1]["reps"] == int(settings.rep_ms / 1.0)
+    assert rounds == stats[1]["reps"] == 100
     assert calls[:50] == ["a"] * 25 + ["b"] * 25  # 25 ms of warm-up each, at 1 ms a call
     assert calls[50:] == ["a", "b", "b", "a"] * (rounds // 2)
 
