@@ -26,6 +26,7 @@
 // the CPU's are narrower); exp, log and tanh are Cephes' single-precision polynomials (~1 ulp).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -683,17 +684,18 @@ float* scratch(int64_t n) {  // n floats, 64-byte aligned, or null
   return static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
 }
 
-// Rows [0, n) split into `threads` contiguous blocks, one thread each (the caller's included);
-// each thread gets two scratch arrays of width_x and width_y floats.
+// Rows [0, n) over `threads` threads (the caller's included), each taking the next row as it
+// finishes one: a thread the OS preempts on a shared machine holds up one row, not a block of
+// them. Each thread gets two scratch arrays of width_x and width_y floats.
 template <typename Body>
 int parallel_rows(int64_t n, int threads, int64_t width_x, int64_t width_y, Body body) {
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
   std::vector<int> failed(threads, 0);
+  std::atomic<int64_t> next{0};
   auto work = [&](int part) {
     float* buf = scratch(width_x + width_y);
     if (buf == nullptr) { failed[part] = 1; return; }
-    for (int64_t i = n * part / threads; i < n * (part + 1) / threads; ++i)
-      body(i, buf, buf + width_x);
+    for (int64_t i = next++; i < n; i = next++) body(i, buf, buf + width_x);
     std::free(buf);
   };
   std::vector<std::thread> pool;

@@ -6,8 +6,9 @@ spec's ten or so V-wide tensor ops (each a trip through memory).
 ops of `fastkd.loss` and `fastkd.sparse` call them), with the arguments of the Triton launchers
 `distill_rows` and `sparse_rows`. The loops are C++ (cpu_rows.cpp, beside this file; its
 header lists the passes, docs/math.md derives them): fp32 arithmetic with double accumulators,
-exp, log and tanh as vector polynomials, the rows split over torch's CPU threads
-(`torch.get_num_threads()`), one thread per block of rows. bf16 and fp16 logit buffers are read
+exp, log and tanh as vector polynomials, the rows dealt out to torch's CPU thread count
+(`torch.get_num_threads()`), each thread taking the next row when it finishes one (a thread
+preempted on a shared machine holds up one row, not a block). bf16 and fp16 logit buffers are read
 and written in place; float64 runs the spec (the native loop is fp32).
 
 A term whose weight is 0 is skipped when its value is not wanted (`components=False`: the

@@ -249,6 +249,14 @@ def test_without_a_compiler_the_spec_runs_and_says_so_once(tmp_path, monkeypatch
         DistillOptions(divergence="jsd", temperature=2.0))
     for loss in losses:
         assert loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    # kd_weight=0 without components: no teacher GEMM there either (the spec gets the student
+    # in the teacher's place, weighted 0)
+    ce_only = DistillOptions(ce_weight=1.0, kd_weight=0.0)
+    loss = fastkd.fused_distill_loss(**args, ce_weight=1.0, kd_weight=0.0)
+    want = reference.distill_loss(*(args[k].double() for k in (
+        "student_hidden", "student_weight", "teacher_hidden", "teacher_weight")), args["labels"],
+        ce_only)
+    assert loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
 
 
 @built
