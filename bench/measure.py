@@ -62,27 +62,35 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> tuple[object
 
 # ---- timing --------------------------------------------------------------------------------------
 
-def _summary(times_ms: Sequence[float]) -> dict:
+def _summary(times_ms: Sequence[float], cpu_ms: Sequence[float] = ()) -> dict:
+    """Quantiles of the wall times; on CPU also the median of the process's CPU time a call."""
     q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
                        torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
+    out = {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
+    if cpu_ms:
+        out["cpu_median_ms"] = torch.tensor(cpu_ms, dtype=torch.float64).median().item()
+    return out
 
 
 class Timer:
-    """Times single calls: CPU `time.perf_counter`; CUDA events around the call, the L2 flushed
-    (a 256 MiB buffer zeroed) before it, read at `collect` (one sync for many calls)."""
+    """Times single calls: CPU `time.perf_counter`, and the process's CPU time (all its threads:
+    steadier than the wall time where other work shares the cores, though it counts the threads'
+    spin-waits too); CUDA events around the call, the L2 flushed (a 256 MiB buffer zeroed)
+    before it, read at `collect` (one sync for many calls)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.flush = (torch.empty(256 * 2**20, dtype=torch.int8, device=device)
                       if device.type == "cuda" else None)
         self.pending: list[tuple[list, object, object]] = []
+        self.cpu_ms: dict[int, list[float]] = {}  # CPU time per call, by id of the wall list
 
     def __call__(self, fn: Callable[[], object], into: list) -> None:
         if self.flush is None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             into.append((time.perf_counter() - t0) * 1e3)
+            self.cpu_ms.setdefault(id(into), []).append((time.process_time() - c0) * 1e3)
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.flush.zero_()
@@ -114,7 +122,7 @@ def time_alternating(fns: Sequence[Callable[[], object]], estimates_ms: Sequence
         for k in (order if r % 2 == 0 else order[::-1]):
             timer(fns[k], times[k])
         timer.collect()
-    return [_summary(t) for t in times]
+    return [_summary(t, timer.cpu_ms.get(id(t), ())) for t in times]
 
 
 def available_bytes() -> int | None:

@@ -53,15 +53,16 @@ def _ok(row: dict, mode: str = "fwd_bwd") -> dict:
     return fig if fig and fig["status"] == "ok" else {}
 
 
-def _x_gemms(row: dict, floors: dict) -> float | None:
-    """fwd+bwd median over the floor method's at the same case and shape."""
+def _x_gemms(row: dict, floors: dict, key: str = "median_ms") -> float | None:
+    """fwd+bwd median (of `key`: wall or CPU time) over the floor method's at the same case and
+    shape."""
     floor = floors.get((row["case"], row["sweep"], row["x"]))
-    mine = _ok(row).get("median_ms")
-    return None if floor is None or mine is None else mine / floor
+    mine = _ok(row).get(key)
+    return None if floor is None or mine is None or key not in floor else mine / floor[key]
 
 
 def _floors(doc: dict) -> dict:
-    return {(r["case"], r["sweep"], r["x"]): _ok(r)["median_ms"] for r in doc["results"]
+    return {(r["case"], r["sweep"], r["x"]): _ok(r) for r in doc["results"]
             if r["method"] == "floor" and _ok(r)}
 
 
@@ -77,16 +78,19 @@ def _row_cells(row: dict, floors: dict) -> list[str]:
     ]
 
 
-def summary(doc: dict) -> list[str]:
+def summary(doc: dict, key: str = "median_ms") -> list[str]:
     """One line per case and shape: the GEMMs' time, then per method its fwd+bwd time over the
-    GEMMs' and its peak memory (the CPU floor grid's headline table)."""
+    GEMMs' and its peak memory (the CPU floor grid's headline table); key "cpu_median_ms": the
+    same by the process's CPU time."""
     floors = _floors(doc)
-    if not floors:
+    if not floors or not any(key in f for f in floors.values()):
         return []
     methods = [m for m in dict.fromkeys(r["method"] for r in doc["results"]) if m != "floor"]
     methods = [m for m in methods if any(r["method"] == m and _ok(r) for r in doc["results"])]
-    lines = ["## Summary: fwd+bwd time over the GEMMs alone (× GEMMs), and peak MiB", "",
-             "| case | V | N | GEMMs ms | " + " | ".join(methods) + " |",
+    title = ("## Summary: fwd+bwd time over the GEMMs alone (× GEMMs), and peak MiB"
+             if key == "median_ms" else
+             "## The same by CPU time: the process's CPU time a call over the GEMMs'")
+    lines = [title, "", "| case | V | N | GEMMs ms | " + " | ".join(methods) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(methods)]
     rows = {(r["case"], r["sweep"], r["x"], r["method"]): r for r in doc["results"]}
     for case, sweep, x in sorted(floors, key=lambda k: (
@@ -94,17 +98,20 @@ def summary(doc: dict) -> list[str]:
         cells = []
         for method in methods:
             row = rows.get((case, sweep, x, method))
-            ratio = None if row is None else _x_gemms(row, floors)
+            ratio = None if row is None else _x_gemms(row, floors, key)
             if ratio is None:
                 cells.append("—")
                 continue
-            peak = _ok(row).get("peak_mib")
+            peak = _ok(row).get("peak_mib") if key == "median_ms" else None
             cells.append(f"{ratio:.2f}×" + ("" if peak is None else f", {peak:.0f}"))
         floor_row = rows[(case, sweep, x, "floor")]
-        lines.append(f"| {case} | {floor_row['v']} | {x} | {floors[case, sweep, x]:.4g} | "
+        lines.append(f"| {case} | {floor_row['v']} | {x} | {floors[case, sweep, x][key]:.4g} | "
                      + " | ".join(cells) + " |")
-    return [*lines, "", "A dash: the method does not compute that loss, or was not run there "
-            "(see the case's table below for why).", ""]
+    note = ("A dash: the method does not compute that loss, or was not run there (see the case's "
+            "table below for why)." if key == "median_ms" else
+            "CPU time counts every thread of the process, spin-waits included: steadier than the "
+            "wall time where other work shares the cores, and no substitute for it.")
+    return [*lines, "", note, ""]
 
 
 def _sections(doc: dict) -> list[tuple[str, str, list[dict]]]:
@@ -172,7 +179,7 @@ def markdown(doc: dict) -> str:
         f"{'/'.join(str(q) for q in doc['quantiles'])} over the timed calls",
         f"- Matmul rate (the floor's yardstick): {mm['tflops']:.3g} TFLOP/s, {mm['n']}^3 "
         f"{mm['dtype']} GEMM, median of {mm['reps']}",
-        "", *summary(doc), COLUMNS, "",
+        "", *summary(doc), *summary(doc, "cpu_median_ms"), COLUMNS, "",
     ]
     header = ["method", "fwd ms", "fwd+bwd ms [p20, p80]", "TFLOP/s", "× floor", "× GEMMs",
               "peak MiB", "loss rel err", "dH rel err", "dW rel err"]

@@ -304,6 +304,9 @@ def test_the_floor_and_torch_linear_cross_entropy_beside_fastkd(monkeypatch):
     assert "ce and kd cases" in methods.METHODS["lce"].skip(jsd)
     assert all("GiB free" in r["reason"] for r in _rows(doc, "hungry"))
     table = import_bench("report").markdown(doc)
-    summary = table[table.index("## Summary"):table.index("Columns:")]
+    summary = table[table.index("## Summary"):table.index("## The same by CPU time")]
     assert summary.count("| kd |") == summary.count("| ce |") == 1
     assert "| GEMMs ms | lce |" in summary and "×, " in summary
+    by_cpu = table[table.index("## The same by CPU time"):table.index("Columns:")]
+    assert by_cpu.count("| kd |") == 1 and all(
+        r["fwd_bwd"]["cpu_median_ms"] > 0 for r in _rows(doc, "lce") if r["status"] == "ok")
