@@ -19,7 +19,7 @@ from torch import nn
 
 from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.data import Blocks
-from fastkd.loss import distill
+from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import LMHead, head_weight_and_bias
 from fastkd.options import DistillOptions
 
@@ -47,15 +47,13 @@ class StudentLoss(nn.Module):
         # The effective weight: W + (alpha / r) B @ A with a LoRA adapter on the output layer.
         w_s, b_s = head_weight_and_bias(self.model.get_output_embeddings())
         if cached is not None:  # offline: (ids, logprobs, tail) from a teacher cache
-            from fastkd.sparse import sparse_distill
-
             ids, logprobs, tail = cached
-            return sparse_distill(h_s, w_s, ids, logprobs, labels, self.opts, tail=tail,
-                                  student_bias=b_s, return_components=True, backend=self.backend)
+            return sparse_loss(h_s, w_s, ids, logprobs, labels, self.opts, tail=tail,
+                               student_bias=b_s, return_components=True, backend=self.backend)
         h_t, w_t, b_t = (h_s.detach(), w_s.detach(), b_s) if teacher is None else teacher
-        return distill(h_s, w_s, h_t, w_t, labels, self.opts, student_bias=b_s,
-                       teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                       backend=self.backend)
+        return dense_loss(h_s, w_s, h_t, w_t, labels, self.opts, student_bias=b_s,
+                          teacher_bias=None if b_t is None else b_t.detach(),
+                          return_components=True, backend=self.backend)
 
 
 class TeacherForward(nn.Module):

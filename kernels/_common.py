@@ -1,6 +1,6 @@
 """What the row kernels share: launch defaults, the divergence ids, and the @triton.jit helpers.
 
-Notation as in `distill.py`: a = s / T and b = t / T the tempered logits of the student and the
+Notation as in `dense.py`: a = s / T and b = t / T the tempered logits of the student and the
 teacher, q = softmax(a), p = softmax(b), online-logsumexp state (m_i, l_i). The divergences'
 per-id terms are written once here (`_divergence_terms`), for the dense kernel's streamed rows
 and the sparse kernel's buckets alike; so are a tile's load (logit scale, then softcap) and the
@@ -14,7 +14,7 @@ import triton.language as tl
 
 # Launch defaults: vocabulary tile and warps per row program. 16 warps put 8 elements (one 128-bit
 # bf16 load) per thread per tile; at 8 warps ptxas 13.4 spilled inside the row loops of some
-# variants (tests/test_distill.py checks the SASS). Unmeasured on a GPU: bench/gpu_profile.py
+# variants (tests/test_dense.py checks the SASS). Unmeasured on a GPU: bench/gpu_profile.py
 # sweeps both.
 DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 16

@@ -58,13 +58,13 @@ def models(tmp_path_factory):
 def test_repo_kernels_folder_does_not_shadow_hub_kernels():
     """From a clone's root (on sys.path), `import kernels` is Hugging Face's package, which TRL's
     import chain needs; without it, the folder still does not pose as it."""
-    code = ("from trl import DistillationTrainer; import kernels, fastkd.kernels.distill; "
-            "print(kernels.__file__); print(fastkd.kernels.distill.__file__)")
+    code = ("from trl import DistillationTrainer; import kernels, fastkd.kernels.dense; "
+            "print(kernels.__file__); print(fastkd.kernels.dense.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     hub, ours = out.stdout.split()
-    assert Path(hub).parent != ROOT / "kernels" and Path(ours) == ROOT / "kernels" / "distill.py"
+    assert Path(hub).parent != ROOT / "kernels" and Path(ours) == ROOT / "kernels" / "dense.py"
     bare = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT,  # no site
                           capture_output=True, text=True, timeout=60)
     assert "ModuleNotFoundError: No module named 'kernels'" in bare.stderr, bare.stderr[-2000:]

@@ -45,10 +45,9 @@ from contextlib import contextmanager
 import torch
 
 from fastkd import reference
-from fastkd.loss import distill
+from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import from_pretrained, head_weight_and_bias, lm_head, with_heads
 from fastkd.options import DistillOptions
-from fastkd.sparse import sparse_distill
 
 try:
     from accelerate.utils import extract_model_from_parallel
@@ -170,7 +169,7 @@ def fused_lm_loss(
     h_t, w_t, b_t = seen.pop()
     h_t = h_t[:, :-1]
 
-    return _student_loss(student, inputs, lambda hidden, weight, bias: distill(
+    return _student_loss(student, inputs, lambda hidden, weight, bias: dense_loss(
         hidden, weight, h_t, w_t, labels, opts, student_bias=bias, teacher_bias=b_t,
         backend=backend, chunk_size=chunk_size))
 
@@ -199,7 +198,7 @@ def fused_sparse_lm_loss(
                          f"{tuple(teacher_ids.shape)} must cover the {expected} next-token "
                          f"positions of input_ids {tuple(input_ids.shape)}")
     return _student_loss(student, {**inputs, "use_cache": False},
-                         lambda hidden, weight, bias: sparse_distill(
+                         lambda hidden, weight, bias: sparse_loss(
                              hidden, weight, teacher_ids, teacher_logprobs, labels, opts,
                              tail=tail, student_bias=bias, backend=backend,
                              chunk_size=chunk_size))

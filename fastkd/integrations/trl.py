@@ -58,10 +58,9 @@ from contextlib import contextmanager
 
 import torch
 
-from fastkd.loss import distill
+from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import head_weight_and_bias, lm_head, logit_scale, with_heads
 from fastkd.options import DistillOptions
-from fastkd.sparse import sparse_distill
 
 try:
     import trl.trainer.distillation_trainer as _trl_distillation
@@ -176,10 +175,10 @@ def fused_divergence_loss(
     labels = labels.long().masked_fill(~valid, IGNORE_INDEX)
     w_s, b_s = _same_dtype(student_hidden_states, student_lm_head_weight, student_lm_head_bias)
     w_t, b_t = _same_dtype(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias)
-    out = distill(student_hidden_states, w_s, teacher_hidden_states.detach(), w_t.detach(),
-                  labels, opts, student_bias=b_s,
-                  teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                  backend=backend, chunk_size=chunk_size)
+    out = dense_loss(student_hidden_states, w_s, teacher_hidden_states.detach(), w_t.detach(),
+                     labels, opts, student_bias=b_s,
+                     teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
+                     backend=backend, chunk_size=chunk_size)
     loss, entropy_sum = out.loss, out.entropy
     n_valid = valid.sum()
     if num_items_in_batch is None:
@@ -395,9 +394,9 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
             student_logit_scale=logit_scale(config))
         w_s, b_s = _same_dtype(h_s, w_s, b_s)
         labels = completion_ids.masked_fill(~required, IGNORE_INDEX).to(w_s.device)
-        loss = sparse_distill(h_s, w_s, ids.to(w_s.device), lps.to(w_s.device, h_s.dtype), labels,
-                              opts, tail=tail, student_bias=b_s, backend=self.backend,
-                              chunk_size=self.chunk_size)
+        loss = sparse_loss(h_s, w_s, ids.to(w_s.device), lps.to(w_s.device, h_s.dtype), labels,
+                           opts, tail=tail, student_bias=b_s, backend=self.backend,
+                           chunk_size=self.chunk_size)
         return loss / required.sum().clamp(min=1)
 
 

@@ -1,4 +1,4 @@
-"""Row kernel of the fused distillation loss: per-token loss and dloss/dlogits over the vocabulary.
+"""Row kernel of the fused dense loss: per-token loss and dloss/dlogits over the vocabulary.
 
 For one chunk of n tokens the caller has formed, with cuBLAS, the student logits z_s (n, V) and the
 teacher logits z_t (n, K), K = min(V, V_t), bias included. One program handles one row (token) and
@@ -76,8 +76,8 @@ from fastkd.kernels._common import (
     option_scalars,
 )
 
-__all__ = ["DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "ROW_PARAMS", "STATS", "distill_grad",
-           "distill_partials", "distill_rows", "distill_stats"]
+__all__ = ["DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "ROW_PARAMS", "STATS", "dense_grad",
+           "dense_partials", "dense_rows", "dense_stats"]
 
 
 @triton.jit
@@ -203,7 +203,7 @@ def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, m_
 
 
 @triton.jit
-def distill_rows_kernel(
+def dense_rows_kernel(
     # pointers
     s_ptr,  # (n, V) student logits z_s, rows stride_s >= V apart, any float dtype; overwritten
     #         by dloss/dz_s if COMPUTE_GRAD (and 0 in the pad columns [V, stride_s))
@@ -276,17 +276,17 @@ def distill_rows_kernel(
 
 # ---- vocab-parallel entry points: the same passes, split around the ranks' all-reduces --------
 # On a rank holding vocabulary ids [vocab_start, vocab_start + V) of the student (K of them shared
-# with the teacher), the caller runs distill_stats_kernel, combines the rows' statistics over the
+# with the teacher), the caller runs dense_stats_kernel, combines the rows' statistics over the
 # ranks (logsumexps, e weighted by each rank's mass, s_y summed, the entropies weighted by each
-# rank's share of q), then for the three-pass divergences distill_partials_kernel and an
-# all-reduce of (D, S), then distill_grad_kernel.
+# rank's share of q), then for the three-pass divergences dense_partials_kernel and an
+# all-reduce of (D, S), then dense_grad_kernel.
 STATS = tl.constexpr(6)  # per row: L_s, L_a, L_b, e, s_y, H (local)
 ROW_PARAMS = tl.constexpr(4)  # per row: L_s, L_a, L_b, c (global)
 
 
 @triton.jit
-def distill_stats_kernel(
-    s_ptr, t_ptr, y_ptr,  # as distill_rows_kernel
+def dense_stats_kernel(
+    s_ptr, t_ptr, y_ptr,  # as dense_rows_kernel
     stats_ptr,  # (n, STATS) fp32 out: this shard's L_s, L_a, L_b, e, s_y (0 if y elsewhere), H
     V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, s_cap, t_cap, s_scale,
     t_scale, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
@@ -311,8 +311,8 @@ def distill_stats_kernel(
 
 
 @triton.jit
-def distill_partials_kernel(
-    s_ptr, t_ptr,  # as distill_rows_kernel
+def dense_partials_kernel(
+    s_ptr, t_ptr,  # as dense_rows_kernel
     params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b (c unused)
     out_ptr,  # (n, 2) fp32 out: this shard's D and S = sum q g
     K, stride_s, stride_t, temperature, mix, s_cap, t_cap, s_scale, t_scale,
@@ -330,8 +330,8 @@ def distill_partials_kernel(
 
 
 @triton.jit
-def distill_grad_kernel(
-    s_ptr, t_ptr, y_ptr, scale_ptr,  # as distill_rows_kernel; G is written over s_ptr
+def dense_grad_kernel(
+    s_ptr, t_ptr, y_ptr, scale_ptr,  # as dense_rows_kernel; G is written over s_ptr
     params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b and c (E_q[a - b] or S)
     V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, ce_weight, kd_weight, mix,
     s_cap, t_cap, s_scale, t_scale,
@@ -363,7 +363,7 @@ def _teacher_rows(student_logits, teacher_logits):
     return student_logits.as_strided((student_logits.shape[0], 0), (0, 1))
 
 
-def distill_rows(
+def dense_rows(
     student_logits,
     teacher_logits,
     labels,
@@ -383,30 +383,30 @@ def distill_rows(
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_rows_kernel[(n,)](
+    dense_rows_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
         out, vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
-        **option_scalars(opts, distill_rows_kernel), COMPUTE_GRAD=compute_grad,
+        **option_scalars(opts, dense_rows_kernel), COMPUTE_GRAD=compute_grad,
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
 
-def distill_stats(student_logits, teacher_logits, labels, stats_out, vocab_start: int, opts,
+def dense_stats(student_logits, teacher_logits, labels, stats_out, vocab_start: int, opts,
                   block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """This shard's per-row statistics into stats_out (n, STATS), for the vocab-parallel loss."""
     n, vocab = student_logits.shape
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_stats_kernel[(n,)](
+    dense_stats_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else stats_out, stats_out,
         vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
-        vocab_start, **option_scalars(opts, distill_stats_kernel),
+        vocab_start, **option_scalars(opts, dense_stats_kernel),
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
 
-def distill_partials(student_logits, teacher_logits, params, out, opts,
+def dense_partials(student_logits, teacher_logits, params, out, opts,
                      block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """This shard's (D, S) per row into out (n, 2), given the global params (n, ROW_PARAMS)."""
     n, vocab = student_logits.shape
@@ -415,14 +415,14 @@ def distill_partials(student_logits, teacher_logits, params, out, opts,
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
     meta = _meta(opts, None, vocab, block_v, num_warps)
     del meta["HAS_LABELS"]
-    distill_partials_kernel[(n,)](
+    dense_partials_kernel[(n,)](
         student_logits, teacher_logits, params, out, teacher_logits.shape[1],
         student_logits.stride(0), teacher_logits.stride(0),
-        **option_scalars(opts, distill_partials_kernel), **meta,
+        **option_scalars(opts, dense_partials_kernel), **meta,
     )
 
 
-def distill_grad(student_logits, teacher_logits, labels, row_scale, params, vocab_start: int,
+def dense_grad(student_logits, teacher_logits, labels, row_scale, params, vocab_start: int,
                  opts, block_v: int = DEFAULT_BLOCK_V,
                  num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """G = r dloss/dz_s over student_logits, given the global params (n, ROW_PARAMS)."""
@@ -430,9 +430,9 @@ def distill_grad(student_logits, teacher_logits, labels, row_scale, params, voca
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_grad_kernel[(n,)](
+    dense_grad_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
         params, vocab, teacher_logits.shape[1], student_logits.stride(0),
-        teacher_logits.stride(0), vocab_start, **option_scalars(opts, distill_grad_kernel),
+        teacher_logits.stride(0), vocab_start, **option_scalars(opts, dense_grad_kernel),
         **_meta(opts, labels, vocab, block_v, num_warps),
     )

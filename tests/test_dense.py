@@ -1,10 +1,10 @@
-"""The fused loss against the float64 plain-torch spec, on both row ops: the chunked torch path and
-the
-Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient are compared.
+"""The fused dense loss against the float64 plain-torch spec, on both row ops: the chunked torch
+path and the Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient
+are compared.
 
 The bf16 cases through backend="triton" also guard the interpreter's known bf16 `tl.dot` fault
-(Triton
-3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail them.
+(Triton 3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail
+them.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def test_no_grad_mode_returns_the_same_loss():
 def test_kernel_writes_every_output(divergence):
     """Poison the outputs, run the kernel on one chunk, compare row by row with the torch row op."""
     from fastkd.autograd import padded_rows
-    from fastkd.loss import DENSE_ROWS
+    from fastkd.dense import DENSE_ROWS
 
     g = torch.Generator().manual_seed(19)
     n, vocab, shared = 11, 1500, 1400  # not multiples of the block; K < V
@@ -328,10 +328,9 @@ from pathlib import Path
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
-from fastkd.kernels.distill import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
-from fastkd.kernels.distill import distill_rows_kernel as kernel
-from fastkd.kernels.distill import (distill_grad_kernel, distill_partials_kernel,
-                                    distill_stats_kernel)
+from fastkd.kernels.dense import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
+from fastkd.kernels.dense import dense_rows_kernel as kernel
+from fastkd.kernels.dense import dense_grad_kernel, dense_partials_kernel, dense_stats_kernel
 from fastkd.kernels.sparse import BLOCK_M_DEFAULT, TAIL_IDS, sparse_rows_kernel
 PTXAS = get_ptxas(90).path  # the ptxas Triton itself builds sm_90 with; cuobjdump ships beside it
 CUOBJDUMP = str(Path(PTXAS).with_name("cuobjdump"))
@@ -363,7 +362,15 @@ def analyse(name, types, consts, aligned_names, variant):
     loops = [(int(m.group(1), 16), a) for a, op in code
              if (m := re.search(r"BRA\s+0x([0-9a-f]+)", op)) and int(m.group(1), 16) < a]
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
+    # the instruction mix: SASS opcodes by family (the part before the first dot), in the whole
+    # kernel and inside its loops (where the row's time goes)
+    mix, in_loops = {}, 0
+    for a, op in code:
+        family = re.match(r"(?:@!?\w+\s+)?(\w+)", op).group(1)  # past a predicate (@P0, @!PT)
+        mix[family] = mix.get(family, 0) + 1
+        in_loops += any(lo <= a <= hi for lo, hi in loops)
     return dict(variant=variant, cubin=len(compiled.asm["cubin"]),
+                sass=len(code), sass_in_loops=in_loops, mix=mix,
                 loads=re.findall(r"ld\.global[\w.:]*", ptx),
                 stores=re.findall(r"st\.global[\w.:]*", ptx),
                 regs=int(re.search(r"Used (\d+) registers", info).group(1)),
@@ -385,15 +392,15 @@ for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6),
 ptrs = ("s_ptr", "t_ptr", "y_ptr", "scale_ptr", "stride_s", "stride_t")
 for div in range(6):
     caps = dict(HAS_S_CAP=True, HAS_T_CAP=True, BLOCK_V=DEFAULT_BLOCK_V, DIVERGENCE=div)
-    jobs.append(("distill_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
+    jobs.append(("dense_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
                                         "i64", "i32", "i32"] + ["fp32"] * 5
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs[:3] + ptrs[4:],
                  ["tp-stats", div]))
     if div >= 2:
-        jobs.append(("distill_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
+        jobs.append(("dense_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
                                                "i64"] + ["fp32"] * 6
                      + ["constexpr"] * 4, caps, ptrs[:2] + ptrs[4:], ["tp-partials", div]))
-    jobs.append(("distill_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
+    jobs.append(("dense_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
                                        "i64", "i64", "i32", "i32"] + ["fp32"] * 8
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div]))
 # the cached-teacher (sparse) kernel: every tail and divergence it takes, bf16 logits, int32 ids
