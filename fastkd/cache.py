@@ -228,7 +228,7 @@ def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: in
 
 def _all_ranks(local):
     """Every rank's `local` (a picklable value), in rank order."""
-    from fastkd import distributed  # (it imports the trainer's modules, which import this)
+    from fastkd import distributed
 
     if not distributed.is_distributed():
         return [local]

@@ -30,10 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# The modules this file wraps (imported from here too, as they once lived here).
-from fastkd.batch_loss import StudentLoss, TeacherForward  # noqa: F401
-from fastkd.config import PARALLEL, TEACHER_PLACEMENTS  # noqa: F401
-
 log = logging.getLogger("fastkd")
 _MESH = None  # the 1-D device mesh FSDP shards over, set by init()
 _OWNED = False  # whether init() created the process group (then teardown() destroys it)
@@ -196,7 +192,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def wrap_student(module: StudentLoss, parallel: str, bf16: bool, device: torch.device):
+def wrap_student(module: nn.Module, parallel: str, bf16: bool, device: torch.device):
     """FSDP2 (each decoder layer, then the root) or DDP; the module itself with one process.
 
     FSDP on CUDA with bf16: bf16 parameters in compute, fp32 gradient reduction, fp32 shards
@@ -222,7 +218,7 @@ def wrap_student(module: StudentLoss, parallel: str, bf16: bool, device: torch.d
     return fully_shard(module, mesh=_MESH, mp_policy=mp)
 
 
-def wrap_teacher(module: TeacherForward, placement: str, device: torch.device):
+def wrap_teacher(module: nn.Module, placement: str, device: torch.device):
     """Shard the teacher forward-only (resharded after each forward), or replicate it."""
     if not is_distributed() or placement == "replicate":
         return module.to(device)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastkd import reference
+from fastkd.batch_loss import StudentLoss, TeacherForward
 from fastkd.data import load_blocks
-from fastkd.distributed import StudentLoss, TeacherForward
 from fastkd.options import DistillOptions
 from fastkd.trainer import (
     DistillConfig,

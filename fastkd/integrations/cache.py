@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from fastkd.integrations.transformers import CACHE_COLUMNS
 from fastkd.options import DistillOptions
 
-__all__ = ["CacheDataset", "cache_collator"]
+__all__ = ["CACHE_COLUMNS", "CacheDataset", "cache_collator"]
+# A teacher cache's targets in a batch: the loss's, not the models' (the trainer keeps them apart).
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
 
 class CacheDataset(torch.utils.data.Dataset):

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 import torch
 
 from fastkd import reference
+from fastkd.integrations.cache import CACHE_COLUMNS
 from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import from_pretrained, head_weight_and_bias, lm_head, with_heads
 from fastkd.options import DistillOptions
@@ -58,10 +59,8 @@ except ImportError as err:  # transformers.Trainer needs accelerate
         "pip install fastkd[hf]"
     ) from err
 
-__all__ = ["CACHE_COLUMNS", "FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss",
-           "model_inputs", "output_layer", "shifted_labels"]
-# A teacher cache's targets in a batch (fastkd.integrations.cache): the loss's, not the models'.
-CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs")
+__all__ = ["FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss", "model_inputs",
+           "output_layer", "shifted_labels"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
