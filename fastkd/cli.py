@@ -27,9 +27,9 @@ from fastkd.config import (
     RUNTIME_FIELDS,
     TEACHER_DTYPES,
     TEACHER_PLACEMENTS,
-    UTF8_ERRORS,
     DistillConfig,
 )
+from fastkd.fsio import UTF8_ERRORS
 from fastkd.options import BACKENDS, CHOICES, TRAINER_OPTIONS, DistillOptions
 
 # Flags that map to no DistillConfig field of the same name.

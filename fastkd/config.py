@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
+from fastkd.fsio import UTF8_ERRORS
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
 
 # This module imports no torch: `fastkd --help` and argument errors need only the config.
@@ -27,7 +28,6 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("fsdp", "ddp")  # the student under torchrun (fastkd.distributed)
 TEACHER_PLACEMENTS = ("shard", "replicate")  # the teacher under torchrun
 REPORT_TO = ("none", "tensorboard")
-UTF8_ERRORS = ("strict", "replace")  # how data files that are not UTF-8 are read (fastkd.data)
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
                   "dist_timeout", "report_to")

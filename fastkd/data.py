@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fastkd.config import UTF8_ERRORS
+from fastkd.fsio import UTF8_ERRORS
 
 SPLIT_SEED = 1234  # the held-out split is the same for every training seed
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from fastkd.config import UTF8_ERRORS
+from fastkd.fsio import UTF8_ERRORS
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
