@@ -428,12 +428,13 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
     """The interpreter is lenient; the real compiler is not. Build sm_90 cubins without a GPU,
     specialised as a launch on padded buffers would be, and read the PTX, ptxas's report and the
     SASS: every logit load and store is 128-bit (`.v4`) at V = 50257, and no local-memory access
-    sits inside a loop. Every kernel: the fused row kernel, the vocab-parallel entry points and
-    the cached-teacher (sparse) kernel, whose k-slot gathers and scatters are scalar by nature.
-    (ptxas parks a loop-invariant value or two in local memory in a few variants, stored once
-    before the row loops and loaded once after: 8-32 bytes per program, reported as spill_bytes;
-    the assertion is on what would cost, a spill in the loops.) Passes with Triton 3.9 and with
-    3.6, the version in the GPU machines' image."""
+    sits inside a loop. It also reports each variant's registers and SASS instruction mix (printed
+    with -s), the numbers a kernel change is held to. Every kernel: the fused row kernel, the
+    vocab-parallel entry points and the cached-teacher (sparse) kernel, whose k-slot gathers and
+    scatters are scalar by nature. (ptxas parks a loop-invariant value or two in local memory in a
+    few variants, stored once before the row loops and loaded once after: 8-32 bytes per program,
+    reported as spill_bytes; the assertion is on what would cost, a spill in the loops.) Passes with
+    Triton 3.9 and with 3.6, the version in the GPU machines' image."""
     import json
     import os
     import subprocess
@@ -444,6 +445,10 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in report:  # with -s: what a kernel change must keep (registers, instruction mix)
+        top = sorted(r["mix"].items(), key=lambda kv: -kv[1])[:8]
+        print(r["variant"], f"regs {r['regs']} sass {r['sass']} in loops {r['sass_in_loops']}",
+              " ".join(f"{op} {n}" for op, n in top))
     sparse = [r for r in report if r["variant"][0] == "sparse"]
     tp = [r for r in report if str(r["variant"][0]).startswith("tp-")]
     assert len(sparse) == 6 + 6 + 1 + 1
