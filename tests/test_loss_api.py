@@ -4,6 +4,8 @@ chunk.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _device import DEVICE
@@ -176,6 +178,29 @@ def test_option_docs_and_signature_come_from_the_options_table(name):
         assert params[field.name].default == field.default, field.name
         line = f"{field.name} ({field.type}, default {field.default!r}): {field.metadata['doc']}"
         assert " ".join(line.split()) in doc, field.name
+
+
+def test_docs_option_table_matches_the_signature():
+    """docs/loss.md's table of arguments gives each one's default as the signature has it (the
+    options' from DistillOptions' fields), and lists every option."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    params = inspect.signature(fastkd.fused_distill_loss).parameters
+    listed = set()
+    for line in (Path(__file__).parents[1] / "docs" / "loss.md").read_text().splitlines():
+        cells = line.split(" | ")
+        names = re.findall(r"`(\w+)`", cells[0])
+        if len(cells) < 3 or not names or not set(names) <= set(params):
+            continue
+        defaults = [ast.literal_eval(x) for x in re.findall(r"`([^`]+)`", cells[1])]
+        for name, default in zip(names, defaults * len(names) if len(defaults) == 1 else defaults,
+                                 strict=True):
+            assert params[name].default == default, (name, default)
+            listed.add(name)
+    assert {f.name for f in dataclasses.fields(fastkd.DistillOptions)} <= listed
 
 
 def test_module_rejects_bad_options_at_construction():
