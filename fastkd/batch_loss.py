@@ -5,7 +5,7 @@ or against the teacher's cached targets.
 forward is where FSDP gathers the parameters, so the fused loss, which needs the LM head's whole
 weight, runs inside it. The student's loss never sees full logits: the fused loss takes the base
 model's last hidden states and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the
-vocabulary (fastkd.loss); from a teacher cache, the sparse loss (fastkd.sparse) on the cached
+vocabulary (fastkd.loss); from a teacher cache, the sparse loss (fastkd.loss too) on the cached
 (id, log-probability) pairs.
 
 `batch_loss` feeds one batch of packed sequences (fastkd.data.Blocks, or fastkd.cache.CachedBlocks
