@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from fastkd.config import UTF8_ERRORS
+from fastkd.config import UTF8_ERRORS, check_num_proc
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
@@ -47,8 +47,10 @@ class CachePlan:
     teacher_dtype: str = "auto"
     dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
     progress: bool = True
-    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    packing: bool = True  # as DistillConfig's (fastkd.store.load_blocks)
     utf8_errors: str = "strict"
+    data_cache: str | None = None  # where the data's token store lives (fastkd.store)
+    num_proc: int | None = None  # processes that prepare it (fastkd.prepare)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -85,6 +87,7 @@ class CachePlan:
         if self.utf8_errors not in UTF8_ERRORS:
             raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
                              f"{self.utf8_errors!r}")
+        check_num_proc(self.num_proc)
 
 
 @dataclass

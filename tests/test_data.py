@@ -1,5 +1,6 @@
-"""fastkd.data: reading text / jsonl / chat / prompt-completion / parquet / saved datasets, UTF-8,
-packing, the held-out split and resumable batches."""
+"""fastkd.readers, fastkd.tokens, fastkd.data: reading text / jsonl / json / chat /
+prompt-completion / pre-tokenized / parquet / saved datasets, UTF-8, packing, the held-out split and
+resumable batches."""
 
 from __future__ import annotations
 
@@ -9,18 +10,10 @@ import pytest
 import torch
 from _trainer_fixtures import CHATML, CHATML_GENERATION, build_chat_tokenizer, chats
 
-from fastkd.data import (
-    Batches,
-    Blocks,
-    fit_examples,
-    load_blocks,
-    pack,
-    pack_examples,
-    read_documents,
-    read_records,
-    split,
-    tokenize_examples,
-)
+from fastkd.data import Batches, Blocks, Fitter, pack, pack_examples, split
+from fastkd.readers import read_documents, read_records
+from fastkd.store import load_blocks
+from fastkd.tokens import tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +197,21 @@ def test_pack_examples_keeps_examples_whole_and_apart():
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]] and rows.counted.shape == (1, 6)
 
 
+def fit_all(examples, seq_len, where):
+    fitter = Fitter(seq_len, where)
+    kept = [e for e in (fitter.fit(*example) for example in examples) if e is not None]
+    fitter.finish()
+    return kept
+
+
 def test_fit_examples_cuts_long_examples_and_drops_those_left_without_targets(caplog):
     t, f = True, False
     examples = [([1, 2, 3, 4, 5], [f, f, t, t, t]), ([6, 7, 8, 9], [f, f, f, t]), ([1, 2], [t, f])]
-    assert fit_examples(examples, 3, "x.jsonl") == [([1, 2, 3], [f, f, t])]
+    assert fit_all(examples, 3, "x.jsonl") == [([1, 2, 3], [f, f, t])]
     assert "x.jsonl: 2 of 3 examples are longer than seq_len=3 and were cut; 2 kept no target" \
         in caplog.text
     with pytest.raises(ValueError, match="x.jsonl: no example has a target"):
-        fit_examples(examples[1:], 3, "x.jsonl")
+        fit_all(examples[1:], 3, "x.jsonl")
 
 
 def test_parquet_and_saved_datasets_read_like_jsonl(chat_tokenizer, tmp_path):
@@ -226,6 +226,7 @@ def test_parquet_and_saved_datasets_read_like_jsonl(chat_tokenizer, tmp_path):
     ds_blocks = load_blocks([str(tmp_path / "chat-ds"), str(tmp_path / "pc.parquet")],
                             chat_tokenizer, 96, 0.2)
     for a, b in zip(jsonl_blocks, ds_blocks, strict=True):
+        a, b = a.load(), b.load()
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.counted, b.counted)
         assert torch.equal(a.position_ids, b.position_ids)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pc),
@@ -249,7 +250,8 @@ def test_load_blocks_mixes_text_and_examples(chat_tokenizer, tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("def heappush(heap, item):\n    heap.append(item)\n" * 8)
     chat = write_jsonl(tmp_path / "chat.jsonl", chats() * 4)
-    train, held = load_blocks([str(text), str(chat)], chat_tokenizer, 96, 0.25)
+    train, held = (rows.load() for rows in load_blocks([str(text), str(chat)], chat_tokenizer, 96,
+                                                       0.25))
     rows = Blocks(torch.cat([train.input_ids, held.input_ids]),
                   torch.cat([train.attention_mask, held.attention_mask]),
                   counted=torch.cat([train.counted, held.counted]),
