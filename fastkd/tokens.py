@@ -34,17 +34,23 @@ LOAD_KWARGS = {"name_or_path", "is_local", "local_files_only", "_commit_hash", "
 
 
 def fingerprint(tokenizer) -> str:
-    """sha256 of what decides a tokenizer's ids and templates: its class, its backend's full
-    serialisation (fast tokenizers) or vocabulary (slow ones), its settings, special ids and
-    chat template."""
+    """sha256 of what decides a tokenizer's ids and renderings: its class, special tokens and ids,
+    chat template and, for a fast tokenizer, its backend's full serialisation (normalizer,
+    pre-tokenizer, model, added tokens); for a slow one, its vocabulary and settings. The same
+    for a tokenizer built in memory and the one loaded from its save_pretrained directory."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = {"class": f"{type(tokenizer).__module__}.{type(tokenizer).__name__}",
-             "size": len(tokenizer), "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+             "size": len(tokenizer), "special": tokenizer.all_special_tokens,
+             "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
              "chat_template": getattr(tokenizer, "chat_template", None),
-             "settings": {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
-                          if k not in LOAD_KWARGS and not k.endswith("_file")},
-             "backend": backend.to_str() if backend is not None else None,
-             "vocab": None if backend is not None else sorted(tokenizer.get_vocab().items())}
+             "split_special_tokens": getattr(tokenizer, "split_special_tokens", None)}
+    if backend is not None:
+        parts["backend"] = backend.to_str()
+    else:
+        settings = {k: getattr(v, "content", v) for k, v in tokenizer.init_kwargs.items()
+                    if k not in LOAD_KWARGS and not k.endswith("_file")}
+        parts.update(vocab=sorted(tokenizer.get_vocab().items()), settings={
+            k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))})
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
