@@ -298,6 +298,8 @@ def _object(where: str, record) -> dict:
 def _dataset_rows(path: Path, meter: Meter) -> tuple[str, Iterator]:
     """A .parquet file (pyarrow, by row batches) or a save_to_disk directory (`datasets`,
     memory-mapped): (format, its rows as dicts of the format's columns)."""
+    if path.is_dir() and _saved_files(path) == []:  # `datasets` then fails to load it
+        raise ValueError(f"{path}: the dataset is empty (0 rows)")
     try:
         if path.is_dir():
             import datasets
@@ -343,6 +345,14 @@ def _dataset_rows(path: Path, meter: Meter) -> tuple[str, Iterator]:
                 meter(size * len(records) // rows)
 
     return fmt, batches()
+
+
+def _saved_files(path: Path) -> list | None:
+    """The data files a saved Dataset's state.json lists (None: not a Dataset's, or unreadable)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _one_split(path: Path, data):

@@ -132,3 +132,26 @@ def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alon
             count += int(targets.sum())
     assert count == heldout.count_targets() > 0
     assert got["ce"] == pytest.approx(ce / count, rel=1e-5)
+
+
+def test_a_run_whose_data_options_differ_from_the_caches_is_refused(assets, tmp_path, capsys):
+    from fastkd.cache import CachePlan, cache_teacher
+    from fastkd.cli import main
+
+    cache = tmp_path / "cache"
+    cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[assets["data"]], out=str(cache),
+                            k=2, seq_len=160, progress=False))  # packed, strict UTF-8
+    run = ["distill", "--teacher-cache", str(cache), "--tokenizer", str(assets["teacher"]),
+           "--student", str(assets["student"]), "--data", assets["data"], "--seq-len", "160",
+           "--temperature", "1", "--steps", "1", "--batch-size", "2", "--no-report",
+           "--no-progress"]
+    for option, message in (("--no-packing", "packing is False, the cache's is True"),
+                            ("--utf8-errors=replace", "utf8_errors is 'replace', the cache's is "
+                                                      "'strict'")):
+        with pytest.raises(SystemExit) as stop:
+            main([*run, option, "--out", str(tmp_path / option.strip("-"))])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"teacher_cache: the run's {message} ({cache})" in err
+        assert not (tmp_path / option.strip("-")).exists()  # refused before the run starts
+    assert main([*run, "--out", str(tmp_path / "same")]) == 0  # the cache's own options train

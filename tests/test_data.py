@@ -292,3 +292,62 @@ def test_batches_cover_each_epoch_once_and_resume_exactly():
     assert [next(other_seed).input_ids.flatten().tolist() for _ in range(3)] != epoch0
     with pytest.raises(ValueError, match="fewer than batch_size"):
         Batches(blocks, batch_size=11, seed=0)
+
+
+def test_json_arrays_json_lines_and_sharegpt_are_read_as_records(chat_tokenizer, tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"text": "def f(): pass"}, {"text": "x = 1", "id": 2}]))
+    assert read_records(array) == ("text", [(f"{array} element 0", {"text": "def f(): pass"}),
+                                            (f"{array} element 1", {"text": "x = 1"})])
+    lines = write_jsonl(tmp_path / "b.json", [{"text": "def f(): pass"}, {"text": "x = 1"}])
+    assert read_documents(lines) == ["def f(): pass", "x = 1"]
+    sharegpt = [{"conversations": [{"from": "system", "value": m["messages"][0]["content"]}]
+                 + [{"from": {"user": "human", "assistant": "gpt"}.get(m2["role"], "system"),
+                     "value": m2["content"]} for m2 in m["messages"][1:]]} for m in chats()]
+    fmt, records = read_records(write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt))
+    assert fmt == "chat" and [r["messages"] for _, r in records] == [
+        [{"role": "system", "content": c["messages"][0]["content"]}, *c["messages"][1:]]
+        for c in chats()]
+    # A JSON array of chats trains on the same rows as the same chats in JSON Lines.
+    chat_array = tmp_path / "chats.json"
+    chat_array.write_text(json.dumps(chats()))
+    got, want = (load_blocks([str(p)], chat_tokenizer, 96, 0.3) for p in
+                 (chat_array, write_jsonl(tmp_path / "chats.jsonl", chats())))
+    assert torch.equal(got[0].load().input_ids, want[0].load().input_ids)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [sharegpt[0], {"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: conversation turn 1 is from 'bot'; "
+                                         r"fastkd reads ShareGPT turns from .*convert the record"):
+        read_records(bad)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"version": 1, "data": [{"text": "x"}]}, indent=2))
+    with pytest.raises(ValueError, match=r"one.json: one JSON object .* not JSON Lines or an "
+                                         r"array of records; .*jq -c '.data\[\]'"):
+        read_records(one)
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"strings.json element 0: expected a JSON object, got "
+                                         r"str"):
+        read_records(strings)
+
+
+def test_an_empty_dataset_and_null_content_are_refused_naming_the_file(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match=r"e.parquet: the dataset is empty \(0 rows\)"):
+        read_records(tmp_path / "e.parquet")
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "e-ds"))
+    with pytest.raises(ValueError, match=r"e-ds: the dataset is empty \(0 rows\)"):
+        read_records(tmp_path / "e-ds")
+    null = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    path = write_jsonl(tmp_path / "null.jsonl", [chats()[0], {"messages": null}])
+    with pytest.raises(ValueError, match=r'null.jsonl:2: message 1 \(assistant\) has no '
+                                         r'"content" \(null\)'):
+        read_records(path)
+    calls = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                 "tool_calls": [{"name": "f"}]},
+             {"role": "assistant", "content": "done"}]
+    assert read_records(write_jsonl(tmp_path / "tools.jsonl", [{"messages": calls}]))[0] == "chat"
