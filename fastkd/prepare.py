@@ -108,6 +108,19 @@ def input_bytes(sources: list[Path]) -> int:
 # Writing one part: rows into record batches of an Arrow stream.
 
 
+def to_arrow(values: np.ndarray):
+    """A 1-D numpy array as an Arrow array over its buffer (bools bit-packed). Not `pa.array`:
+    on numpy input that imports pandas, a second's start-up in a process that needs none."""
+    import pyarrow as pa
+
+    if values.dtype == bool:
+        return pa.Array.from_buffers(pa.bool_(), len(values), [
+            None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [None, pa.py_buffer(values)])
+
+
 class PartWriter:
     """Rows appended to an Arrow IPC stream at path (created with the first row), in record
     batches of chunk_rows; `close` returns the part's manifest entry, with each chunk's rows,
@@ -146,7 +159,7 @@ class PartWriter:
             self.writer = pa.ipc.new_stream(self.sink, self.schema)
         columns = []
         for name, buffer in self.buffers.items():
-            values = pa.array(buffer[:self.filled].reshape(-1))
+            values = to_arrow(buffer[:self.filled].reshape(-1))
             columns.append(values if name == "length" else
                            pa.FixedSizeListArray.from_arrays(values, self.seq_len))
         start = self.sink.tell()
@@ -227,7 +240,7 @@ class Preparation:
         self.stats = {"tokenized": 0, "tokens": 0, "targets": 0}
 
     def run(self) -> dict:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             with Encoder(self.tokenizer, self.num_proc) as encoder:
                 for source in self.sources:
@@ -251,7 +264,8 @@ class Preparation:
                 "packed": example_rows > 0 and self.spec.packing, **self.stats,
                 "padding": 1 - self.stats["tokens"] / max(1, rows * self.spec.seq_len),
                 "seconds": seconds, "tokens_per_s": self.stats["tokenized"] / max(seconds, 1e-9),
-                "num_proc": self.num_proc}
+                # this process's CPU seconds, every thread's (the tokenizer's too; not workers')
+                "cpu_seconds": time.process_time() - cpu, "num_proc": self.num_proc}
 
     def _source(self, source: Path, encoder: Encoder) -> None:
         """One data source, streamed: documents onto the text stream, examples fitted and

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ import torch
 from fastkd import fsio
 from fastkd.config import check_num_proc
 from fastkd.data import Blocks, cat, split
-from fastkd.prepare import FORMAT, DataSpec, Preparation
+from fastkd.prepare import FORMAT, DataSpec, Preparation, to_arrow
 from fastkd.readers import expand_data
 from fastkd.tokens import fingerprint
 
@@ -333,6 +334,11 @@ class _Part:
             self.batches = list(pa.ipc.open_stream(self.map))
         except (pa.ArrowException, OSError) as err:
             raise self._damaged(f"not a readable Arrow stream: {err}") from None
+        # The chunks are checked through a descriptor of the same file (opened with the map,
+        # under the store's lock): reading pages through the map would add them to this
+        # process's resident memory, the whole store once every chunk is checked.
+        self.fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
         schema = self.batches[0].schema if self.batches else None
         want = [(name, dtype) for name, dtype in entry["columns"].items()]
         got = [] if schema is None else [
@@ -348,9 +354,9 @@ class _Part:
         return _damaged(self.path, self.directory, what)
 
     def check(self, chunk: int) -> None:
-        """The chunk's bytes (from the map: the file this process mapped) against its sha256."""
+        """The chunk's bytes against its sha256."""
         rows, offset, nbytes, sha256 = self.entry["chunks"][chunk]
-        if hashlib.sha256(self.map.read_at(nbytes, offset)).hexdigest() != sha256:
+        if hashlib.sha256(os.pread(self.fd, nbytes, offset)).hexdigest() != sha256:
             first = int(self.starts[chunk])
             raise self._damaged(f"chunk {chunk}, rows {first}-{first + rows - 1}, does not match "
                                 "its sha256")
@@ -358,15 +364,13 @@ class _Part:
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each column at the rows (this part's indices): (k, seq_len), length (k,)."""
-        import pyarrow as pa
-
         chunk_of = np.searchsorted(self.starts, rows, side="right") - 1
         out = {}
         for chunk in np.unique(chunk_of):
             if chunk not in self.checked:
                 self.check(int(chunk))
             where = np.nonzero(chunk_of == chunk)[0]
-            got = self.batches[chunk].take(pa.array(rows[where] - self.starts[chunk]))
+            got = self.batches[chunk].take(to_arrow(rows[where] - self.starts[chunk]))
             for name in self.entry["columns"]:
                 column = got.column(name)
                 values = column.to_numpy() if name == "length" else column.flatten().to_numpy(
