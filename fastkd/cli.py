@@ -281,20 +281,28 @@ def _prepare_parser(sub) -> None:
     _option(p, "--no-progress", "no progress bar", dest="progress", action="store_false")
 
 
-def _run_prepare(args) -> int:
-    from fastkd.models import check_model_source, load_tokenizer
-    from fastkd.prepare import DataSpec
-    from fastkd.readers import expand_data
-    from fastkd.store import StoreOptions, open_store
+def _prepare_args(args) -> dict:
+    """prepare-data's options (DistillConfig's defaults), its data spec checked: before torch
+    loads, as distill's config is."""
+    from fastkd.config import DataSpec, check_num_proc
 
     given = {**field_defaults(DistillConfig),
              **{k: v for k, v in vars(args).items() if k != "command"}}
-    spec = DataSpec(tuple(given["data"]), given["seq_len"], given["packing"],
-                    given["utf8_errors"])
-    options = StoreOptions(given["data_cache"], given["num_proc"], given["progress"])
+    check_num_proc(given["num_proc"])
+    return {**given, "spec": DataSpec(tuple(given["data"]), given["seq_len"], given["packing"],
+                                      given["utf8_errors"])}
+
+
+def _run_prepare(given: dict) -> int:
+    from fastkd.models import check_model_source, load_tokenizer
+    from fastkd.readers import expand_data
+    from fastkd.store import StoreOptions, open_store
+
+    spec = given["spec"]
     expand_data(list(spec.paths))  # before anything loads
     check_model_source(given["tokenizer"], "tokenizer", files="tokenizer")
-    store = open_store(spec, load_tokenizer(given["tokenizer"]), options)
+    store = open_store(spec, load_tokenizer(given["tokenizer"]), StoreOptions(
+        given["data_cache"], given["num_proc"], given["progress"]))
     store.verify()
     size = sum(f.stat().st_size for f in store.dir.iterdir())
     print(f"token store: {store.dir}: {store.summary()}; {size / 2**20:,.1f} MiB, every chunk "
@@ -423,13 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The config first: a bad value is reported before torch and transformers load.
         config = config_from_args(args, parser) if args.command == "distill" else None
+        prepare = _prepare_args(args) if args.command == "prepare-data" else None
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's bar
         if args.command in ("cache-teacher", "cache-import"):
             return _run_cache(args)
         if args.command == "prepare-data":
-            return _run_prepare(args)
+            return _run_prepare(prepare)
         if args.command == "demo":
             from fastkd.demo import run_demo
 

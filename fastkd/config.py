@@ -133,8 +133,7 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        check_seq_len(self.seq_len)
         check_num_proc(self.num_proc)
         if self.warmup is not None and not (isinstance(self.warmup, int)
                                             and 0 <= self.warmup <= self.steps):
@@ -211,11 +210,41 @@ class DistillConfig:
         return cls(**{**saved, "stop_after": None, "resume": False})
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a token store holds: the data (files, directories, glob patterns: fastkd.readers,
+    made absolute), in rows of seq_len, examples packed or not, read with utf8_errors."""
+
+    paths: tuple[str, ...]
+    seq_len: int
+    packing: bool = True
+    utf8_errors: str = "strict"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, (str, os.PathLike)):
+            object.__setattr__(self, "paths", (self.paths,))
+        object.__setattr__(self, "paths", tuple(os.path.abspath(os.path.expanduser(str(p)))
+                                                for p in self.paths))
+        if not self.paths:
+            raise ValueError("data: pass at least one data file (text, jsonl, json, parquet, a "
+                             "saved dataset directory, a directory or a glob pattern)")
+        check_seq_len(self.seq_len)
+        if self.utf8_errors not in UTF8_ERRORS:
+            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
+                             f"{self.utf8_errors!r}")
+
+
 def _absolute(path: str | os.PathLike) -> str:
     """A path that exists, absolute; anything else (a hub id, a missing file) as typed."""
     path = str(path)
     local = os.path.expanduser(path)
     return os.path.abspath(local) if os.path.exists(local) else path
+
+
+def check_seq_len(seq_len: int) -> None:
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a next-token target needs 2 tokens), "
+                         f"got {seq_len}")
 
 
 def check_num_proc(num_proc) -> None:

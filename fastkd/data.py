@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastkd.config import check_seq_len
+
 SPLIT_SEED = 1234  # the held-out split is the same for every training seed
 
 log = logging.getLogger("fastkd")
@@ -145,12 +147,6 @@ def cat(parts: list[Blocks], *, counted: bool | None = None,
 
 # ----------------------------------------------------------------------------------------------
 # Packing: streams of tokens and examples into rows, as they come.
-
-
-def check_seq_len(seq_len: int) -> None:
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (a next-token target needs 2 tokens), "
-                         f"got {seq_len}")
 
 
 class TextPacker:

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from fastkd.config import UTF8_ERRORS, check_num_proc
+from fastkd.config import UTF8_ERRORS, check_num_proc, check_seq_len
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
@@ -71,8 +71,7 @@ class CachePlan:
         elif self.samples is not None:
             raise ValueError("samples applies to mode='sample' only")
         self.temperature = _temperature(self.temperature)
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        check_seq_len(self.seq_len)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dtype not in DTYPE_NAMES:

@@ -33,13 +33,13 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fastkd.data import ExamplePacker, Fitter, TextPacker, check_seq_len
-from fastkd.readers import UTF8_ERRORS, iter_records
+from fastkd.config import DataSpec
+from fastkd.data import ExamplePacker, Fitter, TextPacker
+from fastkd.readers import iter_records
 from fastkd.tokens import Encoder, text_units
 
 FORMAT = "fastkd-token-store/1"
@@ -50,30 +50,6 @@ AUTO_PROC_BYTES = 64 << 20  # num_proc=None: worker processes only for this much
 PARTS = ("text", "examples")
 
 log = logging.getLogger("fastkd")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a token store holds: the data (files, directories, glob patterns: fastkd.readers,
-    made absolute), in rows of seq_len, examples packed or not, read with utf8_errors."""
-
-    paths: tuple[str, ...]
-    seq_len: int
-    packing: bool = True
-    utf8_errors: str = "strict"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.paths, (str, os.PathLike)):
-            object.__setattr__(self, "paths", (self.paths,))
-        object.__setattr__(self, "paths", tuple(os.path.abspath(os.path.expanduser(str(p)))
-                                                for p in self.paths))
-        if not self.paths:
-            raise ValueError("data: pass at least one data file (text, jsonl, json, parquet, a "
-                             "saved dataset directory, a directory or a glob pattern)")
-        check_seq_len(self.seq_len)
-        if self.utf8_errors not in UTF8_ERRORS:
-            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
-                             f"{self.utf8_errors!r}")
 
 
 def pad_id_of(tokenizer) -> int:

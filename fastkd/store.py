@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from fastkd import fsio
-from fastkd.config import check_num_proc
+from fastkd.config import DataSpec, check_num_proc
 from fastkd.data import Blocks, cat, split
-from fastkd.prepare import FORMAT, DataSpec, Preparation, to_arrow
+from fastkd.prepare import FORMAT, Preparation, to_arrow
 from fastkd.readers import expand_data
 from fastkd.tokens import fingerprint
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from fastkd import prepare, readers, tokens
 from fastkd.cli import main
+from fastkd.config import DataSpec
 from fastkd.data import Batches, Blocks
-from fastkd.prepare import DataSpec
 from fastkd.store import StoreOptions, TokenStore, load_blocks, open_store
 from fastkd.trainer import DistillConfig, run_distillation
 
@@ -380,3 +380,28 @@ def test_two_torchrun_ranks_share_one_store(assets, tmp_path):
     assert err.count("preparing the token store") == 1 and err.count(" prepared in ") == 1
     assert len([p for p in store.iterdir() if not p.name.startswith(".")]) == 1
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_the_data_flags_are_in_the_help_and_bad_values_answer_before_torch_loads():
+    probe = (
+        "import sys\n"
+        "from fastkd.cli import main\n"
+        "for argv in (['prepare-data', '--help'], ['distill', '--help'], "
+        "['cache-teacher', '--help'], ['prepare-data', '--data', 'd', '--tokenizer', 't', "
+        "'--num-proc', '0'], ['prepare-data', '--data', 'd', '--tokenizer', 't', "
+        "'--seq-len', '1']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        print('exit', exit.code, file=sys.stderr)\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert "loaded: []" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.count("exit 0") == 3 and proc.stderr.count("exit 2") == 2
+    assert "num_proc must be a positive int or None, got 0" in proc.stderr
+    assert "seq_len must be >= 2" in proc.stderr
+    for command in ("prepare-data", "distill", "cache-teacher"):
+        usage = proc.stdout.split(f"usage: fastkd {command}")[1].split("usage: ")[0]
+        assert "--data-cache DIR" in usage and "--num-proc N" in usage, command
+    assert "$FASTKD_CACHE/data" in proc.stdout and "(default: 256)" in proc.stdout
