@@ -159,10 +159,10 @@ def _locked(root: Path, name: str):
     """Hold the store's lock (saying whom this process waits for, if it must); yields whether
     this user can write the root (if not: no lock, the store read as it is). Leftovers of
     interrupted preparations are removed first."""
+    stack, writable = contextlib.ExitStack(), True
+    what, path = f"the token store {root / name}", root / f".{name}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        stack = contextlib.ExitStack()
-        what, path = f"the token store {root / name}", root / f".{name}.lock"
         try:
             stack.enter_context(fsio.locked(path, what))
         except fsio.Busy as busy:
@@ -171,12 +171,12 @@ def _locked(root: Path, name: str):
     except OSError as err:
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        yield False
-        return
+        writable = False
     with stack:
-        for leftover in [*root.glob(f".tmp-{name}-*"), *root.glob(f".old-{name}-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
-        yield True
+        if writable:
+            for leftover in [*root.glob(f".tmp-{name}-*"), *root.glob(f".old-{name}-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
+        yield writable
 
 
 def _why_prepare(directory: Path, made_of: dict, files: list[dict]) -> str | None:

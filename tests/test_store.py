@@ -134,6 +134,7 @@ def test_a_changed_data_file_makes_the_store_stale_and_it_is_prepared_again(asse
     text.write_text(corpus_texts()[0])
     options = StoreOptions(str(tmp_path / "store"))
     first = load_blocks([str(text)], assets.tokenizer, SEQ_LEN, 0.1, options=options)[0].load()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="fastkd"):
         load_blocks([str(text)], assets.tokenizer, SEQ_LEN, 0.1, options=options)
     assert "mapped" in caplog.text and "preparing" not in caplog.text
@@ -405,3 +406,23 @@ def test_the_data_flags_are_in_the_help_and_bad_values_answer_before_torch_loads
         usage = proc.stdout.split(f"usage: fastkd {command}")[1].split("usage: ")[0]
         assert "--data-cache DIR" in usage and "--num-proc N" in usage, command
     assert "$FASTKD_CACHE/data" in proc.stdout and "(default: 256)" in proc.stdout
+
+
+def test_a_store_this_user_cannot_write_is_mapped_without_the_lock(assets, tmp_path,
+                                                                  monkeypatch):
+    import errno
+
+    from fastkd import fsio
+
+    data, options = assets.data["text"], StoreOptions(str(tmp_path))
+    train = load_blocks(data, assets.tokenizer, 32, 0.1, options=options)[0].load()
+
+    def read_only(path, what, wait=False):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(fsio, "locked", read_only)  # a team's store, another user's files
+    assert_same(load_blocks(data, assets.tokenizer, 32, 0.1, options=options)[0].load(), train)
+    with pytest.raises(PermissionError, match=rf"data_cache {tmp_path}: the token store .* must "
+                                              r"be prepared \(no token store for this data.*"
+                                              r"this user cannot write there"):
+        load_blocks(data, assets.tokenizer, 48, 0.1, options=options)
