@@ -140,7 +140,7 @@ def open_store(spec: DataSpec, tokenizer, options: StoreOptions | None = None) -
                      directory)
             waited = True
         time.sleep(POLL_S)
-    log.info("data: token store %s %s in %.1f s: %s", directory, action,
+    log.info("data: token store %s %s in %.2f s: %s", directory, action,
              time.perf_counter() - started, store.summary())
     return store
 
