@@ -4,7 +4,7 @@ from that with no teacher in memory (`fastkd.sparse`). On disk: `fastkd.cache_fo
 compact rows: `fastkd.codec`); written by `fastkd cache-teacher` (`cache_teacher`) or imported
 from a server's log-probabilities (`fastkd.cache_import`).
 
-The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.data`); a
+The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.store`); a
 position counts when its label is not ignore_index (`Blocks.labels`): padding (and, for chat
 data, prompts) store nothing. Modes: "topk" keeps the k most likely ids of log softmax(t / T)
 over the tokenizer's ids (a padded head's extra rows are never cached: the dense loss compares
@@ -48,9 +48,11 @@ from fastkd.cache_format import (
     write_manifest,
     write_shard,
 )
-from fastkd.data import SPLIT_SEED, Blocks, check_packing, load_blocks
+from fastkd.data import SPLIT_SEED, Blocks
 from fastkd.fsio import sha256_file
 from fastkd.plans import CachePlan
+from fastkd.readers import expand_data
+from fastkd.store import StoreOptions, load_blocks
 
 log = logging.getLogger("fastkd")
 
@@ -109,9 +111,10 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 
 
 def data_fingerprint(paths: list[str]) -> list[dict]:
-    """Size and sha256 of each data file; of a directory (a saved dataset), of its files."""
+    """Size and sha256 of each data file the paths stand for (fastkd.readers.expand_data); of a
+    saved dataset, of its files."""
     out = []
-    for p in map(Path, paths):
+    for p in expand_data(paths):
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file())
             listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
@@ -259,15 +262,19 @@ def cache_teacher(plan: CachePlan) -> dict:
 
 
 def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
+    from fastkd import distributed
     from fastkd.models import load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
+    main = distributed.is_main()  # it prepares the token store; the other ranks wait and map it
     train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction,
-                                 packing=plan.packing, utf8_errors=plan.utf8_errors)
+                                 packing=plan.packing, utf8_errors=plan.utf8_errors,
+                                 options=StoreOptions(plan.data_cache, plan.num_proc,
+                                                      plan.progress and main, prepare=main))
     manifest = plan_manifest(plan, tokenizer, train, heldout)
 
     def teacher_shards():  # only once a shard is to be written: the teacher
-        from fastkd.models import check_vocab, load_lm
+        from fastkd.models import check_packing, check_vocab, load_lm
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}.get(
@@ -275,7 +282,7 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
         teacher = load_lm(plan.teacher, "teacher", dtype, device)
         teacher.model.eval().requires_grad_(False)
         check_vocab(tokenizer, teacher, "teacher")
-        if train.position_ids is not None:  # packed examples
+        if train.packed:  # packed examples
             check_packing(teacher.model, "teacher")
         return lambda split, first, blocks, offset: teacher_rows(
             plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
@@ -373,7 +380,7 @@ def _fill_shards(out, manifest, found, jobs, splits, shard_rows, progress, desc)
     bar = tqdm(total=sum(s1 - s0 for _, s0, s1, _ in todo), unit="seq", desc=desc,
                disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     for split, s0, s1, offset in todo:
-        blocks = splits[split].select(torch.arange(s0, s1))
+        blocks = splits[split].take(torch.arange(s0, s1))
         rows = rows_of(split, s0, blocks, offset)
         entries.append(write_shard(out, manifest, split, s0, blocks, rows, manifest["vocab"]))
         bar.update(s1 - s0)
@@ -429,6 +436,17 @@ class TeacherCache(CacheReader):
                 raise ValueError(f"teacher_cache: the run's data files {data} differ from the "
                                  f"cache's {[d['path'] for d in m['data']]} (sizes or sha256; "
                                  f"{self.dir})")
+
+    def check_options(self, **options) -> None:
+        """Refuse a run whose data options (packing, utf8_errors) differ from those the cache's
+        sequences were made with (where its manifest records them), naming the option, both
+        values and the cache."""
+        for name, value in options.items():
+            if name in self.manifest and self.manifest[name] != value:
+                raise ValueError(f"teacher_cache: the run's {name} is {value!r}, the cache's is "
+                                 f"{self.manifest[name]!r} ({self.dir}): its sequences were made "
+                                 f"with {name}={self.manifest[name]!r}; run with that, or build "
+                                 "another cache")
 
     def check_student(self, student: str, rows: int | None = None) -> None:
         """Refuse a student whose output layer has fewer rows than the cache's largest id + 1
@@ -527,12 +545,14 @@ class CachedBlocks(Blocks):
 
 def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, TeacherCache]:
     """(train, held-out, cache) of a `DistillConfig` with teacher_cache: checked against the
-    run's tokenizer, seq_len, temperature, held-out fraction, data, student (the cache's largest
+    run's tokenizer, seq_len, temperature, held-out fraction, data, packing, utf8_errors, student
+    (the cache's largest
     id) and teacher (if named: the cache's own); the tail chosen (config.cache_tail, else
     "ignore" for sampled caches, "bucket" for top-k ones)."""
     cache = TeacherCache(config.teacher_cache)
     cache.check_run(tokenizer, config.seq_len, config.temperature, config.eval_fraction,
                     config.data)
+    cache.check_options(packing=config.packing, utf8_errors=config.utf8_errors)
     cache.check_student(config.student)
     if config.teacher is not None:
         cache.check_teacher(config.teacher)

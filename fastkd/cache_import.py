@@ -37,8 +37,9 @@ import torch
 
 from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
 from fastkd.cache_format import FORMAT, Rows, plan_digest
-from fastkd.data import SPLIT_SEED, Blocks, decode_utf8, json_lines, split
+from fastkd.data import SPLIT_SEED, Blocks, split
 from fastkd.plans import ImportPlan
+from fastkd.readers import decode_utf8, json_lines
 
 MASS_SLACK = 1e-3  # maps whose probabilities add up to more: not log-probabilities
 

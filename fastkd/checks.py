@@ -54,3 +54,16 @@ def positive_int(name: str, value: object, *, or_zero: bool = False,
         raise ValueError(f"{name} must be a {kind} int{' or None' if optional else ''}, got "
                          f"{value!r}")
     return value
+
+
+def check_seq_len(seq_len: int) -> None:
+    """seq_len, the tokens of a training row: at least 2 (a next-token target needs 2)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a next-token target needs 2 tokens), "
+                         f"got {seq_len!r}")
+
+
+def check_num_proc(num_proc) -> None:
+    """num_proc, the processes that prepare a token store (fastkd.prepare): a positive int or
+    None (fastkd.prepare's choice)."""
+    positive_int("num_proc", num_proc, optional=True)

@@ -1,5 +1,6 @@
-"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, and the
-teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`.
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, the
+teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`, and
+`fastkd prepare-data` (the data's token store, ahead of the runs that map it).
 
 Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
 number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
@@ -29,17 +30,25 @@ from fastkd.config import (
     TEACHER_PLACEMENTS,
     DistillConfig,
 )
-from fastkd.fsio import UTF8_ERRORS
 from fastkd.options import BACKENDS, CHOICES, TRAINER_OPTIONS, DistillOptions
+from fastkd.readers import UTF8_ERRORS
 
 # Flags that map to no DistillConfig field of the same name.
 FLAG_FIELDS = {"no_report": "report", "no_progress": "progress", "no_packing": "packing"}
 # cache-teacher options whose defaults are the trainer's: a cache is made for `fastkd distill
 # --teacher-cache`, which needs the cache's temperature, sequences and split to be its own.
 CACHE_SHARES_DISTILL = ("temperature", "seq_len", "eval_fraction", "packing", "utf8_errors")
-DATA_HELP = ('.txt, .jsonl ("text"; "messages": chat, only the assistant turns trained on; '
-             '"prompt"/"completion": only the completion), .parquet or `datasets` save_to_disk '
-             "directories with those columns")
+DATA_HELP = ('.txt, .jsonl or .json ("text"; "messages" or ShareGPT "conversations": chat, '
+             'only the assistant turns trained on; "prompt"/"completion": only the completion; '
+             '"input_ids": pre-tokenized, with an optional target mask), .parquet or `datasets` '
+             "save_to_disk directories with those columns, directories of such files, glob "
+             "patterns (quoted)")
+DATA_CACHE_HELP = ("where the data's token store (tokenized once, memory-mapped) lives; a "
+                   "directory a team can share (default: $FASTKD_CACHE/data, else "
+                   "~/.cache/fastkd/data)")
+NUM_PROC_HELP = ("processes that tokenize when the token store is prepared, where the tokenizer "
+                 "does not parallelise itself (chat templates, slow tokenizers) (default: every "
+                 "core for 64 MiB of data or more, else 1)")
 NO_PACKING_HELP = ("give each chat / prompt-completion example its own padded sequence (default: "
                    "several a sequence, kept apart by position_ids; needs sdpa, eager or flex "
                    "attention)")
@@ -119,6 +128,8 @@ def _distill_parser(sub) -> None:
     _option(g, "--seq-len", "tokens per packed sequence", type=int)
     _option(g, "--no-packing", NO_PACKING_HELP, action="store_false")
     _option(g, "--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
+    _option(g, "--data-cache", DATA_CACHE_HELP, metavar="DIR")
+    _option(g, "--num-proc", NUM_PROC_HELP, type=int, metavar="N")
     _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
     _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
             type=int)
@@ -222,6 +233,8 @@ def _cache_parser(sub) -> None:
     option("--seq-len", "tokens per packed sequence (as fastkd distill's)", type=int)
     option("--no-packing", NO_PACKING_HELP, dest="packing", action="store_false")
     option("--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
+    option("--data-cache", DATA_CACHE_HELP, metavar="DIR")
+    option("--num-proc", NUM_PROC_HELP, type=int, metavar="N")
     option("--eval-fraction", "fraction of the sequences held out (as fastkd distill's)",
            type=float)
     option("--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
@@ -246,6 +259,56 @@ def _store_options(option) -> None:
            "about one step, KL to the exact top-k ~5e-4 nats at 1/8)", type=float)
     option("--dtype", "fixed layout: the stored log-probabilities", choices=("float16", "bfloat16"))
     option("--shard-sequences", "sequences per shard", type=int)
+
+
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser(
+        "prepare-data", help="tokenize and pack the data once into its token store (what "
+                             "`fastkd distill` and `cache-teacher` then map)",
+        formatter_class=_Help,
+        description="Reads, tokenizes and packs --data as `fastkd distill` does (the same "
+                    "options, the same defaults) into the token store the runs on that data "
+                    "map, without training: a data job run ahead. Rerunning checks a prepared "
+                    "store (every chunk's sha256) and prepares it again if a data file changed.")
+    _option(p, "--data", DATA_HELP, nargs="+", metavar="FILE", required=True)
+    _option(p, "--tokenizer", "tokenizer: the one the runs use (by default `fastkd distill`'s "
+            "is the teacher's)", metavar="DIR_OR_ID", required=True)
+    _option(p, "--seq-len", "tokens per packed sequence", type=int)
+    _option(p, "--no-packing", NO_PACKING_HELP, dest="packing", action="store_false")
+    _option(p, "--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
+    _option(p, "--data-cache", DATA_CACHE_HELP, metavar="DIR")
+    _option(p, "--num-proc", NUM_PROC_HELP, type=int, metavar="N")
+    _option(p, "--no-progress", "no progress bar", dest="progress", action="store_false")
+
+
+def _prepare_args(args) -> dict:
+    """prepare-data's options (DistillConfig's defaults), its data spec checked: before torch
+    loads, as distill's config is."""
+    from fastkd.checks import check_num_proc
+    from fastkd.readers import DataSpec
+
+    given = {**field_defaults(DistillConfig),
+             **{k: v for k, v in vars(args).items() if k != "command"}}
+    check_num_proc(given["num_proc"])
+    return {**given, "spec": DataSpec(tuple(given["data"]), given["seq_len"], given["packing"],
+                                      given["utf8_errors"])}
+
+
+def _run_prepare(given: dict) -> int:
+    from fastkd.models import check_model_source, load_tokenizer
+    from fastkd.readers import expand_data
+    from fastkd.store import StoreOptions, open_store
+
+    spec = given["spec"]
+    expand_data(list(spec.paths))  # before anything loads
+    check_model_source(given["tokenizer"], "tokenizer", files="tokenizer")
+    store = open_store(spec, load_tokenizer(given["tokenizer"]), StoreOptions(
+        given["data_cache"], given["num_proc"], given["progress"]))
+    store.verify()
+    size = sum(f.stat().st_size for f in store.dir.iterdir())
+    print(f"token store: {store.dir}: {store.summary()}; {size / 2**20:,.1f} MiB, every chunk "
+          "checked")
+    return 0
 
 
 def _import_defaults() -> dict:
@@ -311,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _cache_parser(sub)
     _import_parser(sub)
+    _prepare_parser(sub)
     return parser
 
 
@@ -368,11 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The config first: a bad value is reported before torch and transformers load.
         config = config_from_args(args, parser) if args.command == "distill" else None
+        prepare = _prepare_args(args) if args.command == "prepare-data" else None
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's bar
         if args.command in ("cache-teacher", "cache-import"):
             return _run_cache(args)
+        if args.command == "prepare-data":
+            return _run_prepare(prepare)
         if args.command == "demo":
             from fastkd.demo import run_demo
 

@@ -14,14 +14,16 @@ report (fastkd.report); fastkd.trainer runs them (`run_distillation`).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
-from fastkd.fsio import UTF8_ERRORS
+from fastkd.checks import check_num_proc, check_seq_len
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
+from fastkd.readers import UTF8_ERRORS
 
 # This module imports no torch: `fastkd --help` and argument errors need only the config.
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,9 +32,9 @@ TEACHER_PLACEMENTS = ("shard", "replicate")  # the teacher under torchrun
 REPORT_TO = ("none", "tensorboard")
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
-                  "dist_timeout", "report_to")
+                  "dist_timeout", "report_to", "data_cache", "num_proc")
 # Fields that name local files or directories: stored absolute (a run resumes from any cwd).
-PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache")
+PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache", "data_cache")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class DistillConfig:
 
     teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
     student: str  # HF model dir or hub id: the initial student
-    data: list[str]  # text, chat, prompt-completion files or datasets (fastkd.data)
+    data: list[str]  # data files, directories, glob patterns (fastkd.readers)
     out: str  # the run directory
     tokenizer: str | None = None  # default: the teacher's (else the student's)
     # The loss: fastkd.DistillOptions' fields a trainer's user sets (options.TRAINER_OPTIONS; the
@@ -74,6 +76,10 @@ class DistillConfig:
     # (packing=False) one a padded sequence. utf8_errors="replace": U+FFFD for undecodable bytes.
     packing: bool = True
     utf8_errors: str = "strict"
+    # The token store (fastkd.store): where it lives (None: $FASTKD_CACHE/data, else
+    # ~/.cache/fastkd/data), and the processes that prepare it (None: fastkd.prepare's choice).
+    data_cache: str | None = None
+    num_proc: int | None = None
     # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
     device: str | None = None
     bf16: bool | None = None
@@ -109,7 +115,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
             self.data = [self.data]
-        self.data = [_absolute(path) for path in self.data]
+        self.data = [_absolute_data(path) for path in self.data]
         if not self.data:
             raise ValueError("data: pass at least one data file")
         if self.utf8_errors not in UTF8_ERRORS:
@@ -119,6 +125,8 @@ class DistillConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, _absolute(getattr(self, name)))
         self.out = os.path.abspath(os.path.expanduser(self.out))
+        if self.data_cache is not None:
+            self.data_cache = os.path.abspath(os.path.expanduser(self.data_cache))
         self.loss_options()  # validates temperature, weights, divergence, beta, skew
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                     "eval_sequences")
@@ -126,8 +134,8 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        check_seq_len(self.seq_len)
+        check_num_proc(self.num_proc)
         if self.warmup is not None and not (isinstance(self.warmup, int)
                                             and 0 <= self.warmup <= self.steps):
             raise ValueError(f"warmup (--warmup) must be an int in [0, steps={self.steps}], got "
@@ -208,6 +216,12 @@ def _absolute(path: str | os.PathLike) -> str:
     path = str(path)
     local = os.path.expanduser(path)
     return os.path.abspath(local) if os.path.exists(local) else path
+
+
+def _absolute_data(path: str | os.PathLike) -> str:
+    """A data path as `_absolute` makes it, a glob pattern absolute too."""
+    path = str(path)
+    return os.path.abspath(os.path.expanduser(path)) if glob.has_magic(path) else _absolute(path)
 
 
 def check_run_dir(config: DistillConfig) -> Path:

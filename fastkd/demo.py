@@ -32,6 +32,7 @@ import torch
 
 import fastkd
 from fastkd import fsio
+from fastkd.store import cache_root
 from fastkd.trainer import DistillConfig, run_distillation
 
 log = logging.getLogger("fastkd")
@@ -145,12 +146,6 @@ def save_llama(sizes: dict, tokenizer, seq_len: int, seed: int, out_dir: Path) -
     return out_dir
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("FASTKD_CACHE"):
-        return Path(os.environ["FASTKD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastkd"
-
-
 def _config(plan: DemoPlan, steps: int, eval_every: int, **fields) -> DistillConfig:
     """The demo's settings for one run; checkpoints every 3 evaluations (they cost a few fsyncs)."""
     settings = {"batch_size": plan.batch_size, "seq_len": plan.seq_len,
@@ -183,7 +178,7 @@ def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
     files = stdlib_sources(plan.corpus_bytes)
     plan_json = json.dumps(dataclasses.asdict(plan), sort_keys=True)
     key = hashlib.sha256(f"{fastkd.__version__}|{plan_json}|{corpus_digest(files)}".encode())
-    teacher_root = Path(cache_dir or default_cache_dir()) / f"demo-teacher-{key.hexdigest()[:16]}"
+    teacher_root = Path(cache_dir or cache_root()) / f"demo-teacher-{key.hexdigest()[:16]}"
     teacher_run = teacher_root / "run"
     data = [str(p) for p in files]
     log.info("corpus: %d Python standard-library files, %.1f MB, from %s", len(files),

@@ -21,10 +21,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-# How a text file that is not UTF-8 is read (fastkd.data.decode_utf8): refused, or with U+FFFD.
-# Named here, below the settings that take it (fastkd.config, fastkd.plans) and the readers.
-UTF8_ERRORS = ("strict", "replace")
-
 
 def fsync_file(path: str | Path) -> None:
     """Flush a file's data to disk (through a fresh descriptor: the writer may have closed it)."""

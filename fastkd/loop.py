@@ -32,9 +32,9 @@ from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_tar
 from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
-from fastkd.data import Batches, Blocks, check_packing
+from fastkd.data import Batches, Blocks
 from fastkd.memory import PeakMemory
-from fastkd.models import check_vocab, lm_head, load_lm, with_heads
+from fastkd.models import check_packing, check_vocab, lm_head, load_lm, with_heads
 
 log = logging.getLogger("fastkd")
 
@@ -232,7 +232,7 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     head = load_lm(str(checkpoint / "model") if full_model else config.student,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
     check_vocab(tokenizer, head, "student")
-    if train.position_ids is not None:  # packed examples: its attention must keep them apart
+    if train.packed:  # packed examples: its attention must keep them apart
         check_packing(head.model, "student")
     if config.lora_r is not None:
         with torch.random.fork_rng(devices=[]):  # the adapters' init: seeded, the same each run

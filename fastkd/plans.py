@@ -8,7 +8,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from fastkd.fsio import UTF8_ERRORS
+from fastkd.checks import check_num_proc, check_seq_len
+from fastkd.readers import UTF8_ERRORS
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
@@ -47,8 +48,10 @@ class CachePlan:
     teacher_dtype: str = "auto"
     dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
     progress: bool = True
-    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    packing: bool = True  # as DistillConfig's (fastkd.store.load_blocks)
     utf8_errors: str = "strict"
+    data_cache: str | None = None  # where the data's token store lives (fastkd.store)
+    num_proc: int | None = None  # processes that prepare it (fastkd.prepare)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, os.PathLike)):
@@ -69,8 +72,7 @@ class CachePlan:
         elif self.samples is not None:
             raise ValueError("samples applies to mode='sample' only")
         self.temperature = _temperature(self.temperature)
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        check_seq_len(self.seq_len)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dtype not in DTYPE_NAMES:
@@ -85,6 +87,7 @@ class CachePlan:
         if self.utf8_errors not in UTF8_ERRORS:
             raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
                              f"{self.utf8_errors!r}")
+        check_num_proc(self.num_proc)
 
 
 @dataclass

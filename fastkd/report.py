@@ -480,12 +480,12 @@ def offline_comparison(plan, out: Path, teacher_dir: Path, data: list[str],
     run's held-out sequences, append the table to out/report.md and write out/offline.json."""
     from transformers import AutoModelForCausalLM
 
-    from fastkd.data import load_blocks
     from fastkd.models import load_tokenizer
+    from fastkd.store import load_blocks
 
     device = torch.device("cpu")
     _, heldout = load_blocks(data, load_tokenizer(str(teacher_dir)), plan.seq_len, 0.05)
-    heldout = heldout.select(torch.arange(min(len(heldout), plan.eval_sequences)))
+    heldout = heldout.take(torch.arange(min(len(heldout), plan.eval_sequences)))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     models = {name: (AutoModelForCausalLM.from_pretrained(
         s["summary"]["student_dir"], dtype=torch.float32).eval(), device)

@@ -6,7 +6,8 @@ trains the distilled student, then (baseline=True) the hard-label baseline with 
 and writes the report. The pieces it runs, top to bottom:
 
     fastkd/config.py      DistillConfig: the run's settings, defaults and validation
-    fastkd/data.py        packed sequences and batches (fastkd/cache.py: from a teacher cache)
+    fastkd/store.py       the data's token store, prepared once and memory-mapped (fastkd/data.py:
+                          rows and batches; fastkd/cache.py: from a teacher cache)
     fastkd/batch_loss.py  the loss on one batch: the student's forward and the fused loss
     fastkd/loop.py        one phase: the training loop, evaluation, stop signals
     fastkd/checkpoint.py  checkpoints (atomic, fastkd/fsio.py) and RNG state: exact resume
@@ -50,11 +51,12 @@ from fastkd.checkpoint import (
     set_rng_state,
 )
 from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig, check_run_dir
-from fastkd.data import Blocks, check_packing, load_blocks
+from fastkd.data import Blocks
 from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
 from fastkd.models import (
     LMHead,
     check_model_source,
+    check_packing,
     check_tokenizers,
     check_vocab,
     from_pretrained,
@@ -62,6 +64,8 @@ from fastkd.models import (
     load_lm,
     load_tokenizer,
 )
+from fastkd.readers import expand_data
+from fastkd.store import StoreOptions, load_blocks
 
 # The trainer's public names, wherever they live now (code and tests import them from here).
 __all__ = [
@@ -114,7 +118,7 @@ def check_inputs(config: DistillConfig) -> None:
     """Every path the run reads or writes, and the optional packages it needs, checked without
     loading anything: the output can be written, the models and tokenizer exist (local
     directories with their files, or hub ids the Hub or the offline cache has), the data files
-    and the teacher cache exist."""
+    and the teacher cache exist (data: every file, directory and glob pattern names some)."""
     fsio.check_writable(config.out, "out")
     if config.teacher is not None and config.teacher_cache is None:
         check_model_source(config.teacher, "teacher")
@@ -122,9 +126,7 @@ def check_inputs(config: DistillConfig) -> None:
     tokenizer = config.tokenizer or config.teacher or config.student
     if Path(tokenizer).is_dir() or tokenizer not in (config.teacher, config.student):
         check_model_source(tokenizer, "tokenizer", files="tokenizer")
-    for path in config.data:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"data file not found: {path}")
+    expand_data(config.data)
     if config.teacher_cache is not None and not Path(config.teacher_cache).is_dir():
         raise FileNotFoundError(f"teacher_cache: no such directory: {config.teacher_cache}")
     if config.report_to == "tensorboard":
@@ -171,7 +173,7 @@ def _run_phases(config: DistillConfig, run_dir: Path,
     check_tokenizers(tokenizer_source, tokenizer, config.student)
     train, heldout = _load_data(config, tokenizer)
     teacher, teacher_module = _load_teacher_module(config, tokenizer, device,
-                                                   packed=train.position_ids is not None)
+                                                   packed=train.packed)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
@@ -207,15 +209,19 @@ def _run_phases(config: DistillConfig, run_dir: Path,
 
 
 def _load_data(config: DistillConfig, tokenizer) -> tuple[Blocks, Blocks]:
-    """(train, held-out) blocks: the data files tokenized and packed, or a teacher cache's
-    sequences; the held-out ones cut to config.eval_sequences."""
+    """(train, held-out) rows: the data's token store (fastkd.store: found or prepared, by rank 0
+    under torchrun, the others waiting), mapped and split; or a teacher cache's sequences. The
+    held-out ones cut to config.eval_sequences and read into memory."""
     if config.teacher_cache is not None:  # offline: no teacher, the cache's sequences
         train, heldout, _ = open_for_run(config, tokenizer)
     else:
+        main = distributed.is_main()
         train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
                                      config.eval_fraction, packing=config.packing,
-                                     utf8_errors=config.utf8_errors)
-    return train, heldout.select(torch.arange(min(len(heldout), config.eval_sequences)))
+                                     utf8_errors=config.utf8_errors,
+                                     options=StoreOptions(config.data_cache, config.num_proc,
+                                                          config.progress and main, prepare=main))
+    return train, heldout.take(torch.arange(min(len(heldout), config.eval_sequences)))
 
 
 def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device, packed: bool

@@ -23,9 +23,9 @@ from fastkd import cache as cache_mod
 from fastkd.cache import CachePlan, TeacherCache, cache_teacher
 from fastkd.cache_format import VERSION, write_manifest
 from fastkd.cli import main
-from fastkd.data import load_blocks
 from fastkd.fsio import sha256_file
 from fastkd.models import load_lm
+from fastkd.store import load_blocks
 from fastkd.trainer import DistillConfig, run_distillation
 
 SEQ_LEN, TEMPERATURE, STEP = 24, 2.0, 0.125
@@ -91,7 +91,8 @@ def test_compact_round_trip_matches_the_teacher(assets, topk_cache, fixed_cache)
     assert m["complete"] and m["mode"] == "topk" and m["k"] == 6 and m["vocab"] == 320
     assert m["data"][0]["sha256"] == sha256_file(Path(assets.data[0]))
     assert len([s for s in m["shards"] if s["split"] == "train"]) > 1  # several shards
-    train, heldout = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train, heldout = (r.load() for r in load_blocks(assets.data, assets.tokenizer, SEQ_LEN,
+                                                    0.05))
     cached_train, cached_heldout = cache.blocks("train"), cache.blocks("heldout")
     assert torch.equal(cached_train.input_ids, train.input_ids)
     assert torch.equal(cached_heldout.attention_mask, heldout.attention_mask)
@@ -296,7 +297,7 @@ def test_mismatched_runs_are_refused(assets, topk_cache, tmp_path):
 
 def test_nan_teacher_is_refused_naming_the_sequence(assets, tmp_path):
     # the teacher's embedding of one rare token is NaN: the sequences holding it give NaN
-    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)[0].load()
     counts = torch.bincount(train.input_ids.flatten(), minlength=320)
     token = int(torch.where(counts > 0, counts, 10**9).argmin())
     first = int((train.input_ids == token).any(1).nonzero()[0])
@@ -497,7 +498,7 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_c
 def server_maps(assets, path: Path, k: int = 5, sequences: int = 12) -> list[dict]:
     """vLLM-style prompt_logprobs of the tiny teacher at T = 1 on sequences of 10..24 tokens:
     the top-k ids, plus the actual token where it is not among them (as vLLM returns them)."""
-    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)[0].load()
     teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
     records = []
     for i in range(sequences):

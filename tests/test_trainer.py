@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastkd import reference
 from fastkd.batch_loss import StudentLoss, TeacherForward
-from fastkd.data import load_blocks
 from fastkd.options import DistillOptions
+from fastkd.store import load_blocks
 from fastkd.trainer import (
     DistillConfig,
     batch_loss,
@@ -267,7 +267,7 @@ def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tupl
     student = StudentLoss(lm_head(model, "student"), DistillOptions(temperature=2.0,
                                                                     reduction="sum"), "auto")
     (_, fused), (_, spec) = fused_and_spec(student, TeacherForward(teacher),
-                                           train.select(torch.arange(3)), params)
+                                           train.take(torch.arange(3)), params)
     return fused, spec
 
 
@@ -371,7 +371,7 @@ def test_heads_that_scale_logits_train_with_their_scales(assets, tmp_path):
     phase = _setup(config, None, teacher, assets.tokenizer, train, cpu)
     opts = phase.student.opts
     assert (opts.student_logit_scale, opts.teacher_logit_scale) == (0.5, 0.25)
-    batch = train.select(torch.arange(3))
+    batch = train.take(torch.arange(3))
     params = dict(phase.student.model.named_parameters())
     (loss, fused), (spec, spec_grads) = fused_and_spec(phase.student, teacher, batch, params)
     assert loss.item() == pytest.approx(spec.item(), rel=1e-5)
