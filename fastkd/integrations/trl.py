@@ -1,6 +1,8 @@
 """fastkd's fused loss inside TRL's distillation trainers (tested with TRL 1.16; `pip install
 fastkd[trl]`). Each is a subclass with the same arguments and config as TRL's; only the loss
-changes, to fastkd's fused one with TRL's objective exactly.
+changes, to fastkd's fused one with TRL's objective exactly, but for one deliberate difference: a
+teacher with a LoRA adapter on its output layer is distilled from through its effective head (its
+own logits), where TRL 1.16 reads the base `lm_head.weight` and ignores the adapter.
 
     from fastkd.integrations.trl import FusedDistillationTrainer   # = trl.DistillationTrainer
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher,
