@@ -14,6 +14,7 @@ for cache-import), and --help prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -415,15 +416,31 @@ def _finish(results: dict, resume_hint: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
+    with _log_to_stderr():
+        return _main(args, parser)
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """fastkd's log on stderr as "fastkd: ..." for the call; the logger as it was afterwards
+    (main() may be called in-process, by tests or notebooks: a handler that outlived the call
+    would write to a stderr that may be gone)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fastkd: %(message)s"))
     log = logging.getLogger("fastkd")
-    for earlier in [h for h in log.handlers if getattr(h, "fastkd_cli", False)]:
-        log.removeHandler(earlier)  # main() called again in-process: its stderr may be gone
-    handler.fastkd_cli = True
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # other libraries' logs keep their own format
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         # The config first: a bad value is reported before torch and transformers load.
         config = config_from_args(args, parser) if args.command == "distill" else None
