@@ -305,9 +305,9 @@ def main() -> None:
                         "$FASTKD_CACHE/bench-data, else ~/.cache/fastkd/bench-data)")
     parser.add_argument("--out", default="bench/results/data")
     args = parser.parse_args()
-    from fastkd.store import cache_root
+    from fastkd.fsio import user_cache_dir
 
-    work = Path(args.work) if args.work else cache_root() / "bench-data"
+    work = Path(args.work) if args.work else user_cache_dir() / "bench-data"
     work.mkdir(parents=True, exist_ok=True)
     TEXTS.extend(stdlib_texts())
     tokenizer = build_tokenizer(TEXTS, work / "tokenizer")

@@ -24,6 +24,7 @@ a barrier, rank 0 writes the complete manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from fastkd import reference
+from fastkd import fsio, reference
 from fastkd.cache_format import (
     FORMAT,
     SPLITS,
-    CacheReader,
     ManifestCorrupt,
     Rows,
+    check_out,
     check_shard,
     counted_positions,
     plan_digest,
@@ -48,8 +49,9 @@ from fastkd.cache_format import (
     write_manifest,
     write_shard,
 )
+from fastkd.cache_reader import CacheReader
 from fastkd.data import SPLIT_SEED, Blocks
-from fastkd.fsio import sha256_file
+from fastkd.fsio import remembered_sha256, sha256_file
 from fastkd.plans import CachePlan
 from fastkd.readers import expand_data
 from fastkd.store import StoreOptions, load_blocks
@@ -126,24 +128,18 @@ def data_fingerprint(paths: list[str]) -> list[dict]:
 
 
 def model_fingerprint(source: str) -> dict:
-    """What identifies a model without reading all of it: for a local directory the sha256 of its
-    config.json and, per weight file, its size and the sha256 of its first and last MiB (the
-    safetensors header and the first and last tensors); for a hub id, the id."""
+    """What identifies a model: for a local directory the sha256 of its config.json and, per
+    weight file, its size and the sha256 of its whole content (`fsio.remembered_sha256`: read
+    once per version of the file, so a rerun, or a run that names the teacher beside its cache,
+    reads no weights again; a file edited in place is read again); for a hub id, the id."""
     path = Path(source).expanduser()
     if not path.is_dir():
         return {"hub_id": source}
     config = path / "config.json"
-    weights = []
-    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
-        size = file.stat().st_size
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-        weights.append([file.name, size, h.hexdigest()])
+    weights = [[file.name, file.stat().st_size, remembered_sha256(file)]
+               for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])]
     return {"config_sha256": sha256_file(config) if config.is_file() else None,
-            "weights": weights}
+            "weights_sha256": weights}
 
 
 def hash_seed(seed: int, sequence: int) -> int:
@@ -183,13 +179,13 @@ def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) ->
 
 @torch.no_grad()
 def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: int, offset: int,
-                 vocab: int, device) -> Rows:
+                 vocab: int, device, advance=None) -> Rows:
     """The targets of the counted positions of some packed sequences (split sequences first,
     first + 1, ...). The logits are the head's first `vocab` rows (the tokenizer's ids), with
     the head's logit scale and softcap (`reference.head_logits`: as the model's forward gives
     them, so the student's sparse loss sees the teacher it would see online). Sequence
     i's draws are seeded by (plan.seed, offset + first + i), so any shard can be recomputed alone,
-    identically."""
+    identically. advance(n), if given, is told of each batch of n sequences done (the bar)."""
     counted = counted_positions(blocks)
     weight = teacher.weight[:vocab]
     bias = None if teacher.bias is None else teacher.bias[:vocab]
@@ -219,6 +215,8 @@ def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: in
             values.append(row_values.cpu())
             n.append(row_n.cpu())
         del logits
+        if advance is not None:
+            advance(b1 - b0)
     width = min(plan.k if plan.mode == "topk" else plan.samples, vocab)
     if not ids:
         return Rows(torch.empty(0, width, dtype=torch.long), torch.empty(0, width),
@@ -271,6 +269,8 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
                                  packing=plan.packing, utf8_errors=plan.utf8_errors,
                                  options=StoreOptions(plan.data_cache, plan.num_proc,
                                                       plan.progress and main, prepare=main))
+    log.info("data: %d training and %d held-out sequences of %d tokens", len(train),
+             len(heldout), plan.seq_len)
     manifest = plan_manifest(plan, tokenizer, train, heldout)
 
     def teacher_shards():  # only once a shard is to be written: the teacher
@@ -284,8 +284,8 @@ def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
         check_vocab(tokenizer, teacher, "teacher")
         if train.packed:  # packed examples
             check_packing(teacher.model, "teacher")
-        return lambda split, first, blocks, offset: teacher_rows(
-            plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
+        return lambda split, first, blocks, offset, advance: teacher_rows(
+            plan, teacher, blocks, split, first, offset, manifest["vocab"], device, advance)
 
     return build_cache(Path(plan.out), manifest, {"train": train, "heldout": heldout},
                        plan.shard_sequences, teacher_shards, plan.progress, "cache-teacher")
@@ -295,8 +295,40 @@ def build_cache(out: Path, manifest: dict, splits: dict[str, Blocks], shard_sequ
                 shard_rows, progress: bool, desc: str) -> dict:
     """Write (or resume) the cache `manifest` describes under `out`, on every rank: each rank
     checks or writes the shards j with j mod world = rank, then rank 0 writes the complete
-    manifest. shard_rows() -> rows(split, first, blocks, offset) -> Rows is called only when a
-    shard is to be written (offset: the split's first sequence in the whole data)."""
+    manifest. shard_rows() -> rows(split, first, blocks, offset, advance) -> Rows is called only
+    when a shard is to be written (offset: the split's first sequence in the whole data;
+    advance(n) moves the bar by n sequences done). Rank 0 holds out's lock throughout
+    (`claim_out`)."""
+    with claim_out(out, desc):
+        return _build_cache(out, manifest, splits, shard_sequences, shard_rows, progress, desc)
+
+
+@contextlib.contextmanager
+def claim_out(out: Path, desc: str):
+    """Rank 0 holds out's lock (`fsio.locked`) for the block: a second copy of the command on the
+    same directory is refused, naming this one's pid; and, under it, out must be new, empty or a
+    cache (`check_out`). Every rank raises rank 0's refusal."""
+    from fastkd import distributed
+
+    with contextlib.ExitStack() as lock:
+        failure = None
+        if distributed.is_main():
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock.enter_context(fsio.locked(out / fsio.LOCK, f"{desc} --out {out}"))
+                check_out(out)
+            except (ValueError, OSError) as err:
+                failure = err
+        refusals = [r for r in _all_ranks(None if failure is None else str(failure)) if r]
+        if failure is not None:
+            raise failure
+        if refusals:
+            raise ValueError(refusals[0])
+        yield
+
+
+def _build_cache(out: Path, manifest: dict, splits: dict[str, Blocks], shard_sequences: int,
+                 shard_rows, progress: bool, desc: str) -> dict:
     from fastkd import distributed
 
     found = check_resume(out, manifest)
@@ -381,9 +413,10 @@ def _fill_shards(out, manifest, found, jobs, splits, shard_rows, progress, desc)
                disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     for split, s0, s1, offset in todo:
         blocks = splits[split].take(torch.arange(s0, s1))
-        rows = rows_of(split, s0, blocks, offset)
+        done = bar.n
+        rows = rows_of(split, s0, blocks, offset, bar.update)  # may move the bar as it goes
         entries.append(write_shard(out, manifest, split, s0, blocks, rows, manifest["vocab"]))
-        bar.update(s1 - s0)
+        bar.update(s1 - s0 - (bar.n - done))
     bar.close()
     return entries
 
@@ -466,8 +499,9 @@ class TeacherCache(CacheReader):
     def check_teacher(self, teacher: str) -> None:
         """A run that names a teacher besides the cache: it must be the cache's own teacher."""
         m = self.manifest
-        same = (model_fingerprint(teacher) == m["teacher_fingerprint"]
-                if "teacher_fingerprint" in m else
+        # no fingerprint, or an earlier fastkd's (it hashed part of each weight file): the path
+        fingerprinted = "weights" not in m.get("teacher_fingerprint", {"weights": None})
+        same = (model_fingerprint(teacher) == m["teacher_fingerprint"] if fingerprinted else
                 Path(teacher).expanduser().resolve() == Path(m["teacher"]).expanduser().resolve())
         if not same:
             raise ValueError(f"teacher_cache: {self.dir} was made from the teacher "

@@ -15,6 +15,7 @@ for cache-import), and --help prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -150,6 +151,9 @@ def _distill_parser(sub) -> None:
     _option(g, "--seed", "random seed", type=int)
     g = p.add_argument_group("precision and device")
     _option(g, "--device", "torch device (default: cuda if available, else cpu)")
+    _option(g, "--threads", "CPU threads for torch (default: torch's, one a core or "
+            "OMP_NUM_THREADS); recorded, and a resume uses it (CPU results depend on it); "
+            "1 where other jobs share the cores", type=int, metavar="N")
     _option(g, "--bf16", "bf16 autocast (default: on CUDA only)",
             action=argparse.BooleanOptionalAction)
     _option(g, "--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
@@ -193,9 +197,14 @@ def _demo_parser(sub) -> None:
                     "hard-label baseline with the same budget, and writes the report.")
     p.add_argument("--out", default="fastkd-demo", help="run directory (default: fastkd-demo)")
     p.add_argument("--fast", action="store_true",
-                   help="a smoke run on smaller models, one CPU thread (unless OMP_NUM_THREADS is "
-                        "set): measured 25 s from an empty cache, 20 s with the teacher cached, "
-                        "on 2 CPU cores shared with other jobs (load 8-10)")
+                   help="a smoke run on smaller models: measured 25 s from an empty cache, 20 s "
+                        "with the teacher cached, on 2 CPU cores shared with other jobs (load "
+                        "8-10)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1, or OMP_NUM_THREADS when it is set): "
+                        "one thread gives the same numbers on every machine and does not stall "
+                        "when other jobs share the cores (measured 3x faster a step on 2 shared "
+                        "cores); recorded in each run, and a resume uses it")
     p.add_argument("--cache-dir", default=None,
                    help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
     p.add_argument("--offline", action="store_true",
@@ -349,11 +358,13 @@ def _import_parser(sub) -> None:
 def _run_cache(args) -> int:
     from fastkd import distributed, fsio
     from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache_format import check_out
     from fastkd.cache_import import ImportPlan, import_logprobs
     from fastkd.models import check_model_source
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
     fsio.check_writable(given["out"], "out")  # before anything loads
+    check_out(Path(given["out"]))  # a new or empty directory, or a cache
     if args.command == "cache-import":
         manifest = import_logprobs(ImportPlan(**given))
     else:
@@ -365,6 +376,52 @@ def _run_cache(args) -> int:
               f"({manifest['positions']:,} positions, {cache.disk_bytes() / 2**20:,.1f} MiB in "
               f"all, {len(manifest['shards'])} shards, {manifest['layout']} layout)")
     return 0
+
+
+# Other trainers' names for fastkd's options (transformers' TrainingArguments, TRL's scripts),
+# for the hint an unknown option gets; spelled with dashes (an underscore is read as one).
+OTHER_NAMES = {
+    "--learning-rate": "--lr", "--output-dir": "--out", "--max-steps": "--steps",
+    "--per-device-train-batch-size": "--batch-size", "--train-batch-size": "--batch-size",
+    "--gradient-accumulation-steps": "--grad-accum", "--warmup-steps": "--warmup",
+    "--max-grad-norm": "--clip", "--model-name-or-path": "--student", "--model": "--student",
+    "--teacher-model": "--teacher", "--teacher-model-name-or-path": "--teacher",
+    "--dataset": "--data", "--dataset-name": "--data", "--train-file": "--data",
+    "--max-seq-length": "--seq-len", "--max-length": "--seq-len", "--block-size": "--seq-len",
+    "--resume-from-checkpoint": "--resume", "--save-steps": "--save-every",
+    "--eval-steps": "--eval-every", "--lora-rank": "--lora-r", "--tokenizer-name": "--tokenizer",
+}
+
+
+def unknown_options_hint(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """"unrecognized arguments: ..." with, per unknown option, the one it most likely means among
+    parser's: another trainer's name for it (OTHER_NAMES), else the closest spelling."""
+    import difflib
+
+    known = [s for action in parser._actions for s in action.option_strings]
+    hints = []
+    for arg in unknown:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        guess = OTHER_NAMES.get(flag)
+        if guess not in known:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            guess = close[0] if close else None
+        if guess is not None and guess != arg:
+            hints.append(f"{arg} -> did you mean {guess}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (
+        "\n" + "\n".join(hints) if hints else "")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args, but an unknown option is reported by its subcommand's parser (its
+    usage, not the top-level one's) with a "did you mean" hint (`unknown_options_hint`)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.error(unknown_options_hint(sub, unknown))
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,13 +479,32 @@ def _finish(results: dict, resume_hint: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
+    with _log_to_stderr():
+        return _main(args, parser)
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """fastkd's log on stderr as "fastkd: ..." for the call; the logger as it was afterwards
+    (main() may be called in-process, by tests or notebooks: a handler that outlived the call
+    would write to a stderr that may be gone)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fastkd: %(message)s"))
     log = logging.getLogger("fastkd")
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # other libraries' logs keep their own format
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         # The config first: a bad value is reported before torch and transformers load.
         config = config_from_args(args, parser) if args.command == "distill" else None
@@ -443,21 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from fastkd.demo import run_demo
 
-            threads = None
-            if args.fast and "OMP_NUM_THREADS" not in os.environ:
-                import torch
-
-                # Models this small gain little from a second thread, and torch's thread pool
-                # stalls when other jobs share the cores (measured: 2.5x slower wall time).
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
+            # One thread unless told otherwise: the demo's numbers then do not depend on the
+            # machine's core count, and torch's thread pool does not stall when other jobs share
+            # the cores (bench/results/cpu/threads*.md: a step 3x faster on 2 shared cores).
+            threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else 1)
             started = time.perf_counter()
-            try:
-                results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
-                                   progress=args.progress, offline=args.offline)
-            finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
-                if threads is not None:
-                    torch.set_num_threads(threads)
+            results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
+                               progress=args.progress, offline=args.offline, threads=threads)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
         from fastkd import distributed

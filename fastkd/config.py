@@ -4,7 +4,10 @@ A run is one DistillConfig: the models, the data, the loss (`loss_options()`, a
 `fastkd.DistillOptions`), the optimisation, precision and parallelism, the bookkeeping. It is
 checked when built (`__post_init__`: a bad value raises a ValueError naming the field) and saved
 as RUN_DIR/config.json when a run starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`),
-and `check_run_dir` refuses a new run in a used directory or a resume under another config.
+and `check_run_dir` refuses a new run in a used directory or a resume under another config. A run
+directory carries RUN_MARKER, a file only fastkd writes (`mark_run_dir`): a new run goes only into
+a new or empty directory, or one of fastkd's own that no run has started in, so that a model
+directory (`--out` = `--student`) is never written over.
 
 The house, top to bottom: config (here) -> data (fastkd.data, fastkd.cache) -> the loss on one
 batch (fastkd.batch_loss) -> the loop (fastkd.loop) -> checkpoints (fastkd.checkpoint) -> the
@@ -35,6 +38,8 @@ RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_
                   "dist_timeout", "report_to", "data_cache", "num_proc")
 # Fields that name local files or directories: stored absolute (a run resumes from any cwd).
 PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache", "data_cache")
+RUN_MARKER = "fastkd-run.json"  # in every run directory; only fastkd writes it (mark_run_dir)
+RUN_FORMAT = "fastkd-run/1"
 
 
 @dataclass
@@ -82,6 +87,10 @@ class DistillConfig:
     num_proc: int | None = None
     # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
     device: str | None = None
+    # CPU threads (torch.set_num_threads): None takes torch's default at the start (one a core, or
+    # OMP_NUM_THREADS) and records it; a resume runs with the recorded count, since CPU GEMMs
+    # round differently under another one.
+    threads: int | None = None
     bf16: bool | None = None
     teacher_dtype: str = "auto"
     backend: str = "auto"
@@ -130,7 +139,7 @@ class DistillConfig:
         self.loss_options()  # validates temperature, weights, divergence, beta, skew
         positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                     "eval_sequences")
-        for name in positive:
+        for name in positive + (("threads",) if self.threads is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -208,6 +217,9 @@ class DistillConfig:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is damaged (not valid JSON: {err}); the run's settings "
                              "cannot be read back") from err
+        if not is_run_dir(Path(run_dir)):
+            raise ValueError(f"{run_dir} is not a fastkd run directory (no {RUN_MARKER}); its "
+                             "config.json is not a run's settings (a model's?)")
         return cls(**{**saved, "stop_after": None, "resume": False})
 
 
@@ -231,6 +243,7 @@ def check_run_dir(config: DistillConfig) -> Path:
         saved = DistillConfig.load(run_dir)
         differing = [f.name for f in dataclasses.fields(DistillConfig)
                      if f.name not in RUNTIME_FIELDS
+                     and not (f.name == "threads" and config.threads is None)  # the run's own
                      and getattr(saved, f.name) != getattr(config, f.name)]
         if differing:
             raise ValueError(f"resume: the config differs from {run_dir / 'config.json'} in "
@@ -239,7 +252,43 @@ def check_run_dir(config: DistillConfig) -> Path:
     elif (run_dir / "config.json").exists() and started(run_dir):
         raise ValueError(f"out: {run_dir} already holds a run (config.json); resume it "
                          f"(--resume {run_dir}) or choose another output directory")
+    else:
+        check_new_run_dir(run_dir)
     return run_dir
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory: absent, empty (but for a lock file), or a fastkd run directory whose
+    run never started (a start that failed before its first step). Anything else is refused,
+    naming what it holds: nothing a user put there is overwritten."""
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+        return  # absent (or a file in the way: fsio.check_writable names it)
+    held = sorted(set(os.listdir(run_dir)) - {fsio.LOCK})
+    if held:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        model = (" (its config.json is a model's, not a run's: --out must not be a model "
+                 "directory such as --student)" if "config.json" in held else "")
+        raise ValueError(f"out: {run_dir} is not empty and is not a fastkd run directory (no "
+                         f"{RUN_MARKER}): it holds {shown}{model}; a new run goes into a new "
+                         "or empty directory, so that nothing in it is overwritten: choose "
+                         "another --out")
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether run_dir is a fastkd run directory: its RUN_MARKER, or (a run begun before runs
+    carried one) a config.json with a log or a checkpoint."""
+    return (run_dir / RUN_MARKER).is_file() or (
+        (run_dir / "config.json").is_file() and started(run_dir))
+
+
+def mark_run_dir(run_dir: Path) -> bool:
+    """Make run_dir a run directory (created if missing): write RUN_MARKER unless it is there;
+    returns whether it was written. Check it first (`check_run_dir`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / RUN_MARKER).is_file():
+        return False
+    fsio.atomic_write_text(run_dir / RUN_MARKER, json.dumps({"format": RUN_FORMAT}))
+    return True
 
 
 def started(run_dir: Path) -> bool:

@@ -131,6 +131,7 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
     memory = PeakMemory(device).start()
     bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
                disable=not (config.progress and main), dynamic_ncols=True)
+    lines = LogLines(name, config.steps, step) if main and not config.progress else None
     postfix = {}
     # the log is rank 0's; a teacher cache's targets decode on a thread, closed on the way out
     with open(log_path if main else os.devnull, "a") as log_file, (
@@ -160,6 +161,8 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
             board.write(record)
             bar.update(1)
             bar.set_postfix(postfix, refresh=False)
+            if lines is not None:
+                lines.record(record)
             if step % config.save_every == 0 or step == config.steps:
                 checkpoint = save(step)
                 saved_step = step
@@ -179,6 +182,40 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
                  checkpoint)
     return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
                        peak_memory)
+
+
+LOG_EVERY_SECONDS = 30.0  # with no progress bar: a log line at least this often
+
+
+class LogLines:
+    """With no progress bar (--no-progress), a log line at each evaluation and at least every
+    LOG_EVERY_SECONDS: the step, loss, tokens/s and the time left, so a run under nohup shows
+    life between its data lines and its report."""
+
+    def __init__(self, name: str, steps: int, step: int) -> None:
+        self.name, self.steps, self.first = name, steps, step
+        self.started = self.last = time.perf_counter()
+
+    def record(self, record: dict) -> None:
+        now = time.perf_counter()
+        if "eval_ce" not in record and now - self.last < LOG_EVERY_SECONDS:
+            return
+        self.last = now
+        step = record["step"]
+        left = (now - self.started) / (step - self.first) * (self.steps - step)
+        text = (f"{self.name}: step {step}/{self.steps}, loss {record['loss']:.4f}, "
+                f"{record['tokens_per_s']:,.0f} tokens/s, ETA {_duration(left)}")
+        if "eval_ppl" in record:
+            text += f", held-out ppl {record['eval_ppl']:.2f}"
+        log.info(text)
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class _TensorBoard:

@@ -32,12 +32,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fastkd import reference
+from fastkd import fsio, reference
 from fastkd.cache import CachedBlocks
 from fastkd.data import Blocks, eval_batches
 from fastkd.options import DistillOptions
 
 METRIC_LOGITS = 2**26  # logits elements per held-out metric batch (256 MiB in fp32)
+# Fewer held-out next-token targets than this: the run and the report warn that its perplexity
+# and KL are too noisy to compare models by (e.g. 3 sequences of 256 tokens: 765).
+MIN_HELDOUT_TARGETS = 1000
+
+
+def small_heldout(heldout: Blocks) -> str | None:
+    """The warning for a held-out set below MIN_HELDOUT_TARGETS targets, else None."""
+    targets = heldout.count_targets()
+    if targets >= MIN_HELDOUT_TARGETS:
+        return None
+    return (f"the held-out set holds {targets:,} next-token targets ({len(heldout)} sequences), "
+            f"fewer than the {MIN_HELDOUT_TARGETS:,} fastkd asks for: its perplexity and KL are "
+            "too noisy to compare models by; hold out more (--eval-fraction, --eval-sequences)")
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -86,7 +99,7 @@ def save_int8(model: torch.nn.Module, path: Path) -> Path:
             if module.bias() is not None:
                 tensors[f"{name}.bias"] = module.bias().detach().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    fsio.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return path
 
 
@@ -256,7 +269,7 @@ def _fmt_count(n: float | None) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
     return NOT_MEASURED if n is None else f"{n / 2**20:.2f} MiB"
 
 
@@ -264,7 +277,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -
     return NOT_MEASURED if value is None else f"{value * scale:{spec}}{suffix}"
 
 
-def _change(new: float, old: float) -> str:
+def change(new: float, old: float) -> str:
     return f"{(new - old) / old * 100:+.1f}%"
 
 
@@ -316,7 +329,7 @@ def _offline_text(heldout: CachedBlocks) -> list[str]:
     cache = heldout.targets.cache
     m = cache.manifest
     per_position = cache.bytes_per_position()
-    stored = (f"{m.get('layout', 'fixed')} layout, {_fmt_bytes(cache.disk_bytes())} on disk"
+    stored = (f"{m.get('layout', 'fixed')} layout, {fmt_bytes(cache.disk_bytes())} on disk"
               + (f", {per_position:.1f} bytes a counted position" if per_position else ""))
     if m.get("logprob_step"):
         stored += (f", log-probabilities on a {m['logprob_step']:g}-nat grid (each within about "
@@ -376,6 +389,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         f"Held-out: {len(heldout)} sequences ({heldout.count_targets():,} "
         f"next-token targets). Device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",
+        *([f"**Warning**: {small_heldout(heldout)}."] if small_heldout(heldout) else []),
         "",
         *(_offline_text(heldout) if offline else []),
         "| model | params | size on disk | held-out ppl | top-1 agreement | KL(teacher‖model) | "
@@ -386,7 +400,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         speed = (NOT_MEASURED if row["tokens_per_s"] is None else
                  f"{row['tokens_per_s']:,.0f} ({row['device']}, {row['dtype']})")
         lines.append(
-            f"| {row['model']} | {_fmt_count(row['params'])} | {_fmt_bytes(row['size_bytes'])} | "
+            f"| {row['model']} | {_fmt_count(row['params'])} | {fmt_bytes(row['size_bytes'])} | "
             f"{_fmt(row['perplexity'], '.2f')} | {_fmt(row['top1_agreement'], '.1f', 100, '%')} | "
             f"{_fmt(row['kl_to_teacher'], '.4f')} | {speed} |")
     lines.append("")
@@ -398,15 +412,15 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         lines.append(
             f"- **Distillation vs hard labels at the same budget**: {verdict} the hard-label "
             f"baseline on held-out perplexity ({distilled['perplexity']:.2f} vs "
-            f"{hard['perplexity']:.2f}, {_change(distilled['perplexity'], hard['perplexity'])}); "
+            f"{hard['perplexity']:.2f}, {change(distilled['perplexity'], hard['perplexity'])}); "
             f"top-1 agreement {_fmt(distilled['top1_agreement'], '.1f', 100, '%')} vs "
             f"{_fmt(hard['top1_agreement'], '.1f', 100, '%')}; KL to the teacher "
             f"{distilled['kl_to_teacher']:.4f} vs {hard['kl_to_teacher']:.4f}.")
     int8_row = by_name["distilled student, int8 dynamic"]
     lines.append(
         f"- **int8 dynamic quantization** of the distilled student: size "
-        f"{_change(int8_row['size_bytes'], distilled['size_bytes'])}, perplexity "
-        f"{_change(int8_row['perplexity'], distilled['perplexity'])}, throughput "
+        f"{change(int8_row['size_bytes'], distilled['size_bytes'])}, perplexity "
+        f"{change(int8_row['perplexity'], distilled['perplexity'])}, throughput "
         f"{int8_row['tokens_per_s'] / distilled['tokens_per_s']:.2f}× the fp32 student's "
         f"({int8_row['device']} vs {distilled['device']}).")
     teacher_row = by_name["teacher"]
@@ -415,7 +429,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
             f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
             f"parameters, {distilled['tokens_per_s'] / teacher_row['tokens_per_s']:.2f}× the "
             f"throughput, perplexity "
-            f"{_change(distilled['perplexity'], teacher_row['perplexity'])}.")
+            f"{change(distilled['perplexity'], teacher_row['perplexity'])}.")
     elif teacher_row["params"] is not None:
         lines.append(
             f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
@@ -466,106 +480,3 @@ def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.
                                                          "logprob_step")}}
     json_path.write_text(json.dumps(summary, indent=2))
     return {"md": str(md_path), "json": str(json_path), "png": str(png_path), "rows": rows}
-
-
-# ----------------------------------------------------------------------------------------------
-# The demo's offline comparison (`fastkd demo --offline`): students taught online, from a top-k
-# cache, from a sampled cache and by hard labels, measured against the teacher side by side.
-
-
-def offline_comparison(plan, out: Path, teacher_dir: Path, data: list[str],
-                       students: dict[str, dict]) -> dict:
-    """Measure each student (`students`: name -> {"summary": its phase summary, "cache": None or
-    {dir, mode, k, bytes, build_seconds}}) against the teacher with `heldout_metrics` on the
-    run's held-out sequences, append the table to out/report.md and write out/offline.json."""
-    from transformers import AutoModelForCausalLM
-
-    from fastkd.models import load_tokenizer
-    from fastkd.store import load_blocks
-
-    device = torch.device("cpu")
-    _, heldout = load_blocks(data, load_tokenizer(str(teacher_dir)), plan.seq_len, 0.05)
-    heldout = heldout.take(torch.arange(min(len(heldout), plan.eval_sequences)))
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    models = {name: (AutoModelForCausalLM.from_pretrained(
-        s["summary"]["student_dir"], dtype=torch.float32).eval(), device)
-        for name, s in students.items()}
-    metrics = heldout_metrics(models, teacher, heldout, device)
-    rows = []
-    for name, student in students.items():
-        summary, cache = student["summary"], student["cache"]
-        rows.append({"student": name, **metrics[name],
-                     "teacher_in_memory": student["online"],
-                     "train_seconds": summary["train_seconds"],
-                     "peak_memory_bytes": summary.get("peak_memory_bytes"),
-                     "cache": cache})
-    md = render_offline(rows, heldout)
-    md_path, json_path = out / "report.md", out / "offline.json"
-    with open(md_path, "a") as f:
-        f.write(md)
-    json_path.write_text(json.dumps({"rows": rows, "heldout_sequences": len(heldout)}, indent=2))
-    return {"rows": rows, "md": str(md_path), "json": str(json_path), "text": md}
-
-
-def render_offline(rows: list[dict], heldout: Blocks) -> str:
-    """The side-by-side section the offline demo appends to report.md."""
-    by_name = {row["student"]: row for row in rows}
-    lines = [
-        "",
-        "## Offline distillation: the teacher cached once",
-        "",
-        "The same student, budget, seed and loss, taught five ways: online (the teacher in memory, "
-        "the dense fused loss), from a cache of the teacher's top-k ids (the sparse loss, tail "
-        "\"bucket\"; stored compactly, and in the fixed fp16 layout as the near-exact reference), "
-        "from a cache of ids sampled from the teacher (tail \"ignore\": an unbiased "
-        "estimate of the full forward-KL gradient), and by hard labels alone. All measured "
-        f"against the teacher on the same {len(heldout)} held-out sequences with full logits at "
-        "temperature 1 (KL with the teacher's full distribution).",
-        "",
-        "| student | held-out ppl | KL(teacher‖student) | top-1 agreement | training time | "
-        "peak memory | teacher cache: bytes a counted position, on disk (build time) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        cache = row["cache"]
-        cache_text = ("teacher in memory" if row["teacher_in_memory"] else "none" if cache is None
-                      else f"{cache['bytes_per_position']:.1f} B, {_fmt_bytes(cache['bytes'])} "
-                           f"({cache['build_seconds']:.1f} s)")
-        lines.append(
-            f"| {row['student']} | {row['perplexity']:.2f} | {row['kl_to_teacher']:.4f} | "
-            f"{row['top1_agreement'] * 100:.1f}% | {row['train_seconds']:.1f} s | "
-            f"{_fmt_bytes(row['peak_memory_bytes'])} | {cache_text} |")
-    online = next(row for row in rows if row["teacher_in_memory"])
-    lines.append("")
-    for row in rows:
-        if row["cache"] is None:
-            continue
-        lines.append(
-            f"- **{row['student']} vs online**: perplexity "
-            f"{_change(row['perplexity'], online['perplexity'])}, KL to the teacher "
-            f"{row['kl_to_teacher']:.4f} vs {online['kl_to_teacher']:.4f}, training time "
-            f"{row['train_seconds'] / online['train_seconds']:.2f}×.")
-    exact = next((row for row in rows if (row["cache"] or {}).get("layout") == "fixed"), None)
-    compact = next((row for row in rows if (row["cache"] or {}).get("layout") == "compact"
-                    and row["cache"]["mode"] == "topk"), None)
-    if exact is not None and compact is not None:
-        lines.append(
-            f"- **Compact vs fixed top-k cache**: perplexity {compact['perplexity']:.3f} vs "
-            f"{exact['perplexity']:.3f} ({_change(compact['perplexity'], exact['perplexity'])}), "
-            f"{compact['cache']['bytes_per_position']:.1f} vs "
-            f"{exact['cache']['bytes_per_position']:.1f} bytes a counted position.")
-    hard = by_name.get("hard labels (same budget)")
-    if hard is not None:
-        lines.append(f"- Hard labels for scale: perplexity {hard['perplexity']:.2f}, KL "
-                     f"{hard['kl_to_teacher']:.4f}.")
-    lines += [
-        "",
-        "Training time: the optimizer steps only (evaluations included); a cache is built once "
-        "and reused by every later run. Peak memory: on CUDA the peak allocated bytes; on the "
-        "CPU the process's peak anonymous resident memory during the steps (RssAnon, sampled "
-        "every 20 ms; memory-mapped cache pages are file-backed and not counted). It is "
-        "process-wide, and the runs share one process, so it compares them only roughly: a "
-        "later run cannot read below what the allocator kept from an earlier one.",
-        "",
-    ]
-    return "\n".join(lines)

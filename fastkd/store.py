@@ -2,9 +2,9 @@
 every run, resume, torchrun rank and `fastkd cache-teacher` on the same data.
 
 Where it lives: DATA_CACHE/NAME, where DATA_CACHE is `--data-cache DIR` (a directory a team can
-share), else $FASTKD_CACHE/data, else ~/.cache/fastkd/data ($XDG_CACHE_HOME/fastkd/data): the
-cache root of the demo's teacher too (`cache_root`). NAME is the first data path's name, seq_len
-and the digest of the recipe: the data paths (absolute, as given), the tokenizer's fingerprint
+share), else $FASTKD_CACHE/data, else ~/.cache/fastkd/data ($XDG_CACHE_HOME/fastkd/data), under
+the one cache root (`fsio.user_cache_dir`). NAME is the first data path's name, seq_len and the
+digest of the recipe: the data paths (absolute, as given), the tokenizer's fingerprint
 (fastkd.tokens), seq_len, packing, utf8_errors and the store's format.
 
 When it is prepared: when there is no store for the recipe yet, or when the data files (every
@@ -71,16 +71,9 @@ class StoreOptions:
         check_num_proc(self.num_proc)
 
 
-def cache_root() -> Path:
-    """fastkd's cache directory: $FASTKD_CACHE, else $XDG_CACHE_HOME/fastkd or ~/.cache/fastkd."""
-    if os.environ.get("FASTKD_CACHE"):
-        return Path(os.environ["FASTKD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastkd"
-
-
 def store_root(data_cache: str | None) -> Path:
-    """Where token stores live: data_cache, else cache_root()/data."""
-    return Path(data_cache).expanduser() if data_cache else cache_root() / "data"
+    """Where token stores live: data_cache, else fsio.user_cache_dir()/data."""
+    return Path(data_cache).expanduser() if data_cache else fsio.user_cache_dir() / "data"
 
 
 def recipe(spec: DataSpec, tokenizer) -> dict:

@@ -18,6 +18,8 @@ Under torchrun the same loop runs on every rank (fastkd/distributed.py: FSDP2 or
 The student's loss never sees full logits: the fused loss takes the base model's last hidden states
 and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabulary. Run directory:
 
+    RUN_DIR/fastkd-run.json              the marker of a run directory (fastkd.config.RUN_MARKER)
+    RUN_DIR/.fastkd.lock                 held by the process running the run (fastkd.fsio.locked)
     RUN_DIR/config.json                  the DistillConfig (what `--resume RUN_DIR` reads)
     RUN_DIR/checkpoints/step-NNNNNNNN/   the two newest: model/ (HF, safetensors; LoRA: the
                                          adapter), trainer_state.pt, meta.json with checksums
@@ -33,7 +35,9 @@ and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the vocabular
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -50,7 +54,15 @@ from fastkd.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fastkd.config import RUNTIME_FIELDS, TEACHER_DTYPES, DistillConfig, check_run_dir
+from fastkd.config import (
+    RUN_MARKER,
+    RUNTIME_FIELDS,
+    TEACHER_DTYPES,
+    DistillConfig,
+    check_run_dir,
+    mark_run_dir,
+    started,
+)
 from fastkd.data import Blocks
 from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
 from fastkd.models import (
@@ -92,25 +104,146 @@ def run_distillation(config: DistillConfig) -> dict:
     step with the others, and leaves the group (barrier, then destroy) before returning; rank 0
     then writes the report alone.
     """
-    started = time.perf_counter()
+    begun = time.perf_counter()
     run_dir = check_run_dir(config)
+    if config.resume and run_complete(config):
+        return completed_results(config, begun)
     check_inputs(config)  # before anything loads: a bad path fails in seconds, writing nothing
+    config = with_threads(config)
     device = distributed.init(config.device, config.dist_timeout)  # None: one process
     if device is None:
         device = resolve_device(config.device)
-    try:
-        results, teacher, heldout = _run_phases(config, run_dir, device)
-    except BaseException:
-        distributed.teardown(clean=False)
-        raise
-    distributed.teardown(clean=True)
-    if results["status"] == "completed" and config.report and distributed.is_main():
-        from fastkd.report import write_report
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(claim_run_dir(config))
+            held.enter_context(torch_threads(config.threads))
+            results, teacher, heldout = _run_phases(config, run_dir, device)
+        except BaseException:
+            distributed.teardown(clean=False)
+            raise
+        distributed.teardown(clean=True)
+        if results["status"] == "completed" and config.report and distributed.is_main():
+            from fastkd.report import write_report
 
-        if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads
-            teacher = load_teacher(config, device)  # it whole, alone
-        results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
-    results["seconds"] = time.perf_counter() - started
+            if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads
+                teacher = load_teacher(config, device)  # it whole, alone
+            results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
+    results["seconds"] = time.perf_counter() - begun
+    return results
+
+
+def with_threads(config: DistillConfig) -> DistillConfig:
+    """The config with its CPU thread count: as given, else a resumed run's recorded one, else
+    torch's default now (recorded in config.json when the run starts)."""
+    if config.threads is not None:
+        return config
+    saved = DistillConfig.load(config.out).threads if config.resume else None
+    return dataclasses.replace(config, threads=saved or torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch runs on `threads` CPU threads inside the block, then as it was (run_distillation
+    may be called in-process: tests, notebooks, the demo)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: DistillConfig):
+    """Rank 0 holds the run directory's lock for the block (a second copy of the command is
+    refused, naming this one's pid) and, under it, checks the directory again (another process
+    may have started a run there since `check_run_dir`) and marks it (`mark_run_dir`). A run
+    that fails before its first step takes back what this wrote: a new directory, or the marker
+    it put into an empty one. Every rank raises rank 0's refusal."""
+    run_dir = Path(config.out)
+    with contextlib.ExitStack() as lock:
+        failure, created, marked = None, False, False
+        if distributed.is_main():
+            try:
+                created, marked = _claim(config, lock)
+            except (ValueError, OSError) as err:
+                failure = err
+        refusal = distributed.broadcast_from_main(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            raise ValueError(refusal)
+        try:
+            yield
+        except BaseException:
+            if distributed.is_main() and not started(run_dir):
+                _unclaim(run_dir, created, marked)
+            raise
+
+
+def _claim(config: DistillConfig, lock: contextlib.ExitStack) -> tuple[bool, bool]:
+    """Rank 0's part of claim_run_dir: (whether it created the directory, marked it)."""
+    run_dir = Path(config.out)
+    try:
+        run_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    lock.enter_context(fsio.locked(run_dir / fsio.LOCK, f"run directory {run_dir}"))
+    try:
+        check_run_dir(config)
+        return created, mark_run_dir(run_dir)
+    except BaseException:
+        if created:
+            _unclaim(run_dir, created, False)
+        raise
+
+
+def _unclaim(run_dir: Path, created: bool, marked: bool) -> None:
+    """Take back what a start that failed before its first step wrote (claim_run_dir)."""
+    if marked or created:
+        for name in (RUN_MARKER, "config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    if created:
+        (run_dir / fsio.LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: something else is there now
+            run_dir.rmdir()
+
+
+def run_complete(config: DistillConfig) -> bool:
+    """Whether the run in config.out has finished: its students exported and (config.report)
+    its report written. A resume then changes nothing (`completed_results`)."""
+    run_dir = Path(config.out)
+    phases = [run_dir] + ([run_dir / "baseline"] if config.baseline else [])
+    return all((phase / "student").is_dir() for phase in phases) and (
+        not config.report or (run_dir / "report.json").is_file())
+
+
+def completed_results(config: DistillConfig, begun: float) -> dict:
+    """run_distillation's results for a finished run, read from its files (nothing is run,
+    measured or written), saying so and how to train further from its student."""
+    run_dir = Path(config.out)
+    log.info("%s: the run is complete (%d steps%s%s): nothing to resume, nothing changed. To "
+             "train its student further, start a new run from it: fastkd distill --student %s "
+             "--out NEW_RUN_DIR ...", run_dir, config.steps,
+             ", the baseline" if config.baseline else "",
+             ", the report" if config.report else "", run_dir / "student")
+    phases = {"distill": run_dir, "baseline": run_dir / "baseline" if config.baseline else None}
+    results = {"status": "completed", "signal": None, "run_dir": str(run_dir), "report": None,
+               "complete_before": True}
+    for name, phase_dir in phases.items():
+        history = None if phase_dir is None else [
+            json.loads(line) for line in (phase_dir / "log.jsonl").read_text().splitlines()]
+        results[name] = None if phase_dir is None else _phase_summary(PhaseResult(
+            "completed", config.steps, 0, history, latest_checkpoint(phase_dir),
+            phase_dir / "student"))
+        results["history" if name == "distill" else "baseline_history"] = history
+    if config.report:
+        rows = json.loads((run_dir / "report.json").read_text())["rows"]
+        results["report"] = {"md": str(run_dir / "report.md"),
+                             "json": str(run_dir / "report.json"),
+                             "png": str(run_dir / "loss_curve.png"), "rows": rows}
+    results["seconds"] = time.perf_counter() - begun
     return results
 
 
@@ -176,10 +309,10 @@ def _run_phases(config: DistillConfig, run_dir: Path,
                                                    packed=train.packed)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
+    _warn_small_heldout(heldout)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if not config.resume and distributed.is_main():
-        # Only now: a start that fails on its inputs leaves no run behind.
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # Only now: a start that fails on its inputs leaves no run behind (claim_run_dir).
         config.save(run_dir)
 
     baseline = None
@@ -222,6 +355,14 @@ def _load_data(config: DistillConfig, tokenizer) -> tuple[Blocks, Blocks]:
                                      options=StoreOptions(config.data_cache, config.num_proc,
                                                           config.progress and main, prepare=main))
     return train, heldout.take(torch.arange(min(len(heldout), config.eval_sequences)))
+
+
+def _warn_small_heldout(heldout: Blocks) -> None:
+    from fastkd.report import small_heldout
+
+    warning = small_heldout(heldout)
+    if warning and distributed.is_main():
+        log.warning(warning)
 
 
 def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device, packed: bool

@@ -193,10 +193,13 @@ def test_fsdp_two_processes_equal_one(fsdp_run, assets):
     assert fsdp_run.err.count("preparing the token store") == 1  # rank 0's; rank 1 mapped it
 
 
-def test_resume_with_another_world_size_is_refused(fsdp_run):
-    resumed = DistillConfig.load(fsdp_run.cfg.out)
+def test_resume_with_another_world_size_is_refused(fsdp_run, tmp_path):
+    run = tmp_path / "run"  # the run, its export not done yet (a finished run resumes nothing)
+    shutil.copytree(fsdp_run.cfg.out, run)
+    shutil.rmtree(run / "student")
+    resumed = DistillConfig.load(run)
     with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
-        run_distillation(dataclasses.replace(resumed, resume=True))
+        run_distillation(dataclasses.replace(resumed, out=str(run), resume=True))
 
 
 def test_batch_size_must_split_across_the_ranks(assets, tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """fastkd's fused loss inside TRL's distillation trainers (tested with TRL 1.16; `pip install
 fastkd[trl]`). Each is a subclass with the same arguments and config as TRL's; only the loss
-changes, to fastkd's fused one with TRL's objective exactly.
+changes, to fastkd's fused one with TRL's objective exactly, but for one deliberate difference: a
+teacher with a LoRA adapter on its output layer is distilled from through its effective head (its
+own logits), where TRL 1.16 reads the base `lm_head.weight` and ignores the adapter.
 
     from fastkd.integrations.trl import FusedDistillationTrainer   # = trl.DistillationTrainer
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher,
@@ -54,13 +56,15 @@ divides `num_items_in_batch` by the number of processes) and ours inherits it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 
 import torch
 
+from fastkd.checks import choice, positive_int
 from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import head_weight_and_bias, lm_head, logit_scale, with_heads
-from fastkd.options import DistillOptions
+from fastkd.options import BACKENDS, DistillOptions
 
 try:
     import trl.trainer.distillation_trainer as _trl_distillation
@@ -210,6 +214,35 @@ def _check_distill_options(distill_options) -> None:
                         f"{type(distill_options).__name__}")
 
 
+def _check_loss_arguments(backend, chunk_size, args) -> None:
+    """What the fused loss is given, checked when the trainer is built (not at the first loss,
+    after a generation): backend, chunk_size, and the temperature that divides both models'
+    logits (TRL's loss too: 0 is a bare ZeroDivisionError there)."""
+    choice("backend", backend, BACKENDS)
+    positive_int("chunk_size", chunk_size, optional=True)
+    temperature = getattr(args, "temperature", 1.0)
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"args.temperature must be a finite number > 0 (the loss divides both "
+                         f"models' logits by it), got {temperature!r}")
+
+
+def _check_prompts(trainer) -> None:
+    """TRL's on-policy trainers generate from each row's "prompt": a dataset without one is
+    refused when the trainer is built, naming the columns it has (TRL's own fails at the first
+    step with a bare KeyError)."""
+    named = {"train_dataset": trainer.train_dataset}
+    evals = trainer.eval_dataset
+    named.update({f"eval_dataset[{k!r}]": v for k, v in evals.items()} if isinstance(evals, dict)
+                 else {"eval_dataset": evals})
+    for name, dataset in named.items():
+        columns = getattr(dataset, "column_names", None)  # None: a dataset that does not say
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(f"{name} has no \"prompt\" column (the trainer generates the "
+                             f"completions from it); its columns: {list(columns)}. Rename the "
+                             "one that holds the prompts: dataset.rename_column(NAME, \"prompt\")")
+
+
 class _FusedHeads:
     """What both fused TRL trainers share: the construction checks and the student's completion
     hidden states with its effective head."""
@@ -260,10 +293,12 @@ class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
                  distill_options: DistillOptions | None = None, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
         _check_distill_options(distill_options)
+        _check_loss_arguments(backend, chunk_size, args)
         with _lora_head_allowed():
             super().__init__(model, teacher_model, args, *rest, **kwargs)
         self.distill_options, self.backend, self.chunk_size = distill_options, backend, chunk_size
         self._check_fused()
+        _check_prompts(self)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """TRL's `_compute_loss` (run inside the student wrapper's forward by `compute_loss`) with
@@ -346,10 +381,12 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
 
     def __init__(self, model, args=None, *rest, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
+        _check_loss_arguments(backend, chunk_size, args)
         with _lora_head_allowed():
             super().__init__(model, args, *rest, **kwargs)
         self.backend, self.chunk_size = backend, chunk_size
         self._check_fused()
+        _check_prompts(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -410,6 +447,8 @@ class FusedGKDTrainer(GKDTrainer):
 
     def __init__(self, model=None, teacher_model=None, *args, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
+        # GKD's loss runs at T = 1 (its temperature only samples): backend and chunk_size
+        _check_loss_arguments(backend, chunk_size, None)
         # The teacher's 8-token probe runs before accelerate prepares it (after that its forward
         # may autocast, or hold shards); a teacher given by name gets the config checks only.
         teacher = (lm_head(teacher_model, "teacher")
