@@ -213,7 +213,7 @@ def _text_pieces(path: Path, utf8_errors: str, meter: Meter):
             block = f.read(PIECE_BYTES)
             data, last = carry + block, not block or f.tell() >= size
             end = len(data) if last else data.rfind(b"\n") + 1
-            if end == 0:  # no line end yet: read on
+            if end == 0 and not last:  # no line end yet: read on
                 carry = data
                 continue
             raw, carry = data[:end], data[end:]

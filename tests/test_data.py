@@ -47,9 +47,10 @@ def test_missing_empty_and_malformed_files_name_the_file_and_record(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_documents(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(ValueError, match="empty.txt"):
-        read_documents(empty)
+    for text in ("  \n", ""):  # blank, and 0 bytes (no line end at all: read once, not forever)
+        empty.write_text(text)
+        with pytest.raises(ValueError, match="empty.txt"):
+            read_documents(empty)
     no_text = tmp_path / "bad.jsonl"
     no_text.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"text\""):
