@@ -30,7 +30,7 @@ from fastkd.reference_multi import TeacherComponents
 from fastkd.routed import member_checks
 from fastkd.teachers import TeacherHead
 
-MAX_TEACHERS = 4  # the kernel holds each teacher's row statistics in registers
+MAX_TEACHERS = 4  # the kernel takes each teacher's head settings as 4 scalars (kernels/mixture.py)
 
 
 def torch_rows(s, t, weights, labels, row_scale, out, opts, heads, ensemble, compute_grad):
@@ -173,7 +173,7 @@ class MixedTeachers(TeacherForm):
                  for h, w, b in self._teachers(teacher)]
         t_buf = padded_rows(n_teachers * plan.chunk, shared, t_dtype, row_scale.device).unflatten(
             0, (n_teachers, plan.chunk))
-        row_op = MIXTURE_ROWS.torch  # on every backend until the mixture's row kernel lands
+        row_op = MIXTURE_ROWS.on(plan.backend)
 
         def rows(i0, i1, s):
             t = t_buf[:, : i1 - i0]

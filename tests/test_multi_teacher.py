@@ -96,10 +96,16 @@ def run(inputs, backend, upstream=None, components=False, **kw):
 
 
 def check(inputs, backend, dtype=torch.float32, upstream=None, **kw):
-    """`check_against_spec` (loss, ce, kd, entropy, every gradient) and each teacher's kd."""
-    loss, grads = check_against_spec(run, inputs, backend, dtype, upstream, **kw)
-    got, _ = run(inputs, backend, upstream, components=True, **kw)
-    want, _ = run(inputs, "spec", upstream, components=True, **kw)
+    """`check_against_spec` (loss, ce, kd, entropy, every gradient) and each teacher's kd and
+    tokens; one run on each side."""
+    runs = {}
+
+    def once(inputs, side, upstream, components, **kw):
+        runs[side] = run(inputs, side, upstream, components=True, **kw)
+        return runs[side]
+
+    loss, grads = check_against_spec(once, inputs, backend, dtype, upstream, **kw)
+    (got, _), (want, _) = runs[backend], runs["spec"]
     assert_close(got.teacher_kd, want.teacher_kd, dtype, "teacher_kd",
                  torch.maximum(want.teacher_kd.abs().max(), want.loss.abs().max()))
     assert torch.equal(got.teacher_tokens.cpu(), want.teacher_tokens.cpu())
@@ -320,21 +326,72 @@ MIXTURES = [(d, "divergences") for d in DIVERGENCES] + [("forward_kl", "ensemble
 
 
 @pytest.mark.parametrize("divergence,mixture", MIXTURES)
-def test_mixture_matches_spec(divergence, mixture):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixture_matches_spec(backend, divergence, mixture):
+    # 3 teachers (the kernel's padded 4th row), per-token weights with a one-hot and a zero,
+    # each teacher's own softcap / logit scale, vocabularies padded past the student's, biases,
+    # ignored tokens, T != 1, a student softcap, uneven chunks
     problem = mixed_problem(n_teachers=3)
-    check(problem, "torch", temperature=1.5, divergence=divergence, beta=0.3, skew=0.2,
-          mixture=mixture, chunk_size=8)
+    check(problem, backend, temperature=1.5, divergence=divergence, beta=0.3, skew=0.2,
+          mixture=mixture, chunk_size=8, student_softcap=8.0)
 
 
 @pytest.mark.parametrize("mixture", ["divergences", "ensemble"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_mixture_reductions_global_weights_and_bf16(reduction, mixture):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixture_reductions_global_weights_and_bf16(backend, reduction, mixture):
     for dtype in (torch.float32, torch.bfloat16):
         problem = mixed_problem(n_teachers=4, lead=(3, 7), dtype=dtype, per_token=False)
         upstream = (torch.randn(3, 7, generator=gen(11)).to(DEVICE) if reduction == "none"
                     else torch.tensor(0.7))
-        check(problem, "torch", dtype, upstream, reduction=reduction, mixture=mixture,
+        check(problem, backend, dtype, upstream, reduction=reduction, mixture=mixture,
               temperature=2.0, chunk_size=5)
+
+
+@pytest.mark.parametrize("n_teachers", [1, 2, 4])
+@pytest.mark.parametrize("divergence,mixture", [("forward_kl", "ensemble"),
+                                                ("reverse_kl", "divergences"),
+                                                ("jsd", "divergences")])
+def test_mixture_kernel_writes_every_output(divergence, mixture, n_teachers):
+    """Poison the outputs and the padded buffers' pad columns, run the kernel on one chunk with
+    and without the gradient, compare row by row with the torch row op; an ignored row's
+    gradient is exactly 0. Odd V, K < V, each teacher its own softcap and scale."""
+    from fastkd.autograd import padded_rows
+    from fastkd.mixture import MIXTURE_ROWS
+
+    g = gen(40 + n_teachers)
+    n, vocab, shared = 11, 1500, 1379
+    s = torch.randn(n, vocab, generator=g).mul(4).to(DEVICE)
+    t = torch.randn(n_teachers, n, shared, generator=g).mul(3).to(DEVICE)
+    weights = torch.softmax(torch.randn(n, n_teachers, generator=g), -1).to(DEVICE)
+    if n_teachers > 1:
+        weights[2] = torch.nn.functional.one_hot(torch.tensor(1), n_teachers).float()
+    labels = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
+    labels[3] = -100
+    scale = torch.rand(n, generator=g).to(DEVICE)
+    heads = ((5.0, 1.2), (None, 0.7), (9.0, 1.0), (None, 1.3))[:n_teachers]
+    opts = DistillOptions(temperature=1.7, divergence=divergence, student_softcap=6.0,
+                          student_logit_scale=0.8)
+    for grads in (True, False):
+        results = {}
+        for backend in BACKENDS:
+            out = torch.full((n, 4 + n_teachers), float("nan"), device=DEVICE)
+            grad = padded_rows(n, vocab, s.dtype, DEVICE)
+            teachers = padded_rows(n_teachers * n, shared, t.dtype, DEVICE).unflatten(
+                0, (n_teachers, n))
+            for buf, x in ((grad, s), (teachers, t)):
+                buf.as_strided((buf.numel() // buf.stride(-2), buf.stride(-2)),
+                               (buf.stride(-2), 1)).fill_(float("nan"))
+                buf.copy_(x)
+            MIXTURE_ROWS.on(backend)(grad, teachers, weights, labels, scale, out, opts, heads,
+                                     mixture == "ensemble", grads)
+            results[backend] = (grad, out)
+        for got, want in zip(results["triton"], results["torch"], strict=True):
+            if grads or got is results["triton"][1]:
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if grads:
+            assert torch.equal(results["triton"][0][3], torch.zeros(vocab, device=DEVICE))
 
 
 def test_spec_mixture_closed_form_gradient_is_autograds():
@@ -368,7 +425,7 @@ def test_spec_mixture_closed_form_gradient_is_autograds():
 
 
 @pytest.mark.parametrize("mixture", ["divergences", "ensemble"])
-@pytest.mark.parametrize("backend", BACKENDS[:1])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_one_mixture_is_the_single_teacher(backend, mixture):
     """All the weight on one teacher is that teacher alone (a second one at weight 0 is not
     consulted), to fp32 rounding: the same sums in another order."""
