@@ -701,3 +701,23 @@ def test_routing_and_mixtures_never_allocate_n_by_v():
         with LargestTensor() as probe:
             fastkd.fused_multi_teacher_loss(**args, chunk_size=chunk, divergence="jsd").backward()
         assert probe.largest <= bound, (kw.keys(), probe.largest, bound)
+
+
+def test_the_benchmark_runs_from_python_m_bench(tmp_path, monkeypatch):
+    """`python -m bench --multi-teacher --quick` (the hookup, the cases, the files it writes); its
+    numbers are the benchmark's business, not a test's."""
+    import json
+    import sys
+
+    from _bench import import_bench
+
+    monkeypatch.setattr(sys, "path", sys.path[:])  # bench's main drops the repo root from it
+    code = import_bench("__main__").main(["--multi-teacher", "--quick", "--device", "cpu",
+                                          "--out", str(tmp_path)])
+    assert code in (0, 1)  # 1: a target missed (a loaded machine's quick run may)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    cases = {c["case"] for c in doc["cases"]}
+    assert cases == {"routed-2", "routed-2, chunk 64", "routed-4", "routed-4, chunk 64",
+                     "mixture-2"}
+    assert all(c["ratio"] > 0 for c in doc["cases"]) and doc["load_before"]
+    assert "CPU numbers, not GPU" in (tmp_path / "results.md").read_text()
