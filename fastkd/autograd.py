@@ -131,9 +131,8 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def chunk_loop(h_s, w_s, b_s, labels, row_scale, teacher: tuple, plan: Plan, grads: bool):
     """The shared student loop. Returns per-token (n, OUTPUTS + the form's extra_outputs) values
-    and, if grads, (dH, dW, db)
-    (else Nones); the per-token values, dW and db in fp32 (fp64 for fp64 inputs). Each model's
-    GEMM runs in its own compute dtype (plan.dtypes)."""
+    and, if grads, (dH, dW, db) (else Nones); the per-token values, dW and db in fp32 (fp64 for
+    fp64 inputs). Each model's GEMM runs in its own compute dtype (plan.dtypes)."""
     dtype, acc = plan.dtypes[0], plan.acc
     n, d_s = h_s.shape
     vocab, dev = w_s.shape[0], h_s.device

@@ -225,8 +225,9 @@ def _run(call: Call) -> list[torch.Tensor]:
     ignored = None if labels is None else labels == plan.opts.ignore_index
     order = plan.form.row_order(teacher, ignored, call.n_counted)
     if order is not None:
-        # Ignored tokens cost no compute: gather the counted rows (index_select is differentiable:
-        # its backward scatters dH back, zeros at ignored rows, so no ignored row enters a GEMM).
+        # Ignored tokens cost no compute: gather the counted rows, in the form's order (routing:
+        # by teacher). index_select is differentiable: its backward scatters dH back, zeros at
+        # ignored rows, so no ignored row enters a GEMM.
         h_s = h_s.index_select(0, order)
         labels = None if labels is None else labels.index_select(0, order)
         teacher = plan.form.select(teacher, order)

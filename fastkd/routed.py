@@ -226,11 +226,12 @@ class RoutedTeachers(TeacherForm):
         order = torch.argsort(key, stable=True)
         return order if n_counted is None else order[:n_counted]
 
-    def _widths(self, tensors, vocab, device) -> dict:
-        """Per compute dtype, the widest dense member's shared ids (sparse members: "sparse")."""
+    def _widths(self, tensors, vocab, device, s_dtype=None) -> dict:
+        """Per compute dtype (a member's, else s_dtype), the widest dense member's shared ids
+        (sparse members: "sparse")."""
         widths = {}
         for member, own in zip(self.members, split_members(self.members, tensors), strict=True):
-            group = "sparse" if member.sparse else member.dtype
+            group = "sparse" if member.sparse else member.dtype or s_dtype
             widths[group] = max(widths.get(group, 0), member.form.width(own, vocab, device))
         return widths
 
@@ -265,9 +266,10 @@ class RoutedTeachers(TeacherForm):
         if counts[-1]:
             raise ValueError(f"teacher_index must lie in [0, {n_teachers})")
         own = split_members(self.members, tensors)
+        s_dtype = plan.dtypes[0]
         buffers = {dtype: padded_rows(min(plan.chunk, max(counts[:-1])), width, dtype,
                                       route.device)
-                   for dtype, width in self._widths(tensors, vocab, route.device).items()
+                   for dtype, width in self._widths(tensors, vocab, route.device, s_dtype).items()
                    if dtype != "sparse"}
         staged = torch.empty(len(route), len(OUTPUTS), device=out.device, dtype=out.dtype)
         out[:, len(OUTPUTS):].zero_()
@@ -276,7 +278,7 @@ class RoutedTeachers(TeacherForm):
             if count == 0:
                 continue
             end = start + count
-            kw = {} if member.sparse else {"t_buf": buffers[member.dtype]}
+            kw = {} if member.sparse else {"t_buf": buffers[member.dtype or s_dtype]}
             op = member.form.rows(member.form.select(own[k], slot[start:end]),
                                   None if labels is None else labels[start:end],
                                   row_scale[start:end], staged[start:end], member.plan(plan),

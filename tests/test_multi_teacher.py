@@ -475,6 +475,59 @@ def test_ensemble_and_divergences_share_the_gradient_and_differ_by_the_teachers_
     torch.testing.assert_close(div - ens, gap, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixture_with_banned_ids_extreme_logits_and_a_nan_teacher(backend):
+    """A teacher's ids at -inf (p = 0: 0 log 0) for every divergence but the reverse KLs; logits
+    of ~2e3 (the online maxima keep every exp finite); a NaN teacher makes the loss NaN where it
+    has weight, and is not consulted where its weight is 0."""
+    problem = mixed_problem(n_teachers=2, seed=15)
+    with torch.no_grad():
+        problem["teachers"][0].bias[::7] = float("-inf")
+    for divergence, mixture in MIXTURES:
+        if not divergence.endswith("reverse_kl"):
+            check(problem, backend, temperature=2.0, divergence=divergence, mixture=mixture,
+                  chunk_size=10)
+    loud = mixed_problem(n_teachers=2, seed=16)
+    with torch.no_grad():
+        for teacher in loud["teachers"]:
+            teacher.hidden.mul_(300.0)
+        loud["student_hidden"].mul_(300.0)
+    z = loud["student_hidden"] @ loud["student_weight"].T
+    assert z.abs().max() > 2000
+    loss, grads = run(loud, backend, temperature=2.0, divergence="jsd")
+    want, want_grads = run(loud, "spec", temperature=2.0, divergence="jsd")
+    assert abs(loss.double() - want) <= 1e-5 * want.abs()
+    for name, grad in grads.items():
+        err = (grad.double() - want_grads[name]).abs().max() / want_grads[name].abs().max()
+        assert torch.isfinite(grad).all() and err <= 1e-4, (name, float(err))
+    sick = mixed_problem(n_teachers=2, seed=17, ignore_every=0)
+    with torch.no_grad():
+        sick["teachers"][1].hidden[4, 0] = float("nan")
+    weights = sick["teacher_weights"].clone()
+    for mixture in ("divergences", "ensemble"):
+        loss, _ = run(sick, backend, mixture=mixture)
+        assert torch.isnan(loss), mixture
+        weights[4] = torch.tensor([1.0, 0.0])  # the NaN teacher not consulted at its NaN token
+        loss, grads = run(dict(sick, teacher_weights=weights), backend, mixture=mixture)
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_master_weights(backend):
+    """Under torch.autocast(bf16) every teacher and the student compute in bf16 and the
+    gradients come back in their inputs' dtype (fp32), within bf16's tolerance of the spec."""
+    for problem, kw in ((routed_problem(lead=(2, 9), seed=18), {}),
+                        (mixed_problem(n_teachers=2, lead=(2, 9), seed=19), {})):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss, grads = run(problem, backend, temperature=2.0, **kw)
+        want, want_grads = run(problem, "spec", temperature=2.0, **kw)
+        assert_close(loss, want, torch.bfloat16, "loss")
+        for name, grad in grads.items():
+            assert grad.dtype == torch.float32, name
+            assert_close(grad, want_grads[name], torch.bfloat16, name)
+        assert not torch.equal(loss, run(problem, backend, temperature=2.0, **kw)[0])
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 def _small(**changes):
