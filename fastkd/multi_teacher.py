@@ -75,21 +75,22 @@ def _mixed(teachers, teacher_weights, mixture, process_group):
 
 
 def form_for(teachers, lead, teacher_index, teacher_weights, mixture, process_group, vocab_start):
-    """(form, its tensors) for the call; a ValueError for an argument that does not fit."""
+    """(form, its tensors, the one teacher's `Member` or None) for the call; a ValueError for an
+    argument that does not fit."""
     if teacher_index is not None and teacher_weights is not None:
         raise ValueError("pass teacher_index (each token one teacher) or teacher_weights (every "
                          "token a mixture), not both")
     if mixture != "divergences" and teacher_weights is None:
         raise ValueError(f"mixture={mixture!r} needs teacher_weights (a mixture of teachers)")
     if teacher_index is not None:
-        return _routed(teachers, teacher_index, lead, process_group, vocab_start)
+        return (*_routed(teachers, teacher_index, lead, process_group, vocab_start), None)
     if teacher_weights is not None:
-        return _mixed(teachers, teacher_weights, mixture, process_group)
+        return (*_mixed(teachers, teacher_weights, mixture, process_group), None)
     if len(teachers) > 1:
         raise ValueError(f"{len(teachers)} teachers: pass teacher_index (which teacher each "
                          "token distils from) or teacher_weights (a mixture on every token)")
     one = member(0, teachers[0], process_group, vocab_start)
-    return one, teachers[0].tensors()
+    return one.form, teachers[0].tensors(), one
 
 
 def _as_teacher_components(out, n: int, labels, opts: DistillOptions) -> TeacherComponents:
@@ -126,15 +127,14 @@ def multi_teacher_loss(student_hidden, student_weight, teachers, labels, opts: D
     """`fastkd.fused_multi_teacher_loss` with the options as one `DistillOptions`; its teacher
     softcap and logit scale must be unset (they are per teacher, on each `TeacherHead`)."""
     try:
-        found, tensors = _prepare(student_hidden, teachers, opts, teacher_index, teacher_weights,
-                                  mixture, process_group, vocab_start)
+        form, tensors, one = _prepare(student_hidden, teachers, opts, teacher_index,
+                                      teacher_weights, mixture, process_group, vocab_start)
     except (TypeError, ValueError) as error:
         if process_group is None:
             raise
         agree(process_group, error)  # the other ranks are in their agreement: raise everywhere
-    form = found.form if isinstance(found, Member) else found
-    if isinstance(found, Member):  # one teacher: its head settings as the options'
-        opts = found.options(opts)
+    if one is not None:  # one teacher, its own form: its head settings as the options'
+        opts = one.options(opts)
     out = fused_loss(form, (student_hidden, student_weight, student_bias), tensors, labels, opts,
                      backend=backend, chunk_size=chunk_size, check_labels=check_labels,
                      return_components=return_components)
