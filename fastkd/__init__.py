@@ -16,6 +16,13 @@ _EXPORTS = {
     "FusedSparseDistillLoss": ("fastkd.loss", "FusedSparseDistillLoss"),
     "fused_sparse_distill_loss": ("fastkd.loss", "fused_sparse_distill_loss"),
     "sparse_distill": ("fastkd.loss", "sparse_loss"),  # the sparse loss with one DistillOptions
+    "TeacherHead": ("fastkd.teachers", "TeacherHead"),
+    "TeacherLogprobs": ("fastkd.teachers", "TeacherLogprobs"),
+    "TeacherComponents": ("fastkd.reference_multi", "TeacherComponents"),
+    "FusedMultiTeacherLoss": ("fastkd.loss", "FusedMultiTeacherLoss"),
+    "fused_multi_teacher_loss": ("fastkd.loss", "fused_multi_teacher_loss"),
+    # the multi-teacher loss with one DistillOptions
+    "multi_teacher_distill": ("fastkd.multi_teacher", "multi_teacher_loss"),
     "DistillConfig": ("fastkd.config", "DistillConfig"),
     "run_distillation": ("fastkd.trainer", "run_distillation"),
 }

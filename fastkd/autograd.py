@@ -130,14 +130,14 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # ---- the chunk loop, the custom op ------------------------------------------------------------
 
 def chunk_loop(h_s, w_s, b_s, labels, row_scale, teacher: tuple, plan: Plan, grads: bool):
-    """The shared student loop. Returns per-token (n, OUTPUTS) values and, if grads, (dH, dW, db)
-    (else Nones); the per-token values, dW and db in fp32 (fp64 for fp64 inputs). Each model's
-    GEMM runs in its own compute dtype (plan.dtypes)."""
+    """The shared student loop. Returns per-token (n, OUTPUTS + the form's extra_outputs) values
+    and, if grads, (dH, dW, db) (else Nones); the per-token values, dW and db in fp32 (fp64 for
+    fp64 inputs). Each model's GEMM runs in its own compute dtype (plan.dtypes)."""
     dtype, acc = plan.dtypes[0], plan.acc
     n, d_s = h_s.shape
     vocab, dev = w_s.shape[0], h_s.device
     chunk = plan.chunk  # <= max(n, 1): the front-end's
-    out = torch.empty(n, len(OUTPUTS), device=dev, dtype=acc)
+    out = torch.empty(n, len(OUTPUTS) + plan.form.extra_outputs, device=dev, dtype=acc)
     rows = plan.form.rows(teacher, labels, row_scale, out, plan, grads, vocab)
     h_s, w_s, b_s = h_s.to(dtype), w_s.to(dtype), cast_or_none(b_s, dtype)
     s_buf = padded_rows(chunk, vocab, dtype, dev)
@@ -195,7 +195,8 @@ def _(h_s, w_s, b_s, labels, row_scale, teacher, grads, form, backend, chunk, s_
       *option_values):
     acc = accumulator_dtype((s_dtype, t_dtype))
     n, (vocab, d_s) = h_s.shape[0], w_s.shape
-    out = h_s.new_empty((n, len(OUTPUTS)), dtype=acc)
+    columns = len(OUTPUTS) + FORMS[form.split(":")[0]].from_op_key(form).extra_outputs
+    out = h_s.new_empty((n, columns), dtype=acc)
     dh = h_s.new_empty((n, d_s) if grads else (0,), dtype=s_dtype)
     dw = h_s.new_empty((vocab, d_s) if grads else (0,), dtype=acc)
     db = h_s.new_empty((vocab,) if grads and b_s is not None else (0,), dtype=acc)
@@ -257,8 +258,9 @@ def input_grads(grads, need, in_dtypes, g):
 
 class FusedLossFunction(torch.autograd.Function):
     """Every fused loss: student inputs flattened to (N, D), the plan, the teacher's tensors (last,
-    so autograd sees them as inputs that get no gradient); returns (loss, ce, kd, entropy)
-    reduced by the plan's reduction. Applied in grad mode only (else `forward_only`)."""
+    so autograd sees them as inputs that get no gradient); returns (loss, ce, kd, entropy) and the
+    form's extra columns, reduced by the plan's reduction. Applied in grad mode only (else
+    `forward_only`)."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, labels, plan: Plan, *teacher):

@@ -20,7 +20,7 @@ import torch
 from fastkd.checks import choice
 from fastkd.options import BACKENDS
 
-KERNEL_MODULES = ("dense", "sparse")  # fastkd.kernels' modules, imported together
+KERNEL_MODULES = ("dense", "sparse", "mixture")  # fastkd.kernels' modules, imported together
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

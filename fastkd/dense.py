@@ -83,14 +83,17 @@ class DenseTeacher(TeacherForm):
     def row_op(self, backend: str):
         return DENSE_ROWS.on(backend)
 
-    def rows(self, teacher, labels, row_scale, out, plan: Plan, grads, vocab):
+    def rows(self, teacher, labels, row_scale, out, plan: Plan, grads, vocab, t_buf=None):
+        """`TeacherForm.rows`; t_buf: a (>= chunk, >= K) buffer of the teacher's compute dtype
+        to form its logits in (the routed form shares one between its dense teachers; None: one
+        is allocated here)."""
         h_t, w_t, b_t = teacher
         t_dtype = plan.dtypes[1]
         k = min(vocab, w_t.shape[0])  # the shared ids (this rank's, if sharded)
         h_t = h_t.detach().reshape(-1, h_t.shape[-1]).to(t_dtype)
         w_t = w_t.detach()[:k].to(t_dtype)
         b_t = None if b_t is None else b_t.detach()[:k].to(t_dtype)
-        t_buf = padded_rows(plan.chunk, k, t_dtype, h_t.device)
+        t_buf = padded_rows(plan.chunk, k, t_dtype, h_t.device) if t_buf is None else t_buf[:, :k]
         row_op = self.row_op(plan.backend)
 
         def rows(i0, i1, s):

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from fastkd.options import DistillOptions
+from fastkd.reference import Components
 
 FORMS: dict[str, type[TeacherForm]] = {}
 
@@ -85,13 +86,34 @@ class TeacherForm(ABC):
         """Raise a TypeError/ValueError naming the first bad teacher argument (types, shapes,
         devices); return the checks that need the values (read in the one host sync)."""
 
+    @property
+    def extra_outputs(self) -> int:
+        """Per-token columns the row op writes after (loss, ce, kd, entropy), each reduced like
+        them (the multi-teacher forms: each teacher's kd)."""
+        return 0
+
     def compute_dtype(self, teacher: tuple, s_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the teacher's side of the row op (the student's if it has no GEMM)."""
         return s_dtype
 
     @abstractmethod
     def select(self, teacher: tuple, index: torch.Tensor) -> tuple:
-        """The teacher's tensors at the counted tokens only."""
+        """The teacher's tensors at the tokens `index` (the chunk loop's, `row_order`)."""
+
+    def row_order(self, teacher: tuple, ignored: torch.Tensor | None,
+                  n_counted: int | None) -> torch.Tensor | None:
+        """The tokens the chunk loop runs, in its order, as indices into the N tokens (None: all
+        of them, in order). ignored: (N,) bool, None without labels; n_counted: the tokens not
+        ignored, None when the front-end did not read it (check_labels=False: ignored tokens are
+        then computed and masked). Here the counted tokens, in order: ignored ones cost nothing."""
+        if ignored is None or n_counted is None or n_counted == ignored.numel():
+            return None
+        return torch.argsort(ignored.to(torch.uint8), stable=True)[:n_counted]
+
+    def components(self, out: list, call) -> Components:
+        """What return_components returns from the reduced per-token columns `out` (OUTPUTS,
+        then `extra_outputs`) of the checked call (`fastkd.frontend.Call`)."""
+        return Components(*out)
 
     @abstractmethod
     def width(self, teacher: tuple, vocab: int, device: torch.device) -> int:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd import reference
 from fastkd.autograd import FusedLossFunction, cast_or_none, default_chunk_size, forward_only
 from fastkd.backends import resolve_backend
 from fastkd.checks import positive_int
@@ -177,8 +176,8 @@ def fused_loss(form: TeacherForm, student: tuple, teacher: tuple, labels, opts: 
                backend="auto", chunk_size=None, check_labels=True, return_components=False):
     """The front-end of every fused loss: checks, the plan, ignored-token compaction, the autograd
     Function, the reduction's shape. student = (hidden, weight, bias or None); teacher: the
-    form's tensors. Returns the loss, or with return_components a `reference.Components`: (loss,
-    ce, kd) with .entropy."""
+    form's tensors. Returns the loss, or with return_components the form's `components`
+    (a `reference.Components`: (loss, ce, kd) with .entropy)."""
     if form.collective:  # every rank reaches the agreement, even one whose checks failed
         try:
             call = prepare(form, student, teacher, labels, opts, backend, chunk_size, check_labels)
@@ -210,31 +209,33 @@ def fused_loss(form: TeacherForm, student: tuple, teacher: tuple, labels, opts: 
         )
     if opts.reduction == "none":
         out = [x.reshape(h_s.shape[:-1]) for x in out]
-    return reference.Components(*out) if return_components else out[0]
+    return call.plan.form.components(out, call) if return_components else out[0]
 
 
 def _run(call: Call) -> list[torch.Tensor]:
     """The checked call through the Function (or `forward_only` when nothing is differentiated),
-    ignored tokens gathered out first: (loss, ce, kd, entropy), reduced, or for reduction "none"
-    per token (N,), 0 at the ignored ones."""
+    its tokens gathered in the form's order first (`TeacherForm.row_order`: ignored ones out):
+    (loss, ce, kd, entropy) and the form's extra columns, reduced, or for reduction "none" per
+    token (N,), 0 at the ignored ones."""
     plan, h_s, labels, teacher = call.plan, call.h_s, call.labels, call.teacher
     if labels is not None:
         # contiguous: the row kernels read label i at y_ptr + i (a strided or expanded view isn't)
         labels = labels.contiguous()
     n = h_s.shape[0]
-    counted = None  # indices of the counted tokens, when some are ignored
-    if call.n_counted is not None and call.n_counted < n:
-        # Ignored tokens cost no compute: gather the counted rows (index_select is differentiable:
-        # its backward scatters dH back, zeros at ignored rows, so no ignored row enters a GEMM).
-        counted = torch.argsort((labels == plan.opts.ignore_index).to(torch.uint8),
-                                stable=True)[:call.n_counted]
-        h_s, labels = h_s.index_select(0, counted), labels.index_select(0, counted)
-        teacher = plan.form.select(teacher, counted)
+    ignored = None if labels is None else labels == plan.opts.ignore_index
+    order = plan.form.row_order(teacher, ignored, call.n_counted)
+    if order is not None:
+        # Ignored tokens cost no compute: gather the counted rows, in the form's order (routing:
+        # by teacher). index_select is differentiable: its backward scatters dH back, zeros at
+        # ignored rows, so no ignored row enters a GEMM.
+        h_s = h_s.index_select(0, order)
+        labels = None if labels is None else labels.index_select(0, order)
+        teacher = plan.form.select(teacher, order)
     inputs = (h_s, call.w_s, call.b_s, *teacher)
     differentiable = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in inputs)
     run = FusedLossFunction.apply if differentiable else forward_only
     out = list(run(h_s, call.w_s, call.b_s, labels, plan, *teacher))
-    if plan.opts.reduction == "none" and counted is not None:  # every token, 0 at ignored ones
-        out = [x.new_zeros(n).index_copy(0, counted, x) for x in out]
+    if plan.opts.reduction == "none" and order is not None:  # every token, 0 at ignored ones
+        out = [x.new_zeros(n).index_copy(0, order, x) for x in out]
     return out

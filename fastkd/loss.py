@@ -4,10 +4,14 @@ options as one `DistillOptions` (the trainers' and integrations' entry), and a m
     dense teacher (hidden states and LM head):  fused_distill_loss, dense_loss, FusedDistillLoss
     sparse teacher (k ids, log-probabilities):  fused_sparse_distill_loss, sparse_loss,
                                                 FusedSparseDistillLoss
+    several teachers (routed or mixed):         fused_multi_teacher_loss,
+                                                `fastkd.multi_teacher.multi_teacher_loss`,
+                                                FusedMultiTeacherLoss
 
-Each picks its teacher form (`fastkd.dense`, `fastkd.sparse`, `fastkd.vocab_parallel`) and runs
-the shared front-end, `fastkd.frontend.fused_loss`. The option lists in the docstrings are
-written from DistillOptions' fields (`fastkd.options.option_signature`).
+Each picks its teacher form (`fastkd.dense`, `fastkd.sparse`, `fastkd.vocab_parallel`,
+`fastkd.routed`, `fastkd.mixture`) and runs the shared front-end, `fastkd.frontend.fused_loss`.
+The option lists in the docstrings are written from DistillOptions' fields
+(`fastkd.options.option_signature`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fastkd import options
 from fastkd.checks import choice
 from fastkd.dense import DenseTeacher
 from fastkd.frontend import fused_loss
+from fastkd.multi_teacher import MIXTURES, TEACHER_OPTIONS, multi_teacher_loss
 from fastkd.options import BACKENDS, DistillOptions
 from fastkd.sparse import SparseTeacher, check_tail
 from fastkd.vocab_parallel import VocabParallelTeacher, agree
@@ -247,3 +252,122 @@ class FusedSparseDistillLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.options}, tail={self.tail!r}, backend={self.backend!r}"
+
+
+@options.option_signature(unused=TEACHER_OPTIONS)
+def fused_multi_teacher_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teachers,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_index: torch.Tensor | None = None,
+    teacher_weights: torch.Tensor | None = None,
+    mixture: str = "divergences",
+    student_bias: torch.Tensor | None = None,
+    return_components: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    check_labels: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
+    **options_,
+):
+    """Distillation from several teachers in one fused pass, without the N x V logits: each token
+    routed to one teacher (teacher_index), or every token against a weighted mixture of up to 4
+    dense teachers (teacher_weights).
+
+    Per token, loss = ce_weight * cross_entropy(s, y) + kd_weight * T**2 * D, with D: routed,
+    the single-teacher divergence to the token's teacher k (`fused_distill_loss` for a
+    `fastkd.TeacherHead`, `fused_sparse_distill_loss` for a `fastkd.TeacherLogprobs`); mixed,
+    sum_k w_k D(p_k || q) ("divergences", every divergence) or KL(sum_k w_k p_k || q)
+    ("ensemble", forward_kl; the same gradient as "divergences" there). One chunk loop: the
+    student's logits once per token, each token paying its own teachers' FLOPs only. A single
+    teacher without either argument is the single-teacher loss, bit for bit. docs/loss.md
+    ("Several teachers"); plain-torch equivalent: `fastkd.reference_multi`.
+
+    Args:
+        student_hidden: (..., D_s), fp32, fp16 or bf16 (fp64 on the torch and reference
+            backends); N tokens once flattened.
+        student_weight: (V, D_s), the student's LM head.
+        teachers: a list of K `fastkd.TeacherHead` (hidden (..., D_t), weight (V_t, D_t), bias,
+            its own softcap and logit_scale) and `fastkd.TeacherLogprobs` (ids, logprobs (...,
+            k), its tail). Routed, a teacher's tensors cover every token (the leading shape) or
+            only its own tokens in token order ((n_k, D_t), (n_k, k)).
+        labels: (...) integer targets, or None (then ce_weight must be 0).
+        teacher_index: integer, the leading shape (a teacher per token) or (B,) for (B, L, D_s)
+            hidden states (a teacher per row); values in [0, K).
+        teacher_weights: (K,) (every token alike) or the leading shape + (K,), >= 0, summing to
+            1 over the teachers at every token (within K eps of their dtype, at least fp32's).
+        mixture: "divergences" or "ensemble" (with teacher_weights).
+        student_bias: (V,) or None.
+        return_components, backend, chunk_size, check_labels: as `fused_distill_loss`'s. The
+            host sync also checks teacher_index's range, compact teachers' row counts and the
+            weights; check_labels=False makes them the caller's promise too.
+        process_group, vocab_start: vocab-parallel heads (routing, TeacherHeads only): each rank
+            passes the same tokens and its rows of every head, from vocab_start.
+        **options: the loss's options (`fastkd.DistillOptions`) but the teacher's softcap and
+            logit scale (per teacher, on its TeacherHead), keyword-only:
+
+    Returns:
+        The loss: a scalar, or the leading shape for reduction="none". With return_components,
+        a `fastkd.TeacherComponents`: the `fastkd.Components` of `fused_distill_loss` (kd the
+        routed or mixed D) plus .teacher_kd, each teacher's D(p_k || q) (without T**2) over the
+        counted tokens routed to it (routing) or every counted token (mixtures): (K,), each
+        teacher's mean (or sum), or the leading shape + (K,) for "none"; and .teacher_tokens
+        (K,), the counted tokens each covers.
+    """
+    try:
+        opts = options.from_kwargs("fused_multi_teacher_loss", options_, TEACHER_OPTIONS)
+    except (TypeError, ValueError) as error:
+        if process_group is None:
+            raise
+        agree(process_group, error)  # the other ranks are in their agreement: raise everywhere
+    return multi_teacher_loss(
+        student_hidden, student_weight, teachers, labels, opts, teacher_index=teacher_index,
+        teacher_weights=teacher_weights, mixture=mixture, student_bias=student_bias,
+        return_components=return_components, backend=backend, chunk_size=chunk_size,
+        check_labels=check_labels, process_group=process_group, vocab_start=vocab_start)
+
+
+class FusedMultiTeacherLoss(torch.nn.Module):
+    """Module form of `fused_multi_teacher_loss`: options fixed at construction (keyword-only),
+    tensors, teachers and their routing or weights at call time.
+
+    >>> crit = FusedMultiTeacherLoss(temperature=2.0, divergence="reverse_kl")
+    >>> loss = crit(student_hidden, student_weight, [TeacherHead(h_a, w_a),
+    ...             TeacherLogprobs(ids_b, logprobs_b)], labels, teacher_index=index)
+    """
+
+    @options.option_signature(unused=TEACHER_OPTIONS)
+    def __init__(self, *, mixture: str = "divergences", return_components: bool = False,
+                 backend: str = "auto", chunk_size: int | None = None, check_labels: bool = True,
+                 process_group=None, **options_):
+        """The options, fixed for every call.
+
+        Args:
+            mixture, return_components, backend, chunk_size, check_labels, process_group: as
+                `fused_multi_teacher_loss`'s.
+            **options: the loss's options (`fastkd.DistillOptions`) but the teacher's (per
+                teacher, on its TeacherHead):
+        """
+        super().__init__()
+        self.options = options.from_kwargs("FusedMultiTeacherLoss", options_, TEACHER_OPTIONS)
+        self.mixture = choice("mixture", mixture, MIXTURES)
+        self.backend = choice("backend", backend, BACKENDS)
+        self.return_components = return_components
+        self.chunk_size = chunk_size
+        self.check_labels = check_labels
+        self.process_group = process_group
+
+    def forward(self, student_hidden, student_weight, teachers, labels=None, teacher_index=None,
+                teacher_weights=None, student_bias=None, vocab_start=0):
+        return multi_teacher_loss(
+            student_hidden, student_weight, teachers, labels, self.options,
+            teacher_index=teacher_index, teacher_weights=teacher_weights, mixture=self.mixture,
+            student_bias=student_bias, return_components=self.return_components,
+            backend=self.backend, chunk_size=self.chunk_size, check_labels=self.check_labels,
+            process_group=self.process_group, vocab_start=vocab_start)
+
+    def extra_repr(self) -> str:
+        return f"{self.options}, mixture={self.mixture!r}, backend={self.backend!r}"

@@ -96,16 +96,21 @@ def _row(call: Call | Exception) -> list[float]:
             call.labels is not None, call.grads, *options.encode(plan.opts)]
 
 
+def collective_device(group) -> torch.device:
+    """Where the group's collectives take tensors: gloo gathers CPU tensors only; NCCL needs
+    them on the current CUDA device."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def agree(group, call: Call | Exception) -> Call:
     """All-gather every rank's `_row`; raise the same error on every rank when a rank's checks
     failed or the ranks disagree; else the call with what the ranks settle on: the smallest
     chunk (every rank must run as many chunks, each a round of collectives), the labels' range
     over all ranks and the whole vocabulary to check it against."""
     world = dist.get_world_size(group)
-    # gloo gathers CPU tensors only; NCCL needs them on the current CUDA device
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
-    mine = torch.tensor(_row(call), dtype=torch.float64, device=device)
+    mine = torch.tensor(_row(call), dtype=torch.float64, device=collective_device(group))
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
     rows = [t.tolist() for t in table]

@@ -91,17 +91,16 @@ def load_label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale, s_cap,
 
 
 @triton.jit
-def store_row(out_ptr, row, ce, kd, ent, valid, ce_weight, kd_weight, temperature,
+def store_row(out, ce, kd, ent, valid, ce_weight, kd_weight, temperature,
               HAS_LABELS: tl.constexpr):
-    """The row's per-token outputs: loss = w_ce CE + w_kd T^2 D, CE, D, H(q); all 0 at an
-    ignored row (it counts for nothing)."""
+    """The row's per-token outputs at `out` (its first column): loss = w_ce CE + w_kd T^2 D, CE,
+    D, H(q); all 0 at an ignored row (it counts for nothing)."""
     loss = ce_weight * ce + kd_weight * temperature * temperature * kd
     if HAS_LABELS:
         loss = tl.where(valid, loss, 0.0)
         ce = tl.where(valid, ce, 0.0)
         kd = tl.where(valid, kd, 0.0)
         ent = tl.where(valid, ent, 0.0)
-    out = out_ptr + row * OUTPUTS
     tl.store(out + LOSS, loss)
     tl.store(out + CE, ce)
     tl.store(out + KD, kd)

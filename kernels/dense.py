@@ -59,6 +59,7 @@ from fastkd.kernels._common import (
     DEFAULT_BLOCK_V,
     DEFAULT_NUM_WARPS,
     FORWARD_KL,
+    OUTPUTS,
     REVERSE_KL,
     divergence_terms,
     entropy,
@@ -228,7 +229,8 @@ def dense_rows_kernel(
                                mix, s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HAS_S_CAP,
                                HAS_T_CAP, BLOCK_V)
 
-    store_row(out_ptr, row, ce, kd, ent, valid, ce_weight, kd_weight, temperature, HAS_LABELS)
+    store_row(out_ptr + row * OUTPUTS, ce, kd, ent, valid, ce_weight, kd_weight, temperature,
+              HAS_LABELS)
     if COMPUTE_GRAD:
         _grad_pass(s_row, t_row, s_row, stride_s, stride_t, V, K, inv_t, lse_s, m_a, ll_a, m_b,
                    ll_b, c, y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight,

@@ -53,6 +53,7 @@ from fastkd.kernels._common import (
     DEFAULT_BLOCK_V,
     DEFAULT_NUM_WARPS,
     FORWARD_KL,
+    OUTPUTS,
     divergence_terms,
     entropy,
     launch_meta,
@@ -310,7 +311,8 @@ def sparse_rows_kernel(
     else:
         kd, g_k, dense_coef, lse_dense = _bucket_slots(used, log_p, a_k, lse_a, lse_out, K_SLOTS,
                                                        mix, DIVERGENCE, BLOCK_K)
-    store_row(out_ptr, row, ce, kd, ent, valid, ce_weight, kd_weight, temperature, HAS_LABELS)
+    store_row(out_ptr + row * OUTPUTS, ce, kd, ent, valid, ce_weight, kd_weight, temperature,
+              HAS_LABELS)
 
     if COMPUTE_GRAD:
         r = tl.load(scale_ptr + row) * s_scale  # 3. the logit scale's factor, once per row

@@ -416,6 +416,23 @@ for tail, div, grad in itertools.product(TAIL_IDS, range(6), flags):
                       BLOCK_M=BLOCK_M_DEFAULT),
                  ("s_ptr", "ids_ptr", "lp_ptr", "y_ptr", "scale_ptr", "out_ptr", "stride_s"),
                  ["sparse", tail, div, grad]))
+# the mixture kernel (several dense teachers), bf16, labels and softcaps: every divergence and the
+# ensemble at 2 and 4 teachers, forward KL and JSD at 1 and 3; without the gradient at 2
+from fastkd.kernels.mixture import block_v_for, mixture_rows_kernel
+mixture_cases = [(n, d, e, True) for n in (2, 4) for d, e in [*((d, False) for d in range(6)),
+                                                             (0, True)]]
+mixture_cases += [(n, d, False, True) for n in (1, 3) for d in (0, 2)]
+mixture_cases += [(2, 0, e, False) for e in flags]
+for num_t, div, ensemble, grad in mixture_cases:
+    block_t = triton.next_power_of_2(num_t)
+    jobs.append(("mixture_rows_kernel", ["*bf16", "*bf16", "*fp32", "*i64", "*fp32", "*fp32",
+                                         "i32", "i32", "i64", "i64", "i64", "i32"]
+                 + ["fp32"] * 14 + ["constexpr"] * 9,
+                 dict(DIVERGENCE=div, ENSEMBLE=ensemble, HAS_LABELS=True, HAS_S_CAP=True,
+                      HAS_T_CAP=True, COMPUTE_GRAD=grad, NUM_T=num_t, BLOCK_T=block_t,
+                      BLOCK_V=block_v_for(block_t)),
+                 ("s_ptr", "t_ptr", "w_ptr", "y_ptr", "scale_ptr", "out_ptr", "stride_s",
+                  "stride_t", "stride_tt"), ["mixture", num_t, div, ensemble, grad]))
 # compile in parallel (fork: the workers inherit the kernels); results in job order
 import multiprocessing, os
 with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
@@ -430,8 +447,9 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
     SASS: every logit load and store is 128-bit (`.v4`) at V = 50257, and no local-memory access
     sits inside a loop. It also reports each variant's registers and SASS instruction mix (printed
     with -s), the numbers a kernel change is held to. Every kernel: the fused row kernel, the
-    vocab-parallel entry points and the cached-teacher (sparse) kernel, whose k-slot gathers and
-    scatters are scalar by nature. (ptxas parks a loop-invariant value or two in local memory in a
+    vocab-parallel entry points, the cached-teacher (sparse) kernel, whose k-slot gathers and
+    scatters are scalar by nature, and the mixture kernel (1 to 4 teachers; its student stores
+    64-bit from 3 teachers on). (ptxas parks a loop-invariant value or two in local memory in a
     few variants, stored once before the row loops and loaded once after: 8-32 bytes per program,
     reported as spill_bytes; the assertion is on what would cost, a spill in the loops.) Passes with
     Triton 3.9 and with 3.6, the version in the GPU machines' image."""
@@ -449,6 +467,17 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
         top = sorted(r["mix"].items(), key=lambda kv: -kv[1])[:8]
         print(r["variant"], f"regs {r['regs']} sass {r['sass']} in loops {r['sass_in_loops']}",
               " ".join(f"{op} {n}" for op, n in top))
+    mixture = [r for r in report if r["variant"][0] == "mixture"]
+    assert len(mixture) == 2 * 7 + 2 * 2 + 2
+    for r in mixture:  # the teachers' block and the student's row vectorised, no spill in loops
+        num_t, grad = r["variant"][1], r["variant"][4]
+        assert r["cubin"] > 1000 and r["loops"] >= 1, r
+        assert r["local_in_loops"] == 0 and r["spill_bytes"] <= 32 and r["local_ops"] <= 8, r
+        assert any(".v4." in x for x in r["loads"]), (r["variant"], r["loads"])
+        if grad:  # 128-bit up to 2 teachers (kernels/mixture.py, block_v_for), else 64-bit
+            wide = ".v4." if num_t <= 2 else ".v2."
+            assert any(wide in x for x in r["stores"]), (r["variant"], r["stores"])
+    report = [r for r in report if r not in mixture]
     sparse = [r for r in report if r["variant"][0] == "sparse"]
     tp = [r for r in report if str(r["variant"][0]).startswith("tp-")]
     assert len(sparse) == 6 + 6 + 1 + 1

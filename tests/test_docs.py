@@ -280,6 +280,46 @@ def check_sparse_tensors(ns, assets):
     assert ns["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@contextlib.contextmanager
+def setup_multi_teacher_tensors(assets, tmp_path):
+    """A (3, 5) batch, a dense teacher a (every token), a sparse teacher b for row 1's 5 tokens
+    (compact), a dense teacher c with a wider, padded vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    lead, v, d = (3, 5), 37, 8
+    labels = torch.randint(0, v, lead, generator=g)
+    labels[0, :2] = -100
+    logits_b = 3 * torch.randn(5, v, generator=g)
+    ids_b = logits_b.topk(6).indices
+    yield {"student_hidden": torch.randn(*lead, d, generator=g).requires_grad_(),
+           "student_weight": torch.randn(v, d, generator=g).requires_grad_(), "labels": labels,
+           "h_a": torch.randn(*lead, 12, generator=g), "w_a": torch.randn(v, 12, generator=g),
+           "ids_b": ids_b,
+           "logprobs_b": torch.log_softmax(logits_b / 2.0, -1).gather(-1, ids_b),
+           "h_c": torch.randn(*lead, 6, generator=g), "w_c": torch.randn(v + 3, 6, generator=g)}
+
+
+def check_multi_teacher_tensors(ns, assets):
+    """The routed loss, each teacher's kd and the mixture against the float64 spec."""
+    from fastkd import reference_multi
+    from fastkd.teachers import TeacherHead, TeacherLogprobs
+
+    h_s, w_s = (ns[n].detach().double() for n in ("student_hidden", "student_weight"))
+    a = TeacherHead(ns["h_a"].double(), ns["w_a"].double(), softcap=30.0)
+    b = TeacherLogprobs(ns["ids_b"], ns["logprobs_b"].double())
+    opts = DistillOptions(temperature=2.0)
+    routed = reference_multi.routed_distill_loss(h_s, w_s, [a, b], ns["rows"], ns["labels"], opts)
+    assert ns["loss"].item() == pytest.approx(routed.loss.item(), rel=1e-5)
+    torch.testing.assert_close(ns["out"].teacher_kd.double(), routed.teacher_kd, rtol=1e-5,
+                               atol=1e-7)
+    assert ns["out"].teacher_tokens.tolist() == routed.teacher_tokens.tolist()
+    c = TeacherHead(ns["h_c"].double(), ns["w_c"].double())
+    mixed = reference_multi.mixture_distill_loss(
+        h_s, w_s, [TeacherHead(a.hidden, a.weight), c], torch.tensor([0.7, 0.3]), ns["labels"],
+        opts)
+    assert ns["mixed"].item() == pytest.approx(mixed.loss.item(), rel=1e-5)
+    assert ns["student_weight"].grad is not None
+
+
 SETUPS = {
     "hf_loop": (setup_hf_loop, check_hf_loop),
     "loss_tensors": (setup_loss_tensors, check_loss_tensors),
@@ -289,6 +329,7 @@ SETUPS = {
     "trl_chats": (setup_trl_chats, check_trained),
     "cache_trainer": (setup_cache_trainer, check_trained),
     "sparse_tensors": (setup_sparse_tensors, check_sparse_tensors),
+    "multi_teacher_tensors": (setup_multi_teacher_tensors, check_multi_teacher_tensors),
 }
 
 
