@@ -236,6 +236,30 @@ def setup_trl_chats(assets, tmp_path):
 
 
 @contextlib.contextmanager
+def setup_multi_teacher_trainer(assets, tmp_path):
+    """Two teachers of different widths ("code": D=48, "prose": D=40) sharing the student's
+    tokenizer; tokenized rows and prompts, each with a teacher_id naming one of them."""
+    from datasets import Dataset
+
+    tokenizer, names = assets["tokenizer"], ("code", "prose")
+    prose = save_llama(tmp_path / "prose", tokenizer, hidden=40, seed=5, initializer_range=0.3)
+    prompts = ["def f(x):", "import os", "return a + b", "class A(object):"]
+    yield {"student": load(assets["student"]), "teacher_a": load(assets["teacher"]),
+           "teacher_b": load(prose), "tokenizer": tokenizer,
+           "ds": Dataset.from_list([{"input_ids": tokenizer(t)["input_ids"],
+                                     "teacher_id": names[i % 2]} for i, t in enumerate(texts(8))]),
+           "prompts": Dataset.from_list([{"prompt": p, "teacher_id": names[i % 2]}
+                                         for i, p in enumerate(prompts)])}
+
+
+def check_routed_trained(ns, assets):
+    """Trained (check_trained) from both teachers: each row's teacher is the one it names."""
+    check_trained(ns, assets)
+    trainer = ns["trainer"]
+    assert trainer.teacher_routing.names == ("code", "prose") and len(trainer.teacher_model) == 2
+
+
+@contextlib.contextmanager
 def setup_cache_trainer(assets, tmp_path):
     """A top-8 teacher cache at ./CACHE_DIR (the block runs in tmp_path), as `fastkd
     cache-teacher` writes it."""
@@ -328,6 +352,7 @@ SETUPS = {
     "trl_prompts": (setup_trl_prompts, check_trained),
     "trl_chats": (setup_trl_chats, check_trained),
     "cache_trainer": (setup_cache_trainer, check_trained),
+    "multi_teacher_trainer": (setup_multi_teacher_trainer, check_routed_trained),
     "sparse_tensors": (setup_sparse_tensors, check_sparse_tensors),
     "multi_teacher_tensors": (setup_multi_teacher_tensors, check_multi_teacher_tensors),
 }

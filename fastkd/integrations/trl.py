@@ -75,7 +75,9 @@ try:
         ServerDistillationTrainer,
     )
 
+    from fastkd.integrations.multi_teacher import several_teachers
     from fastkd.integrations.transformers import _inner_model, fused_lm_loss
+    from fastkd.integrations.trl_teachers import SeveralTeachers, refuse_several
 except ImportError as err:
     raise ImportError(
         f"fastkd.integrations.trl needs TRL 1.16 (trl.DistillationTrainer, "
@@ -277,7 +279,7 @@ class _FusedHeads:
         return hidden.to(weight.device), weight, bias, unwrapped_student.config.get_text_config()
 
 
-class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
+class FusedDistillationTrainer(_FusedHeads, SeveralTeachers, DistillationTrainer):
     """`trl.DistillationTrainer` (TRL 1.16) whose loss is fastkd's fused loss, with TRL's objective
     (module docstring): same arguments, `trl.DistillationConfig`, logged metrics (the student's
     entropy included), generation (HF generate or vLLM), gradient accumulation, PEFT, DDP/FSDP2.
@@ -286,23 +288,36 @@ class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
     `distill_options` (a `fastkd.DistillOptions`, default None = TRL's objective) selects fastkd's
     other divergences or mixes in CE on the completion tokens (reduction, ignore_index and softcaps
     are then set by the trainer); backend and chunk_size as in `fastkd.fused_distill_loss`.
-    DeepSpeed ZeRO-3 is refused.
+    DeepSpeed ZeRO-3 is refused. Several teachers (TRL PR #7215's shape): teacher_model (or
+    teacher_models) a list or a dict {name: model or path} and a `teacher_id` column, or
+    teacher_weights mixing them (`fastkd.integrations.trl_teachers`).
     """
 
     def __init__(self, model, teacher_model=None, args=None, *rest,
                  distill_options: DistillOptions | None = None, backend: str = "auto",
-                 chunk_size: int | None = None, **kwargs):
+                 chunk_size: int | None = None, teacher_models=None, teacher_weights=None,
+                 **kwargs):
         _check_distill_options(distill_options)
         _check_loss_arguments(backend, chunk_size, args)
+        teachers = several_teachers(teacher_model, teacher_models, teacher_weights)
+        if teachers is not None:  # one teacher in a list is that teacher; several: set below
+            teacher_model = teachers[0][0] if len(teachers[0]) == 1 else None
         with _lora_head_allowed():
             super().__init__(model, teacher_model, args, *rest, **kwargs)
         self.distill_options, self.backend, self.chunk_size = distill_options, backend, chunk_size
         self._check_fused()
         _check_prompts(self)
+        if teachers is not None:
+            self._set_teachers(*teachers)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """TRL's `_compute_loss` (run inside the student wrapper's forward by `compute_loss`) with
         `fused_divergence_loss` for TRL's kernel: (loss, entropy sum, counted tokens)."""
+        if self.teacher_routing is not None:
+            objective = self.distill_options or gkd_options(self.beta, self.temperature)
+            return self._several_teachers_loss(unwrapped_student, inputs, num_items_in_batch, (
+                dataclasses.replace(objective, ignore_index=IGNORE_INDEX, reduction="sum")),
+                _same_dtype)
         input_ids, attention_mask, completion_ids, loss_mask, extra = self._completion_batch(inputs)
         h_s, w_s, b_s, s_config = self._student_side(unwrapped_student, input_ids,
                                                      attention_mask, completion_ids, extra)
@@ -382,6 +397,7 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
     def __init__(self, model, args=None, *rest, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
         _check_loss_arguments(backend, chunk_size, args)
+        refuse_several(self, kwargs.get("teacher_model"), kwargs.get("teacher_models"))
         with _lora_head_allowed():
             super().__init__(model, args, *rest, **kwargs)
         self.backend, self.chunk_size = backend, chunk_size
@@ -449,6 +465,7 @@ class FusedGKDTrainer(GKDTrainer):
                  chunk_size: int | None = None, **kwargs):
         # GKD's loss runs at T = 1 (its temperature only samples): backend and chunk_size
         _check_loss_arguments(backend, chunk_size, None)
+        refuse_several(self, teacher_model, kwargs.get("teacher_models"))
         # The teacher's 8-token probe runs before accelerate prepares it (after that its forward
         # may autocast, or hold shards); a teacher given by name gets the config checks only.
         teacher = (lm_head(teacher_model, "teacher")
