@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sequences", type=int, default=64, help="packed sequences (128 tokens)")
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seq_len = 128

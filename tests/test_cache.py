@@ -22,13 +22,17 @@ from _trainer_fixtures import build_tokenizer, corpus_texts, save_llama
 from safetensors.torch import load_file, save_file
 
 from fastkd import cache as cache_mod
-from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+from fastkd import cache_write
+from fastkd.cache import TeacherCache
 from fastkd.cache_format import VERSION, write_manifest
+from fastkd.cache_teacher import cache_teacher
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.fsio import sha256_file
 from fastkd.models import load_lm
+from fastkd.plans import CachePlan
 from fastkd.store import load_blocks
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.trainer import run_distillation
 
 SEQ_LEN, TEMPERATURE, STEP = 24, 2.0, 0.125
 
@@ -189,7 +193,7 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
     cache_teacher(plan(assets, full, mode="sample", k=8, samples=8))
     part = assets.root / "sample_part"
     writes = []
-    real_write = cache_mod.write_shard
+    real_write = cache_write.write_shard
 
     def killed_after_two_shards(*args):
         if len(writes) == 2:
@@ -197,10 +201,10 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
         writes.append(real_write(*args))
         return writes[-1]
 
-    monkeypatch.setattr(cache_mod, "write_shard", killed_after_two_shards)
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(plan(assets, part, mode="sample", k=8, samples=8))
-    monkeypatch.setattr(cache_mod, "write_shard", real_write)
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherCache(part)
     assert len(list(part.glob("*.safetensors"))) == 2
@@ -811,16 +815,16 @@ def test_a_teacher_changed_in_the_middle_is_not_resumed_into_its_cache(assets, t
     weights = teacher / "model.safetensors"
     assert weights.stat().st_size > 3 << 20  # more than its first and last MiB
     out = tmp_path / "cache"
-    real_write = cache_mod.write_shard
+    real_write = cache_write.write_shard
 
     def killed_after_one_shard(*args):
-        monkeypatch.setattr(cache_mod, "write_shard", None)  # the next shard: a crash
+        monkeypatch.setattr(cache_write, "write_shard", None)  # the next shard: a crash
         return real_write(*args)
 
-    monkeypatch.setattr(cache_mod, "write_shard", killed_after_one_shard)
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_one_shard)
     with pytest.raises(TypeError):
         cache_teacher(plan(assets, out, teacher=str(teacher)))
-    monkeypatch.setattr(cache_mod, "write_shard", real_write)
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
     stat = weights.stat()
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # a weight in the middle

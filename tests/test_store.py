@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 from fastkd import prepare, readers, tokens
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.data import Batches, Blocks
 from fastkd.readers import DataSpec
 from fastkd.store import StoreOptions, TokenStore, load_blocks, open_store
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.trainer import run_distillation
 
 TESTS = Path(__file__).parent
 SEQ_LEN = 64
