@@ -26,7 +26,7 @@ from fastkd.readers import UTF8_ERRORS
 
 # cache-teacher options whose defaults are the trainer's: a cache is made for `fastkd distill
 # --teacher-cache`, which needs the cache's temperature, sequences and split to be its own.
-CACHE_SHARES_DISTILL = ("temperature", "seq_len", "eval_fraction", "packing", "utf8_errors")
+SHARED_WITH_TRAINER = ("temperature", "seq_len", "eval_fraction", "packing", "utf8_errors")
 DATA_HELP = ('.txt, .jsonl or .json ("text"; "messages" or ShareGPT "conversations": chat, '
              'only the assistant turns trained on; "prompt"/"completion": only the completion; '
              '"input_ids": pre-tokenized, with an optional target mask), .parquet or `datasets` '
@@ -59,8 +59,8 @@ def field_defaults(cls) -> dict:
 def cache_defaults() -> dict:
     """cache-teacher's defaults: CachePlan's, the ones it shares with the trainer from
     DistillConfig."""
-    distill = field_defaults(DistillConfig)
-    return {**field_defaults(CachePlan), **{k: distill[k] for k in CACHE_SHARES_DISTILL}}
+    trainer = field_defaults(DistillConfig)
+    return {**field_defaults(CachePlan), **{k: trainer[k] for k in SHARED_WITH_TRAINER}}
 
 
 def import_defaults() -> dict:

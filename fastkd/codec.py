@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastkd.checks import choice, positive_int
+
 FLOOR = -128.0  # log-probabilities below it are stored as FLOOR (p < 3e-56: 0 in fp32)
 RICE_BITS = 3  # the header's Rice parameter r in [0, 8)
 KINDS = ("logprobs", "counts")
@@ -111,12 +113,11 @@ class Layout:
     samples: int = 0  # counts: draws per row
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        choice("kind", self.kind, KINDS)
         if self.kind == "logprobs" and not 2.0 ** -12 <= self.step <= 1.0:
             raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got {self.step!r}")
-        if self.kind == "counts" and self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples!r}")
+        if self.kind == "counts":
+            positive_int("samples", self.samples)
 
     @property
     def lo_width(self) -> int:

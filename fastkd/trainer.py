@@ -68,17 +68,21 @@ log = logging.getLogger("fastkd")
 
 
 def run_distillation(config: DistillConfig) -> dict:
-    """Run (or resume) a distillation: returns the status, paths, per-phase summaries and metrics.
-
-    Keys: "status" ("completed" | "stopped" | "interrupted"), "signal" (the signal number or None),
-    "run_dir", "distill" / "baseline" (phase summaries: status, step, steps_run, train_seconds,
-    tokens, student_dir, checkpoint, final held-out eval_ce / eval_ppl / eval_kd), "history" /
-    "baseline_history" (per-step records), "report" (paths and metric rows, when written),
-    "seconds" (wall time of this call).
+    """Run (or resume) a distillation.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, trains in
     step with the others, and leaves the group (barrier, then destroy) before returning; rank 0
     then writes the report alone.
+
+    Args:
+        config: the run (`DistillConfig`; resume=True continues the run in config.out).
+
+    Returns:
+        a dict: "status" ("completed" | "stopped" | "interrupted"), "signal" (the signal number
+        or None), "run_dir", "distill" / "baseline" (phase summaries: status, step, steps_run,
+        train_seconds, tokens, student_dir, checkpoint, final held-out eval_ce / eval_ppl /
+        eval_kd), "history" / "baseline_history" (per-step records), "report" (paths and metric
+        rows, when written), "seconds" (wall time of this call).
     """
     begun = time.perf_counter()
     run_dir = check_run_dir(config)

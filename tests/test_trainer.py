@@ -679,7 +679,7 @@ def test_out_holding_a_model_or_anything_else_is_refused_and_left_as_it_was(asse
 
 def test_resume_of_a_finished_run_changes_nothing(straight_run, tmp_path, caplog, capsys):
     """--resume on a complete run says so, with how to train its student further, and neither
-    runs nor rewrites anything (the report's throughput was measured again before)."""
+    runs, measures (the report's throughput) nor rewrites anything."""
     from fastkd.cli import main
 
     config, straight = straight_run
