@@ -2,12 +2,13 @@
 
 A run is one DistillConfig: the models, the data, the loss (`loss_options()`, a
 `fastkd.DistillOptions`), the optimisation, precision and parallelism, the bookkeeping. It is
-checked when built (`__post_init__`: a bad value raises a ValueError naming the field) and saved
-as RUN_DIR/config.json when a run starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`),
-and `check_run_dir` refuses a new run in a used directory or a resume under another config. A run
-directory carries RUN_MARKER, a file only fastkd writes (`mark_run_dir`): a new run goes only into
-a new or empty directory, or one of fastkd's own that no run has started in, so that a model
-directory (`--out` = `--student`) is never written over.
+checked when built (`__post_init__`, with fastkd.checks: a bad value raises a ValueError naming
+the field, a value of the wrong type a TypeError) and saved as RUN_DIR/config.json when a run
+starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`), and `check_run_dir` refuses a new
+run in a used directory or a resume under another config. A run directory carries RUN_MARKER, a
+file only fastkd writes (`mark_run_dir`): a new run goes only into a new or empty directory, or
+one of fastkd's own that no run has started in, so that a model directory (`--out` = `--student`)
+is never written over.
 
 The house, top to bottom: config (here) -> data (fastkd.data, fastkd.cache) -> the loss on one
 batch (fastkd.batch_loss) -> the loop (fastkd.loop) -> checkpoints (fastkd.checkpoint) -> the
@@ -117,7 +118,8 @@ class DistillConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
     progress: bool = True
     # Offline distillation (fastkd.cache): train from a `fastkd cache-teacher` directory through
-    # the sparse loss; cache_tail None picks "ignore" for sampled caches, "bucket" for top-k.
+    # the sparse loss; cache_tail None: the cache's own (fastkd.cache.sparse_tail resolves it when
+    # the run starts; config.json keeps None).
     teacher_cache: str | None = None
     cache_tail: str | None = None
 
@@ -256,8 +258,8 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def is_run_dir(run_dir: Path) -> bool:
-    """Whether run_dir is a fastkd run directory: its RUN_MARKER, or (a run begun before runs
-    carried one) a config.json with a log or a checkpoint."""
+    """Whether run_dir is a fastkd run directory: its RUN_MARKER, or, for a run directory
+    without one, a config.json with a log or a checkpoint."""
     return (run_dir / RUN_MARKER).is_file() or (
         (run_dir / "config.json").is_file() and started(run_dir))
 
