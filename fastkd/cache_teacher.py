@@ -35,7 +35,7 @@ from fastkd.cache_format import (
     tokenizer_fingerprint,
 )
 from fastkd.cache_write import build_cache
-from fastkd.data import SPLIT_SEED, Blocks
+from fastkd.data import SPLIT_SEED, Blocks, DiskRows
 from fastkd.plans import CachePlan
 from fastkd.store import StoreOptions, load_blocks
 
@@ -95,7 +95,7 @@ def hash_seed(seed: int, sequence: int) -> int:
 # ---- the plan ----------------------------------------------------------------------------------
 
 
-def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:
+def plan_manifest(plan: CachePlan, tokenizer, train: DiskRows, heldout: DiskRows) -> dict:
     """The manifest of a new cache (no shards yet): what a resumed run must agree with."""
     vocab = len(tokenizer)
     compact = plan.layout == "compact"

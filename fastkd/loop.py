@@ -32,7 +32,7 @@ from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_tar
 from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
-from fastkd.data import Batches, Blocks
+from fastkd.data import Batches, Blocks, DiskRows
 from fastkd.memory import PeakMemory
 from fastkd.models import check_packing, check_vocab, lm_head, load_lm, with_heads
 
@@ -95,8 +95,9 @@ class _Phase:
 
 
 def train_phase(name: str, config: DistillConfig, phase_dir: Path,
-                teacher: TeacherForward | None, tokenizer, train: Blocks, heldout: Blocks,
-                device: torch.device, stop: StopSignals, max_steps: int | None) -> PhaseResult:
+                teacher: TeacherForward | None, tokenizer, train: DiskRows | Blocks,
+                heldout: Blocks, device: torch.device, stop: StopSignals,
+                max_steps: int | None) -> PhaseResult:
     """Train config.student for config.steps optimizer steps (resuming from phase_dir if it holds
     a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call.
     """
@@ -272,7 +273,7 @@ class _TensorBoard:
 
 
 def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForward | None,
-           tokenizer, train: Blocks, device: torch.device) -> _Phase:
+           tokenizer, train: DiskRows | Blocks, device: torch.device) -> _Phase:
     """The student (from the checkpoint, else config.student), its loss, optimizer, schedule and
     batches."""
     opts = config.loss_options()
