@@ -16,12 +16,11 @@ import functools
 from fastkd.config import (
     PARALLEL,
     REPORT_TO,
-    TEACHER_DTYPES,
     TEACHER_PLACEMENTS,
     DistillConfig,
 )
 from fastkd.options import BACKENDS, CHOICES, TRAINER_OPTIONS, DistillOptions
-from fastkd.plans import DTYPE_NAMES, LAYOUTS, MODES, CachePlan, ImportPlan
+from fastkd.plans import DTYPE_NAMES, LAYOUTS, MODES, TEACHER_DTYPES, CachePlan, ImportPlan
 from fastkd.readers import UTF8_ERRORS
 
 # cache-teacher options whose defaults are the trainer's: a cache is made for `fastkd distill

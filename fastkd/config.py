@@ -27,10 +27,10 @@ from pathlib import Path
 from fastkd import fsio
 from fastkd.checks import check_num_proc, check_seq_len, choice, positive, positive_int
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
+from fastkd.plans import TEACHER_DTYPES
 from fastkd.readers import UTF8_ERRORS
 
 # This module imports no torch: `fastkd --help` and argument errors need only the config.
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("fsdp", "ddp")  # the student under torchrun (fastkd.distributed)
 TEACHER_PLACEMENTS = ("shard", "replicate")  # the teacher under torchrun
 REPORT_TO = ("none", "tensorboard")

@@ -349,7 +349,7 @@ def load_teacher(source: str | torch.nn.Module, dtype: str | torch.dtype | None,
 
     Args:
         source: a model directory or hub id (loaded), or a causal LM (taken as it is).
-        dtype: a name of `fastkd.config.TEACHER_DTYPES` ("auto": bf16 on CUDA, fp32 elsewhere),
+        dtype: a name of `fastkd.plans.TEACHER_DTYPES` ("auto": bf16 on CUDA, fp32 elsewhere),
             a torch.dtype, or None (the checkpoint's, or the model's own).
         device: where it runs.
 

@@ -13,6 +13,8 @@ from fastkd.readers import UTF8_ERRORS
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
 DTYPE_NAMES = ("float16", "bfloat16")  # the fixed layout's stored log-probabilities
+# A teacher's weights (distill and cache-teacher; fastkd.models.load_teacher): auto is bf16 on CUDA
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_storage(layout: str, dtype: str, logprob_step: float) -> float:
@@ -73,6 +75,7 @@ class CachePlan:
         self.temperature = positive("temperature", self.temperature)
         check_seq_len(self.seq_len)
         self.logprob_step = check_storage(self.layout, self.dtype, self.logprob_step)
+        choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         positive("dist_timeout", self.dist_timeout)
         choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
         check_num_proc(self.num_proc)

@@ -44,11 +44,11 @@ from contextlib import contextmanager
 import torch
 
 from fastkd.checks import choice
-from fastkd.config import TEACHER_DTYPES
 from fastkd.integrations.cache import CACHE_COLUMNS
 from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import head_weight_and_bias, lm_head, load_teacher, with_heads
 from fastkd.options import DistillOptions
+from fastkd.plans import TEACHER_DTYPES
 
 try:
     from accelerate.utils import extract_model_from_parallel
