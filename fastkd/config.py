@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
-from fastkd.checks import check_num_proc, check_seq_len, choice, positive, positive_int
+from fastkd.checks import check_num_proc, check_seq_len, choice, path_list, positive, positive_int
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
 from fastkd.plans import TEACHER_DTYPES
 from fastkd.readers import UTF8_ERRORS
@@ -124,11 +124,7 @@ class DistillConfig:
     cache_tail: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [_absolute_data(path) for path in self.data]
-        if not self.data:
-            raise ValueError("data: pass at least one data file")
+        self.data = [_absolute_data(path) for path in path_list("data", self.data, "data file")]
         choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
         for name in ("teacher", "student", "tokenizer", "teacher_cache"):
             if getattr(self, name) is not None:

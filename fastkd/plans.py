@@ -4,10 +4,9 @@ that the commands' help (which prints these defaults) and argument errors answer
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from fastkd.checks import check_num_proc, check_seq_len, choice, positive, positive_int
+from fastkd.checks import check_num_proc, check_seq_len, choice, path_list, positive, positive_int
 from fastkd.readers import UTF8_ERRORS
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
@@ -58,9 +57,7 @@ class CachePlan:
     num_proc: int | None = None  # processes that prepare it (fastkd.prepare)
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [str(p) for p in self.data]
+        self.data = path_list("data", self.data, "data file")
         choice("mode", self.mode, MODES)
         for name in ("k", "batch_size", "shard_sequences"):
             positive_int(name, getattr(self, name))
@@ -99,11 +96,7 @@ class ImportPlan:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.logprobs, (str, os.PathLike)):
-            self.logprobs = [self.logprobs]
-        self.logprobs = [str(p) for p in self.logprobs]
-        if not self.logprobs:
-            raise ValueError("logprobs: pass at least one .jsonl file")
+        self.logprobs = path_list("logprobs", self.logprobs, ".jsonl file")
         self.temperature = positive("temperature", self.temperature)
         if self.seq_len is not None:
             check_seq_len(self.seq_len)
