@@ -1,6 +1,7 @@
-"""The teacher cache on disk (format fastkd-teacher-cache/2): its manifest, its sequences and rows,
-writing and checking a shard, and where a cache may be written (`check_out`: a new or empty
-directory, or a cache). Reading a cache: fastkd.cache_reader.
+"""The teacher cache on disk (format fastkd-teacher-cache/2): its manifest and the fingerprints it
+records of the cache's inputs, its sequences and rows, writing and checking a shard, and where a
+cache may be written (`check_out`: a new or empty directory, or a cache). Reading a cache:
+fastkd.cache_reader; writing one: fastkd.cache_write.
 
     CACHE_DIR/manifest.json    what the cache is: its format, the plan (teacher and its fingerprint,
                                tokenizer hash, vocabulary, temperature, mode, k, samples, seq_len,
@@ -45,10 +46,11 @@ import torch
 
 from fastkd import codec
 from fastkd.data import Blocks
-from fastkd.fsio import LOCK, atomic_write, sha256_file
+from fastkd.fsio import LOCK, atomic_write, remembered_sha256, sha256_file
 from fastkd.fsio import json_sha256 as digest
 from fastkd.options import DistillOptions
 from fastkd.plans import DTYPE_NAMES
+from fastkd.readers import expand_data
 
 NAME = "fastkd-teacher-cache"
 VERSION = 2
@@ -131,6 +133,45 @@ def read_manifest(directory: Path) -> tuple[dict, int]:
             raise ManifestCorrupt(f"teacher_cache: {path} is corrupted or was edited: its "
                                   "checksum does not match its content (sha256)")
     return manifest, version
+
+
+# ---- fingerprints: what the manifest records of the cache's inputs -----------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """sha256 of the vocabulary and special tokens (what makes ids mean the same), and its size."""
+    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+    return {"sha256": hashlib.sha256(payload.encode()).hexdigest(), "size": len(tokenizer)}
+
+
+def data_fingerprint(paths: list[str]) -> list[dict]:
+    """Size and sha256 of each data file the paths stand for (fastkd.readers.expand_data); of a
+    saved dataset, of its files."""
+    out = []
+    for p in expand_data(paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
+            out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
+                        "sha256": hashlib.sha256(listing.encode()).hexdigest()})
+        else:
+            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+def model_fingerprint(source: str) -> dict:
+    """What identifies a model: for a local directory the sha256 of its config.json and, per
+    weight file, its size and the sha256 of its whole content (`fsio.remembered_sha256`: read
+    once per version of the file, so a rerun, or a run that names the teacher beside its cache,
+    reads no weights again; a file edited in place is read again); for a hub id, the id."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return {"hub_id": source}
+    config = path / "config.json"
+    weights = [[file.name, file.stat().st_size, remembered_sha256(file)]
+               for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])]
+    return {"config_sha256": sha256_file(config) if config.is_file() else None,
+            "weights_sha256": weights}
 
 
 # ---- the sequences (Blocks) --------------------------------------------------------------------

@@ -42,8 +42,14 @@ from pathlib import Path
 
 import torch
 
-from fastkd.cache import build_cache, data_fingerprint, tokenizer_fingerprint
-from fastkd.cache_format import FORMAT, Rows, plan_digest
+from fastkd.cache_format import (
+    FORMAT,
+    Rows,
+    data_fingerprint,
+    plan_digest,
+    tokenizer_fingerprint,
+)
+from fastkd.cache_write import build_cache
 from fastkd.data import SPLIT_SEED, Blocks, split
 from fastkd.plans import ImportPlan
 from fastkd.readers import decode_utf8

@@ -2,7 +2,10 @@
 complete cache (its manifest, every shard's sha256, where each shard belongs, the splits covered);
 `Shard` is one shard, memory-mapped, its sequences and, for any of them, their targets as the
 sparse loss takes them, its tensors checked against their own digest on the first read of its
-targets (`Shard.check_payload`)."""
+targets (`Shard.check_payload`). Both read what they are asked for, from the map: the sequences'
+fields and targets, and their byte ranges in the streams; nothing in proportion to the cache is
+held in memory (a shard of a cache whose rows vary in size keeps one int a sequence: where its
+rows start)."""
 
 from __future__ import annotations
 
@@ -61,28 +64,47 @@ class Shard:
         # format /2: the tensors against their digest on the first read of targets (`targets`)
         self._payload_checked = version < 2
         self._payload_lock = threading.Lock()
-        rows = self._blocks_field("input_ids").shape[0] if version >= 2 else (
-            self.handle.get_slice("ids").get_shape()[0])
+        rows = self._rows_in("blocks.input_ids" if version >= 2 else "ids")
         if rows != entry["rows"]:
             raise cache_error(f"shard {path} holds {rows} rows, the manifest says {entry['rows']}")
-        if self.layout == "compact":
-            self.fixed_offsets = self.handle.get_tensor("fixed_offsets")
-            self.unary_offsets = self.handle.get_tensor("unary_offsets")
-            self.sizes = self.handle.get_tensor("sizes").long() if "sizes" in names else None
-            if len(self.fixed_offsets) != rows + 1 or len(self.unary_offsets) != rows + 1:
-                raise cache_error(f"shard {path}: its offsets do not cover its {rows} sequences")
+        self.has_sizes = "sizes" in names
+        self._rows_before: torch.Tensor | None = None  # `_row_offsets`, read once when needed
+        if self.layout == "compact" and (self._rows_in("fixed_offsets") != rows + 1
+                                         or self._rows_in("unary_offsets") != rows + 1):
+            raise cache_error(f"shard {path}: its offsets do not cover its {rows} sequences")
 
-    def _blocks_field(self, name: str) -> torch.Tensor:
-        return self.handle.get_slice(f"blocks.{name}")[:]
+    def _rows_in(self, name: str) -> int:
+        return self.handle.get_slice(name).get_shape()[0]
 
-    def blocks(self) -> dict[str, torch.Tensor]:
-        """The shard's Blocks fields, (rows, L) int64 each."""
+    def _take(self, name: str, local: list[int] | None) -> torch.Tensor:
+        """Tensor `name`'s rows `local` (None: every row), read from the map: one slice a run of
+        consecutive rows."""
+        view = self.handle.get_slice(name)
+        if local is None:
+            return view[:]
+        if not local:
+            return view[0:0]
+        parts, start = [], 0
+        for j in range(1, len(local) + 1):
+            if j == len(local) or local[j] != local[j - 1] + 1:
+                parts.append(view[local[start]:local[j - 1] + 1])
+                start = j
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def blocks(self, local: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The Blocks fields, (len(local), L) each (input ids and masks int64), of the shard's
+        sequences `local` (None: all of them)."""
         if self.version == 1:
-            return {"input_ids": self.handle.get_tensor("input_ids").long(),
-                    "attention_mask": self.handle.get_tensor("attention_mask").long()}
+            return {name: self._take(name, local).long() for name in ("input_ids",
+                                                                       "attention_mask")}
         encodings = self.meta["blocks"]
-        return {name: decode_block_field(self._blocks_field(name), *encodings[name])
+        return {name: decode_block_field(self._take(f"blocks.{name}", local), *encodings[name])
                 for name in encodings}
+
+    @property
+    def fields(self) -> list[str]:
+        """The Blocks fields its sequences carry."""
+        return ["input_ids", "attention_mask"] if self.version == 1 else list(self.meta["blocks"])
 
     def check_payload(self) -> None:
         """The shard's tensors against the digest of them in its own metadata, once (the first
@@ -106,18 +128,16 @@ class Shard:
         checked first (`check_payload`)."""
         self.check_payload()
         if self.layout == "fixed":
-            ids = torch.cat([self.handle.get_slice("ids")[i:i + 1] for i in local])
-            lp = torch.cat([self.handle.get_slice("logprobs")[i:i + 1] for i in local])
-            return ids, lp
+            return self._take("ids", local), self._take("logprobs", local)
         seq_rows = counted.sum(1)
-        fixed = self._streams("fixed", self.fixed_offsets, local)
-        unary = self._streams("unary", self.unary_offsets, local)
-        if self.sizes is None:
+        fixed = self._streams("fixed", local)
+        unary = self._streams("unary", local)
+        if not self.has_sizes:
             n = torch.full((int(seq_rows.sum()),), width, dtype=torch.long)
         else:
-            row_offsets = self._row_offsets()
-            n = torch.cat([self.sizes[row_offsets[i]:row_offsets[i + 1]] for i in local]
-                          ) if local else torch.empty(0, dtype=torch.long)
+            row_offsets, sizes = self._row_offsets(), self.handle.get_slice("sizes")
+            n = torch.cat([sizes[int(row_offsets[i]):int(row_offsets[i + 1])] for i in local]
+                          ).long() if local else torch.empty(0, dtype=torch.long)
         try:
             ids_rows, lp_rows = codec.decode(
                 row_layout(self.manifest), fixed[0], fixed[1], unary[0], unary[1], n, seq_rows,
@@ -130,20 +150,27 @@ class Shard:
         ids[counted], lp[counted] = ids_rows, lp_rows
         return ids, lp
 
-    def _streams(self, name: str, offsets: torch.Tensor, local: list[int]):
-        view = self.handle.get_slice(name)
-        parts = [view[int(offsets[i]):int(offsets[i + 1])] for i in local]
+    def _streams(self, name: str, local: list[int]):
+        """The bytes of stream `name` (fixed or unary) of the sequences `local`, concatenated,
+        and each one's byte count (S,); their byte ranges read from the stream's offsets."""
+        view, offsets = self.handle.get_slice(name), self.handle.get_slice(f"{name}_offsets")
+        parts = []
+        for i in local:
+            start, end = offsets[i:i + 2].tolist()
+            parts.append(view[start:end])
         sizes = torch.tensor([p.numel() for p in parts], dtype=torch.long)
         return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)), sizes
 
-    def _row_offsets(self) -> list[int]:
-        """Each sequence's first row in `sizes` (from the sequences' counted positions)."""
-        if not hasattr(self, "_rows_before"):
-            counted = counted_positions(Blocks(**self.blocks()))
-            self._rows_before = [0, *torch.cumsum(counted.sum(1), 0).tolist()]
-            if self._rows_before[-1] != len(self.sizes):
-                raise cache_error(f"shard {self.path}: {len(self.sizes)} row sizes for "
-                                  f"{self._rows_before[-1]} counted positions")
+    def _row_offsets(self) -> torch.Tensor:
+        """(rows + 1,) int64: each sequence's first row in `sizes`, from the sequences' counted
+        positions (the shard's sequences decoded once, then dropped)."""
+        if self._rows_before is None:
+            counted = counted_positions(Blocks(**self.blocks())).sum(1)
+            rows_before = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counted, 0)])
+            if int(rows_before[-1]) != self._rows_in("sizes"):
+                raise cache_error(f"shard {self.path}: {self._rows_in('sizes')} row sizes for "
+                                  f"{int(rows_before[-1])} counted positions")
+            self._rows_before = rows_before
         return self._rows_before
 
     def scan(self) -> tuple[int, bool]:
@@ -228,27 +255,49 @@ class CacheReader:
         """Every file in the cache directory, the manifest included."""
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
-    def split_blocks(self, split: str) -> dict[str, torch.Tensor]:
-        parts = [shard.blocks() for shard in self.splits[split]]
-        if not parts:
-            return {}
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    @property
+    def packed(self) -> bool:
+        """Whether the sequences pack several examples each (and carry position_ids)."""
+        return "position_ids" in self.splits["train"][0].fields
 
-    def targets(self, split: str, index: torch.Tensor, counted: torch.Tensor):
-        """(ids, logprobs) (len(index), L-1, width) for the split's sequences `index`, whose
-        counted positions are `counted`; read shard by shard, in the order asked."""
+    def sequences(self, split: str) -> int:
+        """The split's sequences."""
+        return self.starts[split][-1]
+
+    def _by_shard(self, split: str, index: torch.Tensor) -> dict[int, tuple[torch.Tensor, list]]:
+        """The split's sequences `index` by shard: shard -> (their places in index, their
+        indices in the shard)."""
         starts = self.starts[split]
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for pos, i in enumerate(index.tolist()):
             shard = bisect.bisect_right(starts, i) - 1
             by_shard.setdefault(shard, []).append((pos, i - starts[shard]))
+        return {shard: (torch.tensor([p for p, _ in items]), [j for _, j in items])
+                for shard, items in by_shard.items()}
+
+    def read_blocks(self, split: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Blocks fields, (len(index), L) each, of the split's sequences `index`; read shard
+        by shard, in the order asked."""
+        shards = self.splits[split]
+        if not len(index):  # every split holds a sequence (fastkd.data.split): its fields' shapes
+            return {name: t[:0] for name, t in shards[0].blocks([0]).items()}
+        out = {}
+        for shard, (where, local) in self._by_shard(split, index).items():
+            for name, got in shards[shard].blocks(local).items():
+                if name not in out:
+                    out[name] = torch.empty((len(index), *got.shape[1:]), dtype=got.dtype)
+                out[name][where] = got
+        return out
+
+    def targets(self, split: str, index: torch.Tensor, counted: torch.Tensor):
+        """(ids, logprobs) (len(index), L-1, width) for the split's sequences `index`, whose
+        counted positions are `counted`; read shard by shard, in the order asked."""
         n, length = counted.shape
         ids = torch.empty(n, length, self.width, dtype=torch.int32)
         lp = None
-        for shard, items in by_shard.items():
-            where = torch.tensor([p for p, _ in items])
-            got_ids, got_lp = self.splits[split][shard].targets(
-                [j for _, j in items], counted[where], self.width)
+        for shard, (where, local) in self._by_shard(split, index).items():
+            got_ids, got_lp = self.splits[split][shard].targets(local, counted[where],
+                                                                self.width)
             if lp is None:
                 lp = torch.empty(n, length, self.width, dtype=got_lp.dtype)
             ids[where], lp[where] = got_ids, got_lp

@@ -1,5 +1,6 @@
 """The checks of a setting's value, each written once: one of a fixed set (`choice`), a finite real
-number (`real`), a positive one (`positive`), a positive int (`positive_int`).
+number (`real`), a positive one (`positive`), a positive int (`positive_int`), one path or more
+(`path_list`).
 
 Each raises the error a user should see, naming the setting: a ValueError for a value out of its
 range, a TypeError for a value of the wrong type. Free of torch (the command line's settings use
@@ -9,6 +10,7 @@ them before torch is imported).
 from __future__ import annotations
 
 import math
+import os
 from numbers import Real
 
 
@@ -54,6 +56,15 @@ def positive_int(name: str, value: object, *, or_zero: bool = False,
         raise ValueError(f"{name} must be a {kind} int{' or None' if optional else ''}, got "
                          f"{value!r}")
     return value
+
+
+def path_list(name: str, value, what: str) -> list[str]:
+    """value, a path or several, as a list of str; a ValueError naming the setting if it names
+    none ("pass at least one {what}")."""
+    listed = [str(p) for p in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+    if not listed:
+        raise ValueError(f"{name}: pass at least one {what}")
+    return listed
 
 
 def check_seq_len(seq_len: int) -> None:

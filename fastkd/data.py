@@ -26,6 +26,7 @@ memory and on a store's rows alike (`fastkd.store.StoredRows`: `select` narrows 
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import logging
@@ -120,6 +121,44 @@ class Blocks:
         else:
             inputs["position_ids"] = self.position_ids
         return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+class DiskRows(abc.ABC):
+    """Rows that stay on disk: what a process holds is a row index into their source (None: every
+    row), never the rows. `select` narrows the index (as `Blocks.select`), `take` reads rows into
+    memory (as `Blocks.take`), `load` all of them (small data, tests). A source (a token store's
+    rows, a teacher cache's sequences) gives `total`, its rows, and `read(rows)`, the rows at
+    those indices of it in memory."""
+
+    def __init__(self, index: torch.Tensor | None = None):
+        self.index = index
+
+    @property
+    @abc.abstractmethod
+    def total(self) -> int:
+        """The source's rows."""
+
+    @abc.abstractmethod
+    def read(self, rows: torch.Tensor) -> Blocks:
+        """The source's rows at `rows` (int64 indices into all of them), in memory, in order."""
+
+    def __len__(self) -> int:
+        return self.total if self.index is None else len(self.index)
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return index if self.index is None else self.index[index]
+
+    def select(self, index: torch.Tensor):
+        narrowed = copy.copy(self)
+        narrowed.index = self._rows(index)
+        return narrowed
+
+    def take(self, index: torch.Tensor) -> Blocks:
+        return self.read(self._rows(index))
+
+    def load(self) -> Blocks:
+        return self.take(torch.arange(len(self)))
 
 
 def cat(parts: list[Blocks], *, counted: bool | None = None,

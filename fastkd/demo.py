@@ -32,8 +32,8 @@ import torch
 
 import fastkd
 from fastkd import fsio
-from fastkd.config import RUN_MARKER, check_new_run_dir, mark_run_dir
-from fastkd.trainer import DistillConfig, run_distillation, torch_threads
+from fastkd.config import RUN_MARKER, DistillConfig, check_new_run_dir, mark_run_dir
+from fastkd.trainer import run_distillation, torch_threads
 
 log = logging.getLogger("fastkd")
 
@@ -254,7 +254,9 @@ def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: st
     """The demo teacher's cache in `mode` and `layout` (built once, kept beside the teacher): its
     directory, size on disk (every file in it), bytes a counted position, and the seconds its
     build took (kept beside it)."""
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     name = f"cache-{mode}-{layout}-k{OFFLINE_K}"
     cache, timing = teacher_root / name, teacher_root / f"{name}.seconds.json"

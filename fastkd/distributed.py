@@ -20,6 +20,7 @@ the parameters, so the fused loss, which needs the LM head's whole weight, runs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from contextlib import nullcontext
@@ -115,6 +116,28 @@ def teardown(clean: bool) -> None:
     _MESH, _OWNED = None, False
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """One process's device: `device`, else CUDA if available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def session(device: str | None, timeout_s: float):
+    """This process's part of a command: under torchrun it joins the process group (`init`) and
+    leaves it at the end of the block (`teardown`: a barrier first when the block ended normally,
+    none after an error, when the other ranks may be gone); yields this process's device (this
+    rank's under torchrun, else `resolve_device(device)`)."""
+    local = init(device, timeout_s)
+    try:
+        yield resolve_device(device) if local is None else local
+    except BaseException:
+        teardown(clean=False)
+        raise
+    teardown(clean=True)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -142,6 +165,25 @@ def broadcast_from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_ranks(obj) -> list:
+    """Every rank's obj (picklable, small), in rank order: [obj] with one process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def raise_main_refusal(failure: Exception | None) -> None:
+    """Every rank raises rank 0's refusal: rank 0 its own `failure`, the others a ValueError with
+    its message; nothing when rank 0 had none (a collective: every rank calls it)."""
+    refusal = broadcast_from_main(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 # ----------------------------------------------------------------------------------------------

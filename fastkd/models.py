@@ -332,12 +332,41 @@ def _check_hub_id(repo_id: str, role: str, filename: str) -> None:
             "private one you are not logged in for)")
 
 
-def load_lm(name_or_path: str, role: str, dtype: torch.dtype, device: torch.device) -> LMHead:
+def load_lm(name_or_path: str, role: str, dtype: torch.dtype | None,
+            device: torch.device) -> LMHead:
+    """A causal LM from a directory or hub id, in dtype (None: the checkpoint's), on device, split
+    into base and head (`lm_head`)."""
     from transformers import AutoModelForCausalLM
 
     model = from_pretrained(AutoModelForCausalLM, name_or_path, role, dtype=dtype)
     model.config.use_cache = False
     return lm_head(model.to(device), role)
+
+
+def load_teacher(source: str | torch.nn.Module, dtype: str | torch.dtype | None,
+                 device: torch.device, role: str = "teacher") -> LMHead:
+    """The teacher, frozen: in eval mode and with no gradients (so no optimizer state).
+
+    Args:
+        source: a model directory or hub id (loaded), or a causal LM (taken as it is).
+        dtype: a name of `fastkd.plans.TEACHER_DTYPES` ("auto": bf16 on CUDA, fp32 elsewhere),
+            a torch.dtype, or None (the checkpoint's, or the model's own).
+        device: where it runs.
+        role: the name errors give it ("teacher", or one of several: "teachers[1]").
+
+    Returns:
+        its `LMHead` (the model, its base and its head, checked by `lm_head`).
+    """
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(source, str):
+        head = load_lm(source, role, dtype, device)
+    else:
+        head = lm_head(source.to(device=device, dtype=dtype), role)
+    head.model.eval().requires_grad_(False)
+    return head
 
 
 def load_tokenizer(source: str):

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.checks import check_seq_len
+from fastkd.checks import check_seq_len, choice, path_list
 
 UTF8_ERRORS = ("strict", "replace")  # what undecodable bytes get: an error, or U+FFFD
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # what a directory stands for
@@ -146,8 +146,7 @@ def iter_records(path: str | Path, utf8_errors: str = "strict",
     (FileNotFoundError, ValueError naming the file and record) come before the first record or
     while iterating."""
     path = Path(path)
-    if utf8_errors not in UTF8_ERRORS:
-        raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got {utf8_errors!r}")
+    choice("utf8_errors", utf8_errors, UTF8_ERRORS)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if is_text_file(path):
@@ -479,14 +478,9 @@ class DataSpec:
     utf8_errors: str = "strict"
 
     def __post_init__(self) -> None:
-        if isinstance(self.paths, (str, os.PathLike)):
-            object.__setattr__(self, "paths", (self.paths,))
-        object.__setattr__(self, "paths", tuple(os.path.abspath(os.path.expanduser(str(p)))
-                                                for p in self.paths))
-        if not self.paths:
-            raise ValueError("data: pass at least one data file (text, jsonl, json, parquet, a "
-                             "saved dataset directory, a directory or a glob pattern)")
+        given = path_list("data", self.paths, "data file (text, jsonl, json, parquet, a saved "
+                      "dataset directory, a directory or a glob pattern)")
+        object.__setattr__(self, "paths", tuple(os.path.abspath(os.path.expanduser(p))
+                                                for p in given))
         check_seq_len(self.seq_len)
-        if self.utf8_errors not in UTF8_ERRORS:
-            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
-                             f"{self.utf8_errors!r}")
+        choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)

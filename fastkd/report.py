@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastkd import fsio, reference
-from fastkd.cache import CachedBlocks
+from fastkd.cache import CachedBlocks, default_tail
 from fastkd.data import Blocks, eval_batches
 from fastkd.options import DistillOptions
 
@@ -112,15 +112,17 @@ def heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
     ce and perplexity from the model's full logits at temperature 1. The teacher side: the
     teacher model's full logits (temperature 1; KL and agreement over the shared vocabulary ids),
     or, with teacher=None (an offline run), the held-out rows' cached targets (`CachedBlocks`):
-    KL from the cached (id, log-probability) pairs at the cache's temperature T
-    (`cache_kl_tail`), top-1 agreement with the cached top-1 id for a top-k cache (its first
-    slot is the teacher's argmax), None for a sampled one (the most frequent sample need not be
-    the argmax).
+    KL from the cached (id, log-probability) pairs at the cache's temperature T with the cache's
+    own tail (`fastkd.cache.default_tail`: for top-k, "bucket", the exact KL between the
+    distributions coarsened to the k ids plus the rest, a lower bound on the full KL; for sampled
+    targets, "ignore", the plug-in estimate sum p^ (log p^ - log q)), top-1 agreement with the
+    cached top-1 id for a top-k cache (its first slot is the teacher's argmax), None for a sampled
+    one (the most frequent sample need not be the argmax).
     """
     vocabs = [m.config.get_text_config().vocab_size for m, _ in models.values()]
     if teacher is None:  # offline: the cached targets
         cache = heldout.targets.cache
-        tail, agreement = cache_kl_tail(cache), cache.manifest["mode"] == "topk"
+        tail, agreement = default_tail(cache.mode), cache.mode == "topk"
         opts = DistillOptions(temperature=cache.manifest["temperature"], ce_weight=1.0,
                               kd_weight=1.0, divergence="forward_kl")
     else:
@@ -175,13 +177,6 @@ def _token_metrics(s_logits: torch.Tensor, target, labels: torch.Tensor, opts: D
         _, ce, kl = reference.sparse_token_losses(s_logits, ids, logprobs, labels, opts, tail)
         agree = s_logits.argmax(-1) == ids[:, 0]
     return ce, kl, agree & (labels != opts.ignore_index)
-
-
-def cache_kl_tail(cache) -> str:
-    """The tail the report measures a cache's KL with: "bucket" for top-k (the exact KL between
-    the distributions coarsened to the k ids plus the rest: a lower bound on the full KL),
-    "ignore" for sampled targets (the plug-in estimate sum p^ (log p^ - log q))."""
-    return "ignore" if cache.manifest["mode"] == "sample" else "bucket"
 
 
 def safetensors_params(path: Path) -> int | None:
@@ -367,8 +362,14 @@ def _shown(path: str, run_dir: str) -> str:
 def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
                     device: torch.device) -> str:
     """report.md: the setting, the table, and the comparisons the table supports, as measured."""
-    by_name = {row["model"]: row for row in rows}
-    budget = results["distill"]
+    offline = isinstance(heldout, CachedBlocks)
+    return "\n".join([*_setting(config, results, heldout, device),
+                      *(_offline_text(heldout) if offline else []), *_table(rows), "",
+                      *_comparisons(config, rows, results, offline)])
+
+
+def _setting(config, results: dict, heldout: Blocks, device: torch.device) -> list[str]:
+    """The title and what ran: the models, the budget, the loss, the held-out set, the machine."""
     offline = isinstance(heldout, CachedBlocks)
     opts = config.loss_options()
     loss_text = (f"{opts.ce_weight:g}·CE + {opts.kd_weight:g}·T²·{opts.divergence}"
@@ -376,26 +377,29 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
                  + (f"(α={opts.skew:g})" if opts.divergence.startswith("skew_") else "")
                  + f", T = {opts.temperature:g}")
     if offline:
-        loss_text += f" (sparse, tail {heldout.targets.cache.tail})"
+        loss_text += f" (sparse, tail {config.cache_tail})"
     teacher_name = heldout.targets.cache.manifest["teacher"] if offline else config.teacher
-    lines = [
+    return [
         "# fastkd distillation report",
         "",
         f"Teacher `{_shown(teacher_name, config.out)}` → student "
         f"`{_shown(config.student, config.out)}`. Budget per student: "
         f"{config.steps} optimizer steps × {config.batch_size * config.grad_accum} sequences × "
-        f"{config.seq_len} tokens ({budget['tokens']:,} training tokens); loss {loss_text}; "
-        f"AdamW lr {config.lr:g}, warmup {config.warmup_steps} + cosine, seed {config.seed}.",
+        f"{config.seq_len} tokens ({results['distill']['tokens']:,} training tokens); loss "
+        f"{loss_text}; AdamW lr {config.lr:g}, warmup {config.warmup_steps} + cosine, seed "
+        f"{config.seed}.",
         f"Held-out: {len(heldout)} sequences ({heldout.count_targets():,} "
         f"next-token targets). Device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",
         *([f"**Warning**: {small_heldout(heldout)}."] if small_heldout(heldout) else []),
         "",
-        *(_offline_text(heldout) if offline else []),
-        "| model | params | size on disk | held-out ppl | top-1 agreement | KL(teacher‖model) | "
-        "tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| model | params | size on disk | held-out ppl | top-1 agreement | "
+             "KL(teacher‖model) | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         speed = (NOT_MEASURED if row["tokens_per_s"] is None else
                  f"{row['tokens_per_s']:,.0f} ({row['device']}, {row['dtype']})")
@@ -403,9 +407,16 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
             f"| {row['model']} | {_fmt_count(row['params'])} | {fmt_bytes(row['size_bytes'])} | "
             f"{_fmt(row['perplexity'], '.2f')} | {_fmt(row['top1_agreement'], '.1f', 100, '%')} | "
             f"{_fmt(row['kl_to_teacher'], '.4f')} | {speed} |")
-    lines.append("")
+    return lines
+
+
+def _comparisons(config, rows: list[dict], results: dict, offline: bool) -> list[str]:
+    """What the table shows: distillation against hard labels, int8 against fp32, the student
+    against the teacher; the training time; how each number was measured."""
+    by_name = {row["model"]: row for row in rows}
     distilled = by_name["distilled student"]
     hard = by_name.get("hard-label student (same budget)")
+    lines = []
     if hard is not None:
         verdict = ("distillation beats" if distilled["perplexity"] < hard["perplexity"]
                    else "distillation does not beat")
@@ -435,7 +446,8 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
             f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
             "parameters (from the teacher's files); its throughput and perplexity are not "
             "measured offline.")
-    timing = f"- Training time (optimizer steps only): distillation {budget['train_seconds']:.1f} s"
+    timing = (f"- Training time (optimizer steps only): distillation "
+              f"{results['distill']['train_seconds']:.1f} s")
     if results.get("baseline"):
         timing += f", hard-label baseline {results['baseline']['train_seconds']:.1f} s"
     metrics_text = (
@@ -444,7 +456,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         "Held-out metrics use full logits at temperature 1; KL is KL(p_teacher ‖ p_model) over "
         "the shared vocabulary ids, per token; top-1 agreement compares argmaxes over the shared "
         "ids. ")
-    lines += [
+    return lines + [
         timing + ".",
         "",
         metrics_text +
@@ -455,7 +467,6 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         "![loss curves](loss_curve.png)",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.device,
@@ -473,7 +484,8 @@ def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.
     if isinstance(heldout, CachedBlocks):  # offline: what the teacher-side numbers came from
         cache = heldout.targets.cache
         summary["teacher_cache"] = {
-            "dir": str(cache.dir), "kl_tail": cache_kl_tail(cache), "train_tail": cache.tail,
+            "dir": str(cache.dir), "kl_tail": default_tail(cache.mode),
+            "train_tail": config.cache_tail,
             "bytes": cache.disk_bytes(), "bytes_per_position": cache.bytes_per_position(),
             **{key: cache.manifest.get(key) for key in ("teacher", "mode", "k", "samples",
                                                          "temperature", "layout", "positions",

@@ -46,7 +46,7 @@ import torch
 
 from fastkd import fsio
 from fastkd.checks import check_num_proc
-from fastkd.data import Blocks, cat, split
+from fastkd.data import Blocks, DiskRows, cat, split
 from fastkd.prepare import FORMAT, Preparation, to_arrow
 from fastkd.readers import DataSpec, expand_data
 from fastkd.tokens import fingerprint
@@ -374,30 +374,21 @@ class _Part:
         return out
 
 
-class StoredRows:
-    """Rows of a token store, on disk: what a process holds is the row index (None: every row).
-    `select` narrows it (as `Blocks.select`), `take` reads rows into a `Blocks`, `load` all of
-    them (small data, tests)."""
+class StoredRows(DiskRows):
+    """Rows of a token store, on disk (`fastkd.data.DiskRows`): what a process holds is the row
+    index."""
 
     def __init__(self, store: TokenStore, index: torch.Tensor | None = None):
-        self.store, self.index = store, index
+        super().__init__(index)
+        self.store = store
 
-    def __len__(self) -> int:
-        return len(self.store) if self.index is None else len(self.index)
+    @property
+    def total(self) -> int:
+        return len(self.store)
 
     @property
     def packed(self) -> bool:
         return self.store.manifest["packed"]
 
-    def _rows(self, index: torch.Tensor) -> torch.Tensor:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return index if self.index is None else self.index[index]
-
-    def select(self, index: torch.Tensor) -> StoredRows:
-        return StoredRows(self.store, self._rows(index))
-
-    def take(self, index: torch.Tensor) -> Blocks:
-        return self.store.take(self._rows(index).numpy())
-
-    def load(self) -> Blocks:
-        return self.take(torch.arange(len(self)))
+    def read(self, rows: torch.Tensor) -> Blocks:
+        return self.store.take(rows.numpy())

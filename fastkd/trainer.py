@@ -40,69 +40,49 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastkd import distributed, fsio
-from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_targets
-from fastkd.cache import open_for_run
-from fastkd.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from fastkd.config import (
-    RUN_MARKER,
-    RUNTIME_FIELDS,
-    TEACHER_DTYPES,
-    DistillConfig,
-    check_run_dir,
-    mark_run_dir,
-    started,
-)
-from fastkd.data import Blocks
-from fastkd.loop import PhaseResult, StopSignals, evaluate, train_phase
+from fastkd.batch_loss import TeacherForward
+from fastkd.cache import CachedRows, TeacherCache, sparse_tail
+from fastkd.checkpoint import latest_checkpoint
+from fastkd.config import RUN_MARKER, DistillConfig, check_run_dir, mark_run_dir, started
+from fastkd.data import Blocks, DiskRows
+from fastkd.loop import PhaseResult, StopSignals, train_phase
 from fastkd.models import (
     LMHead,
     check_model_source,
     check_packing,
     check_tokenizers,
     check_vocab,
-    from_pretrained,
-    lm_head,
-    load_lm,
+    load_teacher,
     load_tokenizer,
 )
 from fastkd.readers import expand_data
 from fastkd.store import StoreOptions, load_blocks
 
-# The trainer's public names, wherever they live now (code and tests import them from here).
-__all__ = [
-    "RUNTIME_FIELDS", "TEACHER_DTYPES", "DistillConfig", "LMHead", "PhaseResult", "StopSignals",
-    "StudentLoss", "TeacherForward", "batch_loss", "check_tokenizers", "check_vocab",
-    "count_targets", "evaluate", "from_pretrained", "latest_checkpoint", "lm_head",
-    "load_checkpoint", "load_lm", "load_teacher", "load_tokenizer", "resolve_device", "rng_state",
-    "run_distillation", "save_checkpoint", "set_rng_state", "train_phase",
-]
-
 log = logging.getLogger("fastkd")
 
 
 def run_distillation(config: DistillConfig) -> dict:
-    """Run (or resume) a distillation: returns the status, paths, per-phase summaries and metrics.
-
-    Keys: "status" ("completed" | "stopped" | "interrupted"), "signal" (the signal number or None),
-    "run_dir", "distill" / "baseline" (phase summaries: status, step, steps_run, train_seconds,
-    tokens, student_dir, checkpoint, final held-out eval_ce / eval_ppl / eval_kd), "history" /
-    "baseline_history" (per-step records), "report" (paths and metric rows, when written),
-    "seconds" (wall time of this call).
+    """Run (or resume) a distillation.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, trains in
     step with the others, and leaves the group (barrier, then destroy) before returning; rank 0
     then writes the report alone.
+
+    Args:
+        config: the run (`DistillConfig`; resume=True continues the run in config.out).
+
+    Returns:
+        a dict: "status" ("completed" | "stopped" | "interrupted"), "signal" (the signal number
+        or None), "run_dir", "distill" / "baseline" (phase summaries: status, step, steps_run,
+        train_seconds, tokens, student_dir, checkpoint, final held-out eval_ce / eval_ppl /
+        eval_kd), "history" / "baseline_history" (per-step records), "report" (paths and metric
+        rows, when written), "seconds" (wall time of this call).
     """
     begun = time.perf_counter()
     run_dir = check_run_dir(config)
@@ -110,24 +90,15 @@ def run_distillation(config: DistillConfig) -> dict:
         return completed_results(config, begun)
     check_inputs(config)  # before anything loads: a bad path fails in seconds, writing nothing
     config = with_threads(config)
-    device = distributed.init(config.device, config.dist_timeout)  # None: one process
-    if device is None:
-        device = resolve_device(config.device)
-    with contextlib.ExitStack() as held:
-        try:
+    with contextlib.ExitStack() as held:  # the run directory and the threads, up to the report
+        with distributed.session(config.device, config.dist_timeout) as device:
             held.enter_context(claim_run_dir(config))
             held.enter_context(torch_threads(config.threads))
-            results, teacher, heldout = _run_phases(config, run_dir, device)
-        except BaseException:
-            distributed.teardown(clean=False)
-            raise
-        distributed.teardown(clean=True)
+            inputs = _load_inputs(config, run_dir, device)
+            results = _run_phases(inputs, run_dir, device)
+        # the process group is gone: rank 0 writes the report alone
         if results["status"] == "completed" and config.report and distributed.is_main():
-            from fastkd.report import write_report
-
-            if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads
-                teacher = load_teacher(config, device)  # it whole, alone
-            results["report"] = write_report(config, run_dir, teacher, heldout, device, results)
+            results["report"] = _write_report(inputs, run_dir, device, results)
     results["seconds"] = time.perf_counter() - begun
     return results
 
@@ -168,11 +139,7 @@ def claim_run_dir(config: DistillConfig):
                 created, marked = _claim(config, lock)
             except (ValueError, OSError) as err:
                 failure = err
-        refusal = distributed.broadcast_from_main(None if failure is None else str(failure))
-        if failure is not None:
-            raise failure
-        if refusal is not None:
-            raise ValueError(refusal)
+        distributed.raise_main_refusal(failure)
         try:
             yield
         except BaseException:
@@ -278,25 +245,20 @@ def require(module: str, feature: str, extra: str) -> None:
                          f"pip install 'fastkd[{extra}]' (or pip install {module})")
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@dataclass
+class _Inputs:
+    """What a run loads once, before its phases."""
+
+    config: DistillConfig  # its settings resolved: a teacher cache's tail (`sparse_tail`)
+    tokenizer: object
+    train: DiskRows  # the training rows, on disk: a token store's, or a teacher cache's
+    heldout: Blocks  # the held-out rows evaluation and the report use, in memory
+    teacher: LMHead | None  # the teacher, whole; None when it is sharded or absent
+    teacher_module: TeacherForward | None  # its forward in the loop, wrapped (FSDP) or replicated
 
 
-def load_teacher(config: DistillConfig, device: torch.device) -> LMHead:
-    """The teacher: frozen, eval mode, no gradients (so no optimizer state), optionally bf16."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        config.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    teacher = load_lm(config.teacher, "teacher", dtype, device)
-    teacher.model.eval().requires_grad_(False)
-    return teacher
-
-
-def _run_phases(config: DistillConfig, run_dir: Path,
-                device: torch.device) -> tuple[dict, LMHead | None, Blocks]:
-    """The distillation, then the baseline: (results, the teacher if the report can use it, the
-    held-out blocks)."""
+def _load_inputs(config: DistillConfig, run_dir: Path, device: torch.device) -> _Inputs:
+    """The tokenizer, the data and the teacher, checked; then (a new run) config.json written."""
     world = distributed.world_size()
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} is the global number of sequences per "
@@ -304,7 +266,8 @@ def _run_phases(config: DistillConfig, run_dir: Path,
     tokenizer_source = config.tokenizer or config.teacher or config.student
     tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizers(tokenizer_source, tokenizer, config.student)
-    train, heldout = _load_data(config, tokenizer)
+    train, heldout, tail = _load_data(config, tokenizer)
+    heldout = heldout.take(torch.arange(min(len(heldout), config.eval_sequences)))
     teacher, teacher_module = _load_teacher_module(config, tokenizer, device,
                                                    packed=train.packed)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
@@ -314,47 +277,40 @@ def _run_phases(config: DistillConfig, run_dir: Path,
     if not config.resume and distributed.is_main():
         # Only now: a start that fails on its inputs leaves no run behind (claim_run_dir).
         config.save(run_dir)
-
-    baseline = None
-    budget = config.stop_after
-    with StopSignals() as stop:
-        distilled = train_phase("distill" if teacher_module is not None or config.teacher_cache
-                                else "hard-label", config, run_dir, teacher_module, tokenizer,
-                                train, heldout, device, stop, budget)
-        if config.baseline and distilled.status == "completed":
-            if budget is not None:
-                budget -= distilled.steps_run
-            hard = dataclasses.replace(config, ce_weight=1.0, kd_weight=0.0)
-            if budget is None or budget > 0:
-                baseline = train_phase("baseline", hard, run_dir / "baseline", teacher_module,
-                                       tokenizer, train, heldout, device, stop, budget)
-    phases = [distilled] + ([baseline] if config.baseline else [])
-    if all(p is not None and p.status == "completed" for p in phases):
-        status = "completed"
-    else:
-        status = "interrupted" if stop.signum is not None else "stopped"
-    results = {"status": status, "signal": stop.signum, "run_dir": str(run_dir),
-               "distill": _phase_summary(distilled), "baseline": _phase_summary(baseline),
-               "history": distilled.history,
-               "baseline_history": baseline.history if baseline is not None else None,
-               "report": None}
-    return results, teacher, heldout
+    # config.json keeps the settings as given (a resume resolves them again); the run uses them
+    # resolved, and the report records them so
+    resolved = config if tail is None else dataclasses.replace(config, cache_tail=tail)
+    return _Inputs(resolved, tokenizer, train, heldout, teacher, teacher_module)
 
 
-def _load_data(config: DistillConfig, tokenizer) -> tuple[Blocks, Blocks]:
-    """(train, held-out) rows: the data's token store (fastkd.store: found or prepared, by rank 0
-    under torchrun, the others waiting), mapped and split; or a teacher cache's sequences. The
-    held-out ones cut to config.eval_sequences and read into memory."""
+def _load_data(config: DistillConfig, tokenizer) -> tuple[DiskRows, DiskRows, str | None]:
+    """(train, held-out, the sparse loss's tail) of the run, on disk: the data's token store
+    (fastkd.store: found or prepared, by rank 0 under torchrun, the others waiting), mapped and
+    split, and no tail; or a teacher cache's sequences and the tail it trains with."""
     if config.teacher_cache is not None:  # offline: no teacher, the cache's sequences
-        train, heldout, _ = open_for_run(config, tokenizer)
-    else:
-        main = distributed.is_main()
-        train, heldout = load_blocks(config.data, tokenizer, config.seq_len,
-                                     config.eval_fraction, packing=config.packing,
-                                     utf8_errors=config.utf8_errors,
-                                     options=StoreOptions(config.data_cache, config.num_proc,
-                                                          config.progress and main, prepare=main))
-    return train, heldout.take(torch.arange(min(len(heldout), config.eval_sequences)))
+        return _open_cache(config, tokenizer)
+    main = distributed.is_main()
+    train, heldout = load_blocks(config.data, tokenizer, config.seq_len, config.eval_fraction,
+                                 packing=config.packing, utf8_errors=config.utf8_errors,
+                                 options=StoreOptions(config.data_cache, config.num_proc,
+                                                      config.progress and main, prepare=main))
+    return train, heldout, None
+
+
+def _open_cache(config: DistillConfig, tokenizer) -> tuple[CachedRows, CachedRows, str]:
+    """(train, held-out, tail) of config.teacher_cache: the cache checked against the run's
+    tokenizer, seq_len, temperature, held-out fraction, data, packing, utf8_errors, student (the
+    cache's largest id) and teacher (if named: the cache's own); the tail config.cache_tail, else
+    the cache's own (`fastkd.cache.sparse_tail`)."""
+    cache = TeacherCache(config.teacher_cache)
+    cache.check_run(tokenizer, config.seq_len, config.temperature, config.eval_fraction,
+                    config.data)
+    cache.check_options(packing=config.packing, utf8_errors=config.utf8_errors)
+    cache.check_student(config.student)
+    if config.teacher is not None:
+        cache.check_teacher(config.teacher)
+    tail = sparse_tail(config.cache_tail, cache.mode, config.divergence)
+    return cache.rows("train"), cache.rows("heldout"), tail
 
 
 def _warn_small_heldout(heldout: Blocks) -> None:
@@ -374,13 +330,54 @@ def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device,
         return None, None
     # A sharded teacher is loaded on the CPU: FSDP moves each rank's shards to the device.
     shard_teacher = distributed.is_distributed() and config.teacher_placement == "shard"
-    teacher = load_teacher(config, torch.device("cpu") if shard_teacher else device)
+    teacher = load_teacher(config.teacher, config.teacher_dtype,
+                           torch.device("cpu") if shard_teacher else device)
     check_vocab(tokenizer, teacher, "teacher")
     if packed:
         check_packing(teacher.model, "teacher")
     teacher_module = distributed.wrap_teacher(TeacherForward(teacher), config.teacher_placement,
                                               device)
     return (None if shard_teacher else teacher), teacher_module  # sharded: its LMHead holds shards
+
+
+def _run_phases(inputs: _Inputs, run_dir: Path, device: torch.device) -> dict:
+    """The distillation, then the baseline: the results (run_distillation's, without the report
+    and the time)."""
+    config, teacher = inputs.config, inputs.teacher_module
+    phase_inputs = (inputs.tokenizer, inputs.train, inputs.heldout, device)
+    baseline = None
+    budget = config.stop_after
+    with StopSignals() as stop:
+        distilled = train_phase("distill" if teacher is not None or config.teacher_cache
+                                else "hard-label", config, run_dir, teacher, *phase_inputs, stop,
+                                budget)
+        if config.baseline and distilled.status == "completed":
+            if budget is not None:
+                budget -= distilled.steps_run
+            hard = dataclasses.replace(config, ce_weight=1.0, kd_weight=0.0)
+            if budget is None or budget > 0:
+                baseline = train_phase("baseline", hard, run_dir / "baseline", teacher,
+                                       *phase_inputs, stop, budget)
+    phases = [distilled] + ([baseline] if config.baseline else [])
+    if all(p is not None and p.status == "completed" for p in phases):
+        status = "completed"
+    else:
+        status = "interrupted" if stop.signum is not None else "stopped"
+    return {"status": status, "signal": stop.signum, "run_dir": str(run_dir),
+            "distill": _phase_summary(distilled), "baseline": _phase_summary(baseline),
+            "history": distilled.history,
+            "baseline_history": baseline.history if baseline is not None else None,
+            "report": None}
+
+
+def _write_report(inputs: _Inputs, run_dir: Path, device: torch.device, results: dict) -> dict:
+    """The report, on rank 0 alone (fastkd.report)."""
+    from fastkd.report import write_report
+
+    config, teacher = inputs.config, inputs.teacher
+    if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads it
+        teacher = load_teacher(config.teacher, config.teacher_dtype, device)  # whole, alone
+    return write_report(config, run_dir, teacher, inputs.heldout, device, results)
 
 
 def _phase_summary(result: PhaseResult | None) -> dict | None:

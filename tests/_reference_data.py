@@ -1,8 +1,8 @@
-"""The data path as it was before the token store (fastkd/data.py at 0cf66b0), kept verbatim: the
-data read, tokenized and packed in memory (`load_blocks`), batched by `Batches`. The reference
-that the token store's rows, batch order and trained weights are compared with
-(tests/test_store.py). The readers and tokenizers it calls are the current ones (fastkd.readers,
-fastkd.tokens), whose output did not change for files under fastkd.readers.PIECE_BYTES."""
+"""An in-memory data path, apart from the token store: the data read, tokenized and packed in
+memory (`load_blocks`), batched by `Batches` (fastkd/data.py at 0cf66b0, kept verbatim). The
+reference that the token store's rows, batch order and trained weights are compared with
+(tests/test_store.py). It calls fastkd.readers and fastkd.tokens, which give it the same records
+and tokens for files under fastkd.readers.PIECE_BYTES."""
 
 from __future__ import annotations
 

@@ -22,13 +22,17 @@ from _trainer_fixtures import build_tokenizer, corpus_texts, save_llama
 from safetensors.torch import load_file, save_file
 
 from fastkd import cache as cache_mod
-from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+from fastkd import cache_write
+from fastkd.cache import TeacherCache
 from fastkd.cache_format import VERSION, write_manifest
+from fastkd.cache_teacher import cache_teacher
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.fsio import sha256_file
 from fastkd.models import load_lm
+from fastkd.plans import CachePlan
 from fastkd.store import load_blocks
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.trainer import run_distillation
 
 SEQ_LEN, TEMPERATURE, STEP = 24, 2.0, 0.125
 
@@ -189,7 +193,7 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
     cache_teacher(plan(assets, full, mode="sample", k=8, samples=8))
     part = assets.root / "sample_part"
     writes = []
-    real_write = cache_mod.write_shard
+    real_write = cache_write.write_shard
 
     def killed_after_two_shards(*args):
         if len(writes) == 2:
@@ -197,10 +201,10 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
         writes.append(real_write(*args))
         return writes[-1]
 
-    monkeypatch.setattr(cache_mod, "write_shard", killed_after_two_shards)
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(plan(assets, part, mode="sample", k=8, samples=8))
-    monkeypatch.setattr(cache_mod, "write_shard", real_write)
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherCache(part)
     assert len(list(part.glob("*.safetensors"))) == 2
@@ -445,6 +449,126 @@ def test_prefetched_targets_train_exactly_as_direct_loads(assets, topk_cache, tm
                  for d in (direct.out, base.out))
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(assets):
+    out = assets.root / "sampled"
+    cache_teacher(plan(assets, out, mode="sample", k=8, samples=8))
+    return out
+
+
+def held_tensor_bytes(*roots) -> int:
+    """Bytes of every tensor reachable from roots through Python objects (classes, functions
+    and modules not followed): what those objects keep in memory."""
+    import gc
+    import types
+
+    seen, stack, total = set(), list(roots), 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        else:
+            stack.extend(gc.get_referents(obj))
+    return total
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_a_cache_is_read_on_demand_and_holds_no_sequence(assets, topk_cache, sampled_cache,
+                                                         monkeypatch, mode):
+    """Training from a cache reads a batch's sequences when it is taken and their targets when
+    they are loaded, as the token store's rows do: opening the cache, its rows and `Batches`
+    read no sequence, a batch reads its own, and the process holds no sequence's fields,
+    counted positions, stream offsets or row sizes: none for a top-k cache, one int64 a sequence
+    (where its rows start) for a sampled one, a twentieth of what every sequence decoded at open
+    would hold (over 400 bytes a sequence here). The batches (fields and targets) equal those of
+    the same sequences all in memory, in Batches' seeded order, past an epoch and through a
+    resume."""
+    from fastkd.cache_reader import Shard
+    from fastkd.data import Batches
+
+    read = {"fields": 0, "targets": 0, "whole shards": 0}
+    blocks, targets = Shard.blocks, Shard.targets
+
+    def counted_blocks(shard, local=None):
+        if local is None:
+            read["whole shards"] += 1
+        else:
+            read["fields"] += len(local)
+        return blocks(shard, local)
+
+    def counted_targets(shard, local, counted, width):
+        read["targets"] += len(local)
+        return targets(shard, local, counted, width)
+
+    monkeypatch.setattr(Shard, "blocks", counted_blocks)
+    monkeypatch.setattr(Shard, "targets", counted_targets)
+    cache = TeacherCache(topk_cache if mode == "topk" else sampled_cache)
+    rows = cache.rows("train")
+    batches = Batches(rows, 4, seed=3)
+    assert read == {"fields": 0, "targets": 0, "whole shards": 0}
+    assert held_tensor_bytes(cache, rows, batches) == batches._order.nbytes  # the seeded order
+    batch = next(batches)
+    assert read["fields"] == 4 and read["targets"] == 0
+    batch.targets.load()
+    assert read["fields"] == 4 and read["targets"] == 4
+
+    monkeypatch.setattr(Shard, "blocks", blocks)
+    monkeypatch.setattr(Shard, "targets", targets)
+    in_memory = Batches(cache.blocks("train"), 4, seed=3)
+    in_memory.load_state_dict(batches.state_dict())
+    epoch = len(rows) // 4
+    for step in range(epoch + 2):
+        if step == epoch // 2:  # a resume: a new Batches at the saved position
+            state, batches = batches.state_dict(), Batches(rows, 4, seed=3)
+            batches.load_state_dict(state)
+        got, want = next(batches), next(in_memory)
+        for name in ("input_ids", "attention_mask", "counted", "position_ids"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        for a, b in zip(got.targets.load(), want.targets.load(), strict=True):
+            assert torch.equal(a, b)
+    assert rows.index is None  # the whole split: no index either
+    kept = held_tensor_bytes(cache, rows)
+    sequences, shards = cache.sequences("train"), len(cache.splits["train"])
+    assert kept == 0 if mode == "topk" else 0 < kept <= 8 * (sequences + shards)
+    assert 20 * 8 * (sequences + shards) < held_tensor_bytes(cache.blocks("train"))
+
+
+def test_training_from_a_cache_on_disk_equals_it_in_memory(assets, sampled_cache, tmp_path,
+                                                            monkeypatch):
+    """A run from a cache whose sequences stay on disk (stopped and resumed, with gradient
+    accumulation) trains the same weights, bit for bit, with the same records, as an
+    uninterrupted run with every sequence of the cache in memory."""
+    from fastkd import trainer
+
+    base = DistillConfig(teacher=None, teacher_cache=str(sampled_cache),
+                         student=str(assets.student), data=assets.data,
+                         out=str(tmp_path / "disk"), steps=5, warmup=1, batch_size=4,
+                         grad_accum=2, seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=3,
+                         save_every=2, eval_sequences=8, baseline=False, report=False,
+                         progress=False, tokenizer=str(assets.root / "tokenizer"))
+    assert run_distillation(dataclasses.replace(base, stop_after=3))["status"] == "stopped"
+    disk = run_distillation(dataclasses.replace(DistillConfig.load(base.out), resume=True))
+    open_cache = trainer._open_cache
+
+    def in_memory(config, tokenizer):
+        train, heldout, tail = open_cache(config, tokenizer)
+        return train.load(), heldout.load(), tail
+
+    monkeypatch.setattr(trainer, "_open_cache", in_memory)
+    memory = run_distillation(dataclasses.replace(base, out=str(tmp_path / "memory")))
+    assert disk["status"] == memory["status"] == "completed"
+    untimed = [[{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
+                for r in run["history"]] for run in (disk, memory)]
+    assert untimed[0] == untimed[1]
+    want, got = (load_file(str(tmp_path / d / "student" / "model.safetensors"))
+                 for d in ("memory", "disk"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_cache, tmp_path):
@@ -811,16 +935,16 @@ def test_a_teacher_changed_in_the_middle_is_not_resumed_into_its_cache(assets, t
     weights = teacher / "model.safetensors"
     assert weights.stat().st_size > 3 << 20  # more than its first and last MiB
     out = tmp_path / "cache"
-    real_write = cache_mod.write_shard
+    real_write = cache_write.write_shard
 
     def killed_after_one_shard(*args):
-        monkeypatch.setattr(cache_mod, "write_shard", None)  # the next shard: a crash
+        monkeypatch.setattr(cache_write, "write_shard", None)  # the next shard: a crash
         return real_write(*args)
 
-    monkeypatch.setattr(cache_mod, "write_shard", killed_after_one_shard)
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_one_shard)
     with pytest.raises(TypeError):
         cache_teacher(plan(assets, out, teacher=str(teacher)))
-    monkeypatch.setattr(cache_mod, "write_shard", real_write)
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
     stat = weights.stat()
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # a weight in the middle

@@ -74,8 +74,10 @@ def test_distill_on_chat_counts_only_the_assistant_turns(assets, tmp_path, monke
 def test_a_teacher_cache_of_chat_data_keeps_the_targets_and_the_examples_apart(assets, tmp_path):
     import torch
 
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
     from fastkd.models import load_lm
+    from fastkd.plans import CachePlan
     from fastkd.store import load_blocks
 
     seq_len, k, temperature = 160, 4, 2.0  # two chats fit in a row
@@ -135,8 +137,9 @@ def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alon
 
 
 def test_a_run_whose_data_options_differ_from_the_caches_is_refused(assets, tmp_path, capsys):
-    from fastkd.cache import CachePlan, cache_teacher
+    from fastkd.cache_teacher import cache_teacher
     from fastkd.cli import main
+    from fastkd.plans import CachePlan
 
     cache = tmp_path / "cache"
     cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[assets["data"]], out=str(cache),

@@ -17,9 +17,11 @@ import pytest
 import torch
 from _trainer_fixtures import build_tokenizer, save_llama, write_data
 
+from fastkd.checkpoint import latest_checkpoint
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.demo import run_demo
-from fastkd.trainer import DistillConfig, latest_checkpoint, run_distillation
+from fastkd.trainer import run_distillation
 
 ROWS = ["teacher", "distilled student", "hard-label student (same budget)",
         "distilled student, int8 dynamic"]
@@ -246,7 +248,7 @@ def test_loss_options_are_typed_once():
     configs). A new loss option is one field, plus its help if a trainer's user sets it."""
     import dataclasses
 
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
     from fastkd.options import NAMES, TRAINER_OPTIONS, DistillOptions
 
     set_by_trainers = {"ignore_index", "reduction", "student_softcap", "teacher_softcap",
@@ -267,7 +269,7 @@ def test_loss_options_are_typed_once():
 
 
 def test_cache_teacher_help_gives_every_option_its_help_and_default(capsys):
-    from fastkd.cache import CachePlan
+    from fastkd.plans import CachePlan
 
     with pytest.raises(SystemExit):
         main(["cache-teacher", "--help"])

@@ -252,7 +252,7 @@ def test_module_and_components():
     kw = dict(temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4)
     crit = fastkd.FusedDistillLoss(**kw, return_components=True)
     out = crit(**inputs)
-    loss, ce, kd = out  # three, as before the entropy came
+    loss, ce, kd = out  # unpacks to three; the entropy is an attribute only
     assert (out.loss, out.ce, out.kd) == (loss, ce, kd) and len(out) == 3
     assert not ce.requires_grad and not kd.requires_grad and loss.requires_grad
     assert not out.entropy.requires_grad

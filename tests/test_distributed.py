@@ -37,8 +37,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fastkd import distributed
-from fastkd.cache import CachePlan, cache_teacher
-from fastkd.trainer import DistillConfig, latest_checkpoint, run_distillation
+from fastkd.cache_teacher import cache_teacher
+from fastkd.checkpoint import latest_checkpoint
+from fastkd.config import DistillConfig
+from fastkd.plans import CachePlan
+from fastkd.trainer import run_distillation
 
 TESTS = Path(__file__).parent
 # 4 optimizer steps of 2 micro-batches of 4 sequences (2 per rank); clip 0.05 < every step's

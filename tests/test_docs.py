@@ -9,9 +9,10 @@ run here says why, visibly in the Markdown source: `<!-- not run: REASON -->`; i
 compiled, and such blocks must stay few (MAX_NOT_RUN).
 
 Every ```bash block is read for commands: each `fastkd SUBCOMMAND ...` (also `torchrun ... -m
-fastkd ...`) and `python -m bench ...` line is parsed by the real parser (fastkd.cli.build_parser,
-bench's parse_args), every `--flag` must be one of its options spelled in full, and every `*.py`
-path must exist. The two commands of the README are pinned: .ci/run and users depend on them."""
+fastkd ...`) and `python -m bench ...` line is parsed by the real parser
+(fastkd.cli_parser.build_parser, bench's parse_args), every `--flag` must be one of its options
+spelled in full, and every `*.py` path must exist. The two commands of the README are pinned:
+.ci/run and users depend on them."""
 
 from __future__ import annotations
 
@@ -263,7 +264,8 @@ def check_routed_trained(ns, assets):
 def setup_cache_trainer(assets, tmp_path):
     """A top-8 teacher cache at ./CACHE_DIR (the block runs in tmp_path), as `fastkd
     cache-teacher` writes it."""
-    from fastkd.cache import CachePlan, cache_teacher
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[str(assets["data"])],
                             out=str(tmp_path / "CACHE_DIR"), mode="topk", k=8, temperature=2.0,
@@ -432,7 +434,7 @@ def invocation(words: list[str]) -> tuple[str, list[str]] | None:
 
 def fastkd_options(subcommand: str) -> dict:
     """The subcommand's options, each spelling to its argparse action."""
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert subcommand in sub.choices, f"fastkd has no subcommand {subcommand!r}"
@@ -461,7 +463,7 @@ def fill_placeholders(args: list[str], actions: dict) -> list[str]:
 
 
 def check_fastkd(args: list[str], where: str) -> None:
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
 
     subcommand, rest = args[0], args[1:]
     options = fastkd_options(subcommand)

@@ -42,8 +42,8 @@ from fastkd.integrations.trl import (  # noqa: E402
     fused_divergence_loss,
     gkd_options,
     server_sparse_targets,
-    trl_logit_scale,
 )
+from fastkd.models import logit_scale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BETAS = (0.0, 0.1, 0.5, 1.0)
@@ -147,15 +147,15 @@ def test_fused_divergence_loss_equals_trl_objective_fp64(beta):
         fused_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, options=opts)
 
 
-def test_trl_logit_scale_reads_the_configs_as_trl():
+def test_logit_scale_reads_the_configs_as_trl():
     from types import SimpleNamespace as C
 
-    assert trl_logit_scale(C()) == 1.0
-    assert trl_logit_scale(C(logit_scale=0.25, logits_scaling=8.0)) == 0.25
-    assert trl_logit_scale(C(logit_scale=None, output_multiplier=3.0)) == 3.0
-    assert trl_logit_scale(C(lm_head_multiplier=2.0)) == 2.0
-    assert trl_logit_scale(C(logits_scaling=8.0, model_type="granite")) == 0.125
-    assert trl_logit_scale(C(logits_scaling=8.0, model_type="hyperclovax")) == 8.0
+    assert logit_scale(C()) == 1.0
+    assert logit_scale(C(logit_scale=0.25, logits_scaling=8.0)) == 0.25
+    assert logit_scale(C(logit_scale=None, output_multiplier=3.0)) == 3.0
+    assert logit_scale(C(lm_head_multiplier=2.0)) == 2.0
+    assert logit_scale(C(logits_scaling=8.0, model_type="granite")) == 0.125
+    assert logit_scale(C(logits_scaling=8.0, model_type="hyperclovax")) == 8.0
 
 
 # --- FusedDistillationTrainer against trl.DistillationTrainer --------------------------------

@@ -287,7 +287,7 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     is q_v - count_v / n, so its error over R caches has standard deviation
     sqrt(p_v (1 - p_v) / (n R)); every id must lie within 5 of those (a false alarm has
     probability < 1e-4 over all ids). Top-k with the same tail is off by far more."""
-    from fastkd.cache import sample_targets
+    from fastkd.cache_teacher import sample_targets
 
     g = torch.Generator().manual_seed(13)
     vocab, n_tok, samples, repeats, temperature = 40, 6, 16, 400, 1.5

@@ -1,5 +1,5 @@
 """The token store (fastkd.store, fastkd.prepare): the same rows, batch order and trained weights as
-the old in-memory path (tests/_reference_data.py), bit for bit; resume; a stale store prepared
+the in-memory reference path (tests/_reference_data.py), bit for bit; resume; a stale store prepared
 again; a kill -9 during preparation; two preparations at once; two torchrun ranks on one store;
 pre-tokenized data; worker processes; damaged stores; `cache-teacher` on a prepared store."""
 
@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 from fastkd import prepare, readers, tokens
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.data import Batches, Blocks
 from fastkd.readers import DataSpec
 from fastkd.store import StoreOptions, TokenStore, load_blocks, open_store
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.trainer import run_distillation
 
 TESTS = Path(__file__).parent
 SEQ_LEN = 64
@@ -60,7 +61,7 @@ def assert_same(got: Blocks, want: Blocks) -> None:
 
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("kind", ["text", "chat", "prompt-completion", "mixed"])
-def test_rows_and_batch_order_equal_the_old_in_memory_path(assets, tmp_path, kind, packing):
+def test_rows_and_batch_order_equal_the_in_memory_reference(assets, tmp_path, kind, packing):
     paths = assets.data[kind]
     old_train, old_held = reference.load_blocks(paths, assets.tokenizer, SEQ_LEN, 0.1,
                                                 packing=packing)
@@ -98,14 +99,14 @@ def untimed(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_trained_weights_equal_the_old_path_and_a_resume_maps_the_store(assets, tmp_path,
+def test_trained_weights_equal_the_in_memory_reference_and_a_resume_maps_the_store(assets, tmp_path,
                                                                         monkeypatch, packing):
     import fastkd.loop
     import fastkd.trainer
 
     data = assets.data["mixed"]
     new = _train(assets, tmp_path / "new", data, packing=packing)
-    with monkeypatch.context() as patch:  # the old path: rows in memory, the old batches
+    with monkeypatch.context() as patch:  # the reference path: rows in memory, its batches
         patch.setattr(fastkd.trainer, "load_blocks", lambda paths, tokenizer, seq_len, fraction,
                       packing, utf8_errors, options: reference.load_blocks(
                           paths, tokenizer, seq_len, fraction, packing=packing,

@@ -19,17 +19,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastkd import reference
-from fastkd.batch_loss import StudentLoss, TeacherForward
+from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss
+from fastkd.checkpoint import latest_checkpoint
+from fastkd.config import DistillConfig
+from fastkd.models import lm_head, load_teacher
 from fastkd.options import DistillOptions
 from fastkd.store import load_blocks
-from fastkd.trainer import (
-    DistillConfig,
-    batch_loss,
-    latest_checkpoint,
-    lm_head,
-    load_teacher,
-    run_distillation,
-)
+from fastkd.trainer import run_distillation
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +259,7 @@ def fused_and_spec(student: StudentLoss, teacher: TeacherForward, batch, params:
 
 def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """`fused_and_spec`'s gradients on 3 sequences, the trainer's teacher."""
-    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
+    teacher = load_teacher(str(assets.teacher), "auto", torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
     train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
     student = StudentLoss(lm_head(model, "student"), DistillOptions(temperature=2.0,
@@ -303,8 +299,7 @@ def test_padded_vocab_and_bf16_teacher(assets, tmp_path):
 
 
 def test_teacher_is_frozen(assets, tmp_path):
-    teacher = load_teacher(make_config(assets, tmp_path / "unused", teacher_dtype="bfloat16"),
-                           torch.device("cpu"))
+    teacher = load_teacher(str(assets.teacher), "bfloat16", torch.device("cpu"))
     assert not teacher.model.training
     assert all(not p.requires_grad for p in teacher.model.parameters())
     assert teacher.weight.dtype == torch.bfloat16
@@ -368,7 +363,7 @@ def test_heads_that_scale_logits_train_with_their_scales(assets, tmp_path):
         teacher=str(save_llama(tmp_path / "granite", assets.tokenizer, arch="granite", seed=6,
                                logits_scaling=4.0, **kw)))
     cpu = torch.device("cpu")
-    teacher = TeacherForward(load_teacher(config, cpu))
+    teacher = TeacherForward(load_teacher(config.teacher, config.teacher_dtype, cpu))
     train, _ = load_blocks(assets.data, assets.tokenizer, seq_len=32, eval_fraction=0.1)
     phase = _setup(config, None, teacher, assets.tokenizer, train, cpu)
     opts = phase.student.opts
@@ -684,7 +679,7 @@ def test_out_holding_a_model_or_anything_else_is_refused_and_left_as_it_was(asse
 
 def test_resume_of_a_finished_run_changes_nothing(straight_run, tmp_path, caplog, capsys):
     """--resume on a complete run says so, with how to train its student further, and neither
-    runs nor rewrites anything (the report's throughput was measured again before)."""
+    runs, measures (the report's throughput) nor rewrites anything."""
     from fastkd.cli import main
 
     config, straight = straight_run

@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from fastkd.mixture import check_mixture_size
-from fastkd.models import LMHead, from_pretrained, head_weight_and_bias, lm_head
+from fastkd.models import LMHead, head_weight_and_bias, lm_head, load_teacher
 from fastkd.teachers import TeacherHead
 
 __all__ = ["TEACHER_ID", "RoutedCollator", "TeacherRouting", "check_datasets", "check_mixable",
@@ -206,19 +205,11 @@ class RoutedCollator:
 
 
 def load_teachers(sources: list, routing: TeacherRouting, device, dtype) -> list:
-    """The teachers as `FusedKDTrainer` holds its one: loaded (a path or hub id), on `device`, in
-    `dtype` (None: their own), frozen, in eval mode, and checked by `fastkd.models.lm_head`'s
-    probe, each error naming the teacher."""
-    models = []
-    for k, source in enumerate(sources):
-        role = routing.label(k)
-        if isinstance(source, str):
-            source = from_pretrained(AutoModelForCausalLM, source, role)
-        source = source.to(device=device, dtype=dtype)
-        source.eval().requires_grad_(False)
-        lm_head(source, role)
-        models.append(source)
-    return models
+    """The teachers as `FusedKDTrainer` holds its one (`fastkd.models.load_teacher`): loaded (a
+    path or hub id), on `device`, in `dtype`, frozen, in eval mode, each error naming the
+    teacher."""
+    return [load_teacher(source, dtype, device, role=routing.label(k)).model
+            for k, source in enumerate(sources)]
 
 
 def check_mixable(routing: TeacherRouting, student_vocab: int, heads: list) -> None:

@@ -6,8 +6,7 @@
                              distill_options=fastkd.DistillOptions(temperature=2.0))
     trainer.train()
 
-(`DistillationTrainer`, its former name, which clashed with `trl.DistillationTrainer`, still
-imports, with a FutureWarning.) With no teacher model it trains from a teacher cache
+With no teacher model it trains from a teacher cache
 (`fastkd cache-teacher`): `fastkd.integrations.cache.CacheDataset` and `cache_collator` give
 batches that carry the cached targets, and the loss is the sparse one (`fused_sparse_lm_loss`).
 
@@ -44,7 +43,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fastkd import reference
+from fastkd.checks import choice
 from fastkd.integrations.cache import CACHE_COLUMNS
 from fastkd.integrations.multi_teacher import (
     TEACHER_ID,
@@ -56,13 +55,14 @@ from fastkd.integrations.multi_teacher import (
     teachers_at,
 )
 from fastkd.loss import dense_loss, sparse_loss
-from fastkd.models import from_pretrained, head_weight_and_bias, lm_head, with_heads
+from fastkd.models import head_weight_and_bias, lm_head, load_teacher, with_heads
 from fastkd.multi_teacher import multi_teacher_loss
 from fastkd.options import DistillOptions
+from fastkd.plans import TEACHER_DTYPES
 
 try:
     from accelerate.utils import extract_model_from_parallel
-    from transformers import AutoModelForCausalLM, Trainer
+    from transformers import Trainer
 except ImportError as err:  # transformers.Trainer needs accelerate
     raise ImportError(
         f"fastkd.integrations.transformers needs transformers' Trainer and accelerate ({err}): "
@@ -71,8 +71,6 @@ except ImportError as err:  # transformers.Trainer needs accelerate
 
 __all__ = ["FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss", "model_inputs",
            "output_layer", "shifted_labels"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -261,14 +259,14 @@ class FusedKDTrainer(Trainer):
     own forward).
 
     teacher_model: a causal LM (or a path / hub id) sharing the student's tokenizer; it is moved to
-    the student's device, put in eval mode without gradients, and cast to teacher_dtype ("bfloat16",
-    torch.bfloat16, ...; None keeps its dtype). It is not wrapped by accelerate: each process holds
-    the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
+    the student's device, frozen and cast to teacher_dtype ("bfloat16", torch.bfloat16, ...; None
+    keeps its dtype: `fastkd.models.load_teacher`). It is not wrapped by accelerate: each process
+    holds the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
 
     teacher_model=None: from a teacher cache, no teacher loaded: train_dataset must be a
     `fastkd.integrations.cache.CacheDataset` (with `cache_collator`), whose batches carry the
     cached targets (teacher_ids, teacher_logprobs), and the loss is `fused_sparse_lm_loss` with
-    cache_tail (default: "ignore" for a sampled cache, "bucket" for a top-k one);
+    cache_tail (default: the cache's own, `fastkd.cache.default_tail`);
     distill_options.temperature must be the cache's.
 
     Every input the collator gives (input_ids, attention_mask, position_ids, ...) goes to both
@@ -304,10 +302,7 @@ class FusedKDTrainer(Trainer):
             raise TypeError(f"distill_options must be a fastkd.DistillOptions, got "
                             f"{type(opts).__name__}")
         if isinstance(teacher_dtype, str):
-            if teacher_dtype not in _DTYPES:
-                raise ValueError(f"teacher_dtype must be one of {sorted(_DTYPES)} or a "
-                                 f"torch.dtype, got {teacher_dtype!r}")
-            teacher_dtype = _DTYPES[teacher_dtype]
+            choice("teacher_dtype", teacher_dtype, TEACHER_DTYPES)
         elif teacher_dtype is not None and not isinstance(teacher_dtype, torch.dtype):
             raise TypeError(f"teacher_dtype must be a str, torch.dtype or None, got "
                             f"{type(teacher_dtype).__name__}")
@@ -351,12 +346,8 @@ class FusedKDTrainer(Trainer):
             if self.teacher_routing.routed:
                 self.data_collator = RoutedCollator(self.data_collator, self.teacher_routing)
             return
-        if isinstance(teacher_model, str):
-            teacher_model = from_pretrained(AutoModelForCausalLM, teacher_model, "teacher")
-        teacher_model = teacher_model.to(device=self.args.device, dtype=teacher_dtype)
-        teacher_model.eval().requires_grad_(False)
-        teacher = lm_head(teacher_model, "teacher")
-        self.teacher_model = teacher_model
+        teacher = load_teacher(teacher_model, teacher_dtype, self.args.device)
+        self.teacher_model = teacher.model
         self.distill_options = with_heads(dataclasses.replace(opts, reduction="sum"), student,
                                           teacher)
 
@@ -434,6 +425,7 @@ class FusedKDTrainer(Trainer):
 
 def _cache_tail(dataset, opts: DistillOptions, tail: str | None) -> str:
     """The sparse loss's tail for training from a cache, whose temperature must be the run's."""
+    from fastkd.cache import sparse_tail
     from fastkd.integrations.cache import CacheDataset
 
     if not isinstance(dataset, CacheDataset):
@@ -445,26 +437,5 @@ def _cache_tail(dataset, opts: DistillOptions, tail: str | None) -> str:
         raise ValueError(f"distill_options.temperature is {opts.temperature}, the cache "
                          f"{dataset.dir}'s is {dataset.temperature}: its log-probabilities are "
                          "at that temperature")
-    tail = tail or dataset.tail
-    if tail not in reference.SPARSE_TAILS:
-        raise ValueError(f"cache_tail must be one of {reference.SPARSE_TAILS}, got {tail!r}")
-    if tail == "ignore" and opts.divergence != "forward_kl":
-        raise ValueError(f"cache_tail 'ignore' (sampled targets) supports divergence="
-                         f"'forward_kl' only, got {opts.divergence!r}")
-    return tail
+    return sparse_tail(tail, dataset.manifest["mode"], opts.divergence)
 
-
-_warned_old_name = False
-
-
-def __getattr__(name: str):
-    # The former name, which clashed with trl.DistillationTrainer (a different signature)
-    global _warned_old_name
-    if name == "DistillationTrainer":
-        if not _warned_old_name:
-            _warned_old_name = True
-            warnings.warn("fastkd.integrations.transformers.DistillationTrainer is renamed "
-                          "FusedKDTrainer (the old name clashes with trl.DistillationTrainer); "
-                          "it will be removed", FutureWarning, stacklevel=2)
-        return FusedKDTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

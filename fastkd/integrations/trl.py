@@ -94,7 +94,6 @@ __all__ = [
     "fused_divergence_loss",
     "gkd_options",
     "server_sparse_targets",
-    "trl_logit_scale",
 ]
 
 IGNORE_INDEX = -100  # TRL's label mask
@@ -114,11 +113,6 @@ def gkd_options(beta: float, temperature: float = 1.0) -> DistillOptions:
         divergence=divergence, beta=beta if divergence == "jsd" else 0.5,
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
-
-
-# The factor TRL 1.16's DistillationTrainer multiplies a model's logits by (before the softcap),
-# from its text config: the one reader, fastkd.models.logit_scale, under its former name here.
-trl_logit_scale = logit_scale
 
 
 def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
