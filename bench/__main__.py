@@ -119,6 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the rows of --out's results.json (same device and dtype) that this "
                         "run does not re-measure: one results folder from several shorter runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multi-teacher", action="store_true",
+                   help="run the multi-teacher case instead (bench/multi_teacher.py: K routed "
+                        "teachers against one, a mixture against the floor; takes --device, "
+                        "--dtype, --quick, --seed, --out)")
     args = p.parse_args(argv)
     try:
         args.preset = _names(args.preset, list(PRESETS), "preset")
@@ -193,6 +197,10 @@ def default_out(slug: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     _keep_kernels_folder_off_path()
     args = parse_args(argv)
+    if args.multi_teacher:
+        from bench import multi_teacher
+
+        return multi_teacher.main(args)
     settings = settings_from(args)
     out = args.out or default_out(device_info(settings.device)["slug"])
     earlier = _earlier_run(out, settings) if args.merge else None

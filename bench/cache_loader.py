@@ -48,10 +48,11 @@ def main(argv=None) -> int:
         TrainingArguments,
     )
 
-    from fastkd.cache import CachePlan, cache_teacher
+    from fastkd.cache_teacher import cache_teacher
     from fastkd.integrations.cache import CacheDataset, cache_collator
     from fastkd.integrations.transformers import FusedKDTrainer
     from fastkd.options import DistillOptions
+    from fastkd.plans import CachePlan
 
     class StepTimes(TrainerCallback):
         """compute: on_step_begin (the batch is in hand) to on_step_end; wall: from one step's
@@ -130,7 +131,8 @@ def distill_waits(root: Path, data: Path, prefetch: bool, steps: int) -> dict:
     import threading
 
     from fastkd import cache, loop
-    from fastkd.trainer import DistillConfig, run_distillation
+    from fastkd.config import DistillConfig
+    from fastkd.trainer import run_distillation
 
     waits: list[float] = []
     direct_load, prefetch_load, make = cache.CacheRows.load, cache.Prefetch.load, loop.Prefetch

@@ -6,10 +6,10 @@
 A tiny Llama with a 128256-row head over a 128256-word tokenizer (a WordLevel vocabulary built
 here with `tokenizers`), its head scaled so that its entropy is a real LM's (~2.6 nats at T = 1,
 ~12 distinct ids in 32 draws), runs over Zipf-distributed words. Each cache is written by
-`fastkd.cache.cache_teacher`; bytes per counted position count every file in the cache directory
-(manifest and input ids included). The KL is KL(p || p~) between the exact top-64 distribution
-(fp32, with its rest bucket) and the stored one, per counted position, averaged. CPU only; nothing
-is downloaded.
+`fastkd.cache_teacher.cache_teacher`; bytes per counted position count every file in the cache
+directory (manifest and input ids included). The KL is KL(p || p~) between the exact top-64
+distribution (fp32, with its rest bucket) and the stored one, per counted position, averaged. CPU
+only; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def stored_vs_exact(cache_dir: Path, teacher: Path, sequences: int) -> dict:
     from fastkd.models import load_lm
 
     cache = TeacherCache(cache_dir)
-    batch = cache.blocks("train").select(torch.arange(sequences))
+    batch = cache.rows("train").take(torch.arange(sequences))
     ids, lp = batch.targets.load()
     counted = batch.attention_mask[:, 1:].bool()
     model = load_lm(str(teacher), "teacher", torch.float32, torch.device("cpu"))
@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sequences", type=int, default=64, help="packed sequences (128 tokens)")
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seq_len = 128
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
             if kw["mode"] == "topk":
                 row.update(stored_vs_exact(out, root / "teacher", 16))
             else:
-                batch = cache.blocks("train").select(torch.arange(16))
+                batch = cache.rows("train").take(torch.arange(16))
                 ids, _ = batch.targets.load()
                 counted = batch.attention_mask[:, 1:].bool()
                 row["distinct_ids_mean"] = float((ids >= 0).sum(-1)[counted].float().mean())

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import triton
-from fastkd.kernels import distill as kernel
+from fastkd.kernels import dense as kernel
 from triton.testing import do_bench
 
 import fastkd
@@ -121,7 +121,7 @@ def breakdown(step, dev: torch.device, iters: int = 3) -> dict:
     classes: dict[str, float] = defaultdict(float)
     for name, ms in per_kernel.items():
         low = name.lower()
-        cls = ("row kernel" if "distill_rows" in low
+        cls = ("row kernel" if "dense_rows" in low
                else "gemm" if any(k in low for k in GEMM_NAMES) else "other")
         classes[cls] += ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
@@ -188,7 +188,7 @@ def row_kernel_sweep(dev: torch.device, configs, log, n: int = 1024, vocab: int 
     rows = []
     for block_v, warps in configs:
         def call(block_v=block_v, warps=warps):
-            kernel.distill_rows(s, t, labels, scale, out, opts, True, block_v=block_v,
+            kernel.dense_rows(s, t, labels, scale, out, opts, True, block_v=block_v,
                                 num_warps=warps)
         call()
         r = bench(call, dev, rep_ms=100)

@@ -45,7 +45,7 @@ if [ "$INSTALL" = 1 ] && ! python3 -m pip install -q --no-deps --no-build-isolat
     && cp -r kernels /tmp/fastkd_src/fastkd/kernels
   export PYTHONPATH=/tmp/fastkd_src${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import fastkd, fastkd.kernels.distill; print('fastkd', fastkd.__version__, \
+python3 -c "import fastkd, fastkd.kernels.dense; print('fastkd', fastkd.__version__, \
 fastkd.__file__)" || exit 1
 python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|trl|transformers|torch|triton) " \
   || true
@@ -55,7 +55,7 @@ if [[ $STEPS == *tests* ]]; then
   # pytest-xdist (in the GPU image) spreads the tests, and so the kernels' compilation, over CPUs
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-6}")
   FASTKD_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout $(( $(left) / 3 )) \
-    python3 -m pytest -q -p no:cacheprovider ${workers:-} tests/test_distill.py \
+    python3 -m pytest -q -p no:cacheprovider ${workers:-} tests/test_dense.py \
     tests/test_loss_api.py tests/test_sparse.py -k "not hopper" --junitxml="$OUT/pytest_cuda.xml" "$@"
   echo "pytest exit $?"
   pack

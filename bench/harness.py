@@ -178,7 +178,7 @@ def make_inputs(problem: Problem, seed: int) -> Inputs:
 def sparse_targets(x: Inputs, opts: DistillOptions, k: int) -> dict:
     """The teacher's top-k (ids int32, log softmax(t / T) there in the inputs' dtype), as
     `fastkd cache-teacher` stores them, over the shared ids; in row blocks (never N x V)."""
-    from fastkd.cache import topk_targets
+    from fastkd.cache_teacher import topk_targets
 
     shared = min(x.w_s.shape[0], x.w_t.shape[0])
     rows = max(1, 2**26 // shared)

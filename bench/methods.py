@@ -121,10 +121,8 @@ def _never(problem: Problem) -> str | None:
 def _build_fastkd(problem: Problem, backend: str = "auto") -> LossFn:
     opts = problem.opts
     if problem.case.sparse_k is not None:
-        from fastkd.sparse import sparse_distill
-
-        return lambda x: sparse_distill(x.h_s, x.w_s, x.ids, x.logprobs, x.labels, opts,
-                                        backend=backend)
+        return lambda x: fastkd.sparse_distill(x.h_s, x.w_s, x.ids, x.logprobs, x.labels, opts,
+                                               backend=backend)
     return lambda x: fastkd.distill(x.h_s, x.w_s, x.h_t, x.w_t, x.labels, opts, backend=backend)
 
 

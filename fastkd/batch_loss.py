@@ -5,7 +5,7 @@ or against the teacher's cached targets.
 forward is where FSDP gathers the parameters, so the fused loss, which needs the LM head's whole
 weight, runs inside it. The student's loss never sees full logits: the fused loss takes the base
 model's last hidden states and the LM head's weight, `(B, L-1, D) x (V, D)`, and streams over the
-vocabulary (fastkd.loss); from a teacher cache, the sparse loss (fastkd.sparse) on the cached
+vocabulary (fastkd.loss); from a teacher cache, the sparse loss (fastkd.loss too) on the cached
 (id, log-probability) pairs.
 
 `batch_loss` feeds one batch of packed sequences (fastkd.data.Blocks, or fastkd.cache.CachedBlocks
@@ -19,43 +19,43 @@ from torch import nn
 
 from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.data import Blocks
-from fastkd.loss import distill
+from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import LMHead, head_weight_and_bias
 from fastkd.options import DistillOptions
 
 
 class StudentLoss(nn.Module):
-    """The student's forward and the fused loss on one batch, in one module.
+    """The student's forward and the fused loss on one batch, in one module, with the run's loss
+    settings: opts, backend and, training from a teacher cache, the sparse loss's tail.
 
     forward(inputs, labels (B, L-1), teacher=(h_t (B, L-1, D_t), w_t (V_t, D_t), b_t | None) or
-    None, cached=(ids, logprobs, tail) from a teacher cache (the sparse loss) or None) -> summed
-    (loss, ce, kd). inputs: the model's keyword inputs, `Blocks.model_inputs` (input_ids (B, L)
-    with attention_mask, or with position_ids for packed examples). teacher=None (hard labels
-    only, kd_weight=0): the student stands in as its own detached teacher, so the KD term,
-    weighted 0, adds nothing. The head's weight is looked up inside forward: under FSDP that is
-    the all-gathered full tensor (tied embeddings included), and its gradient flows back to the
+    None, cached=(ids, logprobs) from a teacher cache (the sparse loss) or None) -> summed (loss,
+    ce, kd). inputs: the model's keyword inputs, `Blocks.model_inputs` (input_ids (B, L) with
+    attention_mask, or with position_ids for packed examples). teacher=None (hard labels only,
+    kd_weight=0): the student stands in as its own detached teacher, so the KD term, weighted 0,
+    adds nothing. The head's weight is looked up inside forward: under FSDP that is the
+    all-gathered full tensor (tied embeddings included), and its gradient flows back to the
     shards through FSDP's reduce-scatter.
     """
 
-    def __init__(self, student: LMHead, opts: DistillOptions, backend: str):
+    def __init__(self, student: LMHead, opts: DistillOptions, backend: str,
+                 tail: str | None = None):
         super().__init__()
         self.model = student.model
-        self.opts, self.backend = opts, backend
+        self.opts, self.backend, self.tail = opts, backend, tail
 
     def forward(self, inputs, labels, teacher=None, cached=None):
         h_s = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         # The effective weight: W + (alpha / r) B @ A with a LoRA adapter on the output layer.
         w_s, b_s = head_weight_and_bias(self.model.get_output_embeddings())
-        if cached is not None:  # offline: (ids, logprobs, tail) from a teacher cache
-            from fastkd.sparse import sparse_distill
-
-            ids, logprobs, tail = cached
-            return sparse_distill(h_s, w_s, ids, logprobs, labels, self.opts, tail=tail,
-                                  student_bias=b_s, return_components=True, backend=self.backend)
+        if cached is not None:  # offline: (ids, logprobs) from a teacher cache
+            ids, logprobs = cached
+            return sparse_loss(h_s, w_s, ids, logprobs, labels, self.opts, tail=self.tail,
+                               student_bias=b_s, return_components=True, backend=self.backend)
         h_t, w_t, b_t = (h_s.detach(), w_s.detach(), b_s) if teacher is None else teacher
-        return distill(h_s, w_s, h_t, w_t, labels, self.opts, student_bias=b_s,
-                       teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                       backend=self.backend)
+        return dense_loss(h_s, w_s, h_t, w_t, labels, self.opts, student_bias=b_s,
+                          teacher_bias=None if b_t is None else b_t.detach(),
+                          return_components=True, backend=self.backend)
 
 
 class TeacherForward(nn.Module):
@@ -101,8 +101,7 @@ def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Bloc
     labels = batch.labels(DistillOptions.ignore_index).to(device, non_blocking=True)[:, 1:]
     if isinstance(batch, CachedBlocks):  # offline: the cached teacher targets, the sparse loss
         ids, logprobs = batch.targets.load() if prefetch is None else prefetch.load(batch.targets)
-        return student(inputs, labels,
-                       cached=(ids.to(device), logprobs.to(device), batch.targets.cache.tail))
+        return student(inputs, labels, cached=(ids.to(device), logprobs.to(device)))
     if teacher is None:
         return student(inputs, labels)
     with torch.no_grad():

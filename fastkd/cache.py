@@ -1,33 +1,18 @@
-"""The teacher cache: run the teacher once over the data, keep per counted next-token position its
-top-k ids with their log-probabilities, or the ids drawn from it with their counts, and distil
-from that with no teacher in memory (`fastkd.sparse`). On disk: `fastkd.cache_format` (the
-compact rows: `fastkd.codec`); written by `fastkd cache-teacher` (`cache_teacher`) or imported
-from a server's log-probabilities (`fastkd.cache_import`).
+"""Training from a teacher cache (`fastkd distill --teacher-cache`, written by `fastkd
+cache-teacher`: fastkd.cache_teacher, or `fastkd cache-import`): the student learns from the
+cached targets through the sparse loss, with no teacher in memory.
 
-The data are tokenized, packed and split exactly as `fastkd distill` does (`fastkd.data`); a
-position counts when its label is not ignore_index (`Blocks.labels`): padding (and, for chat
-data, prompts) store nothing. Modes: "topk" keeps the k most likely ids of log softmax(t / T)
-over the tokenizer's ids (a padded head's extra rows are never cached: the dense loss compares
-the shared ids only); "sample" draws `samples` ids from softmax(t / T) (seeded per sequence: a
-resumed cache, or one written by more processes, equals an uninterrupted one) and keeps the
-distinct ones with their counts, log(count / samples) being an unbiased estimate of the teacher
-(use the sparse loss's tail="ignore"). Per batch the teacher's logits are formed for batch x (L-1)
-positions only, never for the whole data. A teacher that gives a non-finite logit at a counted
-position is refused, naming the sequence.
-
-Under torchrun (WORLD_SIZE > 1) every rank loads the teacher and writes the shards j with
-j mod world = rank; shards are named by their sequence range, so a rerun with another number of
-processes resumes the same cache. A rerun (after Ctrl-C, kill -9 or a crash) keeps every shard
-already on disk that checks out (its own digest and the plan's) and writes the others; then, after
-a barrier, rank 0 writes the complete manifest.
+`TeacherCache` is a complete cache, checked when opened (fastkd.cache_reader) and against the run
+that trains from it. Its sequences stay on disk (`CachedRows`, as a token store's rows do): a
+process holds their index, and a batch reads its sequences when it is taken (`CachedBlocks`),
+their targets when they are loaded (`CacheRows`), which `Prefetch` does a step ahead on a
+background thread. The sparse loss's tail a run trains with is the cache's own
+(`default_tail`) unless the run names one (`sparse_tail`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,370 +20,53 @@ import torch
 
 from fastkd import reference
 from fastkd.cache_format import (
-    FORMAT,
-    SPLITS,
-    CacheReader,
-    ManifestCorrupt,
-    Rows,
-    check_shard,
     counted_positions,
-    plan_digest,
-    read_manifest,
-    shard_name,
-    write_manifest,
-    write_shard,
+    data_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
 )
-from fastkd.data import SPLIT_SEED, Blocks, check_packing, load_blocks
-from fastkd.fsio import sha256_file
-from fastkd.plans import CachePlan
-
-log = logging.getLogger("fastkd")
+from fastkd.cache_reader import CacheReader
+from fastkd.checks import choice
+from fastkd.data import Blocks, DiskRows
 
 
-# ---- the targets: top-k and sampled, from one chunk of teacher logits ------------------------
+def default_tail(mode: str) -> str:
+    """The sparse loss's tail that fits a cache's targets: "ignore" for sampled ones (the counts'
+    log(count / samples) estimate the teacher without bias, and the rest of the vocabulary is not
+    a mass to model), "bucket" for top-k ones (the rest of the teacher's mass in one bucket)."""
+    return "ignore" if mode == "sample" else "bucket"
 
 
-def topk_targets(logits: torch.Tensor, temperature: float, k: int):
-    """(ids int32, logprobs fp32), both (rows, k): the k most likely ids of softmax(logits / T)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, -1)
-    values, ids = logprobs.topk(min(k, logits.shape[-1]), -1)
-    if ids.shape[-1] < k:  # a vocabulary smaller than k: unused slots
-        pad = k - ids.shape[-1]
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], -1)
-        values = torch.cat([values, values.new_zeros(values.shape[0], pad)], -1)
-    return ids.int(), values
-
-
-def sample_counts(logits: torch.Tensor, temperature: float, samples: int, seed: int):
-    """(ids int64, counts int64), both (rows, samples), and n (rows,): `samples` draws per row
-    from softmax(logits / T) with a generator seeded by `seed`; the distinct ids drawn (in the
-    first n slots, by id) with their counts, the other slots -1 / 0."""
-    probs = torch.softmax(logits.float() / temperature, -1)
-    gen = torch.Generator(device=logits.device).manual_seed(seed)
-    draws = torch.multinomial(probs, samples, replacement=True, generator=gen).sort(-1).values
-    new = torch.ones_like(draws, dtype=torch.bool)
-    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    group = torch.cumsum(new, -1) - 1
-    counts = torch.zeros_like(draws).scatter_add_(-1, group, torch.ones_like(draws))
-    ids = torch.full_like(draws, -1).scatter_(-1, group, draws)
-    return ids, counts, new.sum(-1)
-
-
-def sample_targets(logits: torch.Tensor, temperature: float, samples: int, k: int, seed: int):
-    """(ids int32, logprobs fp32), both (rows, k): `sample_counts` as the sparse loss takes them,
-    log(count / samples) at the distinct ids drawn, the other slots unused (-1). E[count /
-    samples] = p: the sparse loss's "ignore" tail then has the dense forward-KL gradient as its
-    expectation."""
-    if samples > k:
-        raise ValueError(f"samples ({samples}) must be <= k ({k}): every distinct id drawn needs "
-                         "a slot")
-    ids, counts, _ = sample_counts(logits, temperature, samples, seed)
-    logprobs = torch.where(counts > 0, (counts.float() / samples).log(), 0.0)
-    pad = k - samples
-    return (torch.nn.functional.pad(ids, (0, pad), value=-1).int(),
-            torch.nn.functional.pad(logprobs, (0, pad)))
-
-
-# ---- fingerprints ----------------------------------------------------------------------------
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """sha256 of the vocabulary and special tokens (what makes ids mean the same), and its size."""
-    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
-    return {"sha256": hashlib.sha256(payload.encode()).hexdigest(), "size": len(tokenizer)}
-
-
-def data_fingerprint(paths: list[str]) -> list[dict]:
-    """Size and sha256 of each data file; of a directory (a saved dataset), of its files."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
-            out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
-                        "sha256": hashlib.sha256(listing.encode()).hexdigest()})
-        else:
-            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    return out
-
-
-def model_fingerprint(source: str) -> dict:
-    """What identifies a model without reading all of it: for a local directory the sha256 of its
-    config.json and, per weight file, its size and the sha256 of its first and last MiB (the
-    safetensors header and the first and last tensors); for a hub id, the id."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        return {"hub_id": source}
-    config = path / "config.json"
-    weights = []
-    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
-        size = file.stat().st_size
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-        weights.append([file.name, size, h.hexdigest()])
-    return {"config_sha256": sha256_file(config) if config.is_file() else None,
-            "weights": weights}
-
-
-def hash_seed(seed: int, sequence: int) -> int:
-    """A 63-bit seed per (run seed, sequence index)."""
-    digest = hashlib.sha256(f"fastkd-cache:{seed}:{sequence}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ---- the plan ----------------------------------------------------------------------------------
-
-
-def plan_manifest(plan: CachePlan, tokenizer, train: Blocks, heldout: Blocks) -> dict:
-    """The manifest of a new cache (no shards yet): what a resumed run must agree with."""
-    vocab = len(tokenizer)
-    compact = plan.layout == "compact"
-    manifest = {
-        "format": FORMAT, "teacher": plan.teacher,
-        "teacher_fingerprint": model_fingerprint(plan.teacher),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "vocab": vocab,
-        "temperature": plan.temperature, "mode": plan.mode, "k": plan.k, "samples": plan.samples,
-        "slots": min(plan.k if plan.mode == "topk" or not compact else plan.samples, vocab),
-        "layout": plan.layout,
-        "logprob_step": plan.logprob_step if compact and plan.mode == "topk" else None,
-        "dtype": None if compact else plan.dtype,
-        "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction,
-        "seed": plan.seed, "shard_sequences": plan.shard_sequences, "packing": plan.packing,
-        "utf8_errors": plan.utf8_errors, "data": data_fingerprint(plan.data),
-        "split": {"seed": SPLIT_SEED, "train": len(train), "heldout": len(heldout)},
-        "shards": [], "complete": False,
-    }
-    manifest["plan_sha256"] = plan_digest(manifest)
-    return manifest
-
-
-# ---- computing a shard -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def teacher_rows(plan: CachePlan, teacher, blocks: Blocks, split: str, first: int, offset: int,
-                 vocab: int, device) -> Rows:
-    """The targets of the counted positions of some packed sequences (split sequences first,
-    first + 1, ...). The logits are the head's first `vocab` rows (the tokenizer's ids), with
-    the head's logit scale and softcap (`reference.head_logits`: as the model's forward gives
-    them, so the student's sparse loss sees the teacher it would see online). Sequence
-    i's draws are seeded by (plan.seed, offset + first + i), so any shard can be recomputed alone,
-    identically."""
-    counted = counted_positions(blocks)
-    weight = teacher.weight[:vocab]
-    bias = None if teacher.bias is None else teacher.bias[:vocab]
-    ids, values, n = [], [], []
-    for b0 in range(0, len(blocks), plan.batch_size):
-        b1 = min(b0 + plan.batch_size, len(blocks))
-        h = teacher.hidden(**blocks.select(torch.arange(b0, b1)).model_inputs(device))[:, :-1]
-        logits = reference.head_logits(torch.nn.functional.linear(h, weight, bias).float(),
-                                       teacher.logit_scale, teacher.softcap)
-        for i in range(b1 - b0):
-            rows = logits[i][counted[b0 + i].to(device)]
-            finite = torch.isfinite(rows).all(-1)
-            if not bool(finite.all()):
-                position = int(torch.nonzero(counted[b0 + i])[int((~finite).nonzero()[0])])
-                raise ValueError(
-                    f"teacher {plan.teacher} gives non-finite logits (NaN or inf) on {split} "
-                    f"sequence {first + b0 + i}, position {position}: refusing to cache them; "
-                    "check the teacher (its dtype: --teacher-dtype float32) and the data")
-            if plan.mode == "topk":
-                row_ids, row_values = topk_targets(rows, plan.temperature, plan.k)
-                row_n = torch.full((len(rows),), min(plan.k, vocab))
-            else:
-                seed = hash_seed(plan.seed, offset + first + b0 + i)
-                row_ids, row_values, row_n = sample_counts(rows, plan.temperature,
-                                                           plan.samples, seed)
-            ids.append(row_ids.long().cpu())
-            values.append(row_values.cpu())
-            n.append(row_n.cpu())
-        del logits
-    width = min(plan.k if plan.mode == "topk" else plan.samples, vocab)
-    if not ids:
-        return Rows(torch.empty(0, width, dtype=torch.long), torch.empty(0, width),
-                    torch.empty(0, dtype=torch.long))
-    return Rows(torch.cat(ids)[:, :width], torch.cat(values)[:, :width], torch.cat(n))
-
-
-# ---- writing (and resuming) a cache, on one or several processes -------------------------------
-
-
-def _all_ranks(local):
-    """Every rank's `local` (a picklable value), in rank order."""
-    from fastkd import distributed  # (it imports the trainer's modules, which import this)
-
-    if not distributed.is_distributed():
-        return [local]
-    import torch.distributed as dist
-
-    gathered = [None] * distributed.world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
-
-
-def cache_teacher(plan: CachePlan) -> dict:
-    """Write (or resume) the teacher cache of `plan` under plan.out; returns the manifest.
-
-    Under torchrun every rank calls this: it joins the process group, writes its shards, and
-    leaves the group (barrier, then destroy) before returning."""
-    from fastkd import distributed
-
-    device = distributed.init(plan.device, plan.dist_timeout)
-    if device is None:
-        device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        manifest = _cache_teacher(plan, device)
-    except BaseException:
-        distributed.teardown(clean=False)
-        raise
-    distributed.teardown(clean=True)
-    return manifest
-
-
-def _cache_teacher(plan: CachePlan, device: torch.device) -> dict:
-    from fastkd.models import load_tokenizer
-
-    tokenizer = load_tokenizer(plan.tokenizer or plan.teacher)
-    train, heldout = load_blocks(plan.data, tokenizer, plan.seq_len, plan.eval_fraction,
-                                 packing=plan.packing, utf8_errors=plan.utf8_errors)
-    manifest = plan_manifest(plan, tokenizer, train, heldout)
-
-    def teacher_shards():  # only once a shard is to be written: the teacher
-        from fastkd.models import check_vocab, load_lm
-
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}.get(
-            plan.teacher_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        teacher = load_lm(plan.teacher, "teacher", dtype, device)
-        teacher.model.eval().requires_grad_(False)
-        check_vocab(tokenizer, teacher, "teacher")
-        if train.position_ids is not None:  # packed examples
-            check_packing(teacher.model, "teacher")
-        return lambda split, first, blocks, offset: teacher_rows(
-            plan, teacher, blocks, split, first, offset, manifest["vocab"], device)
-
-    return build_cache(Path(plan.out), manifest, {"train": train, "heldout": heldout},
-                       plan.shard_sequences, teacher_shards, plan.progress, "cache-teacher")
-
-
-def build_cache(out: Path, manifest: dict, splits: dict[str, Blocks], shard_sequences: int,
-                shard_rows, progress: bool, desc: str) -> dict:
-    """Write (or resume) the cache `manifest` describes under `out`, on every rank: each rank
-    checks or writes the shards j with j mod world = rank, then rank 0 writes the complete
-    manifest. shard_rows() -> rows(split, first, blocks, offset) -> Rows is called only when a
-    shard is to be written (offset: the split's first sequence in the whole data)."""
-    from fastkd import distributed
-
-    found = check_resume(out, manifest)
-    distributed.barrier()  # every rank has read the old manifest before rank 0 rewrites it
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # an interrupted write (the shard is redone)
-            stale.unlink()
-        write_manifest(out, dict(manifest))  # incomplete until every shard is checked
-    distributed.barrier()
-    jobs, offset = [], 0
-    for split in SPLITS:
-        for s0 in range(0, len(splits[split]), shard_sequences):
-            jobs.append((split, s0, min(s0 + shard_sequences, len(splits[split])), offset))
-        offset += len(splits[split])
-    mine = jobs[distributed.rank()::distributed.world_size()]
-    entries, error = [], None
-    try:
-        entries = _fill_shards(out, manifest, found, mine, splits, shard_rows, progress, desc)
-    except ValueError as err:  # bad input on this rank: every rank raises it, below
-        error = str(err)
-    results = _all_ranks((entries, error))
-    errors = [e for _, e in results if e is not None]
-    if errors:
-        raise ValueError(errors[0])
-    shards = sorted((e for got, _ in results for e in got),
-                    key=lambda e: (SPLITS.index(e["split"]), e["first"]))
-    manifest.update(shards=shards, complete=True,
-                    positions=sum(e["positions"] for e in shards),
-                    max_id=max((e["max_id"] for e in shards), default=-1),
-                    bytes=sum(e["bytes"] for e in shards))
-    if distributed.is_main():
-        write_manifest(out, manifest)
-    return manifest
-
-
-def check_resume(out: Path, manifest: dict) -> dict:
-    """The shards of a cache already in `out` made by the same plan (file -> entry), {} for a new
-    one; a different cache there is refused."""
-    if not (out / "manifest.json").is_file():
-        return {}
-    try:
-        found, version = read_manifest(out)
-    except ManifestCorrupt as err:  # fastkd writes it atomically: damaged since; every shard
-        log.warning("%s; rechecking the shards one by one", err)  # is rechecked
-        return {}
-    if version < 2:
-        raise ValueError(f"out: {out} holds a cache of format {found.get('format')}; choose "
-                         "another directory (old caches still read, but are not extended)")
-    differing = [key for key in manifest if key not in ("shards", "complete", "plan_sha256")
-                 and found.get(key) != manifest[key]]
-    if differing:
-        raise ValueError(f"out: {out} holds a different teacher cache (it differs in "
-                         f"{differing}); choose another directory")
-    return {e["file"]: e for e in found.get("shards", [])}
-
-
-def _fill_shards(out, manifest, found, jobs, splits, shard_rows, progress, desc) -> list:
-    """This rank's shards: each one on disk checked (its digest, the plan's and, where the
-    manifest lists it, its sha256) and kept, or computed and written."""
-    from tqdm import tqdm
-
-    from fastkd import distributed
-
-    entries, todo = [], []
-    for job in jobs:
-        split, s0, s1, _ = job
-        path = out / shard_name(split, s0, s1)
-        entry = check_shard(path, manifest["plan_sha256"]) if path.is_file() else None
-        listed = found.get(path.name)
-        if entry is not None and (listed is None or listed["sha256"] == entry["sha256"]):
-            entries.append(entry)
-        else:
-            if path.is_file():
-                log.warning("%s: %s does not check out (truncated or corrupted): writing it "
-                            "again", desc, path)
-            todo.append(job)
-    if not todo:
-        return entries
-    rows_of = shard_rows()
-    bar = tqdm(total=sum(s1 - s0 for _, s0, s1, _ in todo), unit="seq", desc=desc,
-               disable=not (progress and distributed.is_main()), dynamic_ncols=True)
-    for split, s0, s1, offset in todo:
-        blocks = splits[split].select(torch.arange(s0, s1))
-        rows = rows_of(split, s0, blocks, offset)
-        entries.append(write_shard(out, manifest, split, s0, blocks, rows, manifest["vocab"]))
-        bar.update(s1 - s0)
-    bar.close()
-    return entries
-
-
-# ---- reading -----------------------------------------------------------------------------------
+def sparse_tail(tail: str | None, mode: str, divergence: str) -> str:
+    """The tail a run trains with from a cache of `mode`: `tail` (cache_tail), else the cache's
+    own (`default_tail`); one of the sparse loss's tails, and "ignore" only with forward KL."""
+    tail = default_tail(mode) if tail is None else choice("cache_tail", tail,
+                                                          reference.SPARSE_TAILS)
+    if tail == "ignore" and divergence != "forward_kl":
+        raise ValueError(f"the cache's tail 'ignore' (sampled targets) supports "
+                         f"divergence='forward_kl' only, got {divergence!r}; choose "
+                         "cache_tail='bucket' or 'renormalize'")
+    return tail
 
 
 class TeacherCache(CacheReader):
     """A complete cache, checked when opened (`CacheReader`), as the trainer reads it."""
 
-    tail: str | None = None  # the sparse loss's tail a run trains with (open_for_run sets it)
-
     @property
     def k(self) -> int:
         return self.manifest["k"]
 
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    def rows(self, split: str) -> CachedRows:
+        """The split's packed sequences, on disk."""
+        return CachedRows(self, split)
+
     def blocks(self, split: str) -> CachedBlocks:
-        """The split's packed sequences, carrying the rows' cached targets."""
-        stored = self.split_blocks(split)  # every split holds >= 1 sequence (fastkd.data)
-        rows = CacheRows(self, split, torch.arange(self.manifest["split"][split]),
-                         counted_positions(Blocks(**stored)))
-        return CachedBlocks(**stored, targets=rows)
+        """Every sequence of the split in memory, with their targets (small caches, tests)."""
+        return self.rows(split).load()
 
     def bytes_per_position(self) -> float | None:
         """Every byte in the cache directory over the counted positions."""
@@ -430,6 +98,17 @@ class TeacherCache(CacheReader):
                                  f"cache's {[d['path'] for d in m['data']]} (sizes or sha256; "
                                  f"{self.dir})")
 
+    def check_options(self, **options) -> None:
+        """Refuse a run whose data options (packing, utf8_errors) differ from those the cache's
+        sequences were made with (where its manifest records them), naming the option, both
+        values and the cache."""
+        for name, value in options.items():
+            if name in self.manifest and self.manifest[name] != value:
+                raise ValueError(f"teacher_cache: the run's {name} is {value!r}, the cache's is "
+                                 f"{self.manifest[name]!r} ({self.dir}): its sequences were made "
+                                 f"with {name}={self.manifest[name]!r}; run with that, or build "
+                                 "another cache")
+
     def check_student(self, student: str, rows: int | None = None) -> None:
         """Refuse a student whose output layer has fewer rows than the cache's largest id + 1
         (rows: the student's, else read from its config)."""
@@ -448,8 +127,9 @@ class TeacherCache(CacheReader):
     def check_teacher(self, teacher: str) -> None:
         """A run that names a teacher besides the cache: it must be the cache's own teacher."""
         m = self.manifest
-        same = (model_fingerprint(teacher) == m["teacher_fingerprint"]
-                if "teacher_fingerprint" in m else
+        # no fingerprint, or one of partial weight hashes ("weights"): the teacher matched by path
+        fingerprinted = "weights" not in m.get("teacher_fingerprint", {"weights": None})
+        same = (model_fingerprint(teacher) == m["teacher_fingerprint"] if fingerprinted else
                 Path(teacher).expanduser().resolve() == Path(m["teacher"]).expanduser().resolve())
         if not same:
             raise ValueError(f"teacher_cache: {self.dir} was made from the teacher "
@@ -458,13 +138,37 @@ class TeacherCache(CacheReader):
                              "build a cache of that teacher")
 
 
+class CachedRows(DiskRows):
+    """The packed sequences of one split of a cache, on disk (`fastkd.data.DiskRows`): what a
+    process holds is their index. `take` reads the sequences asked for from their shards into a
+    `CachedBlocks`, whose targets are read when they are loaded."""
+
+    def __init__(self, cache: TeacherCache, split: str, index: torch.Tensor | None = None):
+        super().__init__(index)
+        self.cache, self.split = cache, split
+
+    @property
+    def total(self) -> int:
+        return self.cache.sequences(self.split)
+
+    @property
+    def packed(self) -> bool:
+        return self.cache.packed
+
+    def read(self, rows: torch.Tensor) -> CachedBlocks:
+        fields = self.cache.read_blocks(self.split, rows)
+        targets = CacheRows(self.cache, self.split, rows, counted_positions(Blocks(**fields)))
+        return CachedBlocks(**fields, targets=targets)
+
+
 @dataclass
 class CacheRows:
-    """Rows of one split of a cache, read lazily: `load()` gives (ids, logprobs) for them."""
+    """The targets of some sequences of one split of a cache, read lazily: `load()` gives
+    (ids, logprobs) for them."""
 
     cache: TeacherCache
     split: str
-    index: torch.Tensor
+    index: torch.Tensor  # the sequences, in the split
     counted: torch.Tensor  # (rows, L-1): the positions that carry targets
 
     def select(self, index: torch.Tensor) -> CacheRows:
@@ -472,6 +176,16 @@ class CacheRows:
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.targets(self.split, self.index, self.counted)
+
+
+@dataclass
+class CachedBlocks(Blocks):
+    """Packed sequences with their cached teacher targets (what `Batches` hands out)."""
+
+    targets: CacheRows | None = None
+
+    def select(self, index: torch.Tensor) -> CachedBlocks:
+        return dataclasses.replace(super().select(index), targets=self.targets.select(index))
 
 
 class Prefetch:
@@ -510,40 +224,3 @@ class Prefetch:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@dataclass
-class CachedBlocks(Blocks):
-    """Packed sequences with their cached teacher targets (what `Batches` hands out)."""
-
-    targets: CacheRows | None = None
-
-    def select(self, index: torch.Tensor) -> CachedBlocks:
-        return dataclasses.replace(super().select(index), targets=self.targets.select(index))
-
-
-# ---- training from a cache (the trainer's hooks) -----------------------------------------------
-
-
-def open_for_run(config, tokenizer) -> tuple[CachedBlocks, CachedBlocks, TeacherCache]:
-    """(train, held-out, cache) of a `DistillConfig` with teacher_cache: checked against the
-    run's tokenizer, seq_len, temperature, held-out fraction, data, student (the cache's largest
-    id) and teacher (if named: the cache's own); the tail chosen (config.cache_tail, else
-    "ignore" for sampled caches, "bucket" for top-k ones)."""
-    cache = TeacherCache(config.teacher_cache)
-    cache.check_run(tokenizer, config.seq_len, config.temperature, config.eval_fraction,
-                    config.data)
-    cache.check_student(config.student)
-    if config.teacher is not None:
-        cache.check_teacher(config.teacher)
-    cache.tail = config.cache_tail or ("ignore" if cache.manifest["mode"] == "sample"
-                                       else "bucket")
-    if cache.tail not in reference.SPARSE_TAILS:
-        raise ValueError(f"cache_tail must be one of {reference.SPARSE_TAILS}, got "
-                         f"{cache.tail!r}")
-    if cache.tail == "ignore" and config.divergence != "forward_kl":
-        raise ValueError(f"the cache's tail 'ignore' (sampled targets) supports "
-                         f"divergence='forward_kl' only, got {config.divergence!r}; choose "
-                         "cache_tail='bucket' or 'renormalize'")
-    return cache.blocks("train"), cache.blocks("heldout"), cache
-

@@ -1,4 +1,7 @@
-"""The teacher cache on disk (format fastkd-teacher-cache/2), and reading it.
+"""The teacher cache on disk (format fastkd-teacher-cache/2): its manifest and the fingerprints it
+records of the cache's inputs, its sequences and rows, writing and checking a shard, and where a
+cache may be written (`check_out`: a new or empty directory, or a cache). Reading a cache:
+fastkd.cache_reader; writing one: fastkd.cache_write.
 
     CACHE_DIR/manifest.json    what the cache is: its format, the plan (teacher and its fingerprint,
                                tokenizer hash, vocabulary, temperature, mode, k, samples, seq_len,
@@ -11,8 +14,8 @@
                                named by the range, not by who wrote them
 
 A shard's safetensors metadata repeats its split, range and the plan's digest, and holds the
-digest of its own tensors: a shard checks itself (resume) and against the manifest (when a cache
-is opened). Its tensors:
+digest of its own tensors: a shard checks itself (resume, and on the first read of its targets)
+and against the manifest (when a cache is opened). Its tensors:
 
     blocks.<field>             each `fastkd.data.Blocks` field: input ids in bit_width(V - 1) bits
                                an id, 0/1 fields (masks) in one bit, positions counting from 0
@@ -33,9 +36,9 @@ the file.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,9 +46,11 @@ import torch
 
 from fastkd import codec
 from fastkd.data import Blocks
-from fastkd.fsio import atomic_write, sha256_file
+from fastkd.fsio import LOCK, atomic_write, remembered_sha256, sha256_file
+from fastkd.fsio import json_sha256 as digest
 from fastkd.options import DistillOptions
 from fastkd.plans import DTYPE_NAMES
+from fastkd.readers import expand_data
 
 NAME = "fastkd-teacher-cache"
 VERSION = 2
@@ -62,16 +67,26 @@ class ManifestCorrupt(ValueError):
     """A manifest.json that does not parse or fails its checksum."""
 
 
-def _error(message: str) -> ValueError:
+def cache_error(message: str) -> ValueError:
     return ValueError(f"teacher_cache: {message}")
 
 
+def check_out(out: Path) -> None:
+    """Where a cache is written: a new or empty directory (a lock file aside), or a cache (its
+    manifest.json: resumed or rechecked). Anything else is refused, naming what it holds, so that
+    nothing of the user's is written over or deleted."""
+    if not out.is_dir() or (out / "manifest.json").is_file():
+        return  # absent (or a file in the way: fsio.check_writable names it)
+    held = sorted(name for name in os.listdir(out) if name != LOCK and not (
+        name.startswith(".") and name.endswith(".tmp")))  # a write a kill interrupted
+    if held:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise ValueError(f"out: {out} is not empty and holds no teacher cache (no "
+                         f"manifest.json): it holds {shown}; a cache goes into a new or empty "
+                         "directory, so that nothing in it is overwritten: choose another --out")
+
+
 # ---- the manifest ------------------------------------------------------------------------------
-
-
-def digest(obj) -> str:
-    """sha256 of a JSON value, keys sorted."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def plan_digest(manifest: dict) -> str:
@@ -87,14 +102,14 @@ def write_manifest(out: Path, manifest: dict) -> None:
 
 def format_version(value, path: Path) -> int:
     if not isinstance(value, str) or not value.startswith(f"{NAME}/"):
-        raise _error(f"{path} is not a fastkd teacher-cache manifest (format {value!r})")
+        raise cache_error(f"{path} is not a fastkd teacher-cache manifest (format {value!r})")
     try:
         version = int(value.split("/", 1)[1])
     except ValueError:
-        raise _error(f"{path}: unknown format {value!r}") from None
+        raise cache_error(f"{path}: unknown format {value!r}") from None
     if version > VERSION:
-        raise _error(f"{path} was written by a newer fastkd (format {value}); this version reads "
-                     f"formats up to {FORMAT}: upgrade fastkd")
+        raise cache_error(f"{path} was written by a newer fastkd (format {value}); this "
+                          f"version reads formats up to {FORMAT}: upgrade fastkd")
     return version
 
 
@@ -110,7 +125,7 @@ def read_manifest(directory: Path) -> tuple[dict, int]:
                               f"corrupted: {err}); rerun the command that wrote the cache"
                               ) from None
     if not isinstance(manifest, dict):
-        raise _error(f"{path} is not a fastkd teacher-cache manifest")
+        raise cache_error(f"{path} is not a fastkd teacher-cache manifest")
     version = format_version(manifest.get("format"), path)
     if version >= 2:
         want = digest({k: v for k, v in manifest.items() if k != "sha256"})
@@ -118,6 +133,45 @@ def read_manifest(directory: Path) -> tuple[dict, int]:
             raise ManifestCorrupt(f"teacher_cache: {path} is corrupted or was edited: its "
                                   "checksum does not match its content (sha256)")
     return manifest, version
+
+
+# ---- fingerprints: what the manifest records of the cache's inputs -----------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """sha256 of the vocabulary and special tokens (what makes ids mean the same), and its size."""
+    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+    return {"sha256": hashlib.sha256(payload.encode()).hexdigest(), "size": len(tokenizer)}
+
+
+def data_fingerprint(paths: list[str]) -> list[dict]:
+    """Size and sha256 of each data file the paths stand for (fastkd.readers.expand_data); of a
+    saved dataset, of its files."""
+    out = []
+    for p in expand_data(paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            listing = "".join(f"{f.relative_to(p)}\t{sha256_file(f)}\n" for f in files)
+            out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
+                        "sha256": hashlib.sha256(listing.encode()).hexdigest()})
+        else:
+            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+def model_fingerprint(source: str) -> dict:
+    """What identifies a model: for a local directory the sha256 of its config.json and, per
+    weight file, its size and the sha256 of its whole content (`fsio.remembered_sha256`: read
+    once per version of the file, so a rerun, or a run that names the teacher beside its cache,
+    reads no weights again; a file edited in place is read again); for a hub id, the id."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return {"hub_id": source}
+    config = path / "config.json"
+    weights = [[file.name, file.stat().st_size, remembered_sha256(file)]
+               for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])]
+    return {"config_sha256": sha256_file(config) if config.is_file() else None,
+            "weights_sha256": weights}
 
 
 # ---- the sequences (Blocks) --------------------------------------------------------------------
@@ -285,210 +339,3 @@ def row_layout(plan: dict) -> codec.Layout:
     if plan["mode"] == "sample":
         return codec.Layout("counts", plan["vocab"], samples=plan["samples"])
     return codec.Layout("logprobs", plan["vocab"], step=plan["logprob_step"])
-
-
-# ---- reading -----------------------------------------------------------------------------------
-
-
-class Shard:
-    """One shard, memory-mapped (safetensors): its sequences and, for any of them, their targets
-    as the sparse loss takes them."""
-
-    def __init__(self, path: Path, entry: dict, manifest: dict, version: int):
-        from safetensors import safe_open
-
-        self.path, self.entry, self.version = path, entry, version
-        self.manifest = manifest
-        try:
-            self.handle = safe_open(str(path), framework="pt")
-            self.meta = shard_meta(self.handle)
-            names = set(self.handle.keys())
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise _error(f"shard {path} is unreadable ({err}); delete it and rerun the command "
-                         "that wrote the cache") from err
-        self.layout = "fixed" if version == 1 else manifest["layout"]
-        need = {"ids", "logprobs"} if self.layout == "fixed" else {
-            "fixed", "unary", "fixed_offsets", "unary_offsets"}
-        need |= {"input_ids", "attention_mask"} if version == 1 else {"blocks.input_ids"}
-        if not need <= names:
-            raise _error(f"shard {path} lacks {sorted(need - names)}")
-        if version >= 2:
-            for key, want in (("split", entry["split"]), ("first", entry["first"]),
-                              ("end", entry["first"] + entry["rows"]),
-                              ("plan_sha256", manifest["plan_sha256"])):
-                if self.meta.get(key) != want:
-                    raise _error(f"shard {path} does not belong where the manifest puts it (its "
-                                 f"{key} is {self.meta.get(key)!r}, the manifest says {want!r})")
-        rows = self._blocks_field("input_ids").shape[0] if version >= 2 else (
-            self.handle.get_slice("ids").get_shape()[0])
-        if rows != entry["rows"]:
-            raise _error(f"shard {path} holds {rows} rows, the manifest says {entry['rows']}")
-        if self.layout == "compact":
-            self.fixed_offsets = self.handle.get_tensor("fixed_offsets")
-            self.unary_offsets = self.handle.get_tensor("unary_offsets")
-            self.sizes = self.handle.get_tensor("sizes").long() if "sizes" in names else None
-            if len(self.fixed_offsets) != rows + 1 or len(self.unary_offsets) != rows + 1:
-                raise _error(f"shard {path}: its offsets do not cover its {rows} sequences")
-
-    def _blocks_field(self, name: str) -> torch.Tensor:
-        return self.handle.get_slice(f"blocks.{name}")[:]
-
-    def blocks(self) -> dict[str, torch.Tensor]:
-        """The shard's Blocks fields, (rows, L) int64 each."""
-        if self.version == 1:
-            return {"input_ids": self.handle.get_tensor("input_ids").long(),
-                    "attention_mask": self.handle.get_tensor("attention_mask").long()}
-        encodings = self.meta["blocks"]
-        return {name: decode_block_field(self._blocks_field(name), *encodings[name])
-                for name in encodings}
-
-    def targets(self, local: list[int], counted: torch.Tensor, width: int):
-        """(ids int32, logprobs float32), (len(local), L-1, width), for the shard's sequences
-        `local`, whose counted positions are `counted` (len(local), L-1)."""
-        if self.layout == "fixed":
-            ids = torch.cat([self.handle.get_slice("ids")[i:i + 1] for i in local])
-            lp = torch.cat([self.handle.get_slice("logprobs")[i:i + 1] for i in local])
-            return ids, lp
-        seq_rows = counted.sum(1)
-        fixed = self._streams("fixed", self.fixed_offsets, local)
-        unary = self._streams("unary", self.unary_offsets, local)
-        if self.sizes is None:
-            n = torch.full((int(seq_rows.sum()),), width, dtype=torch.long)
-        else:
-            row_offsets = self._row_offsets()
-            n = torch.cat([self.sizes[row_offsets[i]:row_offsets[i + 1]] for i in local]
-                          ) if local else torch.empty(0, dtype=torch.long)
-        try:
-            ids_rows, lp_rows = codec.decode(
-                row_layout(self.manifest), fixed[0], fixed[1], unary[0], unary[1], n, seq_rows,
-                width)
-        except codec.CorruptRows as err:
-            raise _error(f"shard {self.path} is corrupted ({err}); delete it and rerun the "
-                         "command that wrote the cache") from None
-        ids = torch.full((*counted.shape, width), -1, dtype=torch.int32)
-        lp = torch.zeros((*counted.shape, width))
-        ids[counted], lp[counted] = ids_rows, lp_rows
-        return ids, lp
-
-    def _streams(self, name: str, offsets: torch.Tensor, local: list[int]):
-        view = self.handle.get_slice(name)
-        parts = [view[int(offsets[i]):int(offsets[i + 1])] for i in local]
-        sizes = torch.tensor([p.numel() for p in parts], dtype=torch.long)
-        return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)), sizes
-
-    def _row_offsets(self) -> list[int]:
-        """Each sequence's first row in `sizes` (from the sequences' counted positions)."""
-        if not hasattr(self, "_rows_before"):
-            counted = counted_positions(Blocks(**self.blocks()))
-            self._rows_before = [0, *torch.cumsum(counted.sum(1), 0).tolist()]
-            if self._rows_before[-1] != len(self.sizes):
-                raise _error(f"shard {self.path}: {len(self.sizes)} row sizes for "
-                             f"{self._rows_before[-1]} counted positions")
-        return self._rows_before
-
-    def scan(self) -> tuple[int, bool]:
-        """(largest id, whether every used log-probability is finite) of a fixed-layout shard:
-        for format /1 caches, whose writer checked neither."""
-        ids = self.handle.get_tensor("ids")
-        lp = self.handle.get_tensor("logprobs")
-        used = ids >= 0
-        return (int(ids.max()) if ids.numel() else -1), bool(torch.isfinite(lp[used]).all())
-
-
-class CacheReader:
-    """A complete cache, checked when opened: the manifest (its checksum, its format), every
-    shard (present, its sha256 with verify=True, where the manifest puts it, its rows), the
-    splits covered, and for format /1 caches the log-probabilities finite."""
-
-    def __init__(self, directory: str | Path, verify: bool = True):
-        self.dir = Path(directory)
-        self.manifest, self.version = read_manifest(self.dir)
-        m = self.manifest
-        if not m.get("complete"):
-            raise _error(f"{self.dir} is incomplete (an interrupted run): run the same command "
-                         "again to finish it")
-        if self.version >= 2 and m.get("plan_sha256") != plan_digest(m):
-            raise _error(f"{self.dir / 'manifest.json'}: its plan digest does not match its "
-                         "plan")
-        self.splits: dict[str, list[Shard]] = {name: [] for name in SPLITS}
-        for entry in m["shards"]:
-            file = self.dir / entry["file"]
-            if entry.get("split") not in SPLITS:
-                raise _error(f"{self.dir / 'manifest.json'}: shard {entry.get('file')} has no "
-                             "split")
-            if not file.is_file():
-                raise _error(f"shard {file} is missing")
-            if verify and sha256_file(file) != entry["sha256"]:
-                raise _error(f"shard {file} is corrupted (its sha256 differs from the "
-                             "manifest's); rerun the command that wrote the cache to rewrite it")
-            self.splits[entry["split"]].append(Shard(file, entry, m, self.version))
-        self.max_id = m.get("max_id")
-        for name in SPLITS:
-            shards = sorted(self.splits[name], key=lambda s: s.entry.get("first", 0))
-            self.splits[name] = shards
-            rows = sum(s.entry["rows"] for s in shards)
-            if rows != m["split"][name]:
-                raise _error(f"the {name} shards hold {rows} sequences, the manifest's split "
-                             f"says {m['split'][name]}")
-            if self.version >= 2:
-                starts = [s.entry["first"] for s in shards]
-                ends = [s.entry["first"] + s.entry["rows"] for s in shards]
-                if starts and (starts[0] != 0 or starts[1:] != ends[:-1]):
-                    raise _error(f"the {name} shards do not cover its sequences in order")
-        if self.version == 1 and verify:
-            self._scan_v1()
-        self.starts = {name: [0, *torch.cumsum(torch.tensor(
-            [s.entry["rows"] for s in self.splits[name]], dtype=torch.long), 0).tolist()]
-            for name in SPLITS}
-
-    def _scan_v1(self) -> None:
-        """Format /1 writers checked nothing: every log-probability finite, and the largest id."""
-        largest = -1
-        for name in SPLITS:
-            for shard in self.splits[name]:
-                top, finite = shard.scan()
-                if not finite:
-                    raise _error(f"shard {shard.path} holds non-finite teacher log-probabilities "
-                                 "(a teacher that gave NaN): rebuild the cache")
-                largest = max(largest, top)
-        self.max_id = largest
-
-    @property
-    def width(self) -> int:
-        """Slots per position of the decoded targets."""
-        return self.manifest.get("slots", self.manifest["k"])
-
-    @property
-    def positions(self) -> int | None:
-        return self.manifest.get("positions")
-
-    def disk_bytes(self) -> int:
-        """Every file in the cache directory, the manifest included."""
-        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
-
-    def split_blocks(self, split: str) -> dict[str, torch.Tensor]:
-        parts = [shard.blocks() for shard in self.splits[split]]
-        if not parts:
-            return {}
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-
-    def targets(self, split: str, index: torch.Tensor, counted: torch.Tensor):
-        """(ids, logprobs) (len(index), L-1, width) for the split's sequences `index`, whose
-        counted positions are `counted`; read shard by shard, in the order asked."""
-        starts = self.starts[split]
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, i in enumerate(index.tolist()):
-            shard = bisect.bisect_right(starts, i) - 1
-            by_shard.setdefault(shard, []).append((pos, i - starts[shard]))
-        n, length = counted.shape
-        ids = torch.empty(n, length, self.width, dtype=torch.int32)
-        lp = None
-        for shard, items in by_shard.items():
-            where = torch.tensor([p for p, _ in items])
-            got_ids, got_lp = self.splits[split][shard].targets(
-                [j for _, j in items], counted[where], self.width)
-            if lp is None:
-                lp = torch.empty(n, length, self.width, dtype=got_lp.dtype)
-            ids[where], lp[where] = got_ids, got_lp
-        return ids, (lp if lp is not None else torch.zeros(n, length, self.width))
-

@@ -3,8 +3,9 @@
     PHASE_DIR/checkpoints/step-NNNNNNNN/   model/ (HF, safetensors, with the tokenizer; with LoRA
                                           the PEFT adapter alone, fastkd.lora),
                                           trainer_state.pt (optimizer, scheduler, RNG states),
-                                          meta.json (step, data cursor, history, world size, and
-                                          the size and sha256 of every other file: written last)
+                                          meta.json (step, data cursor, history, world size, the
+                                          size and sha256 of every other file, and the sha256 of
+                                          its own content: written last, atomically)
                                           (under torchrun: dcp/ shards of the trained
                                           parameters (LoRA: the adapters alone) and the
                                           optimizer, and rng-RANK.pt, no model/)
@@ -12,8 +13,11 @@
     PHASE_DIR/student/                     the finished student, HF format (`export_student`)
 
 PHASE_DIR is the run directory (the distillation) or RUN_DIR/baseline. A checkpoint is written to
-a temp dir (.tmp-step-N), its files checksummed as they lie on disk into meta.json, fsynced and
-renamed into place (fastkd.fsio); once its files are checked to be in place, the checkpoints
+a temp dir (.tmp-step-N), its files checksummed as they lie on disk into meta.json, which holds
+the checksum of its own content too (so every byte of a checkpoint is covered: a flipped bit in
+its step or data cursor is found like one in the weights), fsynced and renamed into place
+(fastkd.fsio); a write that fails (a full disk) removes the temp dir and names the checkpoint and
+the free space. Once its files are checked to be in place, the checkpoints
 before the previous one are deleted: the newest two are kept, so a crash at any moment leaves a
 complete checkpoint, and a checkpoint damaged later (a truncated or flipped file) leaves the one
 before it. On resume (`resume_checkpoint`) the newest checkpoint is verified against its
@@ -31,7 +35,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +76,9 @@ def set_rng_state(state: dict) -> None:
 
 
 KEEP = 2  # checkpoints kept: the newest, and the one to fall back to if it is found damaged
-CHECKSUMMED = 1  # meta.json "format": 1 records every file's size and sha256
+# meta.json "format": 1 records every other file's size and sha256; 2 adds its own checksum
+# ("sha256", over the rest of its content)
+CHECKSUMMED, SELF_CHECKSUMMED = 1, 2
 
 
 def _checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:
@@ -130,7 +135,9 @@ def verify_checkpoint(checkpoint: Path, checksums: bool = True) -> list[str]:
         meta = read_meta(checkpoint)
     except ValueError as err:
         return [str(err)]
-    problems = []
+    problems = _meta_problems(checkpoint, meta)
+    if problems:  # its file records cannot be trusted either
+        return problems
     for rel, want in meta.get("files", {}).items():
         path = checkpoint / rel
         if not path.is_file():
@@ -142,6 +149,23 @@ def verify_checkpoint(checkpoint: Path, checksums: bool = True) -> list[str]:
             problems.append(f"{path} is damaged: its sha256 differs from the one recorded when "
                             "it was written")
     return problems
+
+
+def _meta_problems(checkpoint: Path, meta: dict) -> list[str]:
+    """meta.json against its own checksum (format 2; formats 1 and before have none) and its step
+    against the directory's name."""
+    path = checkpoint / "meta.json"
+    if "sha256" in meta:
+        if fsio.json_sha256({k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
+            return [f"{path} is damaged: its checksum does not match its content"]
+    elif meta.get("format", CHECKSUMMED) != CHECKSUMMED:  # format 2 without its checksum
+        return [f"{path} is damaged: its checksum is missing"]
+    step = int(checkpoint.name.removeprefix("step-")) if re.fullmatch(
+        r"step-\d+", checkpoint.name) else None
+    if step is not None and meta.get("step") != step:
+        return [f"{path} is damaged: it says step {meta.get('step')!r}, its directory "
+                f"{checkpoint.name}"]
+    return []
 
 
 def _check_world_size(checkpoint: Path) -> None:
@@ -217,8 +241,30 @@ def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer,
     """
     root = phase_dir / "checkpoints"
     tmp = root / f".tmp-step-{step:08d}"
+    final = root / f"step-{step:08d}"
+    try:
+        with fsio.failed_writes_named(final):
+            _write_checkpoint(tmp, final, step, student, tokenizer, optimizer, scheduler,
+                              batches, history)
+    except BaseException:
+        if distributed.is_main():  # what the failed write left (it may fill a disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if distributed.is_main():
-        root.mkdir(parents=True, exist_ok=True)
+        problems = verify_checkpoint(final, checksums=False)  # in place: every file, every byte
+        if problems:
+            raise OSError(f"checkpoint {final} did not land intact: {'; '.join(problems)}")
+        for _, old in _checkpoints(phase_dir)[:-KEEP]:
+            shutil.rmtree(old)
+    distributed.barrier()  # the checkpoint is in place for every rank
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, step: int, student: StudentLoss, tokenizer,
+                      optimizer, scheduler, batches: Batches, history: list[dict]) -> None:
+    """Fill tmp with the checkpoint of `step` and publish it as final (save_checkpoint)."""
+    if distributed.is_main():
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -236,22 +282,16 @@ def save_checkpoint(phase_dir: Path, step: int, student: StudentLoss, tokenizer,
             student.model.save_pretrained(tmp / "model")  # safetensors
         tokenizer.save_pretrained(tmp / "model")
         state.update(optimizer=optimizer.state_dict(), rng=rng_state())
-    final = root / f"step-{step:08d}"
     if distributed.is_main():
         torch.save(state, tmp / "trainer_state.pt")
-        # meta.json last: the size and sha256 of every file, read back from the disk.
-        meta = {"format": CHECKSUMMED, "step": step, "data": batches.state_dict(),
+        # meta.json last: the size and sha256 of every file, read back from the disk, and the
+        # checksum of its own content.
+        meta = {"format": SELF_CHECKSUMMED, "step": step, "data": batches.state_dict(),
                 "history": history, "world_size": distributed.world_size(),
                 "files": _file_records(tmp)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        meta["sha256"] = fsio.json_sha256(meta)
+        fsio.atomic_write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta)))
         fsio.publish_dir(tmp, final)
-        problems = verify_checkpoint(final, checksums=False)  # in place: every file, every byte
-        if problems:
-            raise OSError(f"checkpoint {final} did not land intact: {'; '.join(problems)}")
-        for _, old in _checkpoints(phase_dir)[:-KEEP]:
-            shutil.rmtree(old)
-    distributed.barrier()  # the checkpoint is in place for every rank
-    return final
 
 
 def load_checkpoint(checkpoint: Path, student: StudentLoss, optimizer, scheduler,
@@ -303,12 +343,13 @@ def export_student(checkpoint: Path, student: StudentLoss, tokenizer, target: Pa
 
 
 def _export_model(checkpoint: Path, target: Path) -> None:
-    """Copy a checkpoint's HF model dir to target, atomically (copy to a temp dir, then rename)."""
+    """Copy a checkpoint's HF model dir to target, atomically (copy to a temp dir, then rename;
+    a failed copy leaves nothing behind)."""
     if target.exists():
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
-    fsio.publish_dir(tmp, target)
+    with fsio.temp_dir_beside(target) as tmp:
+        shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
+        fsio.publish_dir(tmp, target)
 
 
 def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
@@ -321,13 +362,16 @@ def _export_sharded_model(student: StudentLoss, tokenizer, target: Path,
     model = distributed.unwrap(student).model
     state = distributed.full_state_dict(model)  # empty except on rank 0
     if distributed.is_main() and lora_base is not None:
-        with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=target.parent) as adapter:
-            lora.save_adapter(model, Path(adapter), state)
-            lora.export_merged(lora_base, Path(adapter), tokenizer, target,
-                               target.with_name("adapter"))
+        with fsio.temp_dir_beside(target.with_name("gathered-adapter")) as adapter:
+            try:
+                lora.save_adapter(model, adapter, state)
+                lora.export_merged(lora_base, adapter, tokenizer, target,
+                                   target.with_name("adapter"))
+            finally:
+                shutil.rmtree(adapter, ignore_errors=True)
     elif distributed.is_main():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        fsio.publish_dir(tmp, target)
+        with fsio.temp_dir_beside(target) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            fsio.publish_dir(tmp, target)
     distributed.barrier()

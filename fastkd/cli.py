@@ -1,19 +1,20 @@
-"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, and the
-teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`.
+"""The command line: `fastkd distill ...` (a new run, or `--resume RUN_DIR`), `fastkd demo`, the
+teacher cache's `fastkd cache-teacher` (under torchrun too) and `fastkd cache-import`, and
+`fastkd prepare-data` (the data's token store, ahead of the runs that map it): `main` parses the
+arguments (fastkd.cli_parser) and runs the command.
 
 Exit status: 0 when the run completed or stopped at --stop-after (resumable); 128 + the signal
 number when Ctrl-C / SIGTERM stopped it (after saving a checkpoint); 2 for bad arguments, models,
 data or files.
 
-Nothing here imports torch or transformers before the arguments are parsed: `--help` and
-argument errors answer at once. Every option's default comes from the dataclass field it sets
-(DistillConfig for distill, fastkd.cache.CachePlan for cache-teacher, fastkd.cache_import.ImportPlan
-for cache-import), and --help prints it.
+Nothing here imports torch or transformers before the arguments are checked: `--help` and
+argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,281 +22,57 @@ import sys
 import time
 from pathlib import Path
 
-from fastkd.config import (
-    PARALLEL,
-    REPORT_TO,
-    RUNTIME_FIELDS,
-    TEACHER_DTYPES,
-    TEACHER_PLACEMENTS,
-    UTF8_ERRORS,
-    DistillConfig,
-)
-from fastkd.options import BACKENDS, CHOICES, TRAINER_OPTIONS, DistillOptions
-
-# Flags that map to no DistillConfig field of the same name.
-FLAG_FIELDS = {"no_report": "report", "no_progress": "progress", "no_packing": "packing"}
-# cache-teacher options whose defaults are the trainer's: a cache is made for `fastkd distill
-# --teacher-cache`, which needs the cache's temperature, sequences and split to be its own.
-CACHE_SHARES_DISTILL = ("temperature", "seq_len", "eval_fraction", "packing", "utf8_errors")
-DATA_HELP = ('.txt, .jsonl ("text"; "messages": chat, only the assistant turns trained on; '
-             '"prompt"/"completion": only the completion), .parquet or `datasets` save_to_disk '
-             "directories with those columns")
-NO_PACKING_HELP = ("give each chat / prompt-completion example its own padded sequence (default: "
-                   "several a sequence, kept apart by position_ids; needs sdpa, eager or flex "
-                   "attention)")
-UTF8_HELP = ("strict: refuse a data file that is not UTF-8 (naming the byte); replace: train on "
-             "it with U+FFFD for undecodable bytes")
+from fastkd.cli_parser import build_parser, cache_defaults, field_defaults, parse
+from fastkd.config import RUNTIME_FIELDS, DistillConfig
 
 
-def field_defaults(cls) -> dict:
-    """{field name: default} of a dataclass (fields without one left out)."""
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
+def _prepare_args(args) -> dict:
+    """prepare-data's options (DistillConfig's defaults), its data spec checked: before torch
+    loads, as distill's config is."""
+    from fastkd.checks import check_num_proc
+    from fastkd.readers import DataSpec
+
+    given = {**field_defaults(DistillConfig),
+             **{k: v for k, v in vars(args).items() if k != "command"}}
+    check_num_proc(given["num_proc"])
+    return {**given, "spec": DataSpec(tuple(given["data"]), given["seq_len"], given["packing"],
+                                      given["utf8_errors"])}
 
 
-def _cache_defaults() -> dict:
-    """cache-teacher's defaults: CachePlan's, the ones it shares with the trainer from
-    DistillConfig (fastkd.plans: no torch, the help answers at once)."""
-    from fastkd.plans import CachePlan
+def _run_prepare(given: dict) -> int:
+    from fastkd.models import check_model_source, load_tokenizer
+    from fastkd.readers import expand_data
+    from fastkd.store import StoreOptions, open_store
 
-    distill = field_defaults(DistillConfig)
-    return {**field_defaults(CachePlan), **{k: distill[k] for k in CACHE_SHARES_DISTILL}}
-
-
-class _Help(argparse.HelpFormatter):
-    """Appends "(default: X)" to each option's help, X read from its `defaults` (a dict, or a
-    function returning one, called only when help is printed)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        source = getattr(action, "defaults", None)
-        if source is None or "default:" in text:
-            return text
-        defaults = source() if callable(source) else source
-        value = defaults.get(action.dest)
-        if value is None or isinstance(value, bool):
-            return text
-        shown = " ".join(value) if isinstance(value, (list, tuple)) else value
-        return f"{text} (default: {shown})"
-
-
-def _option(group, flag: str, help: str, defaults=None, **kwargs) -> argparse.Action:
-    """An option whose value, when given, becomes the dataclass field of the same name.
-
-    Unset options stay out of the namespace (argparse.SUPPRESS), so a run gets the dataclass's
-    defaults and `--resume` can tell which options were given; `defaults` (DistillConfig's when
-    None) is where --help reads the default it prints.
-    """
-    dest = kwargs.pop("dest", flag.removeprefix("--").replace("-", "_"))
-    action = group.add_argument(flag, dest=dest, help=help, default=argparse.SUPPRESS, **kwargs)
-    action.defaults = field_defaults(DistillConfig) if defaults is None else defaults
-    return action
-
-
-def _distill_parser(sub) -> None:
-    p = sub.add_parser(
-        "distill", help="distil a Hugging Face teacher into a student", formatter_class=_Help,
-        description="Distil --teacher into --student on --data; writes checkpoints, the student "
-                    "and a report under --out. `--resume RUN_DIR` continues a run exactly. "
-                    "--baseline also trains the same student on hard labels with the same "
-                    "budget, for the report's comparison (it doubles the training time).")
-    g = p.add_argument_group("models and data")
-    _option(g, "--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID")
-    _option(g, "--student", "initial student: HF model directory or hub id", metavar="DIR_OR_ID")
-    _option(g, "--data", DATA_HELP, nargs="+", metavar="FILE")
-    _option(g, "--out", "run directory", metavar="RUN_DIR")
-    _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
-    _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
-    _option(g, "--teacher-cache", "train from a `fastkd cache-teacher` directory: no teacher "
-            "loaded, the sparse loss; the report measures KL on the cached held-out rows",
-            metavar="CACHE_DIR")
-    _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
-            "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))
-    _option(g, "--seq-len", "tokens per packed sequence", type=int)
-    _option(g, "--no-packing", NO_PACKING_HELP, action="store_false")
-    _option(g, "--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
-    _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
-    _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
-            type=int)
-    g = p.add_argument_group("loss")
-    for name, text in TRAINER_OPTIONS.items():  # the DistillOptions fields a trainer's user sets
-        kind = ({"choices": CHOICES[name]} if name in CHOICES
-                else {"type": type(getattr(DistillOptions, name))})  # its default's type
-        _option(g, "--" + name.replace("_", "-"), text, **kind)
-    g = p.add_argument_group("optimisation")
-    _option(g, "--steps", "optimizer steps", type=int)
-    _option(g, "--batch-size", "sequences per micro-batch", type=int)
-    _option(g, "--grad-accum", "micro-batches per optimizer step", type=int)
-    _option(g, "--lr", "peak AdamW learning rate", type=float)
-    _option(g, "--weight-decay", "AdamW weight decay (matrices only)", type=float)
-    _option(g, "--warmup", "linear warmup steps before the cosine decay (default: 10%% of "
-            "--steps)", type=int)
-    _option(g, "--clip", "gradient-norm clipping threshold, 0 for none", type=float)
-    _option(g, "--seed", "random seed", type=int)
-    g = p.add_argument_group("precision and device")
-    _option(g, "--device", "torch device (default: cuda if available, else cpu)")
-    _option(g, "--bf16", "bf16 autocast (default: on CUDA only)",
-            action=argparse.BooleanOptionalAction)
-    _option(g, "--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
-            choices=TEACHER_DTYPES)
-    _option(g, "--backend", "fused-loss backend; reference = the plain-torch spec",
-            choices=BACKENDS)
-    g = p.add_argument_group("memory and adapters")
-    _option(g, "--gradient-checkpointing", "recompute each decoder layer's activations in "
-            "backward (less activation memory, one more forward of each layer)",
-            action="store_true")
-    _option(g, "--lora-r", "train rank-R LoRA adapters (PEFT) instead of every weight; the fused "
-            "loss trains the output layer's adapter too", type=int, metavar="R")
-    _option(g, "--lora-alpha", "LoRA scaling numerator: adapters scaled by alpha / r (default: "
-            "2r)", type=float)
-    _option(g, "--lora-targets", "module names that get adapters (default: every linear layer, "
-            "the output layer included)", nargs="+", metavar="NAME")
-    g = p.add_argument_group("several processes (under torchrun)")
-    _option(g, "--parallel", "the student: FSDP2 fully_shard per decoder layer and root, or DDP",
-            choices=PARALLEL)
-    _option(g, "--teacher-placement", "the teacher: sharded forward-only (FSDP2), or replicated",
-            choices=TEACHER_PLACEMENTS)
-    _option(g, "--dist-timeout", "seconds a collective waits for the other ranks", type=float)
-    g = p.add_argument_group("bookkeeping")
-    _option(g, "--eval-every", "held-out evaluation every N steps", type=int)
-    _option(g, "--save-every", "checkpoint every N steps", type=int)
-    _option(g, "--stop-after", "stop, with a checkpoint, after N steps in this call", type=int)
-    _option(g, "--baseline", "also train the student on hard labels alone with the same budget "
-            "and compare the two in the report (doubles the training time; off by default)",
-            action=argparse.BooleanOptionalAction)
-    _option(g, "--no-report", "skip the report", action="store_false")
-    _option(g, "--report-to", "also log the step records to TensorBoard (RUN_DIR/tensorboard; "
-            "needs the tensorboard package)", choices=REPORT_TO)
-    _option(g, "--no-progress", "no progress bar", action="store_false")
-
-
-def _demo_parser(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="the embedded default: a complete distillation, nothing downloaded",
-        description="Trains a BPE tokenizer and a Llama teacher on the Python standard library's "
-                    "sources (the teacher is cached), distils a smaller student, trains a "
-                    "hard-label baseline with the same budget, and writes the report.")
-    p.add_argument("--out", default="fastkd-demo", help="run directory (default: fastkd-demo)")
-    p.add_argument("--fast", action="store_true",
-                   help="a smoke run on smaller models, one CPU thread (unless OMP_NUM_THREADS is "
-                        "set): measured 25 s from an empty cache, 20 s with the teacher cached, "
-                        "on 2 CPU cores shared with other jobs (load 8-10)")
-    p.add_argument("--cache-dir", default=None,
-                   help="teacher cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
-    p.add_argument("--offline", action="store_true",
-                   help="also cache the teacher (top-k and sampled), distil from each cache and "
-                        "compare online, offline and hard-label students in the report")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def _cache_parser(sub) -> None:
-    p = sub.add_parser(
-        "cache-teacher", help="run a teacher once over the data and cache its top-k or sampled "
-                              "targets (for `fastkd distill --teacher-cache`)",
-        formatter_class=_Help,
-        description="Tokenizes and packs --data as `fastkd distill` does, runs --teacher over it "
-                    "and writes, per counted position, its top-k ids with their log-probabilities "
-                    "at temperature T (or the ids drawn from it, with their counts) as safetensors "
-                    "shards plus manifest.json (docs/offline.md). Rerunning resumes an "
-                    "interrupted cache and rechecks a finished one. Under `torchrun "
-                    "--nproc-per-node N -m fastkd cache-teacher` the ranks split the shards.")
-
-    def option(flag: str, help: str, **kwargs) -> None:
-        _option(p, flag, help, defaults=_cache_defaults, **kwargs)
-
-    option("--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID",
-           required=True)
-    option("--data", DATA_HELP + ", tokenized as `fastkd distill` does", nargs="+",
-           metavar="FILE", required=True)
-    option("--out", "cache directory (rerun with the same --out to resume)", metavar="CACHE_DIR",
-           required=True)
-    option("--mode", "top-k ids, or ids sampled from the teacher (unbiased)",
-           choices=("topk", "sample"))
-    option("--k", "slots per position", type=int)
-    option("--samples", "sample mode: draws per position, <= k (default: k)", type=int)
-    option("--temperature", "the distillation temperature T (as fastkd distill's)", type=float)
-    option("--seq-len", "tokens per packed sequence (as fastkd distill's)", type=int)
-    option("--no-packing", NO_PACKING_HELP, dest="packing", action="store_false")
-    option("--utf8-errors", UTF8_HELP, choices=UTF8_ERRORS)
-    option("--eval-fraction", "fraction of the sequences held out (as fastkd distill's)",
-           type=float)
-    option("--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
-    option("--batch-size", "sequences per teacher forward", type=int)
-    option("--device", "torch device (default: cuda if available, else cpu; under torchrun: "
-           "cuda or cpu, no index)")
-    option("--teacher-dtype", "teacher weights; auto = bf16 on CUDA, fp32 on CPU",
-           choices=TEACHER_DTYPES)
-    _store_options(option)
-    option("--seed", "sampling seed", type=int)
-    option("--dist-timeout", "under torchrun: seconds a collective waits for the other ranks",
-           type=float)
-    option("--no-progress", "no progress bar", dest="progress", action="store_false")
-
-
-def _store_options(option) -> None:
-    """How a cache stores its targets (cache-teacher and cache-import)."""
-    option("--layout", "compact: a few bits an id and a log-probability, nothing stored for "
-           "positions that do not count; fixed: k int32 ids and k float16 values a position "
-           "(format /1's layout, ~6 bytes an id)", choices=("compact", "fixed"))
-    option("--logprob-step", "compact top-k: the log-probability grid, nats (each value within "
-           "about one step, KL to the exact top-k ~5e-4 nats at 1/8)", type=float)
-    option("--dtype", "fixed layout: the stored log-probabilities", choices=("float16", "bfloat16"))
-    option("--shard-sequences", "sequences per shard", type=int)
-
-
-def _import_defaults() -> dict:
-    """cache-import's defaults, ImportPlan's (fastkd.plans: no torch)."""
-    from fastkd.plans import ImportPlan
-
-    return field_defaults(ImportPlan)
-
-
-def _import_parser(sub) -> None:
-    p = sub.add_parser(
-        "cache-import", help="turn an inference server's prompt log-probabilities (top-k maps "
-                             "id -> log-probability, vLLM style) into a teacher cache",
-        formatter_class=_Help,
-        description="Reads JSON Lines of {\"input_ids\": [...], \"prompt_logprobs\": [null, "
-                    "{id: logprob}, ...]} (docs/offline.md) and writes a teacher cache for "
-                    "`fastkd distill --teacher-cache` (with --data the same files). Rerunning "
-                    "resumes an interrupted import.")
-
-    def option(flag: str, help: str, **kwargs) -> None:
-        _option(p, flag, help, defaults=_import_defaults, **kwargs)
-
-    option("--logprobs", "JSON Lines files of input_ids and prompt_logprobs", nargs="+",
-           metavar="FILE", required=True)
-    option("--tokenizer", "the student's tokenizer (every id must lie in its vocabulary)",
-           metavar="DIR_OR_ID", required=True)
-    option("--out", "cache directory (rerun with the same --out to resume)", metavar="CACHE_DIR",
-           required=True)
-    option("--teacher", "what produced the log-probabilities (recorded)")
-    option("--temperature", "the temperature the log-probabilities are at (prompt_logprobs are "
-           "at 1); distillation runs at it", type=float)
-    option("--seq-len", "tokens per sequence (default: the longest)", type=int)
-    option("--eval-fraction", "fraction of the sequences held out", type=float)
-    _store_options(option)
-    option("--no-progress", "no progress bar", dest="progress", action="store_false")
+    spec = given["spec"]
+    expand_data(list(spec.paths))  # before anything loads
+    check_model_source(given["tokenizer"], "tokenizer", files="tokenizer")
+    store = open_store(spec, load_tokenizer(given["tokenizer"]), StoreOptions(
+        given["data_cache"], given["num_proc"], given["progress"]))
+    store.verify()
+    size = sum(f.stat().st_size for f in store.dir.iterdir())
+    print(f"token store: {store.dir}: {store.summary()}; {size / 2**20:,.1f} MiB, every chunk "
+          "checked")
+    return 0
 
 
 def _run_cache(args) -> int:
     from fastkd import distributed, fsio
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
-    from fastkd.cache_import import ImportPlan, import_logprobs
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_format import check_out
+    from fastkd.cache_import import import_logprobs
+    from fastkd.cache_teacher import cache_teacher
     from fastkd.models import check_model_source
+    from fastkd.plans import CachePlan, ImportPlan
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
     fsio.check_writable(given["out"], "out")  # before anything loads
+    check_out(Path(given["out"]))  # a new or empty directory, or a cache
     if args.command == "cache-import":
         manifest = import_logprobs(ImportPlan(**given))
     else:
         check_model_source(given["teacher"], "teacher")
-        manifest = cache_teacher(CachePlan(**{**_cache_defaults(), **given}))
+        manifest = cache_teacher(CachePlan(**{**cache_defaults(), **given}))
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
         cache = TeacherCache(args.out, verify=False)
         print(f"cache: {args.out}: {cache.bytes_per_position():,.1f} bytes a counted position "
@@ -304,19 +81,9 @@ def _run_cache(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastkd", description="fastkd: fused distillation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _distill_parser(sub)
-    _demo_parser(sub)
-    _cache_parser(sub)
-    _import_parser(sub)
-    return parser
-
-
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DistillConfig:
     """A new run's config from the given options, or the saved config for --resume."""
-    given = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if k != "command"}
+    given = {k: v for k, v in vars(args).items() if k != "command"}
     if given.get("clip") == 0:
         given["clip"] = None
     if "resume" in given:
@@ -358,39 +125,53 @@ def _finish(results: dict, resume_hint: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
+    with _log_to_stderr():
+        return _main(args, parser)
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """fastkd's log on stderr as "fastkd: ..." for the call; the logger as it was afterwards
+    (main() may be called in-process, by tests or notebooks: a handler that outlived the call
+    would write to a stderr that may be gone)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fastkd: %(message)s"))
     log = logging.getLogger("fastkd")
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # other libraries' logs keep their own format
     try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
         # The config first: a bad value is reported before torch and transformers load.
         config = config_from_args(args, parser) if args.command == "distill" else None
+        prepare = _prepare_args(args) if args.command == "prepare-data" else None
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file load/save bars would break up fastkd's bar
         if args.command in ("cache-teacher", "cache-import"):
             return _run_cache(args)
+        if args.command == "prepare-data":
+            return _run_prepare(prepare)
         if args.command == "demo":
             from fastkd.demo import run_demo
 
-            threads = None
-            if args.fast and "OMP_NUM_THREADS" not in os.environ:
-                import torch
-
-                # Models this small gain little from a second thread, and torch's thread pool
-                # stalls when other jobs share the cores (measured: 2.5x slower wall time).
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
+            # One thread unless told otherwise: the demo's numbers then do not depend on the
+            # machine's core count, and torch's thread pool does not stall when other jobs share
+            # the cores (bench/results/cpu/threads*.md: a step 3x faster on 2 shared cores).
+            threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else 1)
             started = time.perf_counter()
-            try:
-                results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
-                                   progress=args.progress, offline=args.offline)
-            finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
-                if threads is not None:
-                    torch.set_num_threads(threads)
+            results = run_demo(args.out, fast=args.fast, cache_dir=args.cache_dir,
+                               progress=args.progress, offline=args.offline, threads=threads)
             results["seconds"] = time.perf_counter() - started
             return _finish(results, "run the same `fastkd demo` command again")
         from fastkd import distributed

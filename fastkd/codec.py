@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastkd.checks import choice, positive_int
+
 FLOOR = -128.0  # log-probabilities below it are stored as FLOOR (p < 3e-56: 0 in fp32)
 RICE_BITS = 3  # the header's Rice parameter r in [0, 8)
 KINDS = ("logprobs", "counts")
@@ -111,12 +113,11 @@ class Layout:
     samples: int = 0  # counts: draws per row
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        choice("kind", self.kind, KINDS)
         if self.kind == "logprobs" and not 2.0 ** -12 <= self.step <= 1.0:
             raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got {self.step!r}")
-        if self.kind == "counts" and self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples!r}")
+        if self.kind == "counts":
+            positive_int("samples", self.samples)
 
     @property
     def lo_width(self) -> int:
@@ -274,23 +275,54 @@ def decode(layout: Layout, fixed: torch.Tensor, fixed_sizes: torch.Tensor, unary
         return (torch.empty(0, width, dtype=torch.int32), torch.empty(0, width))
     if int(n.max()) > width or int(n.min()) < 1:
         raise CorruptRows(f"a row holds {int(n.max())} ids, more than {width} (or none)")
+    used = torch.arange(width) < n.unsqueeze(-1)
+    fixed_bits = unpack_bits(fixed)
+    head = _read_fixed(layout, fixed_bits, fixed_sizes.long(), n, seq_rows, used)
+    gaps, value_high = _read_unary(unpack_bits(unary), unary_sizes.long(), n, seq_rows, used)
+    ids = (torch.cumsum(gaps, 1) << head.l_bits.unsqueeze(-1)) | head.low
+    rising = (ids[:, 1:] > ids[:, :-1]) | ~used[:, 1:]
+    if not bool(rising.all()) or bool((ids[used] >= layout.vocab).any()):
+        raise CorruptRows(f"ids do not rise within a row, or pass the vocabulary ({layout.vocab})")
+    lp = _values(layout, fixed_bits, head, value_high, used)
+    lp = torch.where(used, lp, float("-inf"))
+    order = lp.argsort(dim=-1, descending=True, stable=True)
+    ids = torch.where(used, ids, -1).gather(1, order)
+    lp = lp.gather(1, order)
+    return ids.to(torch.int32), torch.where(ids >= 0, lp, 0.0).float()
+
+
+@dataclass
+class _Fixed:
+    """What the fixed stream says of a batch of rows (R rows, width slots)."""
+
+    l_bits: torch.Tensor  # (R,) the ids' low bits l
+    low: torch.Tensor  # (R, width) the ids' low parts (0 at unused slots)
+    rice: torch.Tensor  # (R,) the Rice parameter r (0 for counts)
+    lo_code: torch.Tensor | None  # (R,) the header's floor code (top-k rows)
+    mass_code: torch.Tensor | None  # (R,) the header's mass code (top-k rows)
+    value_off: torch.Tensor  # (R,) the first bit of each row's value low parts
+
+
+def _read_fixed(layout: Layout, bits: torch.Tensor, sizes: torch.Tensor, n: torch.Tensor,
+                seq_rows: torch.Tensor, used: torch.Tensor) -> _Fixed:
+    """The rows' headers and id low parts: each sequence's fixed bits start on its own byte,
+    headers first, then the rows' bodies (n low parts of l bits, [n value low parts of r bits])."""
+    rows, width = used.shape
     header = layout.header_width
-    fixed_bits, unary_bits = unpack_bits(fixed), unpack_bits(unary)
     seq_of_row = torch.repeat_interleave(torch.arange(len(seq_rows)), seq_rows)
     row_start = torch.cumsum(seq_rows, 0) - seq_rows
     index_in_seq = torch.arange(rows) - row_start[seq_of_row]
-    fixed_start = (torch.cumsum(fixed_sizes.long(), 0) - fixed_sizes.long()) * 8
+    fixed_start = (torch.cumsum(sizes, 0) - sizes) * 8
     seq_start = fixed_start[seq_of_row]
     l_bits = low_bits(layout.vocab, n)
-    slot = torch.arange(width)
-    used = slot < n.unsqueeze(-1)
+    lo_code = mass_code = None
     if layout.kind == "logprobs":
         head_off = seq_start + index_in_seq * header
         lo_w, mass_w = layout.lo_width, bit_width(layout.mass_codes)
         ones_w = torch.ones(rows, dtype=torch.long)
-        lo_code = _get(fixed_bits, head_off, ones_w * lo_w)
-        mass_code = _get(fixed_bits, head_off + lo_w, ones_w * mass_w)
-        rice = _get(fixed_bits, head_off + lo_w + mass_w, ones_w * RICE_BITS)
+        lo_code = _get(bits, head_off, ones_w * lo_w)
+        mass_code = _get(bits, head_off + lo_w, ones_w * mass_w)
+        rice = _get(bits, head_off + lo_w + mass_w, ones_w * RICE_BITS)
         body = n * (l_bits + rice)
     else:
         rice = torch.zeros(rows, dtype=torch.long)
@@ -299,15 +331,23 @@ def decode(layout: Layout, fixed: torch.Tensor, fixed_sizes: torch.Tensor, unary
     body_off = seq_start + seq_rows[seq_of_row] * header + cum - cum[row_start[seq_of_row]]
     seq_end = fixed_start + seq_rows * header + torch.zeros(len(seq_rows), dtype=torch.long
                                                             ).index_add_(0, seq_of_row, body)
-    if bool((seq_end > fixed_start + fixed_sizes.long() * 8).any()):
+    if bool((seq_end > fixed_start + sizes * 8).any()):
         raise CorruptRows("the fixed stream is shorter than its rows")
+    slot = torch.arange(width)
     slot_l = l_bits.unsqueeze(-1).expand(rows, width)
     low = torch.zeros(rows, width, dtype=torch.long)
-    low[used] = _get(fixed_bits, (body_off.unsqueeze(-1) + slot * slot_l)[used], slot_l[used])
-    # unary: 2 n ones a row; each one closes a run of zeros (a sequence's first run starts at
-    # the sequence's first bit)
-    ones = torch.nonzero(unary_bits).squeeze(-1)
-    unary_start = (torch.cumsum(unary_sizes.long(), 0) - unary_sizes.long()) * 8
+    low[used] = _get(bits, (body_off.unsqueeze(-1) + slot * slot_l)[used], slot_l[used])
+    return _Fixed(l_bits, low, rice, lo_code, mass_code, body_off + n * l_bits)
+
+
+def _read_unary(bits: torch.Tensor, sizes: torch.Tensor, n: torch.Tensor, seq_rows: torch.Tensor,
+                used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(id gaps, value high parts), both (R, width), from the unary stream: 2 n ones a row, each
+    closing a run of zeros (a sequence's first run starts at the sequence's first bit)."""
+    rows, width = used.shape
+    seq_of_row = torch.repeat_interleave(torch.arange(len(seq_rows)), seq_rows)
+    ones = torch.nonzero(bits).squeeze(-1)
+    unary_start = (torch.cumsum(sizes, 0) - sizes) * 8
     seq_of_one = torch.searchsorted(unary_start, ones, right=True) - 1
     expected = torch.zeros(len(seq_rows), dtype=torch.long).index_add_(0, seq_of_row, 2 * n)
     found = torch.bincount(seq_of_one, minlength=len(seq_rows))
@@ -319,37 +359,30 @@ def decode(layout: Layout, fixed: torch.Tensor, fixed_sizes: torch.Tensor, unary
     first[1:] = seq_of_one[1:] != seq_of_one[:-1]
     previous = torch.where(first, unary_start[seq_of_one] - 1, previous)
     runs = ones - previous - 1
-    both = torch.cat([used, used], 1)
     unary_values = torch.zeros(rows, 2 * width, dtype=torch.long)
-    unary_values[both] = runs
-    gaps, value_high = unary_values[:, :width], unary_values[:, width:]
-    high = torch.cumsum(gaps, 1)
-    ids = (high << l_bits.unsqueeze(-1)) | low
-    rising = (ids[:, 1:] > ids[:, :-1]) | ~used[:, 1:]
-    if not bool(rising.all()) or bool((ids[used] >= layout.vocab).any()):
-        raise CorruptRows(f"ids do not rise within a row, or pass the vocabulary ({layout.vocab})")
-    if layout.kind == "logprobs":
-        slot_r = rice.unsqueeze(-1).expand(rows, width)
-        value_off = body_off + n * l_bits
-        value_low = torch.zeros(rows, width, dtype=torch.long)
-        value_low[used] = _get(fixed_bits, (value_off.unsqueeze(-1) + slot * slot_r)[used],
-                               slot_r[used])
-        codes = (value_high << rice.unsqueeze(-1)) | value_low
-        lo = -lo_code.double() * layout.step
-        lp = lo.unsqueeze(-1) + codes.double() * layout.step
-        x = mass_code.double() * layout.step + FLOOR
-        log_mass = torch.where(mass_code >= layout.mass_codes, 0.0,
-                               -torch.nn.functional.softplus(-x))  # log sigmoid(x) = log P
-        current = torch.logsumexp(torch.where(used, lp, float("-inf")), -1)
-        lp = lp + (log_mass - current).unsqueeze(-1)
-    else:
+    unary_values[torch.cat([used, used], 1)] = runs
+    return unary_values[:, :width], unary_values[:, width:]
+
+
+def _values(layout: Layout, bits: torch.Tensor, head: _Fixed, value_high: torch.Tensor,
+            used: torch.Tensor) -> torch.Tensor:
+    """(R, width) float64 log-probabilities at the used slots: top-k rows' codes on the grid,
+    shifted to the row's stored mass; sampled rows' log(count / samples)."""
+    rows, width = used.shape
+    if layout.kind == "counts":
         counts = value_high + 1
         if not torch.equal((counts * used).sum(-1), torch.full((rows,), layout.samples)):
             raise CorruptRows(f"a row's counts do not add up to samples={layout.samples}")
-        lp = torch.log(counts.double() / layout.samples)
-    lp = torch.where(used, lp, float("-inf"))
-    order = lp.argsort(dim=-1, descending=True, stable=True)
-    ids = torch.where(used, ids, -1).gather(1, order)
-    lp = lp.gather(1, order)
-    return ids.to(torch.int32), torch.where(ids >= 0, lp, 0.0).float()
-
+        return torch.log(counts.double() / layout.samples)
+    slot_r = head.rice.unsqueeze(-1).expand(rows, width)
+    value_low = torch.zeros(rows, width, dtype=torch.long)
+    value_low[used] = _get(bits, (head.value_off.unsqueeze(-1) + torch.arange(width) * slot_r
+                                  )[used], slot_r[used])
+    codes = (value_high << head.rice.unsqueeze(-1)) | value_low
+    lo = -head.lo_code.double() * layout.step
+    lp = lo.unsqueeze(-1) + codes.double() * layout.step
+    x = head.mass_code.double() * layout.step + FLOOR
+    log_mass = torch.where(head.mass_code >= layout.mass_codes, 0.0,
+                           -torch.nn.functional.softplus(-x))  # log sigmoid(x) = log P
+    current = torch.logsumexp(torch.where(used, lp, float("-inf")), -1)
+    return lp + (log_mass - current).unsqueeze(-1)

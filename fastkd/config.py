@@ -2,9 +2,13 @@
 
 A run is one DistillConfig: the models, the data, the loss (`loss_options()`, a
 `fastkd.DistillOptions`), the optimisation, precision and parallelism, the bookkeeping. It is
-checked when built (`__post_init__`: a bad value raises a ValueError naming the field) and saved
-as RUN_DIR/config.json when a run starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`),
-and `check_run_dir` refuses a new run in a used directory or a resume under another config.
+checked when built (`__post_init__`, with fastkd.checks: a bad value raises a ValueError naming
+the field, a value of the wrong type a TypeError) and saved as RUN_DIR/config.json when a run
+starts; `--resume RUN_DIR` reads it back (`DistillConfig.load`), and `check_run_dir` refuses a new
+run in a used directory or a resume under another config. A run directory carries RUN_MARKER, a
+file only fastkd writes (`mark_run_dir`): a new run goes only into a new or empty directory, or
+one of fastkd's own that no run has started in, so that a model directory (`--out` = `--student`)
+is never written over.
 
 The house, top to bottom: config (here) -> data (fastkd.data, fastkd.cache) -> the loss on one
 batch (fastkd.batch_loss) -> the loop (fastkd.loop) -> checkpoints (fastkd.checkpoint) -> the
@@ -14,25 +18,29 @@ report (fastkd.report); fastkd.trainer runs them (`run_distillation`).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd import fsio
+from fastkd.checks import check_num_proc, check_seq_len, choice, path_list, positive, positive_int
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
+from fastkd.plans import TEACHER_DTYPES
+from fastkd.readers import UTF8_ERRORS
 
 # This module imports no torch: `fastkd --help` and argument errors need only the config.
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("fsdp", "ddp")  # the student under torchrun (fastkd.distributed)
 TEACHER_PLACEMENTS = ("shard", "replicate")  # the teacher under torchrun
 REPORT_TO = ("none", "tensorboard")
-UTF8_ERRORS = ("strict", "replace")  # how data files that are not UTF-8 are read (fastkd.data)
 # Fields that say where and how this invocation runs, not what the run is: resume may change them.
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
-                  "dist_timeout", "report_to")
+                  "dist_timeout", "report_to", "data_cache", "num_proc")
 # Fields that name local files or directories: stored absolute (a run resumes from any cwd).
-PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache")
+PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache", "data_cache")
+RUN_MARKER = "fastkd-run.json"  # in every run directory; only fastkd writes it (mark_run_dir)
+RUN_FORMAT = "fastkd-run/1"
 
 
 @dataclass
@@ -46,7 +54,7 @@ class DistillConfig:
 
     teacher: str | None  # HF model dir or hub id (None with teacher_cache: no teacher loaded)
     student: str  # HF model dir or hub id: the initial student
-    data: list[str]  # text, chat, prompt-completion files or datasets (fastkd.data)
+    data: list[str]  # data files, directories, glob patterns (fastkd.readers)
     out: str  # the run directory
     tokenizer: str | None = None  # default: the teacher's (else the student's)
     # The loss: fastkd.DistillOptions' fields a trainer's user sets (options.TRAINER_OPTIONS; the
@@ -74,8 +82,16 @@ class DistillConfig:
     # (packing=False) one a padded sequence. utf8_errors="replace": U+FFFD for undecodable bytes.
     packing: bool = True
     utf8_errors: str = "strict"
+    # The token store (fastkd.store): where it lives (None: $FASTKD_CACHE/data, else
+    # ~/.cache/fastkd/data), and the processes that prepare it (None: fastkd.prepare's choice).
+    data_cache: str | None = None
+    num_proc: int | None = None
     # Precision: bf16=None autocasts to bf16 on CUDA only; teacher_dtype "auto" is bf16 on CUDA.
     device: str | None = None
+    # CPU threads (torch.set_num_threads): None takes torch's default at the start (one a core, or
+    # OMP_NUM_THREADS) and records it; a resume runs with the recorded count, since CPU GEMMs
+    # round differently under another one.
+    threads: int | None = None
     bf16: bool | None = None
     teacher_dtype: str = "auto"
     backend: str = "auto"
@@ -102,63 +118,43 @@ class DistillConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this call
     progress: bool = True
     # Offline distillation (fastkd.cache): train from a `fastkd cache-teacher` directory through
-    # the sparse loss; cache_tail None picks "ignore" for sampled caches, "bucket" for top-k.
+    # the sparse loss; cache_tail None: the cache's own (fastkd.cache.sparse_tail resolves it when
+    # the run starts; config.json keeps None).
     teacher_cache: str | None = None
     cache_tail: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [_absolute(path) for path in self.data]
-        if not self.data:
-            raise ValueError("data: pass at least one data file")
-        if self.utf8_errors not in UTF8_ERRORS:
-            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
-                             f"{self.utf8_errors!r}")
+        self.data = [_absolute_data(path) for path in path_list("data", self.data, "data file")]
+        choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
         for name in ("teacher", "student", "tokenizer", "teacher_cache"):
             if getattr(self, name) is not None:
                 setattr(self, name, _absolute(getattr(self, name)))
         self.out = os.path.abspath(os.path.expanduser(self.out))
+        if self.data_cache is not None:
+            self.data_cache = os.path.abspath(os.path.expanduser(self.data_cache))
         self.loss_options()  # validates temperature, weights, divergence, beta, skew
-        positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                    "eval_sequences")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        counts = ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_sequences")
+        for name in counts + (("threads",) if self.threads is not None else ()):
+            positive_int(name, getattr(self, name))
+        check_seq_len(self.seq_len)
+        check_num_proc(self.num_proc)
         if self.warmup is not None and not (isinstance(self.warmup, int)
                                             and 0 <= self.warmup <= self.steps):
             raise ValueError(f"warmup (--warmup) must be an int in [0, steps={self.steps}], got "
                              f"{self.warmup!r}; leave it out for 10% of the steps")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"clip must be > 0 or None, got {self.clip}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"stop_after must be >= 1 or None, got {self.stop_after}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got "
-                             f"{self.teacher_dtype!r}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.teacher_placement not in TEACHER_PLACEMENTS:
-            raise ValueError(f"teacher_placement must be one of {TEACHER_PLACEMENTS}, got "
-                             f"{self.teacher_placement!r}")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.report_to not in REPORT_TO:
-            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
-        if self.lora_r is not None and (isinstance(self.lora_r, bool)
-                                        or not isinstance(self.lora_r, int) or self.lora_r < 1):
-            raise ValueError(f"lora_r must be a positive int or None, got {self.lora_r!r}")
+        positive("lr", self.lr)
+        positive("clip", self.clip, optional=True)
+        positive_int("stop_after", self.stop_after, optional=True)
+        choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        choice("parallel", self.parallel, PARALLEL)
+        choice("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS)
+        positive("dist_timeout", self.dist_timeout)
+        choice("backend", self.backend, BACKENDS)
+        choice("report_to", self.report_to, REPORT_TO)
+        positive_int("lora_r", self.lora_r, optional=True)
         if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets is not None):
             raise ValueError("lora_alpha and lora_targets need lora_r (the adapters' rank)")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        positive("lora_alpha", self.lora_alpha, optional=True)
         if self.lora_targets is not None:
             if isinstance(self.lora_targets, str):
                 self.lora_targets = [self.lora_targets]
@@ -200,6 +196,9 @@ class DistillConfig:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is damaged (not valid JSON: {err}); the run's settings "
                              "cannot be read back") from err
+        if not is_run_dir(Path(run_dir)):
+            raise ValueError(f"{run_dir} is not a fastkd run directory (no {RUN_MARKER}); its "
+                             "config.json is not a run's settings (a model's?)")
         return cls(**{**saved, "stop_after": None, "resume": False})
 
 
@@ -210,6 +209,12 @@ def _absolute(path: str | os.PathLike) -> str:
     return os.path.abspath(local) if os.path.exists(local) else path
 
 
+def _absolute_data(path: str | os.PathLike) -> str:
+    """A data path as `_absolute` makes it, a glob pattern absolute too."""
+    path = str(path)
+    return os.path.abspath(os.path.expanduser(path)) if glob.has_magic(path) else _absolute(path)
+
+
 def check_run_dir(config: DistillConfig) -> Path:
     """A new run needs a directory without a run; a resumed one, the run's own config."""
     run_dir = Path(config.out)
@@ -217,6 +222,7 @@ def check_run_dir(config: DistillConfig) -> Path:
         saved = DistillConfig.load(run_dir)
         differing = [f.name for f in dataclasses.fields(DistillConfig)
                      if f.name not in RUNTIME_FIELDS
+                     and not (f.name == "threads" and config.threads is None)  # the run's own
                      and getattr(saved, f.name) != getattr(config, f.name)]
         if differing:
             raise ValueError(f"resume: the config differs from {run_dir / 'config.json'} in "
@@ -225,7 +231,43 @@ def check_run_dir(config: DistillConfig) -> Path:
     elif (run_dir / "config.json").exists() and started(run_dir):
         raise ValueError(f"out: {run_dir} already holds a run (config.json); resume it "
                          f"(--resume {run_dir}) or choose another output directory")
+    else:
+        check_new_run_dir(run_dir)
     return run_dir
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory: absent, empty (but for a lock file), or a fastkd run directory whose
+    run never started (a start that failed before its first step). Anything else is refused,
+    naming what it holds: nothing a user put there is overwritten."""
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+        return  # absent (or a file in the way: fsio.check_writable names it)
+    held = sorted(set(os.listdir(run_dir)) - {fsio.LOCK})
+    if held:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        model = (" (its config.json is a model's, not a run's: --out must not be a model "
+                 "directory such as --student)" if "config.json" in held else "")
+        raise ValueError(f"out: {run_dir} is not empty and is not a fastkd run directory (no "
+                         f"{RUN_MARKER}): it holds {shown}{model}; a new run goes into a new "
+                         "or empty directory, so that nothing in it is overwritten: choose "
+                         "another --out")
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether run_dir is a fastkd run directory: its RUN_MARKER, or, for a run directory
+    without one, a config.json with a log or a checkpoint."""
+    return (run_dir / RUN_MARKER).is_file() or (
+        (run_dir / "config.json").is_file() and started(run_dir))
+
+
+def mark_run_dir(run_dir: Path) -> bool:
+    """Make run_dir a run directory (created if missing): write RUN_MARKER unless it is there;
+    returns whether it was written. Check it first (`check_run_dir`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / RUN_MARKER).is_file():
+        return False
+    fsio.atomic_write_text(run_dir / RUN_MARKER, json.dumps({"format": RUN_FORMAT}))
+    return True
 
 
 def started(run_dir: Path) -> bool:

@@ -3,20 +3,22 @@ chunk's logit rows in a few passes over a row that stays in the core's cache, in
 spec's ten or so V-wide tensor ops (each a trip through memory).
 
 `dense_rows` and `sparse_rows` are the dense and the sparse teacher's row ops (the torch row
-ops of `fastkd.loss` and `fastkd.sparse` call them), with the arguments of the Triton launchers
-`distill_rows` and `sparse_rows`. The loops are C++ (cpu_rows.cpp, beside this file; its
-header lists the passes, docs/math.md derives them): fp32 arithmetic with double accumulators,
-exp, log and tanh as vector polynomials, the rows dealt out to torch's CPU thread count
-(`torch.get_num_threads()`), each thread taking the next row when it finishes one (a thread
-preempted on a shared machine holds up one row, not a block). bf16 and fp16 logit buffers are read
-and written in place; float64 runs the spec (the native loop is fp32).
+ops of `fastkd.dense` and `fastkd.sparse` call them, and so do the routed teachers' members),
+with the arguments of the Triton launchers `dense_rows` and `sparse_rows`. The loops are C++
+(cpu_rows.cpp, beside this file; its header lists the passes, docs/math.md derives them): fp32
+arithmetic with double accumulators, exp, log and tanh as vector polynomials, the rows dealt
+out to torch's CPU thread count (`torch.get_num_threads()`), each thread taking the next row when
+it finishes one (a thread preempted on a shared machine holds up one row, not a block). bf16 and
+fp16 logit buffers are read and written in place; float64 runs the spec (the native loop is
+fp32).
 
 A term whose weight is 0 is skipped when its value is not wanted (`components=False`: the
-caller did not ask for return_components): no CE pass for ce_weight=0, no teacher row work for
-kd_weight=0 (the dense form then skips the teacher's GEMM too, passing no teacher logits).
+call's `fastkd.forms.Plan.components`, False unless it asked for return_components): no CE
+pass for ce_weight=0, no teacher row work for kd_weight=0 (the dense form then skips the
+teacher's GEMM too, passing no teacher logits).
 
 Built once per machine: the first call compiles cpu_rows.cpp with the system's C++ compiler
-($CXX, else c++) into `fsio.default_cache_dir()/native/cpu_rows-<key>.so` (3 to 5 s with g++
+($CXX, else c++) into `fsio.user_cache_dir()/native/cpu_rows-<key>.so` (3 to 5 s with g++
 12; the key hashes the source, the compiler's version, the flags and this CPU's model and feature
 flags, so a changed source or another machine gets its own build); every later process loads
 that file, and every call after the first in a process reuses it (options, shapes and dtypes
@@ -97,7 +99,7 @@ def build(cache_dir: Path | None = None) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                      _machine().encode()])).hexdigest()[:16]
-    folder = (cache_dir or fsio.default_cache_dir()) / "native"
+    folder = (cache_dir or fsio.user_cache_dir()) / "native"
     target = folder / f"cpu_rows-{key}.so"
     if target.exists():
         return target
@@ -144,7 +146,7 @@ def library() -> ctypes.CDLL | None:
 
 # ---- the row ops -------------------------------------------------------------------------------
 
-def fused(dtypes) -> bool:
+def native(dtypes) -> bool:
     """Whether the row ops run natively for these compute dtypes (not float64) on this machine."""
     if not all(dtype in DTYPES for dtype in dtypes):
         return False

@@ -32,7 +32,8 @@ import torch
 
 import fastkd
 from fastkd import fsio
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.config import RUN_MARKER, DistillConfig, check_new_run_dir, mark_run_dir
+from fastkd.trainer import run_distillation, torch_threads
 
 log = logging.getLogger("fastkd")
 
@@ -163,22 +164,32 @@ def _run(config: DistillConfig) -> dict:
 
 def run_demo(out: str | Path = "fastkd-demo", fast: bool = False,
              cache_dir: str | Path | None = None, progress: bool = True,
-             offline: bool = False) -> dict:
+             offline: bool = False, threads: int | None = None) -> dict:
     """Tokenizer, cached teacher, distilled student, hard-label baseline and report, under out/.
 
     Returns run_distillation's results for the student run, plus "teacher" (the trained teacher's
     directory, "cached": whether it was reused) and with offline=True "offline" (`run_offline`).
-    Re-running with the same out resumes (or repeats only the report); an interrupted teacher
-    resumes from its cache.
+    out must be new, empty or a demo's run directory (it is marked as one before anything is
+    written into it). Re-running with the same out resumes an interrupted demo and changes
+    nothing in a finished one; an interrupted teacher resumes from its cache. threads: torch's
+    CPU threads for the whole demo (None: as torch has them), given back afterwards; each run
+    records its count, and a resume uses the recorded one.
     """
-    plan = FAST if fast else FULL
     out = Path(out)
     fsio.check_writable(out, "out")  # before anything is built or loaded
+    if not (out / RUN_MARKER).is_file():
+        check_new_run_dir(out)  # nothing of the user's is written over
+        mark_run_dir(out)
+    with torch_threads(threads or torch.get_num_threads()):
+        return _run_demo(FAST if fast else FULL, out, cache_dir, progress, offline)
+
+
+def _run_demo(plan: DemoPlan, out: Path, cache_dir: str | Path | None, progress: bool,
+              offline: bool) -> dict:
     files = stdlib_sources(plan.corpus_bytes)
     plan_json = json.dumps(dataclasses.asdict(plan), sort_keys=True)
     key = hashlib.sha256(f"{fastkd.__version__}|{plan_json}|{corpus_digest(files)}".encode())
-    teacher_root = (Path(cache_dir or fsio.default_cache_dir())
-                    / f"demo-teacher-{key.hexdigest()[:16]}")
+    teacher_root = Path(cache_dir or fsio.user_cache_dir()) / f"demo-teacher-{key.hexdigest()[:16]}"
     teacher_run = teacher_root / "run"
     data = [str(p) for p in files]
     log.info("corpus: %d Python standard-library files, %.1f MB, from %s", len(files),
@@ -243,7 +254,9 @@ def _teacher_cache(plan: DemoPlan, teacher_root: Path, data: list[str], mode: st
     """The demo teacher's cache in `mode` and `layout` (built once, kept beside the teacher): its
     directory, size on disk (every file in it), bytes a counted position, and the seconds its
     build took (kept beside it)."""
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     name = f"cache-{mode}-{layout}-k{OFFLINE_K}"
     cache, timing = teacher_root / name, teacher_root / f"{name}.seconds.json"
@@ -266,6 +279,10 @@ def run_offline(plan: DemoPlan, out: Path, teacher_root: Path, data: list[str], 
     """Distil the demo's student from a top-k and a sampled cache of its teacher (no teacher in
     memory while training), measure every student against the teacher as the report does, and
     append the side-by-side section to out/report.md (and out/offline.json)."""
+    if online.get("complete_before") and (out / "offline.json").is_file():  # measured before
+        return {"status": "completed", "signal": None,
+                **json.loads((out / "offline.json").read_text()),
+                "md": str(out / "report.md"), "json": str(out / "offline.json")}
     students = {"online distillation (teacher in memory)":
                 {"summary": online["distill"], "cache": None, "online": True},
                 "hard labels (same budget)":
@@ -285,7 +302,7 @@ def run_offline(plan: DemoPlan, out: Path, teacher_root: Path, data: list[str], 
             return {"status": run["status"], "signal": run["signal"]}
         students[name] = {"summary": run["distill"], "cache": cache, "online": False}
 
-    from fastkd.report import offline_comparison
+    from fastkd.demo_report import offline_comparison
 
     return {"status": "completed", "signal": None,
             **offline_comparison(plan, out, teacher_root / "run" / "student", data, students)}

@@ -20,6 +20,7 @@ the parameters, so the fused loss, which needs the LM head's whole weight, runs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from contextlib import nullcontext
@@ -29,10 +30,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-
-# The modules this file wraps (imported from here too, as they once lived here).
-from fastkd.batch_loss import StudentLoss, TeacherForward  # noqa: F401
-from fastkd.config import PARALLEL, TEACHER_PLACEMENTS  # noqa: F401
 
 log = logging.getLogger("fastkd")
 _MESH = None  # the 1-D device mesh FSDP shards over, set by init()
@@ -119,6 +116,28 @@ def teardown(clean: bool) -> None:
     _MESH, _OWNED = None, False
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """One process's device: `device`, else CUDA if available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def session(device: str | None, timeout_s: float):
+    """This process's part of a command: under torchrun it joins the process group (`init`) and
+    leaves it at the end of the block (`teardown`: a barrier first when the block ended normally,
+    none after an error, when the other ranks may be gone); yields this process's device (this
+    rank's under torchrun, else `resolve_device(device)`)."""
+    local = init(device, timeout_s)
+    try:
+        yield resolve_device(device) if local is None else local
+    except BaseException:
+        teardown(clean=False)
+        raise
+    teardown(clean=True)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -146,6 +165,25 @@ def broadcast_from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_ranks(obj) -> list:
+    """Every rank's obj (picklable, small), in rank order: [obj] with one process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def raise_main_refusal(failure: Exception | None) -> None:
+    """Every rank raises rank 0's refusal: rank 0 its own `failure`, the others a ValueError with
+    its message; nothing when rank 0 had none (a collective: every rank calls it)."""
+    refusal = broadcast_from_main(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +234,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def wrap_student(module: StudentLoss, parallel: str, bf16: bool, device: torch.device):
+def wrap_student(module: nn.Module, parallel: str, bf16: bool, device: torch.device):
     """FSDP2 (each decoder layer, then the root) or DDP; the module itself with one process.
 
     FSDP on CUDA with bf16: bf16 parameters in compute, fp32 gradient reduction, fp32 shards
@@ -222,7 +260,7 @@ def wrap_student(module: StudentLoss, parallel: str, bf16: bool, device: torch.d
     return fully_shard(module, mesh=_MESH, mp_policy=mp)
 
 
-def wrap_teacher(module: TeacherForward, placement: str, device: torch.device):
+def wrap_teacher(module: nn.Module, placement: str, device: torch.device):
     """Shard the teacher forward-only (resharded after each forward), or replicate it."""
     if not is_distributed() or placement == "replicate":
         return module.to(device)

@@ -32,9 +32,9 @@ from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss, count_tar
 from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.checkpoint import export_student, load_checkpoint, resume_checkpoint, save_checkpoint
 from fastkd.config import DistillConfig
-from fastkd.data import Batches, Blocks, check_packing
+from fastkd.data import Batches, Blocks, DiskRows
 from fastkd.memory import PeakMemory
-from fastkd.models import check_vocab, lm_head, load_lm, with_heads
+from fastkd.models import check_packing, check_vocab, lm_head, load_lm, with_heads
 
 log = logging.getLogger("fastkd")
 
@@ -95,12 +95,12 @@ class _Phase:
 
 
 def train_phase(name: str, config: DistillConfig, phase_dir: Path,
-                teacher: TeacherForward | None, tokenizer, train: Blocks, heldout: Blocks,
-                device: torch.device, stop: StopSignals, max_steps: int | None) -> PhaseResult:
+                teacher: TeacherForward | None, tokenizer, train: DiskRows | Blocks,
+                heldout: Blocks, device: torch.device, stop: StopSignals,
+                max_steps: int | None) -> PhaseResult:
     """Train config.student for config.steps optimizer steps (resuming from phase_dir if it holds
     a checkpoint), evaluating and checkpointing on the way; at most max_steps steps in this call.
     """
-    main = distributed.is_main()
     checkpoint = resume_checkpoint(phase_dir)
     phase = _setup(config, checkpoint, teacher, tokenizer, train, device)
 
@@ -109,9 +109,8 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
 
     def save(step: int) -> Path:
         return save_checkpoint(phase_dir, step, phase.student, tokenizer, phase.optimizer,
-                               phase.scheduler, phase.batches, history)
+                               phase.scheduler, phase.batches, records.history)
 
-    log_path = phase_dir / "log.jsonl"
     if checkpoint is not None:
         step, history = load_checkpoint(checkpoint, phase.student, phase.optimizer,
                                         phase.scheduler, phase.batches)
@@ -122,19 +121,14 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
         # Each rank its own seed: dropout on disjoint rows must not repeat one mask.
         set_seed(config.seed + distributed.rank())
         step, history = 0, [{"step": 0, **evaluate_now()}]
-    if main:
-        log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
     saved_step = step if checkpoint is not None else None
     start_step = step
-    board = _TensorBoard(phase_dir, config, step, history if checkpoint is None else [])
-
+    records = _Records(name, config, phase_dir, step, history, resumed=checkpoint is not None)
     memory = PeakMemory(device).start()
-    bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
-               disable=not (config.progress and main), dynamic_ncols=True)
-    postfix = {}
-    # the log is rank 0's; a teacher cache's targets decode on a thread, closed on the way out
-    with open(log_path if main else os.devnull, "a") as log_file, (
-            phase.prefetch or nullcontext()):
+
+    # The loop: one optimizer step a turn, then its record, an evaluation and a checkpoint when
+    # due. A teacher cache's targets decode on a thread, closed on the way out.
+    with records, (phase.prefetch or nullcontext()):
         while step < config.steps:
             # A signal (any rank's: all stop at the same step), or --stop-after.
             if distributed.any_rank(stop.signum is not None, device) or (
@@ -150,21 +144,11 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
                     f"then resume from it (--resume)") from None
             step += 1
             record = {"step": step, **stats}
-            postfix.update(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}")
             if step % config.eval_every == 0 or step == config.steps:
                 record.update(evaluate_now())
-                postfix["eval_ppl"] = f"{record['eval_ppl']:.2f}"
-            history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            board.write(record)
-            bar.update(1)
-            bar.set_postfix(postfix, refresh=False)
+            records.add(record)
             if step % config.save_every == 0 or step == config.steps:
-                checkpoint = save(step)
-                saved_step = step
-    bar.close()
-    board.close()
+                checkpoint, saved_step = save(step), step
     peak_memory = memory.stop()
 
     if saved_step != step:
@@ -177,8 +161,84 @@ def train_phase(name: str, config: DistillConfig, phase_dir: Path,
         status, student_dir = ("interrupted" if stop.signum is not None else "stopped"), None
         log.info("%s: stopped at step %d/%d; checkpoint %s", phase_dir, step, config.steps,
                  checkpoint)
-    return PhaseResult(status, step, step - start_step, history, checkpoint, student_dir,
+    return PhaseResult(status, step, step - start_step, records.history, checkpoint, student_dir,
                        peak_memory)
+
+
+class _Records:
+    """Where a phase's step records go: its history (saved with each checkpoint), then, rank 0's,
+    PHASE_DIR/log.jsonl (rewritten from the history when the phase starts), TensorBoard
+    (`_TensorBoard`), and the progress bar or, without one, `LogLines`. A context manager: the
+    log file, the bar and TensorBoard close on the way out."""
+
+    def __init__(self, name: str, config: DistillConfig, phase_dir: Path, step: int,
+                 history: list[dict], resumed: bool) -> None:
+        main = distributed.is_main()
+        self.history = history
+        log_path = phase_dir / "log.jsonl"
+        if main:
+            log_path.write_text("".join(json.dumps(record) + "\n" for record in history))
+        self.file = open(log_path if main else os.devnull, "a")  # closed in __exit__
+        self.board = _TensorBoard(phase_dir, config, step, [] if resumed else history)
+        self.bar = tqdm(total=config.steps, initial=step, desc=name, unit="step",
+                        disable=not (config.progress and main), dynamic_ncols=True)
+        self.lines = LogLines(name, config.steps, step) if main and not config.progress else None
+        self.postfix: dict = {}
+
+    def add(self, record: dict) -> None:
+        self.postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if "eval_ppl" in record:
+            self.postfix["eval_ppl"] = f"{record['eval_ppl']:.2f}"
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.board.write(record)
+        self.bar.update(1)
+        self.bar.set_postfix(self.postfix, refresh=False)
+        if self.lines is not None:
+            self.lines.record(record)
+
+    def __enter__(self) -> _Records:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        self.bar.close()
+        self.board.close()
+
+
+LOG_EVERY_SECONDS = 30.0  # with no progress bar: a log line at least this often
+
+
+class LogLines:
+    """With no progress bar (--no-progress), a log line at each evaluation and at least every
+    LOG_EVERY_SECONDS: the step, loss, tokens/s and the time left, so a run under nohup shows
+    life between its data lines and its report."""
+
+    def __init__(self, name: str, steps: int, step: int) -> None:
+        self.name, self.steps, self.first = name, steps, step
+        self.started = self.last = time.perf_counter()
+
+    def record(self, record: dict) -> None:
+        now = time.perf_counter()
+        if "eval_ce" not in record and now - self.last < LOG_EVERY_SECONDS:
+            return
+        self.last = now
+        step = record["step"]
+        left = (now - self.started) / (step - self.first) * (self.steps - step)
+        text = (f"{self.name}: step {step}/{self.steps}, loss {record['loss']:.4f}, "
+                f"{record['tokens_per_s']:,.0f} tokens/s, ETA {_duration(left)}")
+        if "eval_ppl" in record:
+            text += f", held-out ppl {record['eval_ppl']:.2f}"
+        log.info(text)
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class _TensorBoard:
@@ -213,7 +273,7 @@ class _TensorBoard:
 
 
 def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForward | None,
-           tokenizer, train: Blocks, device: torch.device) -> _Phase:
+           tokenizer, train: DiskRows | Blocks, device: torch.device) -> _Phase:
     """The student (from the checkpoint, else config.student), its loss, optimizer, schedule and
     batches."""
     opts = config.loss_options()
@@ -232,7 +292,7 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     head = load_lm(str(checkpoint / "model") if full_model else config.student,
                    "student", torch.float32, torch.device("cpu") if sharded else device)
     check_vocab(tokenizer, head, "student")
-    if train.position_ids is not None:  # packed examples: its attention must keep them apart
+    if train.packed:  # packed examples: its attention must keep them apart
         check_packing(head.model, "student")
     if config.lora_r is not None:
         with torch.random.fork_rng(devices=[]):  # the adapters' init: seeded, the same each run
@@ -247,8 +307,8 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
         (enable or head.model.gradient_checkpointing_enable)({"use_reentrant": False})
     # the heads' softcaps and logit scales (hard labels only: the student is its own teacher)
     opts = with_heads(opts, head, head if teacher is None else teacher)
-    student = distributed.wrap_student(StudentLoss(head, opts, config.backend), config.parallel,
-                                       use_bf16, device)
+    student = distributed.wrap_student(StudentLoss(head, opts, config.backend, config.cache_tail),
+                                       config.parallel, use_bf16, device)
     student.train()
 
     params = [p for p in student.parameters() if p.requires_grad]  # tied weights: once
@@ -267,7 +327,7 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
         logs_kd=opts.kd_weight > 0 and (teacher is not None or config.teacher_cache is not None),
         params=params, optimizer=optimizer, scheduler=scheduler,
         batches=Batches(train, config.batch_size, config.seed), autocast=autocast,
-        prefetch=Prefetch() if isinstance(train, CachedBlocks) else None)
+        prefetch=Prefetch() if config.teacher_cache is not None else None)
 
 
 def _optimizer_step(phase: _Phase, config: DistillConfig, device: torch.device) -> dict:

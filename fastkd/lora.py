@@ -92,7 +92,6 @@ def export_merged(base: str, adapter: Path, tokenizer, target: Path, adapter_tar
     (with the tokenizer); the adapter itself copied to adapter_target. Both written whole into
     temp dirs, then renamed (fastkd.fsio)."""
     import shutil
-    import tempfile
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -100,15 +99,14 @@ def export_merged(base: str, adapter: Path, tokenizer, target: Path, adapter_tar
     from fastkd import fsio
 
     if not adapter_target.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{adapter_target.name}-",
-                                    dir=adapter_target.parent))
-        shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-        fsio.publish_dir(tmp, adapter_target)
+        with fsio.temp_dir_beside(adapter_target) as tmp:
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+            fsio.publish_dir(tmp, adapter_target)
     if target.exists():
         return
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    fsio.publish_dir(tmp, target)
+    with fsio.temp_dir_beside(target) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        fsio.publish_dir(tmp, target)

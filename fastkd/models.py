@@ -3,8 +3,9 @@
 Loading through `from_pretrained` with errors that name the role, splitting a model into its base
 and its LM head (its logit scale and softcap from its config; refusing heads whose logits the
 fused loss cannot reproduce), the head's effective weight under a PEFT adapter
-(`head_weight_and_bias`), and the tokenizer checks.
-Shared by the trainer, the teacher cache and the Hugging Face integrations.
+(`head_weight_and_bias`), the tokenizer checks, and `check_packing` (whether a model's
+attention keeps packed examples apart). Shared by the trainer, the teacher cache and the Hugging
+Face integrations.
 """
 
 from __future__ import annotations
@@ -331,12 +332,41 @@ def _check_hub_id(repo_id: str, role: str, filename: str) -> None:
             "private one you are not logged in for)")
 
 
-def load_lm(name_or_path: str, role: str, dtype: torch.dtype, device: torch.device) -> LMHead:
+def load_lm(name_or_path: str, role: str, dtype: torch.dtype | None,
+            device: torch.device) -> LMHead:
+    """A causal LM from a directory or hub id, in dtype (None: the checkpoint's), on device, split
+    into base and head (`lm_head`)."""
     from transformers import AutoModelForCausalLM
 
     model = from_pretrained(AutoModelForCausalLM, name_or_path, role, dtype=dtype)
     model.config.use_cache = False
     return lm_head(model.to(device), role)
+
+
+def load_teacher(source: str | torch.nn.Module, dtype: str | torch.dtype | None,
+                 device: torch.device, role: str = "teacher") -> LMHead:
+    """The teacher, frozen: in eval mode and with no gradients (so no optimizer state).
+
+    Args:
+        source: a model directory or hub id (loaded), or a causal LM (taken as it is).
+        dtype: a name of `fastkd.plans.TEACHER_DTYPES` ("auto": bf16 on CUDA, fp32 elsewhere),
+            a torch.dtype, or None (the checkpoint's, or the model's own).
+        device: where it runs.
+        role: the name errors give it ("teacher", or one of several: "teachers[1]").
+
+    Returns:
+        its `LMHead` (the model, its base and its head, checked by `lm_head`).
+    """
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(source, str):
+        head = load_lm(source, role, dtype, device)
+    else:
+        head = lm_head(source.to(device=device, dtype=dtype), role)
+    head.model.eval().requires_grad_(False)
+    return head
 
 
 def load_tokenizer(source: str):
@@ -371,3 +401,40 @@ def check_vocab(tokenizer, head: LMHead, role: str) -> None:
     if len(tokenizer) > head.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {role}'s output layer "
                          f"has only {head.vocab_size} rows")
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module, role: str) -> None:
+    """Refuse a model whose attention lets packed examples see each other.
+
+    One forward of 2 rows, each packing 2 short examples (input_ids and position_ids counting
+    from 0 per example, no attention_mask: what `fastkd.data.Blocks.model_inputs` gives packed
+    rows), against the second examples run alone: equal when the model turns position_ids resets
+    into a block-diagonal mask (transformers' sdpa, eager and flex attention do; flash-attention
+    does only for a single row). Runs on the model's device, in its dtype.
+    """
+    param = next(model.parameters())
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    lengths = ((5, 4), (3, 6))
+    ids = torch.randint(0, vocab, (2, 9), generator=g)
+    positions = torch.tensor([list(range(a)) + list(range(b)) for a, b in lengths])
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=ids.to(param.device), position_ids=positions.to(param.device),
+                       use_cache=False).logits.float()
+        alone = [model(input_ids=ids[r:r + 1, a:].to(param.device),
+                       use_cache=False).logits[0].float() for r, (a, _) in enumerate(lengths)]
+    finally:
+        model.train(was_training)
+    err = max((packed[r, a:] - alone[r]).abs().max().item() for r, (a, _) in enumerate(lengths))
+    scale = max(1.0, max(x.abs().max().item() for x in alone))
+    tol = (1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2) * scale
+    if err > tol:
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+        impl = getattr(model.config, "_attn_implementation", None)
+        raise ValueError(
+            f"{role} model {name}: with attention {impl!r} packed examples attend to each other "
+            f"(max |logit difference| {err:.3g} > {tol:.3g} against each example alone); use "
+            "sdpa or eager attention, or packing=False (--no-packing) to pad each example instead")

@@ -1,34 +1,32 @@
 """The loss options, as one small frozen dataclass that travels through every layer.
 
-The field list below is the only place the options are typed: the public functions' and modules'
-keyword arguments (`option_signature`), the custom op's schema and its arguments
-(`op_schema`, `op_args`, `from_op_args`) and the vocab-parallel ranks' agreement (`encode`) are
-all derived from `dataclasses.fields(DistillOptions)`. A new option is one field here (with its
-check in `__post_init__`) plus its use in the spec and the row ops.
+The field list below is the only place the options are typed and described: the public functions'
+and modules' keyword arguments and the option list of their docstrings (`option_signature`), the
+custom op's schema and its arguments (`op_schema`, `op_args`, `from_op_args`) and the
+vocab-parallel ranks' agreement (`encode`) are all derived from `dataclasses.fields(
+DistillOptions)`. A new option is one field here (with its description, and its check in
+`__post_init__`) plus its use in the spec and the row ops.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import math
-from dataclasses import MISSING, dataclass, fields
-from numbers import Real
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields
+
+from fastkd.checks import choice, positive, real
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-# fastkd.loss's backends, named here (no torch import) for the config and the command line.
+# the loss's backends (fastkd.backends), named here (no torch import) for the config and the CLI
 BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 CHOICES = {"divergence": DIVERGENCES, "reduction": REDUCTIONS}  # every str field's values
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+def _option(default, doc: str):
+    """A field of DistillOptions with its one-line description (the API docstrings' option list,
+    `options_doc`)."""
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
@@ -42,53 +40,41 @@ class DistillOptions:
     `fastkd.models`, not chosen.
     """
 
-    temperature: float = 1.0
-    ce_weight: float = 0.5
-    kd_weight: float = 0.5
-    divergence: str = "forward_kl"
-    beta: float = 0.5  # jsd's mixture weight, strictly inside (0, 1)
-    skew: float = 0.1  # skew_*_kl's mixture weight alpha, in [0, 1) (0 gives the plain KL)
-    ignore_index: int = -100
-    reduction: str = "mean"
-    student_softcap: float | None = None
-    teacher_softcap: float | None = None
-    student_logit_scale: float = 1.0  # > 0: the student head's logits are scale * (h W^T + b)
-    teacher_logit_scale: float = 1.0
+    temperature: float = _option(1.0, "T > 0: D compares softmax(t / T) with softmax(s / T)")
+    ce_weight: float = _option(0.5, "weight of the cross-entropy to the labels, >= 0")
+    kd_weight: float = _option(0.5, "weight of T**2 times the divergence D, >= 0")
+    divergence: str = _option("forward_kl", "D: " + ", ".join(map(repr, DIVERGENCES)))
+    beta: float = _option(0.5, "jsd's mixture weight, strictly inside (0, 1)")
+    skew: float = _option(0.1, "the skew KLs' mixture weight alpha, in [0, 1) (0: the plain KL)")
+    ignore_index: int = _option(-100, "tokens with this label count for nothing")
+    reduction: str = _option("mean", '"mean" over the counted tokens, "sum", or "none" (per '
+                             "token, the leading shape)")
+    student_softcap: float | None = _option(None, "c > 0: the student's logits become "
+                                            "c tanh(s / c) (None: no cap)")
+    teacher_softcap: float | None = _option(None, "the same for the teacher's logits")
+    student_logit_scale: float = _option(1.0, "> 0: the student's logits are scale (h W^T + b), "
+                                         "before the softcap")
+    teacher_logit_scale: float = _option(1.0, "the same for the teacher's logits")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door once, here
-        set_(self, "temperature", _real("temperature", self.temperature))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        set_(self, "temperature", positive("temperature", self.temperature))
         for name in ("ce_weight", "kd_weight"):
-            value = _real(name, getattr(self, name))
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-            set_(self, name, value)
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        set_(self, "beta", _real("beta", self.beta))
+            set_(self, name, positive(name, getattr(self, name), or_zero=True))
+        choice("divergence", self.divergence, DIVERGENCES)
+        set_(self, "beta", real("beta", self.beta))
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta must lie strictly inside (0, 1) for jsd, got {self.beta}")
-        set_(self, "skew", _real("skew", self.skew))
+        set_(self, "skew", real("skew", self.skew))
         if self.divergence.startswith("skew_") and not 0.0 <= self.skew < 1.0:
             raise ValueError(f"skew must lie in [0, 1) for {self.divergence}, got {self.skew}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        choice("reduction", self.reduction, REDUCTIONS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         for name in ("student_softcap", "teacher_softcap"):
-            cap = getattr(self, name)
-            if cap is not None:
-                cap = _real(name, cap)
-                if cap <= 0:
-                    raise ValueError(f"{name} must be > 0 or None, got {cap}")
-                set_(self, name, cap)
+            set_(self, name, positive(name, getattr(self, name), optional=True))
         for name in ("student_logit_scale", "teacher_logit_scale"):
-            value = _real(name, getattr(self, name))
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-            set_(self, name, value)
+            set_(self, name, positive(name, getattr(self, name)))
 
     @property
     def mix(self) -> float:
@@ -170,15 +156,18 @@ def from_kwargs(where: str, options: dict, unused: tuple[str, ...] = ()) -> Dist
     return DistillOptions(**options)
 
 
-def option_signature(unused: tuple[str, ...] = (), positional: tuple[str, ...] = ()):
-    """Decorator: replace the function's **options by one keyword-only parameter per option (with
-    its default and type) in its signature, so help() and inspect show every option.
+def options_doc(unused: tuple[str, ...] = ()) -> str:
+    """The options' lines of an API docstring, from the fields of DistillOptions: one per option
+    (but `unused`), "name (type, default value): description"."""
+    return "\n".join(f"{f.name} ({f.type}, default {f.default!r}): {f.metadata['doc']}"
+                     for f in FIELDS if f.name not in unused)
 
-    positional: names (options, and the function's own keyword-only parameters) that may also
-    come positionally, in this order, after its positional parameters: the modules' constructors
-    keep the order they had before the options became one dataclass. The function then receives
-    every argument by name, bound to that signature (too many, or one given twice: Python's
-    TypeError)."""
+
+def option_signature(unused: tuple[str, ...] = ()):
+    """Decorator: replace the function's **options by one keyword-only parameter per option (with
+    its default and type) in its signature, so help() and inspect show every option; and write
+    the options' lines (`options_doc`) into its docstring, under the line that names
+    `**options`, indented one level deeper."""
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -188,19 +177,20 @@ def option_signature(unused: tuple[str, ...] = (), positional: tuple[str, ...] =
         opts = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
                                   default=f.default)
                 for f in FIELDS if f.name not in unused and f.default is not MISSING]
-        keyword = {p.name: p for p in opts + params[first_kw:]}
-        ordered = [keyword.pop(name).replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                   for name in positional]
-        signature = sig.replace(parameters=params[:first_kw] + ordered + list(keyword.values()))
-        if not positional:
-            fn.__signature__ = signature
-            return fn
-
-        @functools.wraps(fn)
-        def by_name(*args, **kwargs):
-            return fn(**signature.bind(*args, **kwargs).arguments)
-
-        by_name.__signature__ = signature
-        return by_name
+        fn.__signature__ = sig.replace(parameters=params[:first_kw] + opts + params[first_kw:])
+        fn.__doc__ = _with_options_doc(fn.__doc__, unused)
+        return fn
 
     return decorate
+
+
+def _with_options_doc(doc: str | None, unused: tuple[str, ...]) -> str | None:
+    if doc is None:  # python -OO strips docstrings
+        return None
+    lines = doc.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("**options"))
+    indent = " " * (len(lines[at]) - len(lines[at].lstrip()) + 4)
+    listed = [textwrap.fill(line, 100, initial_indent=indent, subsequent_indent=indent + "    ",
+                            break_on_hyphens=False, break_long_words=False)
+              for line in options_doc(unused).splitlines()]
+    return "\n".join(lines[: at + 1] + listed + lines[at + 1:])

@@ -4,23 +4,27 @@ that the commands' help (which prints these defaults) and argument errors answer
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
-from fastkd.config import UTF8_ERRORS
+from fastkd.checks import check_num_proc, check_seq_len, choice, path_list, positive, positive_int
+from fastkd.readers import UTF8_ERRORS
 
 MODES = ("topk", "sample")  # cache-teacher: the teacher's top-k ids, or ids drawn from it
 LAYOUTS = ("compact", "fixed")  # fastkd.cache_format: format /2's coded rows, or /1's k slots
 DTYPE_NAMES = ("float16", "bfloat16")  # the fixed layout's stored log-probabilities
+# A teacher's weights (distill and cache-teacher; fastkd.models.load_teacher): auto is bf16 on CUDA
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _temperature(value) -> float:
-    """A plan's temperature as a float; a ValueError unless it is a finite number > 0."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
-                                       and math.isfinite(value)):
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-    return float(value)
+def check_storage(layout: str, dtype: str, logprob_step: float) -> float:
+    """How a cache stores its targets (both plans): the layout, the fixed layout's dtype, and the
+    compact layout's log-probability grid, returned as a float (its range: fastkd.codec)."""
+    choice("layout", layout, LAYOUTS)
+    choice("dtype", dtype, DTYPE_NAMES)
+    if isinstance(logprob_step, bool) or not (isinstance(logprob_step, (int, float))
+                                              and 2.0 ** -12 <= logprob_step <= 1.0):
+        raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got {logprob_step!r}")
+    return float(logprob_step)
 
 
 @dataclass
@@ -47,19 +51,16 @@ class CachePlan:
     teacher_dtype: str = "auto"
     dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the others
     progress: bool = True
-    packing: bool = True  # as DistillConfig's (fastkd.data.load_blocks)
+    packing: bool = True  # as DistillConfig's (fastkd.store.load_blocks)
     utf8_errors: str = "strict"
+    data_cache: str | None = None  # where the data's token store lives (fastkd.store)
+    num_proc: int | None = None  # processes that prepare it (fastkd.prepare)
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [str(p) for p in self.data]
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.data = path_list("data", self.data, "data file")
+        choice("mode", self.mode, MODES)
         for name in ("k", "batch_size", "shard_sequences"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.mode == "sample":
             self.samples = self.k if self.samples is None else self.samples
             if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
@@ -68,23 +69,13 @@ class CachePlan:
                                  f"drawn needs a slot), got {self.samples!r}")
         elif self.samples is not None:
             raise ValueError("samples applies to mode='sample' only")
-        self.temperature = _temperature(self.temperature)
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        if not (isinstance(self.logprob_step, (int, float))
-                and 2.0 ** -12 <= self.logprob_step <= 1.0):
-            raise ValueError(f"logprob_step must lie in [2^-12, 1] nats, got "
-                             f"{self.logprob_step!r}")
-        self.logprob_step = float(self.logprob_step)
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.utf8_errors not in UTF8_ERRORS:
-            raise ValueError(f"utf8_errors must be one of {UTF8_ERRORS}, got "
-                             f"{self.utf8_errors!r}")
+        self.temperature = positive("temperature", self.temperature)
+        check_seq_len(self.seq_len)
+        self.logprob_step = check_storage(self.layout, self.dtype, self.logprob_step)
+        choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        positive("dist_timeout", self.dist_timeout)
+        choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
+        check_num_proc(self.num_proc)
 
 
 @dataclass
@@ -105,15 +96,9 @@ class ImportPlan:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.logprobs, (str, os.PathLike)):
-            self.logprobs = [self.logprobs]
-        self.logprobs = [str(p) for p in self.logprobs]
-        if not self.logprobs:
-            raise ValueError("logprobs: pass at least one .jsonl file")
-        self.temperature = _temperature(self.temperature)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        self.logprobs = path_list("logprobs", self.logprobs, ".jsonl file")
+        self.temperature = positive("temperature", self.temperature)
+        if self.seq_len is not None:
+            check_seq_len(self.seq_len)
+        self.logprob_step = check_storage(self.layout, self.dtype, self.logprob_step)
+        positive_int("shard_sequences", self.shard_sequences)

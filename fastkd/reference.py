@@ -44,6 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastkd.checks import choice
 from fastkd.options import DistillOptions
 
 
@@ -369,10 +370,10 @@ EMPTY_LOG = -1e30
 
 def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
     """The logits s the loss sees (`head_logits`), log q = log softmax(s / T) over the full
-    vocabulary, the used-slot
-    mask, the slots' ids (0 in unused slots) and the per-slot (log_q, log_p) the divergence sees,
-    plus for "bucket" the membership mask (..., V) and log(1 - Q), for "ignore" log M (merged
-    masses)."""
+    vocabulary, the used-slot mask, the slots' ids (0 in unused slots) and the per-slot (log_q,
+    log_p) the divergence sees, plus for "bucket" the membership mask (..., V) and log(1 - Q),
+    for "ignore" log M (merged masses)."""
+    choice("tail", tail, SPARSE_TAILS)
     s = head_logits(student_logits, opts.student_logit_scale, opts.student_softcap)
     log_q_all = log_softmax(s / opts.temperature)
     used = ids >= 0
@@ -392,8 +393,6 @@ def _sparse_buckets(student_logits, ids, logprobs, opts, tail):
         log_q = torch.where(used, log_q_k - log_big_q, EMPTY_LOG)
         log_p = torch.where(used, log_p - lse_p, EMPTY_LOG)
         return s, log_q_all, used, safe, log_q, log_p, extra
-    if tail != "bucket":
-        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
     member = torch.zeros(s.shape, dtype=torch.long, device=s.device).scatter_add_(
         -1, safe, used.long()) > 0
     # log(1 - Q) as the logsumexp of log q outside S: no 1 - Q to cancel when Q is near 1

@@ -32,12 +32,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fastkd import reference
-from fastkd.cache import CachedBlocks
+from fastkd import fsio, reference
+from fastkd.cache import CachedBlocks, default_tail
 from fastkd.data import Blocks, eval_batches
 from fastkd.options import DistillOptions
 
 METRIC_LOGITS = 2**26  # logits elements per held-out metric batch (256 MiB in fp32)
+# Fewer held-out next-token targets than this: the run and the report warn that its perplexity
+# and KL are too noisy to compare models by (e.g. 3 sequences of 256 tokens: 765).
+MIN_HELDOUT_TARGETS = 1000
+
+
+def small_heldout(heldout: Blocks) -> str | None:
+    """The warning for a held-out set below MIN_HELDOUT_TARGETS targets, else None."""
+    targets = heldout.count_targets()
+    if targets >= MIN_HELDOUT_TARGETS:
+        return None
+    return (f"the held-out set holds {targets:,} next-token targets ({len(heldout)} sequences), "
+            f"fewer than the {MIN_HELDOUT_TARGETS:,} fastkd asks for: its perplexity and KL are "
+            "too noisy to compare models by; hold out more (--eval-fraction, --eval-sequences)")
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -86,7 +99,7 @@ def save_int8(model: torch.nn.Module, path: Path) -> Path:
             if module.bias() is not None:
                 tensors[f"{name}.bias"] = module.bias().detach().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    fsio.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return path
 
 
@@ -99,15 +112,17 @@ def heldout_metrics(models: dict[str, tuple[torch.nn.Module, torch.device]],
     ce and perplexity from the model's full logits at temperature 1. The teacher side: the
     teacher model's full logits (temperature 1; KL and agreement over the shared vocabulary ids),
     or, with teacher=None (an offline run), the held-out rows' cached targets (`CachedBlocks`):
-    KL from the cached (id, log-probability) pairs at the cache's temperature T
-    (`cache_kl_tail`), top-1 agreement with the cached top-1 id for a top-k cache (its first
-    slot is the teacher's argmax), None for a sampled one (the most frequent sample need not be
-    the argmax).
+    KL from the cached (id, log-probability) pairs at the cache's temperature T with the cache's
+    own tail (`fastkd.cache.default_tail`: for top-k, "bucket", the exact KL between the
+    distributions coarsened to the k ids plus the rest, a lower bound on the full KL; for sampled
+    targets, "ignore", the plug-in estimate sum p^ (log p^ - log q)), top-1 agreement with the
+    cached top-1 id for a top-k cache (its first slot is the teacher's argmax), None for a sampled
+    one (the most frequent sample need not be the argmax).
     """
     vocabs = [m.config.get_text_config().vocab_size for m, _ in models.values()]
     if teacher is None:  # offline: the cached targets
         cache = heldout.targets.cache
-        tail, agreement = cache_kl_tail(cache), cache.manifest["mode"] == "topk"
+        tail, agreement = default_tail(cache.mode), cache.mode == "topk"
         opts = DistillOptions(temperature=cache.manifest["temperature"], ce_weight=1.0,
                               kd_weight=1.0, divergence="forward_kl")
     else:
@@ -162,13 +177,6 @@ def _token_metrics(s_logits: torch.Tensor, target, labels: torch.Tensor, opts: D
         _, ce, kl = reference.sparse_token_losses(s_logits, ids, logprobs, labels, opts, tail)
         agree = s_logits.argmax(-1) == ids[:, 0]
     return ce, kl, agree & (labels != opts.ignore_index)
-
-
-def cache_kl_tail(cache) -> str:
-    """The tail the report measures a cache's KL with: "bucket" for top-k (the exact KL between
-    the distributions coarsened to the k ids plus the rest: a lower bound on the full KL),
-    "ignore" for sampled targets (the plug-in estimate sum p^ (log p^ - log q))."""
-    return "ignore" if cache.manifest["mode"] == "sample" else "bucket"
 
 
 def safetensors_params(path: Path) -> int | None:
@@ -256,7 +264,7 @@ def _fmt_count(n: float | None) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
     return NOT_MEASURED if n is None else f"{n / 2**20:.2f} MiB"
 
 
@@ -264,7 +272,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -
     return NOT_MEASURED if value is None else f"{value * scale:{spec}}{suffix}"
 
 
-def _change(new: float, old: float) -> str:
+def change(new: float, old: float) -> str:
     return f"{(new - old) / old * 100:+.1f}%"
 
 
@@ -316,7 +324,7 @@ def _offline_text(heldout: CachedBlocks) -> list[str]:
     cache = heldout.targets.cache
     m = cache.manifest
     per_position = cache.bytes_per_position()
-    stored = (f"{m.get('layout', 'fixed')} layout, {_fmt_bytes(cache.disk_bytes())} on disk"
+    stored = (f"{m.get('layout', 'fixed')} layout, {fmt_bytes(cache.disk_bytes())} on disk"
               + (f", {per_position:.1f} bytes a counted position" if per_position else ""))
     if m.get("logprob_step"):
         stored += (f", log-probabilities on a {m['logprob_step']:g}-nat grid (each within about "
@@ -354,8 +362,14 @@ def _shown(path: str, run_dir: str) -> str:
 def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
                     device: torch.device) -> str:
     """report.md: the setting, the table, and the comparisons the table supports, as measured."""
-    by_name = {row["model"]: row for row in rows}
-    budget = results["distill"]
+    offline = isinstance(heldout, CachedBlocks)
+    return "\n".join([*_setting(config, results, heldout, device),
+                      *(_offline_text(heldout) if offline else []), *_table(rows), "",
+                      *_comparisons(config, rows, results, offline)])
+
+
+def _setting(config, results: dict, heldout: Blocks, device: torch.device) -> list[str]:
+    """The title and what ran: the models, the budget, the loss, the held-out set, the machine."""
     offline = isinstance(heldout, CachedBlocks)
     opts = config.loss_options()
     loss_text = (f"{opts.ce_weight:g}·CE + {opts.kd_weight:g}·T²·{opts.divergence}"
@@ -363,50 +377,61 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
                  + (f"(α={opts.skew:g})" if opts.divergence.startswith("skew_") else "")
                  + f", T = {opts.temperature:g}")
     if offline:
-        loss_text += f" (sparse, tail {heldout.targets.cache.tail})"
+        loss_text += f" (sparse, tail {config.cache_tail})"
     teacher_name = heldout.targets.cache.manifest["teacher"] if offline else config.teacher
-    lines = [
+    return [
         "# fastkd distillation report",
         "",
         f"Teacher `{_shown(teacher_name, config.out)}` → student "
         f"`{_shown(config.student, config.out)}`. Budget per student: "
         f"{config.steps} optimizer steps × {config.batch_size * config.grad_accum} sequences × "
-        f"{config.seq_len} tokens ({budget['tokens']:,} training tokens); loss {loss_text}; "
-        f"AdamW lr {config.lr:g}, warmup {config.warmup_steps} + cosine, seed {config.seed}.",
+        f"{config.seq_len} tokens ({results['distill']['tokens']:,} training tokens); loss "
+        f"{loss_text}; AdamW lr {config.lr:g}, warmup {config.warmup_steps} + cosine, seed "
+        f"{config.seed}.",
         f"Held-out: {len(heldout)} sequences ({heldout.count_targets():,} "
         f"next-token targets). Device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}.",
+        *([f"**Warning**: {small_heldout(heldout)}."] if small_heldout(heldout) else []),
         "",
-        *(_offline_text(heldout) if offline else []),
-        "| model | params | size on disk | held-out ppl | top-1 agreement | KL(teacher‖model) | "
-        "tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| model | params | size on disk | held-out ppl | top-1 agreement | "
+             "KL(teacher‖model) | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         speed = (NOT_MEASURED if row["tokens_per_s"] is None else
                  f"{row['tokens_per_s']:,.0f} ({row['device']}, {row['dtype']})")
         lines.append(
-            f"| {row['model']} | {_fmt_count(row['params'])} | {_fmt_bytes(row['size_bytes'])} | "
+            f"| {row['model']} | {_fmt_count(row['params'])} | {fmt_bytes(row['size_bytes'])} | "
             f"{_fmt(row['perplexity'], '.2f')} | {_fmt(row['top1_agreement'], '.1f', 100, '%')} | "
             f"{_fmt(row['kl_to_teacher'], '.4f')} | {speed} |")
-    lines.append("")
+    return lines
+
+
+def _comparisons(config, rows: list[dict], results: dict, offline: bool) -> list[str]:
+    """What the table shows: distillation against hard labels, int8 against fp32, the student
+    against the teacher; the training time; how each number was measured."""
+    by_name = {row["model"]: row for row in rows}
     distilled = by_name["distilled student"]
     hard = by_name.get("hard-label student (same budget)")
+    lines = []
     if hard is not None:
         verdict = ("distillation beats" if distilled["perplexity"] < hard["perplexity"]
                    else "distillation does not beat")
         lines.append(
             f"- **Distillation vs hard labels at the same budget**: {verdict} the hard-label "
             f"baseline on held-out perplexity ({distilled['perplexity']:.2f} vs "
-            f"{hard['perplexity']:.2f}, {_change(distilled['perplexity'], hard['perplexity'])}); "
+            f"{hard['perplexity']:.2f}, {change(distilled['perplexity'], hard['perplexity'])}); "
             f"top-1 agreement {_fmt(distilled['top1_agreement'], '.1f', 100, '%')} vs "
             f"{_fmt(hard['top1_agreement'], '.1f', 100, '%')}; KL to the teacher "
             f"{distilled['kl_to_teacher']:.4f} vs {hard['kl_to_teacher']:.4f}.")
     int8_row = by_name["distilled student, int8 dynamic"]
     lines.append(
         f"- **int8 dynamic quantization** of the distilled student: size "
-        f"{_change(int8_row['size_bytes'], distilled['size_bytes'])}, perplexity "
-        f"{_change(int8_row['perplexity'], distilled['perplexity'])}, throughput "
+        f"{change(int8_row['size_bytes'], distilled['size_bytes'])}, perplexity "
+        f"{change(int8_row['perplexity'], distilled['perplexity'])}, throughput "
         f"{int8_row['tokens_per_s'] / distilled['tokens_per_s']:.2f}× the fp32 student's "
         f"({int8_row['device']} vs {distilled['device']}).")
     teacher_row = by_name["teacher"]
@@ -415,13 +440,14 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
             f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
             f"parameters, {distilled['tokens_per_s'] / teacher_row['tokens_per_s']:.2f}× the "
             f"throughput, perplexity "
-            f"{_change(distilled['perplexity'], teacher_row['perplexity'])}.")
+            f"{change(distilled['perplexity'], teacher_row['perplexity'])}.")
     elif teacher_row["params"] is not None:
         lines.append(
             f"- **Student vs teacher**: {distilled['params'] / teacher_row['params']:.2f}× the "
             "parameters (from the teacher's files); its throughput and perplexity are not "
             "measured offline.")
-    timing = f"- Training time (optimizer steps only): distillation {budget['train_seconds']:.1f} s"
+    timing = (f"- Training time (optimizer steps only): distillation "
+              f"{results['distill']['train_seconds']:.1f} s")
     if results.get("baseline"):
         timing += f", hard-label baseline {results['baseline']['train_seconds']:.1f} s"
     metrics_text = (
@@ -430,7 +456,7 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         "Held-out metrics use full logits at temperature 1; KL is KL(p_teacher ‖ p_model) over "
         "the shared vocabulary ids, per token; top-1 agreement compares argmaxes over the shared "
         "ids. ")
-    lines += [
+    return lines + [
         timing + ".",
         "",
         metrics_text +
@@ -441,7 +467,6 @@ def render_markdown(config, rows: list[dict], results: dict, heldout: Blocks,
         "![loss curves](loss_curve.png)",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.device,
@@ -459,113 +484,11 @@ def write_report(config, run_dir: Path, teacher, heldout: Blocks, device: torch.
     if isinstance(heldout, CachedBlocks):  # offline: what the teacher-side numbers came from
         cache = heldout.targets.cache
         summary["teacher_cache"] = {
-            "dir": str(cache.dir), "kl_tail": cache_kl_tail(cache), "train_tail": cache.tail,
+            "dir": str(cache.dir), "kl_tail": default_tail(cache.mode),
+            "train_tail": config.cache_tail,
             "bytes": cache.disk_bytes(), "bytes_per_position": cache.bytes_per_position(),
             **{key: cache.manifest.get(key) for key in ("teacher", "mode", "k", "samples",
                                                          "temperature", "layout", "positions",
                                                          "logprob_step")}}
     json_path.write_text(json.dumps(summary, indent=2))
     return {"md": str(md_path), "json": str(json_path), "png": str(png_path), "rows": rows}
-
-
-# ----------------------------------------------------------------------------------------------
-# The demo's offline comparison (`fastkd demo --offline`): students taught online, from a top-k
-# cache, from a sampled cache and by hard labels, measured against the teacher side by side.
-
-
-def offline_comparison(plan, out: Path, teacher_dir: Path, data: list[str],
-                       students: dict[str, dict]) -> dict:
-    """Measure each student (`students`: name -> {"summary": its phase summary, "cache": None or
-    {dir, mode, k, bytes, build_seconds}}) against the teacher with `heldout_metrics` on the
-    run's held-out sequences, append the table to out/report.md and write out/offline.json."""
-    from transformers import AutoModelForCausalLM
-
-    from fastkd.data import load_blocks
-    from fastkd.models import load_tokenizer
-
-    device = torch.device("cpu")
-    _, heldout = load_blocks(data, load_tokenizer(str(teacher_dir)), plan.seq_len, 0.05)
-    heldout = heldout.select(torch.arange(min(len(heldout), plan.eval_sequences)))
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    models = {name: (AutoModelForCausalLM.from_pretrained(
-        s["summary"]["student_dir"], dtype=torch.float32).eval(), device)
-        for name, s in students.items()}
-    metrics = heldout_metrics(models, teacher, heldout, device)
-    rows = []
-    for name, student in students.items():
-        summary, cache = student["summary"], student["cache"]
-        rows.append({"student": name, **metrics[name],
-                     "teacher_in_memory": student["online"],
-                     "train_seconds": summary["train_seconds"],
-                     "peak_memory_bytes": summary.get("peak_memory_bytes"),
-                     "cache": cache})
-    md = render_offline(rows, heldout)
-    md_path, json_path = out / "report.md", out / "offline.json"
-    with open(md_path, "a") as f:
-        f.write(md)
-    json_path.write_text(json.dumps({"rows": rows, "heldout_sequences": len(heldout)}, indent=2))
-    return {"rows": rows, "md": str(md_path), "json": str(json_path), "text": md}
-
-
-def render_offline(rows: list[dict], heldout: Blocks) -> str:
-    """The side-by-side section the offline demo appends to report.md."""
-    by_name = {row["student"]: row for row in rows}
-    lines = [
-        "",
-        "## Offline distillation: the teacher cached once",
-        "",
-        "The same student, budget, seed and loss, taught five ways: online (the teacher in memory, "
-        "the dense fused loss), from a cache of the teacher's top-k ids (the sparse loss, tail "
-        "\"bucket\"; stored compactly, and in the fixed fp16 layout as the near-exact reference), "
-        "from a cache of ids sampled from the teacher (tail \"ignore\": an unbiased "
-        "estimate of the full forward-KL gradient), and by hard labels alone. All measured "
-        f"against the teacher on the same {len(heldout)} held-out sequences with full logits at "
-        "temperature 1 (KL with the teacher's full distribution).",
-        "",
-        "| student | held-out ppl | KL(teacher‖student) | top-1 agreement | training time | "
-        "peak memory | teacher cache: bytes a counted position, on disk (build time) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        cache = row["cache"]
-        cache_text = ("teacher in memory" if row["teacher_in_memory"] else "none" if cache is None
-                      else f"{cache['bytes_per_position']:.1f} B, {_fmt_bytes(cache['bytes'])} "
-                           f"({cache['build_seconds']:.1f} s)")
-        lines.append(
-            f"| {row['student']} | {row['perplexity']:.2f} | {row['kl_to_teacher']:.4f} | "
-            f"{row['top1_agreement'] * 100:.1f}% | {row['train_seconds']:.1f} s | "
-            f"{_fmt_bytes(row['peak_memory_bytes'])} | {cache_text} |")
-    online = next(row for row in rows if row["teacher_in_memory"])
-    lines.append("")
-    for row in rows:
-        if row["cache"] is None:
-            continue
-        lines.append(
-            f"- **{row['student']} vs online**: perplexity "
-            f"{_change(row['perplexity'], online['perplexity'])}, KL to the teacher "
-            f"{row['kl_to_teacher']:.4f} vs {online['kl_to_teacher']:.4f}, training time "
-            f"{row['train_seconds'] / online['train_seconds']:.2f}×.")
-    exact = next((row for row in rows if (row["cache"] or {}).get("layout") == "fixed"), None)
-    compact = next((row for row in rows if (row["cache"] or {}).get("layout") == "compact"
-                    and row["cache"]["mode"] == "topk"), None)
-    if exact is not None and compact is not None:
-        lines.append(
-            f"- **Compact vs fixed top-k cache**: perplexity {compact['perplexity']:.3f} vs "
-            f"{exact['perplexity']:.3f} ({_change(compact['perplexity'], exact['perplexity'])}), "
-            f"{compact['cache']['bytes_per_position']:.1f} vs "
-            f"{exact['cache']['bytes_per_position']:.1f} bytes a counted position.")
-    hard = by_name.get("hard labels (same budget)")
-    if hard is not None:
-        lines.append(f"- Hard labels for scale: perplexity {hard['perplexity']:.2f}, KL "
-                     f"{hard['kl_to_teacher']:.4f}.")
-    lines += [
-        "",
-        "Training time: the optimizer steps only (evaluations included); a cache is built once "
-        "and reused by every later run. Peak memory: on CUDA the peak allocated bytes; on the "
-        "CPU the process's peak anonymous resident memory during the steps (RssAnon, sampled "
-        "every 20 ms; memory-mapped cache pages are file-backed and not counted). It is "
-        "process-wide, and the runs share one process, so it compares them only roughly: a "
-        "later run cannot read below what the allocator kept from an earlier one.",
-        "",
-    ]
-    return "\n".join(lines)

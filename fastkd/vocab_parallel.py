@@ -17,7 +17,7 @@ kernel's passes around all-reduces of a few floats per token (never logits):
 
 Per token: loss = w_ce (L_s - s_y) + w_kd T^2 D, the same on every rank. dL/dh_s is all-reduced
 once per call (each rank's G W_r is a partial sum). Backends: the Triton kernels' entry points
-(`distill_stats`, `distill_partials`, `distill_grad`), or the same passes in torch built from the
+(`dense_stats`, `dense_partials`, `dense_grad`), or the same passes in torch built from the
 spec's elementwise terms (`reference.divergence_terms`, `reference.divergence_g`).
 
 `VocabParallelTeacher` is the dense teacher form with this row op. Before the chunk loop, one
@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 
 from fastkd import options, reference
-from fastkd.autograd import RowOp, accumulator_dtype
-from fastkd.loss import Call, DenseTeacher
+from fastkd.backends import RowOp
+from fastkd.checks import positive_int
+from fastkd.dense import DenseTeacher
+from fastkd.frontend import Call
 from fastkd.options import DistillOptions
-
-THREE_PASS = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class VocabParallelTeacher(DenseTeacher):
     vocab_start + V_t,r). Runs eagerly (its collectives stay outside any compiled graph)."""
 
     name = "vocab-parallel"
+    native_rows = False  # its own row passes, around all-reduces
     reference_backend = False
     collective = True
     group: dist.ProcessGroup
@@ -61,9 +62,7 @@ class VocabParallelTeacher(DenseTeacher):
         return None
 
     def check(self, teacher, h_s, vocab, opts):
-        start = self.vocab_start
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"vocab_start must be a non-negative int, got {start!r}")
+        positive_int("vocab_start", self.vocab_start, or_zero=True)
         return super().check(teacher, h_s, vocab, opts)
 
     def row_op(self, backend):
@@ -92,10 +91,18 @@ def _row(call: Call | Exception) -> list[float]:
         return [0.0] * (len(AGREED) + len(options.NAMES))
     lo, hi = call.label_range or (float("inf"), float("-inf"))
     counted = -1 if call.n_counted is None else call.n_counted
-    return [1.0, call.form.vocab_start, call.w_s.shape[0], call.teacher[1].shape[0],
-            call.h_s.shape[0], counted, call.chunk, lo, hi,
-            8 * accumulator_dtype(call.dtypes).itemsize, call.labels is not None, call.grads,
-            *options.encode(call.opts)]
+    plan = call.plan
+    return [1.0, plan.form.vocab_start, call.w_s.shape[0], call.teacher[1].shape[0],
+            call.h_s.shape[0], counted, plan.chunk, lo, hi, 8 * plan.acc.itemsize,
+            call.labels is not None, call.grads, *options.encode(plan.opts)]
+
+
+def collective_device(group) -> torch.device:
+    """Where the group's collectives take tensors: gloo gathers CPU tensors only; NCCL needs
+    them on the current CUDA device."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def agree(group, call: Call | Exception) -> Call:
@@ -104,10 +111,7 @@ def agree(group, call: Call | Exception) -> Call:
     chunk (every rank must run as many chunks, each a round of collectives), the labels' range
     over all ranks and the whole vocabulary to check it against."""
     world = dist.get_world_size(group)
-    # gloo gathers CPU tensors only; NCCL needs them on the current CUDA device
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
-    mine = torch.tensor(_row(call), dtype=torch.float64, device=device)
+    mine = torch.tensor(_row(call), dtype=torch.float64, device=collective_device(group))
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
     rows = [t.tolist() for t in table]
@@ -146,8 +150,8 @@ def agree(group, call: Call | Exception) -> Call:
             )
         expected = v0 + s_rows
     lo, hi = min(column["lowest label"]), max(column["highest label"])
-    return replace(call, chunk=int(min(column["chunk"])), vocab=int(expected),
-                   label_range=None if lo > hi else (int(lo), int(hi)))
+    return replace(call, plan=replace(call.plan, chunk=int(min(column["chunk"]))),
+                   vocab=int(expected), label_range=None if lo > hi else (int(lo), int(hi)))
 
 
 # ---- the passes in torch (CPU) ----------------------------------------------------------------
@@ -222,10 +226,10 @@ def _torch_grad(s_buf, t, labels, row_scale, params, vocab_start, opts):
     s_buf.copy_(grad)
 
 
-STATS_PASS = RowOp(torch=_torch_stats, triton="distill.distill_stats")
-PARTIALS_PASS = RowOp(torch=_torch_partials, triton="distill.distill_partials")
-GRAD_PASS = RowOp(torch=_torch_grad, triton="distill.distill_grad")
-STATS = 6  # per row, local: L_s, L_a, L_b, e, s_y, H_r (kernels/distill.py's STATS)
+STATS_PASS = RowOp(torch=_torch_stats, triton="dense.dense_stats")
+PARTIALS_PASS = RowOp(torch=_torch_partials, triton="dense.dense_partials")
+GRAD_PASS = RowOp(torch=_torch_grad, triton="dense.dense_grad")
+STATS = 6  # per row, local: L_s, L_a, L_b, e, s_y, H_r (kernels/dense.py's STATS)
 PARTIALS = 2  # per row, local: D, S
 
 

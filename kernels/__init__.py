@@ -1,6 +1,7 @@
 """Triton kernels of fastkd, installed as `fastkd.kernels` (never as a top-level `kernels`).
 
-Kernels only: no autograd and no argument checking; `fastkd.autograd` launches them.
+Kernels only: no autograd and no argument checking; the loss forms launch them through their row
+ops (`fastkd.backends.RowOp`).
 
 Imported as a top-level `kernels` (the repository root is on sys.path: `python -c`, `python -m
 pytest`, `python -m bench` run from a clone), this folder would shadow Hugging Face's `kernels`

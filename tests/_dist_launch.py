@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import fastkd.cache as cache
+import fastkd.cache_write as cache_write
 import fastkd.distributed as distributed
 from fastkd.cli import main
 
@@ -26,7 +26,7 @@ from fastkd.cli import main
 def inject(spec: str) -> None:
     rank, at, action = spec.split(":")
     if action == "kill-after-shard":
-        write, shards = cache.write_shard, 0
+        write, shards = cache_write.write_shard, 0
 
         def write_then_die(*args):
             nonlocal shards
@@ -36,7 +36,7 @@ def inject(spec: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return entry
 
-        cache.write_shard = write_then_die
+        cache_write.write_shard = write_then_die
         return
     if action == "nan-teacher":
         import torch

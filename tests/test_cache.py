@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,13 +22,17 @@ from _trainer_fixtures import build_tokenizer, corpus_texts, save_llama
 from safetensors.torch import load_file, save_file
 
 from fastkd import cache as cache_mod
-from fastkd.cache import CachePlan, TeacherCache, cache_teacher
+from fastkd import cache_write
+from fastkd.cache import TeacherCache
 from fastkd.cache_format import VERSION, write_manifest
+from fastkd.cache_teacher import cache_teacher
 from fastkd.cli import main
-from fastkd.data import load_blocks
+from fastkd.config import DistillConfig
 from fastkd.fsio import sha256_file
 from fastkd.models import load_lm
-from fastkd.trainer import DistillConfig, run_distillation
+from fastkd.plans import CachePlan
+from fastkd.store import load_blocks
+from fastkd.trainer import run_distillation
 
 SEQ_LEN, TEMPERATURE, STEP = 24, 2.0, 0.125
 
@@ -91,7 +97,8 @@ def test_compact_round_trip_matches_the_teacher(assets, topk_cache, fixed_cache)
     assert m["complete"] and m["mode"] == "topk" and m["k"] == 6 and m["vocab"] == 320
     assert m["data"][0]["sha256"] == sha256_file(Path(assets.data[0]))
     assert len([s for s in m["shards"] if s["split"] == "train"]) > 1  # several shards
-    train, heldout = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train, heldout = (r.load() for r in load_blocks(assets.data, assets.tokenizer, SEQ_LEN,
+                                                    0.05))
     cached_train, cached_heldout = cache.blocks("train"), cache.blocks("heldout")
     assert torch.equal(cached_train.input_ids, train.input_ids)
     assert torch.equal(cached_heldout.attention_mask, heldout.attention_mask)
@@ -150,7 +157,7 @@ def legacy_copy(fixed_dir: Path, out: Path) -> Path:
 
 
 def load_cached_ids(cache_dir: Path, entry: dict) -> torch.Tensor:
-    from fastkd.cache_format import CacheReader
+    from fastkd.cache_reader import CacheReader
 
     shard = next(s for s in CacheReader(cache_dir, verify=False).splits[entry["split"]]
                  if s.entry["file"] == entry["file"])
@@ -186,7 +193,7 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
     cache_teacher(plan(assets, full, mode="sample", k=8, samples=8))
     part = assets.root / "sample_part"
     writes = []
-    real_write = cache_mod.write_shard
+    real_write = cache_write.write_shard
 
     def killed_after_two_shards(*args):
         if len(writes) == 2:
@@ -194,10 +201,10 @@ def test_sampled_cache_resumes_identically(assets, monkeypatch):
         writes.append(real_write(*args))
         return writes[-1]
 
-    monkeypatch.setattr(cache_mod, "write_shard", killed_after_two_shards)
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(plan(assets, part, mode="sample", k=8, samples=8))
-    monkeypatch.setattr(cache_mod, "write_shard", real_write)
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherCache(part)
     assert len(list(part.glob("*.safetensors"))) == 2
@@ -296,7 +303,7 @@ def test_mismatched_runs_are_refused(assets, topk_cache, tmp_path):
 
 def test_nan_teacher_is_refused_naming_the_sequence(assets, tmp_path):
     # the teacher's embedding of one rare token is NaN: the sequences holding it give NaN
-    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)[0].load()
     counts = torch.bincount(train.input_ids.flatten(), minlength=320)
     token = int(torch.where(counts > 0, counts, 10**9).argmin())
     first = int((train.input_ids == token).any(1).nonzero()[0])
@@ -444,6 +451,126 @@ def test_prefetched_targets_train_exactly_as_direct_loads(assets, topk_cache, tm
         assert torch.equal(want[name], got[name]), name
 
 
+@pytest.fixture(scope="module")
+def sampled_cache(assets):
+    out = assets.root / "sampled"
+    cache_teacher(plan(assets, out, mode="sample", k=8, samples=8))
+    return out
+
+
+def held_tensor_bytes(*roots) -> int:
+    """Bytes of every tensor reachable from roots through Python objects (classes, functions
+    and modules not followed): what those objects keep in memory."""
+    import gc
+    import types
+
+    seen, stack, total = set(), list(roots), 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        else:
+            stack.extend(gc.get_referents(obj))
+    return total
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_a_cache_is_read_on_demand_and_holds_no_sequence(assets, topk_cache, sampled_cache,
+                                                         monkeypatch, mode):
+    """Training from a cache reads a batch's sequences when it is taken and their targets when
+    they are loaded, as the token store's rows do: opening the cache, its rows and `Batches`
+    read no sequence, a batch reads its own, and the process holds no sequence's fields,
+    counted positions, stream offsets or row sizes: none for a top-k cache, one int64 a sequence
+    (where its rows start) for a sampled one, a twentieth of what every sequence decoded at open
+    would hold (over 400 bytes a sequence here). The batches (fields and targets) equal those of
+    the same sequences all in memory, in Batches' seeded order, past an epoch and through a
+    resume."""
+    from fastkd.cache_reader import Shard
+    from fastkd.data import Batches
+
+    read = {"fields": 0, "targets": 0, "whole shards": 0}
+    blocks, targets = Shard.blocks, Shard.targets
+
+    def counted_blocks(shard, local=None):
+        if local is None:
+            read["whole shards"] += 1
+        else:
+            read["fields"] += len(local)
+        return blocks(shard, local)
+
+    def counted_targets(shard, local, counted, width):
+        read["targets"] += len(local)
+        return targets(shard, local, counted, width)
+
+    monkeypatch.setattr(Shard, "blocks", counted_blocks)
+    monkeypatch.setattr(Shard, "targets", counted_targets)
+    cache = TeacherCache(topk_cache if mode == "topk" else sampled_cache)
+    rows = cache.rows("train")
+    batches = Batches(rows, 4, seed=3)
+    assert read == {"fields": 0, "targets": 0, "whole shards": 0}
+    assert held_tensor_bytes(cache, rows, batches) == batches._order.nbytes  # the seeded order
+    batch = next(batches)
+    assert read["fields"] == 4 and read["targets"] == 0
+    batch.targets.load()
+    assert read["fields"] == 4 and read["targets"] == 4
+
+    monkeypatch.setattr(Shard, "blocks", blocks)
+    monkeypatch.setattr(Shard, "targets", targets)
+    in_memory = Batches(cache.blocks("train"), 4, seed=3)
+    in_memory.load_state_dict(batches.state_dict())
+    epoch = len(rows) // 4
+    for step in range(epoch + 2):
+        if step == epoch // 2:  # a resume: a new Batches at the saved position
+            state, batches = batches.state_dict(), Batches(rows, 4, seed=3)
+            batches.load_state_dict(state)
+        got, want = next(batches), next(in_memory)
+        for name in ("input_ids", "attention_mask", "counted", "position_ids"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        for a, b in zip(got.targets.load(), want.targets.load(), strict=True):
+            assert torch.equal(a, b)
+    assert rows.index is None  # the whole split: no index either
+    kept = held_tensor_bytes(cache, rows)
+    sequences, shards = cache.sequences("train"), len(cache.splits["train"])
+    assert kept == 0 if mode == "topk" else 0 < kept <= 8 * (sequences + shards)
+    assert 20 * 8 * (sequences + shards) < held_tensor_bytes(cache.blocks("train"))
+
+
+def test_training_from_a_cache_on_disk_equals_it_in_memory(assets, sampled_cache, tmp_path,
+                                                            monkeypatch):
+    """A run from a cache whose sequences stay on disk (stopped and resumed, with gradient
+    accumulation) trains the same weights, bit for bit, with the same records, as an
+    uninterrupted run with every sequence of the cache in memory."""
+    from fastkd import trainer
+
+    base = DistillConfig(teacher=None, teacher_cache=str(sampled_cache),
+                         student=str(assets.student), data=assets.data,
+                         out=str(tmp_path / "disk"), steps=5, warmup=1, batch_size=4,
+                         grad_accum=2, seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=3,
+                         save_every=2, eval_sequences=8, baseline=False, report=False,
+                         progress=False, tokenizer=str(assets.root / "tokenizer"))
+    assert run_distillation(dataclasses.replace(base, stop_after=3))["status"] == "stopped"
+    disk = run_distillation(dataclasses.replace(DistillConfig.load(base.out), resume=True))
+    open_cache = trainer._open_cache
+
+    def in_memory(config, tokenizer):
+        train, heldout, tail = open_cache(config, tokenizer)
+        return train.load(), heldout.load(), tail
+
+    monkeypatch.setattr(trainer, "_open_cache", in_memory)
+    memory = run_distillation(dataclasses.replace(base, out=str(tmp_path / "memory")))
+    assert disk["status"] == memory["status"] == "completed"
+    untimed = [[{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
+                for r in run["history"]] for run in (disk, memory)]
+    assert untimed[0] == untimed[1]
+    want, got = (load_file(str(tmp_path / d / "student" / "model.safetensors"))
+                 for d in ("memory", "disk"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_cache, tmp_path):
     # the report of an offline run: no teacher model; the students' KL is the bucket KL on the
     # cached top-k ids at the cache's temperature, checked here against the teacher's own logits
@@ -497,7 +624,7 @@ def test_report_from_a_topk_cache_measures_kl_on_the_cached_rows(assets, fixed_c
 def server_maps(assets, path: Path, k: int = 5, sequences: int = 12) -> list[dict]:
     """vLLM-style prompt_logprobs of the tiny teacher at T = 1 on sequences of 10..24 tokens:
     the top-k ids, plus the actual token where it is not among them (as vLLM returns them)."""
-    train, _ = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)
+    train = load_blocks(assets.data, assets.tokenizer, SEQ_LEN, 0.05)[0].load()
     teacher = load_lm(str(assets.teacher), "teacher", torch.float32, torch.device("cpu"))
     records = []
     for i in range(sequences):
@@ -715,3 +842,255 @@ def test_codec_and_block_fields_round_trip_at_the_edges():
             ] == ["bits10", "bits1", "resets", "int"]
     for name, value in vars(fields).items():
         assert torch.equal(decode_block_field(stored[f"blocks.{name}"], *encodings[name]), value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost, nothing silent: a changed teacher, a shard behind a manifest rebuilt by hand, a
+# full disk, another copy of the command, an --out that is not a cache, the modes, the bar.
+
+
+def flip_in_tensor(shard: Path, name: str, at: int = 3) -> None:
+    """Flip the lowest bit of byte `at` of tensor `name`'s data in a safetensors file."""
+    data = bytearray(shard.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    begin = json.loads(data[8:8 + header])[name]["data_offsets"][0]
+    data[8 + header + begin + at] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def rebuild_manifest(cache_dir: Path) -> None:
+    """What a hand repair does: each shard's sha256 and size recomputed, the checksum rewritten."""
+    m = json.loads((cache_dir / "manifest.json").read_text())
+    for entry in m["shards"]:
+        entry.update(sha256=sha256_file(cache_dir / entry["file"]),
+                     bytes=(cache_dir / entry["file"]).stat().st_size)
+    write_manifest(cache_dir, m)
+
+
+def test_a_shard_behind_a_rebuilt_manifest_is_caught_on_its_first_read(assets, topk_cache,
+                                                                        tmp_path, monkeypatch):
+    """A bit flipped in a shard's coded rows, the manifest rebuilt to match: the cache opens (its
+    sha256 is the manifest's), and the rows decode, to other targets. The shard's own payload
+    digest is checked on its first read, which in training runs on the prefetch thread."""
+    import threading
+
+    from fastkd.cache_reader import Shard
+
+    bad = tmp_path / "bad"
+    shutil.copytree(topk_cache, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    shard = bad / m["shards"][1]["file"]
+    original = shard.read_bytes()
+    good = TeacherCache(topk_cache).blocks("train").select(torch.arange(16, 32)).targets.load()
+    check = Shard.check_payload
+    for at in range(64):  # a flip that still decodes (most do), to other targets
+        shard.write_bytes(original)
+        flip_in_tensor(shard, "fixed", at)
+        rebuild_manifest(bad)
+        rows = TeacherCache(bad).blocks("train").select(torch.arange(16, 32)).targets
+        with monkeypatch.context() as unchecked:  # what the rows decode to without the check
+            unchecked.setattr(Shard, "check_payload", lambda self: None)
+            try:
+                got = rows.load()
+            except ValueError:  # this flip breaks the stream: named already
+                continue
+        if not all(torch.equal(a, b) for a, b in zip(got, good, strict=True)):
+            break  # silently wrong targets
+    else:
+        raise AssertionError("no flip decoded to other targets")
+    rows = TeacherCache(bad).blocks("train").select(torch.arange(16, 32)).targets
+    with pytest.raises(ValueError, match=rf"shard {shard} is corrupted: its tensors do not match "
+                                         r"the digest in its own metadata"):
+        rows.load()
+
+    first_reads = []
+
+    def recorded(self):
+        if not self._payload_checked:
+            first_reads.append((self.entry["split"], threading.current_thread().name))
+        return check(self)
+
+    monkeypatch.setattr(Shard, "check_payload", recorded)
+    base = DistillConfig(teacher=None, teacher_cache=str(topk_cache), student=str(assets.student),
+                         data=assets.data, out=str(tmp_path / "run"), steps=2, warmup=0,
+                         batch_size=4, seq_len=SEQ_LEN, temperature=TEMPERATURE, eval_every=2,
+                         eval_sequences=4, baseline=False, report=False, progress=False,
+                         tokenizer=str(assets.root / "tokenizer"))
+    assert run_distillation(base)["status"] == "completed"
+    train = [name for split, name in first_reads if split == "train"]
+    assert train and all(name.startswith("fastkd-cache") for name in train), first_reads
+    with pytest.raises(ValueError, match=rf"shard {shard} is corrupted"):
+        run_distillation(dataclasses.replace(base, teacher_cache=str(bad), steps=6,
+                                             out=str(tmp_path / "bad-run")))
+
+
+def test_a_teacher_changed_in_the_middle_is_not_resumed_into_its_cache(assets, tmp_path,
+                                                                       monkeypatch):
+    """The fingerprint hashes each weight file whole (remembered by inode, size, mtime and
+    ctime): a teacher edited in the middle between a kill and a rerun, its size and mtime as
+    they were, is refused rather than mixed into the cache."""
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "fastkd-cache"))
+    teacher = save_llama(tmp_path / "big-teacher", assets.tokenizer, hidden=256, layers=2,
+                         seed=5)
+    weights = teacher / "model.safetensors"
+    assert weights.stat().st_size > 3 << 20  # more than its first and last MiB
+    out = tmp_path / "cache"
+    real_write = cache_write.write_shard
+
+    def killed_after_one_shard(*args):
+        monkeypatch.setattr(cache_write, "write_shard", None)  # the next shard: a crash
+        return real_write(*args)
+
+    monkeypatch.setattr(cache_write, "write_shard", killed_after_one_shard)
+    with pytest.raises(TypeError):
+        cache_teacher(plan(assets, out, teacher=str(teacher)))
+    monkeypatch.setattr(cache_write, "write_shard", real_write)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight in the middle
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match=r"holds a different teacher cache \(it differs in "
+                                         r"\['teacher_fingerprint'\]\)"):
+        cache_teacher(plan(assets, out, teacher=str(teacher)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher_fingerprint"]["weights_sha256"][0][2] != sha256_file(weights)
+
+
+def test_full_disk_other_copies_and_foreign_dirs(assets, topk_cache, tmp_path, monkeypatch,
+                                                 capsys):
+    """A full disk mid-cache: one line naming the shard and the free space, no temp file left,
+    and the rerun (space freed) is identical to an uninterrupted cache. Another process holding
+    the directory, an --out that holds something else: refused by name, nothing written."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from fastkd import fsio
+
+    out = tmp_path / "cache"
+    args = ["cache-teacher", "--teacher", str(assets.teacher), "--data", *assets.data, "--out",
+            str(out), "--k", "6", "--temperature", str(TEMPERATURE), "--seq-len", str(SEQ_LEN),
+            "--batch-size", "16", "--shard-sequences", "16", "--no-progress"]
+    real_save = safetensors.torch.save_file
+    saved = []
+
+    def disk_fills(tensors, path, metadata=None):
+        if len(saved) == 2:
+            Path(path).write_bytes(b"part of a shard")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        saved.append(path)
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills)
+    monkeypatch.setattr(fsio, "free_bytes", lambda path: 0)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert re.search(rf"error: cannot write {out}/train-000000032-000000048.safetensors: no "
+                     r"space left on device; 0.0 MiB free there \(free some space, then run "
+                     r"the same command again\)\n$", err), err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert main(args) == 0
+    shards = [json.loads((d / "manifest.json").read_text())["shards"] for d in (out, topk_cache)]
+    assert shards[0] == shards[1]
+    mask = 0o666 & ~fsio.umask()  # the files take the umask's mode, as the manifest beside them
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.name != fsio.LOCK} == {
+        p.name: mask for p in out.iterdir() if p.name != fsio.LOCK}
+
+    with fsio.locked(out / fsio.LOCK, "a test"):  # another copy holds it
+        with pytest.raises(SystemExit):
+            main(args)
+    assert re.search(rf"cache-teacher --out {out} is in use by another process \(pid "
+                     rf"{os.getpid()}\)", capsys.readouterr().err)
+
+    model = tmp_path / "model"
+    shutil.copytree(assets.student, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for command in (["cache-teacher", "--teacher", str(assets.teacher), "--data", *assets.data],
+                    ["cache-import", "--logprobs", *assets.data, "--tokenizer",
+                     str(assets.root / "tokenizer")]):
+        with pytest.raises(SystemExit):
+            main([*command, "--out", str(model), "--no-progress"])
+        assert (f"out: {model} is not empty and holds no teacher cache (no manifest.json): it "
+                "holds config.json, ") in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_the_bar_moves_per_batch_after_the_data_line(assets, tmp_path, monkeypatch, caplog):
+    """cache-teacher says what it read first (as distill does), then its bar moves with each
+    batch of sequences the teacher has done, not once a shard."""
+    import tqdm
+
+    updates = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            assert "data: " in caplog.text  # the data line came first
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    with caplog.at_level("INFO", logger="fastkd"):
+        cache_teacher(plan(assets, tmp_path / "cache", batch_size=4, progress=True))
+    assert re.search(r"data: \d+ training and \d+ held-out sequences of 24 tokens", caplog.text)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert sum(updates) == sum(manifest["split"][s] for s in ("train", "heldout"))
+    assert max(updates) <= 4 and len(updates) > len(manifest["shards"])
+
+
+def test_import_refuses_what_json_and_a_long_line_would_hide(assets, tmp_path, caplog):
+    """An id given twice in one map ("284" twice: JSON keeps the last; "284" and "0284"), an input
+    id 5.0 (not "outside the vocabulary": not an integer), a sequence longer than --seq-len
+    (named by file and line), all refused naming the file and line; one long line that sets
+    seq_len for every row is said."""
+    from fastkd.cache_import import ImportPlan, import_logprobs
+
+    maps = tmp_path / "maps.jsonl"
+    records = server_maps(assets, maps)
+    lines = maps.read_text().splitlines()
+    tokenizer = str(assets.root / "tokenizer")
+
+    def refused(line5: str, message: str, **plan) -> None:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("\n".join([*lines[:4], line5, *lines[5:]]) + "\n")
+        with pytest.raises(ValueError, match=rf"{bad}:5: {message}"):
+            import_logprobs(ImportPlan(str(bad), tokenizer, str(tmp_path / "never"),
+                                       progress=False, **plan))
+
+    record = records[4]
+    position = next(i for i, e in enumerate(record["prompt_logprobs"]) if e)
+    key, value = next(iter(record["prompt_logprobs"][position].items()))
+    pair = f"{json.dumps(key)}: {json.dumps(value)}"
+    assert lines[4].count(pair) >= 1
+    refused(lines[4].replace(pair, f"{pair}, {pair}", 1),
+            rf"id {key} appears twice in one prompt_logprobs map \(as '{key}' and '{key}'\)")
+    padded = json.loads(lines[4])
+    padded["prompt_logprobs"][position]["0" + key] = value
+    refused(json.dumps(padded), rf"id {key} appears twice .*\(as '{key}' and '0{key}'\)")
+    floats = json.loads(lines[4])
+    floats["input_ids"][3] = float(floats["input_ids"][3])
+    refused(json.dumps(floats), rf"input id {floats['input_ids'][3]} \(input_ids\[3\]\) is not "
+                                "an integer token id")
+    assert [len(r["input_ids"]) for r in records][:3] == [10, 17, 24]  # 24: the longest
+    with pytest.raises(ValueError, match=rf"{maps}:3: the sequence holds 24 ids, more than "
+                                         rf"--seq-len 23; raise --seq-len \(to at least 24"):
+        import_logprobs(ImportPlan(str(maps), tokenizer, str(tmp_path / "never"), seq_len=23,
+                                   progress=False))
+    assert not (tmp_path / "never").exists()
+
+    # one line much longer than the rest sets seq_len for every row: a warning names it
+    ids, entries = records[0]["input_ids"], records[0]["prompt_logprobs"]
+    long = {"input_ids": ids * 8, "prompt_logprobs": entries + ([None] + entries[1:]) * 7}
+    maps.write_text("\n".join([*lines, json.dumps(long)]) + "\n")
+    with caplog.at_level("INFO", logger="fastkd"):
+        manifest = import_logprobs(ImportPlan(str(maps), tokenizer, str(tmp_path / "long"),
+                                              progress=False))
+    assert manifest["seq_len"] == 8 * len(ids)
+    assert re.search(rf"seq_len {8 * len(ids)} is set by one long sequence \({maps}:13\), \d+x "
+                     r"the median length", caplog.text)

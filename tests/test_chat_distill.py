@@ -74,15 +74,17 @@ def test_distill_on_chat_counts_only_the_assistant_turns(assets, tmp_path, monke
 def test_a_teacher_cache_of_chat_data_keeps_the_targets_and_the_examples_apart(assets, tmp_path):
     import torch
 
-    from fastkd.cache import CachePlan, TeacherCache, cache_teacher
-    from fastkd.data import load_blocks
+    from fastkd.cache import TeacherCache
+    from fastkd.cache_teacher import cache_teacher
     from fastkd.models import load_lm
+    from fastkd.plans import CachePlan
+    from fastkd.store import load_blocks
 
     seq_len, k, temperature = 160, 4, 2.0  # two chats fit in a row
     cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[assets["data"]],
                             out=str(tmp_path / "cache"), k=k, temperature=temperature,
                             seq_len=seq_len, layout="fixed", dtype="bfloat16", progress=False))
-    train, _ = load_blocks([assets["data"]], assets["tokenizer"], seq_len, 0.05)
+    train = load_blocks([assets["data"]], assets["tokenizer"], seq_len, 0.05)[0].load()
     cached = TeacherCache(tmp_path / "cache").blocks("train")
     for name in ("input_ids", "attention_mask", "counted", "position_ids"):
         assert torch.equal(getattr(cached, name), getattr(train, name)), name
@@ -110,13 +112,13 @@ def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alon
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastkd.data import load_blocks
     from fastkd.report import heldout_metrics
+    from fastkd.store import load_blocks
 
     cpu = torch.device("cpu")
     student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float64).eval()
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float64).eval()
-    _, heldout = load_blocks([assets["data"]], assets["tokenizer"], 160, 0.3)
+    heldout = load_blocks([assets["data"]], assets["tokenizer"], 160, 0.3)[1].load()
     assert heldout.position_ids is not None and len(heldout) >= 2
     got = heldout_metrics({"student": (student, cpu)}, teacher, heldout, cpu)["student"]
     ce, count = 0.0, 0
@@ -132,3 +134,27 @@ def test_the_reports_heldout_metrics_on_packed_chats_are_those_of_each_chat_alon
             count += int(targets.sum())
     assert count == heldout.count_targets() > 0
     assert got["ce"] == pytest.approx(ce / count, rel=1e-5)
+
+
+def test_a_run_whose_data_options_differ_from_the_caches_is_refused(assets, tmp_path, capsys):
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.cli import main
+    from fastkd.plans import CachePlan
+
+    cache = tmp_path / "cache"
+    cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[assets["data"]], out=str(cache),
+                            k=2, seq_len=160, progress=False))  # packed, strict UTF-8
+    run = ["distill", "--teacher-cache", str(cache), "--tokenizer", str(assets["teacher"]),
+           "--student", str(assets["student"]), "--data", assets["data"], "--seq-len", "160",
+           "--temperature", "1", "--steps", "1", "--batch-size", "2", "--no-report",
+           "--no-progress"]
+    for option, message in (("--no-packing", "packing is False, the cache's is True"),
+                            ("--utf8-errors=replace", "utf8_errors is 'replace', the cache's is "
+                                                      "'strict'")):
+        with pytest.raises(SystemExit) as stop:
+            main([*run, option, "--out", str(tmp_path / option.strip("-"))])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"teacher_cache: the run's {message} ({cache})" in err
+        assert not (tmp_path / option.strip("-")).exists()  # refused before the run starts
+    assert main([*run, "--out", str(tmp_path / "same")]) == 0  # the cache's own options train

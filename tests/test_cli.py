@@ -17,9 +17,11 @@ import pytest
 import torch
 from _trainer_fixtures import build_tokenizer, save_llama, write_data
 
+from fastkd.checkpoint import latest_checkpoint
 from fastkd.cli import main
+from fastkd.config import DistillConfig
 from fastkd.demo import run_demo
-from fastkd.trainer import DistillConfig, latest_checkpoint, run_distillation
+from fastkd.trainer import run_distillation
 
 ROWS = ["teacher", "distilled student", "hard-label student (same budget)",
         "distilled student, int8 dynamic"]
@@ -70,6 +72,7 @@ def test_cli_end_to_end_writes_a_sensible_report(models, tmp_path):
     assert int8["size_bytes"] < student["size_bytes"] and int8["params"] == student["params"]
     assert abs(int8["perplexity"] / student["perplexity"] - 1) < 0.2  # int8 stays close
     assert report["config"]["divergence"] == "jsd" and report["distill"]["step"] == 4
+    assert report["threads"] == report["config"]["threads"] >= 1  # the run's own count
 
     md = (out / "report.md").read_text()
     for name in ROWS:
@@ -80,7 +83,9 @@ def test_cli_end_to_end_writes_a_sensible_report(models, tmp_path):
     assert f"Teacher `{models['teacher']}` → student `{models['student']}`" in md
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(models, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(models, tmp_path, capsys):
+    """Ctrl-C saves and stops; while the run trains, a second copy of the command on its
+    directory is refused at once, naming the running one's pid (not a bare errno)."""
     out = tmp_path / "run"
     proc = fastkd(*distill_args(models, out, "--steps", "100000", "--eval-every", "100000",
                                 "--save-every", "100000", "--no-baseline", "--no-report"))
@@ -89,6 +94,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(models, tmp_path):
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
         time.sleep(0.2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--resume", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert (f"fastkd distill: error: run directory {out} is in use by another process (pid "
+            f"{proc.pid}), which holds the lock {out / '.fastkd.lock'}") in capsys.readouterr().err
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, stderr
@@ -155,12 +165,13 @@ def test_demo_offline_compares_online_cached_and_hard_label_students(tmp_path, m
                                 eval_sequences=8)
     monkeypatch.setattr(demo, "FAST", small)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads = []  # `demo --fast` runs torch on one thread (not set here: the session keeps its own)
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    threads = torch.get_num_threads()
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--offline", "--out", str(out), "--cache-dir",
                  str(tmp_path / "cache"), "--no-progress"]) == 0
-    assert threads == [1, torch.get_num_threads()]  # one thread for the run, then given back
+    assert torch.get_num_threads() == threads  # the demo ran on one thread, then gave them back
+    for run in (out, *(tmp_path / "cache").glob("demo-teacher-*/run"), out / "offline-topk"):
+        assert json.loads((run / "config.json").read_text())["threads"] == 1, run
     report = json.loads((out / "report.json").read_text())
     offline = json.loads((out / "offline.json").read_text())
     rows = {row["student"]: row for row in offline["rows"]}
@@ -237,7 +248,7 @@ def test_loss_options_are_typed_once():
     configs). A new loss option is one field, plus its help if a trainer's user sets it."""
     import dataclasses
 
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
     from fastkd.options import NAMES, TRAINER_OPTIONS, DistillOptions
 
     set_by_trainers = {"ignore_index", "reduction", "student_softcap", "teacher_softcap",
@@ -258,7 +269,7 @@ def test_loss_options_are_typed_once():
 
 
 def test_cache_teacher_help_gives_every_option_its_help_and_default(capsys):
-    from fastkd.cache import CachePlan
+    from fastkd.plans import CachePlan
 
     with pytest.raises(SystemExit):
         main(["cache-teacher", "--help"])
@@ -340,13 +351,17 @@ def test_bad_paths_fail_before_anything_loads_or_is_written(models, tmp_path, mo
         assert torch.get_num_threads() == threads
     monkeypatch.undo()
 
-    # A config.json left by a start that never reached its first step does not hold the dir.
-    from fastkd.config import check_run_dir
+    # A config.json left by a start that never reached its first step does not hold the dir;
+    # a config.json alone, with no run marker (a model's?), is not written over.
+    from fastkd.config import check_run_dir, mark_run_dir
 
     out.mkdir()
     config = DistillConfig(teacher=str(models["teacher"]), student=str(models["student"]),
                            data=models["data"], out=str(out))
     config.save(out)
+    with pytest.raises(ValueError, match="is not empty and is not a fastkd run directory"):
+        check_run_dir(config)
+    mark_run_dir(out)
     assert check_run_dir(config) == out
     (out / "log.jsonl").write_text("")
     with pytest.raises(ValueError, match="already holds a run"):
@@ -375,3 +390,34 @@ def test_resume_from_another_directory(models, tmp_path, monkeypatch):
     assert main(["distill", "--resume", str(root / "run"), "--no-progress"]) == 0
     assert (root / "run" / "student" / "model.safetensors").is_file()
     assert not (root / "run" / "baseline").exists()  # the baseline is opt-in (--baseline)
+
+
+def test_unknown_options_get_their_commands_usage_and_a_hint(models, tmp_path, capsys):
+    """An option another trainer spells differently (--learning-rate, --output_dir) or a typo:
+    the subcommand's own usage and a "did you mean" per option, not the top-level usage line.
+    `demo --out` into a model directory is refused before anything is built, as distill's is."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--teacher", "t", "--learning-rate", "3e-4", "--output_dir", "o",
+              "--stepz", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("usage: fastkd distill [-h]")
+    assert ("fastkd distill: error: unrecognized arguments: --learning-rate 3e-4 --output_dir o "
+            "--stepz 3\n--learning-rate -> did you mean --lr?\n--output_dir -> did you mean "
+            "--out?\n--stepz -> did you mean --steps?\n") in err
+    with pytest.raises(SystemExit):
+        main(["cache-import", "--logprobs", "x", "--tokenizer", "t", "--out", "o",
+              "--max-seq-length", "64"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastkd cache-import") and "did you mean --seq-len?" in err
+
+    model = tmp_path / "model"
+    shutil.copytree(models["student"], model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--fast", "--out", str(model), "--cache-dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    assert f"out: {model} is not empty and is not a fastkd run directory" in (
+        capsys.readouterr().err)
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        p.name for p in models["student"].iterdir())
+    assert not (tmp_path / "cache").exists()

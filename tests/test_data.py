@@ -1,5 +1,6 @@
-"""fastkd.data: reading text / jsonl / chat / prompt-completion / parquet / saved datasets, UTF-8,
-packing, the held-out split and resumable batches."""
+"""fastkd.readers, fastkd.tokens, fastkd.data: reading text / jsonl / json / chat /
+prompt-completion / pre-tokenized / parquet / saved datasets, UTF-8, packing, the held-out split and
+resumable batches."""
 
 from __future__ import annotations
 
@@ -9,18 +10,10 @@ import pytest
 import torch
 from _trainer_fixtures import CHATML, CHATML_GENERATION, build_chat_tokenizer, chats
 
-from fastkd.data import (
-    Batches,
-    Blocks,
-    fit_examples,
-    load_blocks,
-    pack,
-    pack_examples,
-    read_documents,
-    read_records,
-    split,
-    tokenize_examples,
-)
+from fastkd.data import Batches, Blocks, Fitter, pack, pack_examples, split
+from fastkd.readers import read_documents, read_records
+from fastkd.store import load_blocks
+from fastkd.tokens import tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +47,10 @@ def test_missing_empty_and_malformed_files_name_the_file_and_record(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_documents(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(ValueError, match="empty.txt"):
-        read_documents(empty)
+    for text in ("  \n", ""):  # blank, and 0 bytes (no line end at all: read once, not forever)
+        empty.write_text(text)
+        with pytest.raises(ValueError, match="empty.txt"):
+            read_documents(empty)
     no_text = tmp_path / "bad.jsonl"
     no_text.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"text\""):
@@ -204,14 +198,21 @@ def test_pack_examples_keeps_examples_whole_and_apart():
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]] and rows.counted.shape == (1, 6)
 
 
+def fit_all(examples, seq_len, where):
+    fitter = Fitter(seq_len, where)
+    kept = [e for e in (fitter.fit(*example) for example in examples) if e is not None]
+    fitter.finish()
+    return kept
+
+
 def test_fit_examples_cuts_long_examples_and_drops_those_left_without_targets(caplog):
     t, f = True, False
     examples = [([1, 2, 3, 4, 5], [f, f, t, t, t]), ([6, 7, 8, 9], [f, f, f, t]), ([1, 2], [t, f])]
-    assert fit_examples(examples, 3, "x.jsonl") == [([1, 2, 3], [f, f, t])]
+    assert fit_all(examples, 3, "x.jsonl") == [([1, 2, 3], [f, f, t])]
     assert "x.jsonl: 2 of 3 examples are longer than seq_len=3 and were cut; 2 kept no target" \
         in caplog.text
     with pytest.raises(ValueError, match="x.jsonl: no example has a target"):
-        fit_examples(examples[1:], 3, "x.jsonl")
+        fit_all(examples[1:], 3, "x.jsonl")
 
 
 def test_parquet_and_saved_datasets_read_like_jsonl(chat_tokenizer, tmp_path):
@@ -226,6 +227,7 @@ def test_parquet_and_saved_datasets_read_like_jsonl(chat_tokenizer, tmp_path):
     ds_blocks = load_blocks([str(tmp_path / "chat-ds"), str(tmp_path / "pc.parquet")],
                             chat_tokenizer, 96, 0.2)
     for a, b in zip(jsonl_blocks, ds_blocks, strict=True):
+        a, b = a.load(), b.load()
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.counted, b.counted)
         assert torch.equal(a.position_ids, b.position_ids)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pc),
@@ -249,7 +251,8 @@ def test_load_blocks_mixes_text_and_examples(chat_tokenizer, tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("def heappush(heap, item):\n    heap.append(item)\n" * 8)
     chat = write_jsonl(tmp_path / "chat.jsonl", chats() * 4)
-    train, held = load_blocks([str(text), str(chat)], chat_tokenizer, 96, 0.25)
+    train, held = (rows.load() for rows in load_blocks([str(text), str(chat)], chat_tokenizer, 96,
+                                                       0.25))
     rows = Blocks(torch.cat([train.input_ids, held.input_ids]),
                   torch.cat([train.attention_mask, held.attention_mask]),
                   counted=torch.cat([train.counted, held.counted]),
@@ -290,3 +293,62 @@ def test_batches_cover_each_epoch_once_and_resume_exactly():
     assert [next(other_seed).input_ids.flatten().tolist() for _ in range(3)] != epoch0
     with pytest.raises(ValueError, match="fewer than batch_size"):
         Batches(blocks, batch_size=11, seed=0)
+
+
+def test_json_arrays_json_lines_and_sharegpt_are_read_as_records(chat_tokenizer, tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"text": "def f(): pass"}, {"text": "x = 1", "id": 2}]))
+    assert read_records(array) == ("text", [(f"{array} element 0", {"text": "def f(): pass"}),
+                                            (f"{array} element 1", {"text": "x = 1"})])
+    lines = write_jsonl(tmp_path / "b.json", [{"text": "def f(): pass"}, {"text": "x = 1"}])
+    assert read_documents(lines) == ["def f(): pass", "x = 1"]
+    sharegpt = [{"conversations": [{"from": "system", "value": m["messages"][0]["content"]}]
+                 + [{"from": {"user": "human", "assistant": "gpt"}.get(m2["role"], "system"),
+                     "value": m2["content"]} for m2 in m["messages"][1:]]} for m in chats()]
+    fmt, records = read_records(write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt))
+    assert fmt == "chat" and [r["messages"] for _, r in records] == [
+        [{"role": "system", "content": c["messages"][0]["content"]}, *c["messages"][1:]]
+        for c in chats()]
+    # A JSON array of chats trains on the same rows as the same chats in JSON Lines.
+    chat_array = tmp_path / "chats.json"
+    chat_array.write_text(json.dumps(chats()))
+    got, want = (load_blocks([str(p)], chat_tokenizer, 96, 0.3) for p in
+                 (chat_array, write_jsonl(tmp_path / "chats.jsonl", chats())))
+    assert torch.equal(got[0].load().input_ids, want[0].load().input_ids)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [sharegpt[0], {"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: conversation turn 1 is from 'bot'; "
+                                         r"fastkd reads ShareGPT turns from .*convert the record"):
+        read_records(bad)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"version": 1, "data": [{"text": "x"}]}, indent=2))
+    with pytest.raises(ValueError, match=r"one.json: one JSON object .* not JSON Lines or an "
+                                         r"array of records; .*jq -c '.data\[\]'"):
+        read_records(one)
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"strings.json element 0: expected a JSON object, got "
+                                         r"str"):
+        read_records(strings)
+
+
+def test_an_empty_dataset_and_null_content_are_refused_naming_the_file(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match=r"e.parquet: the dataset is empty \(0 rows\)"):
+        read_records(tmp_path / "e.parquet")
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "e-ds"))
+    with pytest.raises(ValueError, match=r"e-ds: the dataset is empty \(0 rows\)"):
+        read_records(tmp_path / "e-ds")
+    null = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    path = write_jsonl(tmp_path / "null.jsonl", [chats()[0], {"messages": null}])
+    with pytest.raises(ValueError, match=r'null.jsonl:2: message 1 \(assistant\) has no '
+                                         r'"content" \(null\)'):
+        read_records(path)
+    calls = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                 "tool_calls": [{"name": "f"}]},
+             {"role": "assistant", "content": "done"}]
+    assert read_records(write_jsonl(tmp_path / "tools.jsonl", [{"messages": calls}]))[0] == "chat"

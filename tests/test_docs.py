@@ -9,9 +9,10 @@ run here says why, visibly in the Markdown source: `<!-- not run: REASON -->`; i
 compiled, and such blocks must stay few (MAX_NOT_RUN).
 
 Every ```bash block is read for commands: each `fastkd SUBCOMMAND ...` (also `torchrun ... -m
-fastkd ...`) and `python -m bench ...` line is parsed by the real parser (fastkd.cli.build_parser,
-bench's parse_args), every `--flag` must be one of its options spelled in full, and every `*.py`
-path must exist. The two commands of the README are pinned: .ci/run and users depend on them."""
+fastkd ...`) and `python -m bench ...` line is parsed by the real parser
+(fastkd.cli_parser.build_parser, bench's parse_args), every `--flag` must be one of its options
+spelled in full, and every `*.py` path must exist. The two commands of the README are pinned:
+.ci/run and users depend on them."""
 
 from __future__ import annotations
 
@@ -236,10 +237,35 @@ def setup_trl_chats(assets, tmp_path):
 
 
 @contextlib.contextmanager
+def setup_multi_teacher_trainer(assets, tmp_path):
+    """Two teachers of different widths ("code": D=48, "prose": D=40) sharing the student's
+    tokenizer; tokenized rows and prompts, each with a teacher_id naming one of them."""
+    from datasets import Dataset
+
+    tokenizer, names = assets["tokenizer"], ("code", "prose")
+    prose = save_llama(tmp_path / "prose", tokenizer, hidden=40, seed=5, initializer_range=0.3)
+    prompts = ["def f(x):", "import os", "return a + b", "class A(object):"]
+    yield {"student": load(assets["student"]), "teacher_a": load(assets["teacher"]),
+           "teacher_b": load(prose), "tokenizer": tokenizer,
+           "ds": Dataset.from_list([{"input_ids": tokenizer(t)["input_ids"],
+                                     "teacher_id": names[i % 2]} for i, t in enumerate(texts(8))]),
+           "prompts": Dataset.from_list([{"prompt": p, "teacher_id": names[i % 2]}
+                                         for i, p in enumerate(prompts)])}
+
+
+def check_routed_trained(ns, assets):
+    """Trained (check_trained) from both teachers: each row's teacher is the one it names."""
+    check_trained(ns, assets)
+    trainer = ns["trainer"]
+    assert trainer.teacher_routing.names == ("code", "prose") and len(trainer.teacher_model) == 2
+
+
+@contextlib.contextmanager
 def setup_cache_trainer(assets, tmp_path):
     """A top-8 teacher cache at ./CACHE_DIR (the block runs in tmp_path), as `fastkd
     cache-teacher` writes it."""
-    from fastkd.cache import CachePlan, cache_teacher
+    from fastkd.cache_teacher import cache_teacher
+    from fastkd.plans import CachePlan
 
     cache_teacher(CachePlan(teacher=str(assets["teacher"]), data=[str(assets["data"])],
                             out=str(tmp_path / "CACHE_DIR"), mode="topk", k=8, temperature=2.0,
@@ -280,6 +306,46 @@ def check_sparse_tensors(ns, assets):
     assert ns["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@contextlib.contextmanager
+def setup_multi_teacher_tensors(assets, tmp_path):
+    """A (3, 5) batch, a dense teacher a (every token), a sparse teacher b for row 1's 5 tokens
+    (compact), a dense teacher c with a wider, padded vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    lead, v, d = (3, 5), 37, 8
+    labels = torch.randint(0, v, lead, generator=g)
+    labels[0, :2] = -100
+    logits_b = 3 * torch.randn(5, v, generator=g)
+    ids_b = logits_b.topk(6).indices
+    yield {"student_hidden": torch.randn(*lead, d, generator=g).requires_grad_(),
+           "student_weight": torch.randn(v, d, generator=g).requires_grad_(), "labels": labels,
+           "h_a": torch.randn(*lead, 12, generator=g), "w_a": torch.randn(v, 12, generator=g),
+           "ids_b": ids_b,
+           "logprobs_b": torch.log_softmax(logits_b / 2.0, -1).gather(-1, ids_b),
+           "h_c": torch.randn(*lead, 6, generator=g), "w_c": torch.randn(v + 3, 6, generator=g)}
+
+
+def check_multi_teacher_tensors(ns, assets):
+    """The routed loss, each teacher's kd and the mixture against the float64 spec."""
+    from fastkd import reference_multi
+    from fastkd.teachers import TeacherHead, TeacherLogprobs
+
+    h_s, w_s = (ns[n].detach().double() for n in ("student_hidden", "student_weight"))
+    a = TeacherHead(ns["h_a"].double(), ns["w_a"].double(), softcap=30.0)
+    b = TeacherLogprobs(ns["ids_b"], ns["logprobs_b"].double())
+    opts = DistillOptions(temperature=2.0)
+    routed = reference_multi.routed_distill_loss(h_s, w_s, [a, b], ns["rows"], ns["labels"], opts)
+    assert ns["loss"].item() == pytest.approx(routed.loss.item(), rel=1e-5)
+    torch.testing.assert_close(ns["out"].teacher_kd.double(), routed.teacher_kd, rtol=1e-5,
+                               atol=1e-7)
+    assert ns["out"].teacher_tokens.tolist() == routed.teacher_tokens.tolist()
+    c = TeacherHead(ns["h_c"].double(), ns["w_c"].double())
+    mixed = reference_multi.mixture_distill_loss(
+        h_s, w_s, [TeacherHead(a.hidden, a.weight), c], torch.tensor([0.7, 0.3]), ns["labels"],
+        opts)
+    assert ns["mixed"].item() == pytest.approx(mixed.loss.item(), rel=1e-5)
+    assert ns["student_weight"].grad is not None
+
+
 SETUPS = {
     "hf_loop": (setup_hf_loop, check_hf_loop),
     "loss_tensors": (setup_loss_tensors, check_loss_tensors),
@@ -288,7 +354,9 @@ SETUPS = {
     "trl_prompts": (setup_trl_prompts, check_trained),
     "trl_chats": (setup_trl_chats, check_trained),
     "cache_trainer": (setup_cache_trainer, check_trained),
+    "multi_teacher_trainer": (setup_multi_teacher_trainer, check_routed_trained),
     "sparse_tensors": (setup_sparse_tensors, check_sparse_tensors),
+    "multi_teacher_tensors": (setup_multi_teacher_tensors, check_multi_teacher_tensors),
 }
 
 
@@ -366,7 +434,7 @@ def invocation(words: list[str]) -> tuple[str, list[str]] | None:
 
 def fastkd_options(subcommand: str) -> dict:
     """The subcommand's options, each spelling to its argparse action."""
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert subcommand in sub.choices, f"fastkd has no subcommand {subcommand!r}"
@@ -395,7 +463,7 @@ def fill_placeholders(args: list[str], actions: dict) -> list[str]:
 
 
 def check_fastkd(args: list[str], where: str) -> None:
-    from fastkd.cli import build_parser
+    from fastkd.cli_parser import build_parser
 
     subcommand, rest = args[0], args[1:]
     options = fastkd_options(subcommand)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from _hf_fixtures import (
 from transformers import DataCollatorWithFlattening, TrainingArguments
 
 import fastkd
-import fastkd.integrations.transformers as hf_integration
 from fastkd.integrations.transformers import FusedKDTrainer
 
 
@@ -248,14 +246,7 @@ def test_lora_head_trains_and_gradient_equals_full_logits(models, tmp_path):
         make_trainer(models, tmp_path, model=peft_student(dropout=0.1))
 
 
-def test_old_name_warns_once_and_compute_metrics_warns(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_integration, "_warned_old_name", False)
-    with pytest.warns(FutureWarning, match="FusedKDTrainer"):
-        from fastkd.integrations.transformers import DistillationTrainer
-    assert DistillationTrainer is FusedKDTrainer
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert hf_integration.DistillationTrainer is FusedKDTrainer  # once only
+def test_compute_metrics_warns(models, tmp_path):
     with pytest.warns(UserWarning, match="never calls compute_metrics"):
         make_trainer(models, tmp_path, trainer_kwargs={"compute_metrics": lambda p: {}})
 

@@ -42,8 +42,8 @@ from fastkd.integrations.trl import (  # noqa: E402
     fused_divergence_loss,
     gkd_options,
     server_sparse_targets,
-    trl_logit_scale,
 )
+from fastkd.models import logit_scale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BETAS = (0.0, 0.1, 0.5, 1.0)
@@ -58,13 +58,13 @@ def models(tmp_path_factory):
 def test_repo_kernels_folder_does_not_shadow_hub_kernels():
     """From a clone's root (on sys.path), `import kernels` is Hugging Face's package, which TRL's
     import chain needs; without it, the folder still does not pose as it."""
-    code = ("from trl import DistillationTrainer; import kernels, fastkd.kernels.distill; "
-            "print(kernels.__file__); print(fastkd.kernels.distill.__file__)")
+    code = ("from trl import DistillationTrainer; import kernels, fastkd.kernels.dense; "
+            "print(kernels.__file__); print(fastkd.kernels.dense.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     hub, ours = out.stdout.split()
-    assert Path(hub).parent != ROOT / "kernels" and Path(ours) == ROOT / "kernels" / "distill.py"
+    assert Path(hub).parent != ROOT / "kernels" and Path(ours) == ROOT / "kernels" / "dense.py"
     bare = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT,  # no site
                           capture_output=True, text=True, timeout=60)
     assert "ModuleNotFoundError: No module named 'kernels'" in bare.stderr, bare.stderr[-2000:]
@@ -147,15 +147,15 @@ def test_fused_divergence_loss_equals_trl_objective_fp64(beta):
         fused_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, options=opts)
 
 
-def test_trl_logit_scale_reads_the_configs_as_trl():
+def test_logit_scale_reads_the_configs_as_trl():
     from types import SimpleNamespace as C
 
-    assert trl_logit_scale(C()) == 1.0
-    assert trl_logit_scale(C(logit_scale=0.25, logits_scaling=8.0)) == 0.25
-    assert trl_logit_scale(C(logit_scale=None, output_multiplier=3.0)) == 3.0
-    assert trl_logit_scale(C(lm_head_multiplier=2.0)) == 2.0
-    assert trl_logit_scale(C(logits_scaling=8.0, model_type="granite")) == 0.125
-    assert trl_logit_scale(C(logits_scaling=8.0, model_type="hyperclovax")) == 8.0
+    assert logit_scale(C()) == 1.0
+    assert logit_scale(C(logit_scale=0.25, logits_scaling=8.0)) == 0.25
+    assert logit_scale(C(logit_scale=None, output_multiplier=3.0)) == 3.0
+    assert logit_scale(C(lm_head_multiplier=2.0)) == 2.0
+    assert logit_scale(C(logits_scaling=8.0, model_type="granite")) == 0.125
+    assert logit_scale(C(logits_scaling=8.0, model_type="hyperclovax")) == 8.0
 
 
 # --- FusedDistillationTrainer against trl.DistillationTrainer --------------------------------
@@ -360,9 +360,71 @@ def test_two_processes(models, tmp_path, one_big_batch):
 
 
 def test_bad_arguments(models, tmp_path):
+    """Refused when the trainer is built, naming the argument, not at the first loss after a
+    generation: distill_options, backend, chunk_size, a temperature of 0 (TRL's own gives a bare
+    ZeroDivisionError there), a dataset with no "prompt" column (TRL's: a bare KeyError)."""
+    from datasets import Dataset
+
     with pytest.raises(TypeError, match="distill_options"):
         make(FusedDistillationTrainer, DistillationConfig, models, tmp_path,
              trainer_kwargs={"distill_options": {"divergence": "tvd"}})
+    for cls, config in ((FusedDistillationTrainer, DistillationConfig),
+                        (FusedServerDistillationTrainer, ServerDistillationConfig)):
+        server = {} if cls is FusedDistillationTrainer else {
+            "teacher": False, "teacher_model_server_url": "http://teacher:8000"}
+        for kwargs, message in (({"backend": "cuda"}, r"backend must be one of \("),
+                                ({"chunk_size": 0}, "chunk_size must be a positive int")):
+            with pytest.raises(ValueError, match=message):
+                make(cls, config, models, tmp_path, trainer_kwargs=kwargs, **server)
+        with pytest.raises(ValueError, match=r"args.temperature must be a finite number > 0 .*"
+                                             r"got 0.0"):
+            make(cls, config, models, tmp_path, temperature=0.0, **server)
+        questions = Dataset.from_list([{"question": "def f(x):", "answer": "return x"}])
+        with pytest.raises(ValueError, match=r'train_dataset has no "prompt" column .*its '
+                                             r"columns: \['question', 'answer'\]"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr("trl.generation.vllm_client.VLLMClient", LocalTeacherClient)
+                make(cls, config, models, tmp_path, trainer_kwargs={"train_dataset": questions},
+                     **server)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        FusedGKDTrainer(model=load(models["student"]), chunk_size=0)  # before anything else
+
+
+def test_a_lora_head_on_the_teacher_is_distilled_from_not_ignored(models, tmp_path):
+    """A PEFT teacher with LoRA on lm_head: TRL 1.16's DistillationTrainer reads the base head's
+    weight and ignores the adapter; fastkd's loss takes the head's effective weight, i.e. the
+    teacher's real logits. The documented difference (docs/integrations.md): the two losses
+    differ, fastkd's equals the objective on the teacher's own logits, TRL's the objective on
+    the logits with the adapter switched off."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    teacher = get_peft_model(load(models["teacher"]), lora(target_modules=["lm_head"]))
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    teacher.eval()
+    batch = completion_batch()
+    losses = {}
+    for cls in (FusedDistillationTrainer, DistillationTrainer):
+        trainer = make(cls, DistillationConfig, models, tmp_path / cls.__name__, teacher=False,
+                       beta=0.5, trainer_kwargs={"teacher_model": teacher})
+        losses[cls] = trainer.compute_loss(trainer.model.eval(), batch).item()
+    student = trainer.model
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    k = batch["completion_ids"].shape[1]
+    labels = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask).logits[:, -k - 1:-1]
+        adapted = teacher(input_ids=ids, attention_mask=mask).logits[:, -k - 1:-1]
+        with teacher.disable_adapter():
+            base = teacher(input_ids=ids, attention_mask=mask).logits[:, -k - 1:-1]
+    real, ignored = (jsd_loss(s, t, labels, beta=0.5).item() for t in (adapted, base))
+    assert abs(real / ignored - 1) > 1e-2  # the adapter matters
+    assert losses[FusedDistillationTrainer] == pytest.approx(real, rel=1e-5)
+    assert losses[DistillationTrainer] == pytest.approx(ignored, rel=1e-5)
 
 
 # --- FusedServerDistillationTrainer against ServerDistillationTrainer ------------------------

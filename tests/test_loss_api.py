@@ -4,6 +4,8 @@ chunk.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _device import DEVICE
@@ -136,46 +138,69 @@ def test_triton_backend_on_cpu_in_a_fresh_process():
     assert "before the process starts" in compiled["triton"]
 
 
-# The modules' constructors before the options became one dataclass (issue 20): these took
-# positional arguments in this order, with these defaults.
-OLD_POSITIONAL = {
-    "FusedDistillLoss": (
-        ("temperature", 1.0), ("ce_weight", 0.5), ("kd_weight", 0.5), ("divergence", "forward_kl"),
-        ("beta", 0.5), ("skew", 0.1), ("ignore_index", -100), ("reduction", "mean"),
-        ("student_softcap", None), ("teacher_softcap", None), ("return_components", False),
-        ("backend", "auto"), ("chunk_size", None), ("check_labels", True),
-        ("process_group", None)),
-    "FusedSparseDistillLoss": (
-        ("temperature", 1.0), ("ce_weight", 0.5), ("kd_weight", 0.5), ("divergence", "forward_kl"),
-        ("tail", "bucket"), ("beta", 0.5), ("skew", 0.1), ("ignore_index", -100),
-        ("reduction", "mean"), ("student_softcap", None), ("return_components", False),
-        ("backend", "auto"), ("chunk_size", None)),
-}
-
-
-@pytest.mark.parametrize("name", OLD_POSITIONAL)
-def test_module_constructors_keep_their_positional_order(name):
-    """Positional arguments bind as they did before issue 20's refactor; options added since are
-    keyword-only; too many positional arguments or one given twice is Python's TypeError."""
+@pytest.mark.parametrize("name", ["FusedDistillLoss", "FusedSparseDistillLoss"])
+def test_module_constructors_take_settings_by_name_only(name):
+    """Every setting of the modules' constructors is keyword-only: a positional one is Python's
+    TypeError, not a silently misplaced option."""
     import inspect
 
     module = getattr(fastkd, name)
     params = inspect.signature(module).parameters.values()
-    positional = tuple((p.name, p.default) for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
-    assert positional == OLD_POSITIONAL[name]
-    keyword = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-    assert {"student_logit_scale"} <= keyword and not keyword & {n for n, _ in positional}
-    sparse = name == "FusedSparseDistillLoss"  # its 5th: tail (the old order)
-    values = (2.0, 0.3, 0.7, "jsd", *(("renormalize",) if sparse else ()), 0.4, 0.2, -1)
-    crit = module(*values, student_logit_scale=0.5)
-    assert crit.options == fastkd.DistillOptions(
-        temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4, skew=0.2,
-        ignore_index=-1, student_logit_scale=0.5)
-    assert not sparse or crit.tail == "renormalize"
-    with pytest.raises(TypeError):
-        module(*[v for _, v in OLD_POSITIONAL[name]], None)  # one positional too many
-    with pytest.raises(TypeError, match="multiple values for argument 'temperature'"):
-        module(2.0, temperature=3.0)
+    assert all(p.kind is p.KEYWORD_ONLY for p in params), [p.name for p in params]
+    with pytest.raises(TypeError, match="positional"):
+        module(2.0)
+    crit = module(temperature=2.0, divergence="jsd", beta=0.4, student_logit_scale=0.5)
+    assert crit.options == fastkd.DistillOptions(temperature=2.0, divergence="jsd", beta=0.4,
+                                                 student_logit_scale=0.5)
+
+
+API = {"fused_distill_loss": (), "FusedDistillLoss": (),
+       "fused_sparse_distill_loss": ("teacher_softcap", "teacher_logit_scale"),
+       "FusedSparseDistillLoss": ("teacher_softcap", "teacher_logit_scale")}
+
+
+@pytest.mark.parametrize("name", API)
+def test_option_docs_and_signature_come_from_the_options_table(name):
+    """Each API's signature and docstring list every option it takes, with the default and the
+    description of its DistillOptions field, and none it does not take (the sparse loss's teacher
+    comes as log-probabilities: no teacher softcap or scale)."""
+    import dataclasses
+    import inspect
+
+    api = getattr(fastkd, name)
+    fn = api.__init__ if inspect.isclass(api) else api
+    doc = " ".join(inspect.getdoc(fn).split())
+    params = inspect.signature(fn).parameters
+    for field in dataclasses.fields(fastkd.DistillOptions):
+        if field.name in API[name]:
+            assert field.name not in params and f"{field.name} (" not in doc, field.name
+            continue
+        assert params[field.name].default == field.default, field.name
+        line = f"{field.name} ({field.type}, default {field.default!r}): {field.metadata['doc']}"
+        assert " ".join(line.split()) in doc, field.name
+
+
+def test_docs_option_table_matches_the_signature():
+    """docs/loss.md's table of arguments gives each one's default as the signature has it (the
+    options' from DistillOptions' fields), and lists every option."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    params = inspect.signature(fastkd.fused_distill_loss).parameters
+    listed = set()
+    for line in (Path(__file__).parents[1] / "docs" / "loss.md").read_text().splitlines():
+        cells = line.split(" | ")
+        names = re.findall(r"`(\w+)`", cells[0])
+        if len(cells) < 3 or not names or not set(names) <= set(params):
+            continue
+        defaults = [ast.literal_eval(x) for x in re.findall(r"`([^`]+)`", cells[1])]
+        for name, default in zip(names, defaults * len(names) if len(defaults) == 1 else defaults,
+                                 strict=True):
+            assert params[name].default == default, (name, default)
+            listed.add(name)
+    assert {f.name for f in dataclasses.fields(fastkd.DistillOptions)} <= listed
 
 
 def test_module_rejects_bad_options_at_construction():

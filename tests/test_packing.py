@@ -1,6 +1,7 @@
 """Packed examples (fastkd.data.pack_examples) through a real transformers model: the loss and its
-gradient on a packed batch equal those of the examples run one by one, and `check_packing`
-refuses a model whose attention lets packed examples see each other."""
+gradient on a packed batch equal those of the examples run one by one, and
+`fastkd.models.check_packing` refuses a model whose attention lets packed examples see each
+other."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from fastkd import reference
-from fastkd.data import check_packing, pack_examples
+from fastkd.data import pack_examples
+from fastkd.models import check_packing
 from fastkd.options import DistillOptions
 
 VOCAB = 64

@@ -287,7 +287,7 @@ def test_sampled_targets_are_unbiased_and_topk_is_not():
     is q_v - count_v / n, so its error over R caches has standard deviation
     sqrt(p_v (1 - p_v) / (n R)); every id must lie within 5 of those (a false alarm has
     probability < 1e-4 over all ids). Top-k with the same tail is off by far more."""
-    from fastkd.cache import sample_targets
+    from fastkd.cache_teacher import sample_targets
 
     g = torch.Generator().manual_seed(13)
     vocab, n_tok, samples, repeats, temperature = 40, 6, 16, 400, 1.5
@@ -441,3 +441,35 @@ def test_fits_a_fullgraph_compiled_graph_with_check_labels_false():
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(step(compiled), step(loss_fn), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["no input requires grad", "torch.no_grad"])
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_an_evaluation_step_compiles_fullgraph(form, mode):
+    """Issue 29 item 11: with nothing to differentiate (an evaluation step), the sparse loss
+    inside torch.compile(fullgraph=True) raised "Data-dependent branching" (Dynamo inlined the
+    autograd Function's forward with every argument one place off), while the dense loss
+    compiled. Both compile now, and equal eager."""
+    inputs = make_inputs(n=9, vocab=50, k=3, seed=18)
+    grad = mode == "torch.no_grad"
+    h = inputs["student_hidden"].detach().requires_grad_(grad)
+    w = inputs["student_weight"].detach().requires_grad_(grad)
+    if form == "sparse":
+        teacher = (inputs["teacher_ids"], inputs["teacher_logprobs"])
+        loss = fastkd.fused_sparse_distill_loss
+    else:
+        g = torch.Generator().manual_seed(19)
+        teacher = tuple(torch.randn(*shape, generator=g).to(DEVICE) for shape in ((9, 6), (53, 6)))
+        loss = fastkd.fused_distill_loss
+
+    def loss_fn(h, w, labels, *teacher):
+        return loss(h, w, *teacher, labels, temperature=2.0, divergence="jsd",
+                    check_labels=False, backend="torch", return_components=True)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(not grad):
+        got, want = compiled(h, w, inputs["labels"], *teacher), loss_fn(h, w, inputs["labels"],
+                                                                         *teacher)
+    assert not got.loss.requires_grad
+    for a, b in zip(got.columns(), want.columns(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

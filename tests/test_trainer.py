@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,17 +19,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastkd import reference
-from fastkd.data import load_blocks
-from fastkd.distributed import StudentLoss, TeacherForward
+from fastkd.batch_loss import StudentLoss, TeacherForward, batch_loss
+from fastkd.checkpoint import latest_checkpoint
+from fastkd.config import DistillConfig
+from fastkd.models import lm_head, load_teacher
 from fastkd.options import DistillOptions
-from fastkd.trainer import (
-    DistillConfig,
-    batch_loss,
-    latest_checkpoint,
-    lm_head,
-    load_teacher,
-    run_distillation,
-)
+from fastkd.store import load_blocks
+from fastkd.trainer import run_distillation
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +167,8 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(straight_run, 
 
     checkpoint = latest_checkpoint(out)
     assert checkpoint.name == "step-00000002"
-    assert list((out / "checkpoints").glob(".tmp-step-*")), "the half-written checkpoint is left"
+    assert not list((out / "checkpoints").glob(".tmp-step-*")), "a failed write cleans up"
+    (out / "checkpoints" / ".tmp-step-00000004" / "model").mkdir(parents=True)  # as kill -9 left
     AutoModelForCausalLM.from_pretrained(checkpoint / "model")
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["optimizer"]["state"], "optimizer moments were saved"
@@ -261,13 +259,13 @@ def fused_and_spec(student: StudentLoss, teacher: TeacherForward, batch, params:
 
 def fused_and_spec_grads(assets, model, params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """`fused_and_spec`'s gradients on 3 sequences, the trainer's teacher."""
-    teacher = load_teacher(make_config(assets, Path("unused")), torch.device("cpu"))
+    teacher = load_teacher(str(assets.teacher), "auto", torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
     train, _ = load_blocks(assets.data, tokenizer, seq_len=32, eval_fraction=0.1)
     student = StudentLoss(lm_head(model, "student"), DistillOptions(temperature=2.0,
                                                                     reduction="sum"), "auto")
     (_, fused), (_, spec) = fused_and_spec(student, TeacherForward(teacher),
-                                           train.select(torch.arange(3)), params)
+                                           train.take(torch.arange(3)), params)
     return fused, spec
 
 
@@ -301,8 +299,7 @@ def test_padded_vocab_and_bf16_teacher(assets, tmp_path):
 
 
 def test_teacher_is_frozen(assets, tmp_path):
-    teacher = load_teacher(make_config(assets, tmp_path / "unused", teacher_dtype="bfloat16"),
-                           torch.device("cpu"))
+    teacher = load_teacher(str(assets.teacher), "bfloat16", torch.device("cpu"))
     assert not teacher.model.training
     assert all(not p.requires_grad for p in teacher.model.parameters())
     assert teacher.weight.dtype == torch.bfloat16
@@ -366,12 +363,12 @@ def test_heads_that_scale_logits_train_with_their_scales(assets, tmp_path):
         teacher=str(save_llama(tmp_path / "granite", assets.tokenizer, arch="granite", seed=6,
                                logits_scaling=4.0, **kw)))
     cpu = torch.device("cpu")
-    teacher = TeacherForward(load_teacher(config, cpu))
+    teacher = TeacherForward(load_teacher(config.teacher, config.teacher_dtype, cpu))
     train, _ = load_blocks(assets.data, assets.tokenizer, seq_len=32, eval_fraction=0.1)
     phase = _setup(config, None, teacher, assets.tokenizer, train, cpu)
     opts = phase.student.opts
     assert (opts.student_logit_scale, opts.teacher_logit_scale) == (0.5, 0.25)
-    batch = train.select(torch.arange(3))
+    batch = train.take(torch.arange(3))
     params = dict(phase.student.model.named_parameters())
     (loss, fused), (spec, spec_grads) = fused_and_spec(phase.student, teacher, batch, params)
     assert loss.item() == pytest.approx(spec.item(), rel=1e-5)
@@ -433,7 +430,22 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_bit_in_meta(field: str):
+    """Flip the lowest bit of the first digit of a number in meta.json ("step": 6 -> 7, the data
+    cursor's "offset": a byte that still parses, naming another position)."""
+    def damage(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        at = data.index(f'"{field}": '.encode()) + len(field) + 4
+        assert chr(data[at]).isdigit()
+        data[at] ^= 0x01
+        path.write_bytes(bytes(data))
+        json.loads(data)  # still valid JSON: only its checksum can tell
+    return damage
+
+
 FAULTS = {
+    "flipped bit in meta.json step": ("meta.json", _flip_bit_in_meta("step")),
+    "flipped bit in meta.json data cursor": ("meta.json", _flip_bit_in_meta("offset")),
     "truncated model.safetensors": ("model/model.safetensors", _truncate),
     "empty trainer_state.pt": ("trainer_state.pt", lambda p: _truncate(p, 0)),
     "truncated trainer_state.pt": ("trainer_state.pt", _truncate),
@@ -466,15 +478,17 @@ def test_damaged_checkpoints_are_named_and_the_previous_one_is_used(straight_run
         assert "resuming from the previous checkpoint, step-00000004" in caplog.text
         assert (run / "checkpoints" / "damaged-step-00000006").is_dir()
 
-    # The full resume past the flipped byte: steps 5 and 6 again, the same student.
-    run = tmp_path / "flipped-byte-in-model.safetensors"
-    shutil.rmtree(run / "student")
-    resumed = run_distillation(dataclasses.replace(DistillConfig.load(run), out=str(run),
-                                                   resume=True))
-    assert resumed["status"] == "completed" and resumed["distill"]["steps_run"] == 2
-    want, got = student_weights(config.out), student_weights(run)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    # The full resume past a flipped byte in the weights and a flipped bit in meta.json's data
+    # cursor: steps 5 and 6 again, the same student.
+    for fault in ("flipped byte in model.safetensors", "flipped bit in meta.json data cursor"):
+        run = tmp_path / fault.replace(" ", "-")
+        shutil.rmtree(run / "student")  # else the run is complete: a resume changes nothing
+        resumed = run_distillation(dataclasses.replace(DistillConfig.load(run), out=str(run),
+                                                       resume=True))
+        assert resumed["status"] == "completed" and resumed["distill"]["steps_run"] == 2
+        want, got = student_weights(config.out), student_weights(run)
+        for name in want:
+            assert torch.equal(want[name], got[name]), name
 
     # Every checkpoint damaged: a ValueError naming the files, nothing set aside.
     run = tmp_path / "all-damaged"
@@ -610,3 +624,178 @@ def test_lora_student_resumes_exactly_and_exports_merged(assets, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(straight["distill"]["student_dir"])
     torch.testing.assert_close(peft(input_ids=ids).logits, merged(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: fastkd's own (a marker), never a model's; a finished run stays as it is.
+
+
+def tree(root: Path) -> dict:
+    """Every file under root: its bytes and mtime."""
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_out_holding_a_model_or_anything_else_is_refused_and_left_as_it_was(assets, tmp_path):
+    """--out = --student (a directory with a config.json): refused before anything is written,
+    naming what it holds, and the model still loads; so is any other non-empty directory. An
+    empty one takes the run (and its marker); a start that fails on its data takes back what
+    it wrote."""
+    model = tmp_path / "model"
+    shutil.copytree(assets.student, model)
+    before = tree(model)
+    with pytest.raises(ValueError, match=rf"out: {model} is not empty and is not a fastkd run "
+                                         r"directory \(no fastkd-run.json\): it holds "
+                                         r"config.json, .*its config.json is a model's"):
+        run_distillation(make_config(assets, model, student=str(model)))
+    assert tree(model) == before
+    AutoModelForCausalLM.from_pretrained(model)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"it holds todo.txt; a new run goes into a new or "
+                                         r"empty directory"):
+        run_distillation(make_config(assets, notes))
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "empty.txt").write_text("")
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(ValueError, match="empty.txt"):
+            run_distillation(make_config(assets, out, data=[str(empty / "empty.txt")]))
+        assert not out.exists() if out.name == "new" else (
+            {p.name for p in out.iterdir()} <= {".fastkd.lock"})
+    result = run_distillation(make_config(assets, tmp_path / "empty", steps=1, eval_every=1))
+    assert result["status"] == "completed"
+    assert json.loads((tmp_path / "empty" / "fastkd-run.json").read_text()) == {
+        "format": "fastkd-run/1"}
+    # --resume of a model directory: named, not a bare TypeError
+    with pytest.raises(ValueError, match=rf"{model} is not a fastkd run directory"):
+        DistillConfig.load(model)
+
+
+def test_resume_of_a_finished_run_changes_nothing(straight_run, tmp_path, caplog, capsys):
+    """--resume on a complete run says so, with how to train its student further, and neither
+    runs, measures (the report's throughput) nor rewrites anything."""
+    from fastkd.cli import main
+
+    config, straight = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(config.out, run)
+    before = tree(run)
+    with caplog.at_level(logging.INFO, logger="fastkd"):
+        result = run_distillation(dataclasses.replace(DistillConfig.load(run), out=str(run),
+                                                      resume=True))
+    assert result["status"] == "completed" and result["complete_before"]
+    assert result["history"] == straight["history"]
+    assert result["distill"]["student_dir"] == str(run / "student")
+    assert "the run is complete (6 steps): nothing to resume, nothing changed" in caplog.text
+    assert f"fastkd distill --student {run / 'student'} --out NEW_RUN_DIR" in caplog.text
+    assert main(["distill", "--resume", str(run)]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert tree(run) == before
+
+
+def test_thread_count_is_recorded_and_a_resume_runs_with_it(assets, tmp_path, monkeypatch):
+    """CPU GEMMs round differently under another thread count: a run records the count it
+    started with (torch's default, or --threads) and a resume uses it, whatever the default is
+    then; torch gets its own count back afterwards."""
+    from fastkd import loop
+
+    seen = []
+    step = loop._optimizer_step
+    monkeypatch.setattr(loop, "_optimizer_step",
+                        lambda *a: seen.append(torch.get_num_threads()) or step(*a))
+    own = torch.get_num_threads()
+    other = 2 if own == 1 else 1
+    out = tmp_path / "run"
+    run_distillation(make_config(assets, out, steps=2, stop_after=1))
+    assert json.loads((out / "config.json").read_text())["threads"] == own and seen == [own]
+    torch.set_num_threads(other)
+    try:
+        run_distillation(dataclasses.replace(DistillConfig.load(out), resume=True))
+        assert seen == [own, own] and torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(own)
+    run_distillation(make_config(assets, tmp_path / "one", steps=1, threads=other))
+    assert seen[-1] == other and torch.get_num_threads() == own
+    with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
+        make_config(assets, out, threads=0)
+
+
+def test_no_progress_logs_a_line_per_evaluation_and_every_half_minute(assets, tmp_path,
+                                                                      monkeypatch, caplog):
+    """With no bar, a run under nohup still shows life: step, loss, tokens/s and ETA at each
+    evaluation and at least every LOG_EVERY_SECONDS; a held-out set too small to measure is
+    named in a warning."""
+    from fastkd import loop
+
+    with caplog.at_level(logging.INFO, logger="fastkd"):
+        run_distillation(make_config(assets, tmp_path / "a", steps=4, eval_every=2,
+                                     eval_sequences=2))
+    lines = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == ["distill: step 2/4", "distill: step 4/4"]
+    assert all(re.search(r"loss \d+\.\d{4}, [\d,]+ tokens/s, ETA \d+s, held-out ppl", line)
+               for line in lines), lines
+    assert re.search(r"the held-out set holds 62 next-token targets \(2 sequences\), fewer "
+                     r"than the 1,000", caplog.text)
+    caplog.clear()
+    monkeypatch.setattr(loop, "LOG_EVERY_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="fastkd"):
+        run_distillation(make_config(assets, tmp_path / "b", steps=3, eval_every=3))
+    assert [r.getMessage().split(",")[0] for r in caplog.records if ": step " in r.getMessage()
+            ] == ["distill: step 1/3", "distill: step 2/3", "distill: step 3/3"]
+
+
+def test_full_disk_at_a_checkpoint_and_at_the_export(straight_run, tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk fails with "[enforce fail at inline_container.cc] unexpected
+    pos", which never says so; a copy runs out of space mid-export. Each is one line naming what
+    was written and the free space, leaves no temp directory, and the run resumed with space
+    freed ends bit for bit where the straight run did. Checkpoints and the export take the
+    umask's modes (safetensors writes 0600)."""
+    import errno
+
+    from fastkd import checkpoint, fsio
+    from fastkd.cli import main
+
+    config, _ = straight_run
+    out = tmp_path / "run"
+    run_distillation(dataclasses.replace(config, out=str(out), stop_after=2))
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"the start of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(fsio, "free_bytes", lambda path: 4096)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--resume", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert (f"fastkd distill: error: cannot write {out}/checkpoints/step-00000004: no space left "
+            "on device; 0.0 MiB free there (free some space") in err, err
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def copy_fills_the_disk(src, dst, **kwargs):
+        (Path(dst) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.shutil, "copytree", copy_fills_the_disk)
+    with pytest.raises(SystemExit):
+        main(["distill", "--resume", str(out)])
+    assert (f"cannot write {out}/student: no space left on device; 0.0 MiB free there"
+            in capsys.readouterr().err)
+    assert not list(out.glob(".tmp-*")) and not (out / "student").exists()
+    monkeypatch.undo()
+    assert main(["distill", "--resume", str(out)]) == 0
+    want, got = student_weights(config.out), student_weights(out)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    mask = fsio.umask()
+    for path in [out / "student", *(out / "student").rglob("*"), *(out / "checkpoints").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~mask, path

@@ -16,9 +16,10 @@ model (input_ids with attention_mask, or, for packed examples, with position_ids
 its labels (L,) (ignore_index where a position does not count), and the teacher's targets at its
 next-token positions, teacher_ids (L-1, slots) int32 (-1: unused) and teacher_logprobs
 (L-1, slots) float32 at the cache's temperature. The Dataset opens the cache's shards lazily in
-each process (memory-mapped; a DataLoader worker opens its own), so with
-`dataloader_num_workers` > 0 reading and decoding the compact rows run in the workers,
-overlapping the steps (`bench/cache_loader.py` measures the step time with and without them).
+each process (memory-mapped; a DataLoader worker opens its own) and reads an item's sequence and
+targets when the item is asked for, so with `dataloader_num_workers` > 0 reading and decoding the
+compact rows run in the workers, overlapping the steps (`bench/cache_loader.py` measures the step
+time with and without them).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from pathlib import Path
 
 import torch
 
-from fastkd.integrations.transformers import CACHE_COLUMNS
+from fastkd.cache_format import SPLITS
+from fastkd.checks import choice
 from fastkd.options import DistillOptions
 
-__all__ = ["CacheDataset", "cache_collator"]
+__all__ = ["CACHE_COLUMNS", "CacheDataset", "cache_collator"]
+# A teacher cache's targets in a batch: the loss's, not the models' (the trainer keeps them apart).
+CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -40,37 +44,32 @@ class CacheDataset(torch.utils.data.Dataset):
     split: "train" or "heldout"."""
 
     def __init__(self, cache: str | Path, split: str):
-        from fastkd.cache import TeacherCache
+        from fastkd.cache import TeacherCache, default_tail
 
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        choice("split", split, SPLITS)
         self.dir, self.split = Path(cache), split
         opened = TeacherCache(self.dir)  # every check, once
         self.manifest = opened.manifest
         self.temperature = float(self.manifest["temperature"])
-        self.tail = "ignore" if self.manifest["mode"] == "sample" else "bucket"
-        self._blocks = opened.blocks(split)
-        self._opened = opened
+        self.tail = default_tail(opened.mode)  # what it trains with unless told another
+        self._rows = opened.rows(split)
 
     def __len__(self) -> int:
         return len(self._sequences())
 
     def __getstate__(self):  # a DataLoader worker (spawned) opens the shards itself
-        state = dict(self.__dict__)
-        state["_opened"] = None
-        state["_blocks"] = None
-        return state
+        return {**self.__dict__, "_rows": None}
 
     def _sequences(self):
-        if self._blocks is None:
+        if self._rows is None:
             from fastkd.cache import TeacherCache
 
-            self._opened = TeacherCache(self.dir, verify=False)  # checked by the parent
-            self._blocks = self._opened.blocks(self.split)
-        return self._blocks
+            # checked by the process that made this Dataset
+            self._rows = TeacherCache(self.dir, verify=False).rows(self.split)
+        return self._rows
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        one = self._sequences().select(torch.tensor([int(i)]))
+        one = self._sequences().take(torch.tensor([int(i)]))
         ids, logprobs = one.targets.load()
         return {**{k: v[0] for k, v in one.model_inputs().items()},
                 "labels": one.labels(DistillOptions.ignore_index)[0],

@@ -6,8 +6,7 @@
                              distill_options=fastkd.DistillOptions(temperature=2.0))
     trainer.train()
 
-(`DistillationTrainer`, its former name, which clashed with `trl.DistillationTrainer`, still
-imports, with a FutureWarning.) With no teacher model it trains from a teacher cache
+With no teacher model it trains from a teacher cache
 (`fastkd cache-teacher`): `fastkd.integrations.cache.CacheDataset` and `cache_collator` give
 batches that carry the cached targets, and the loss is the sparse one (`fused_sparse_lm_loss`).
 
@@ -44,27 +43,34 @@ from contextlib import contextmanager
 
 import torch
 
-from fastkd import reference
-from fastkd.loss import distill
-from fastkd.models import from_pretrained, head_weight_and_bias, lm_head, with_heads
+from fastkd.checks import choice
+from fastkd.integrations.cache import CACHE_COLUMNS
+from fastkd.integrations.multi_teacher import (
+    TEACHER_ID,
+    RoutedCollator,
+    check_datasets,
+    check_mixable,
+    load_teachers,
+    several_teachers,
+    teachers_at,
+)
+from fastkd.loss import dense_loss, sparse_loss
+from fastkd.models import head_weight_and_bias, lm_head, load_teacher, with_heads
+from fastkd.multi_teacher import multi_teacher_loss
 from fastkd.options import DistillOptions
-from fastkd.sparse import sparse_distill
+from fastkd.plans import TEACHER_DTYPES
 
 try:
     from accelerate.utils import extract_model_from_parallel
-    from transformers import AutoModelForCausalLM, Trainer
+    from transformers import Trainer
 except ImportError as err:  # transformers.Trainer needs accelerate
     raise ImportError(
         f"fastkd.integrations.transformers needs transformers' Trainer and accelerate ({err}): "
         "pip install fastkd[hf]"
     ) from err
 
-__all__ = ["CACHE_COLUMNS", "FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss",
-           "model_inputs", "output_layer", "shifted_labels"]
-# A teacher cache's targets in a batch (fastkd.integrations.cache): the loss's, not the models'.
-CACHE_COLUMNS = ("teacher_ids", "teacher_logprobs")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["FusedKDTrainer", "fused_lm_loss", "fused_sparse_lm_loss", "model_inputs",
+           "output_layer", "shifted_labels"]
 
 
 def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,10 +122,11 @@ def shifted_labels(inputs: dict, ignore_index: int) -> torch.Tensor:
 
 
 def model_inputs(inputs: dict) -> dict:
-    """What a batch gives the models' forward: every entry but the labels and a cache's targets
-    (the loss is fastkd's), as `transformers.Trainer` passes them (input_ids, attention_mask,
-    position_ids, ...)."""
-    return {k: v for k, v in inputs.items() if k != "labels" and k not in CACHE_COLUMNS}
+    """What a batch gives the models' forward: every entry but the labels, a cache's targets
+    (the loss is fastkd's) and the rows' teachers (`teacher_id`), as `transformers.Trainer`
+    passes them (input_ids, attention_mask, position_ids, ...)."""
+    return {k: v for k, v in inputs.items()
+            if k not in ("labels", TEACHER_ID) and k not in CACHE_COLUMNS}
 
 
 def fused_lm_loss(
@@ -170,7 +177,7 @@ def fused_lm_loss(
     h_t, w_t, b_t = seen.pop()
     h_t = h_t[:, :-1]
 
-    return _student_loss(student, inputs, lambda hidden, weight, bias: distill(
+    return _student_loss(student, inputs, lambda hidden, weight, bias: dense_loss(
         hidden, weight, h_t, w_t, labels, opts, student_bias=bias, teacher_bias=b_t,
         backend=backend, chunk_size=chunk_size))
 
@@ -199,7 +206,7 @@ def fused_sparse_lm_loss(
                          f"{tuple(teacher_ids.shape)} must cover the {expected} next-token "
                          f"positions of input_ids {tuple(input_ids.shape)}")
     return _student_loss(student, {**inputs, "use_cache": False},
-                         lambda hidden, weight, bias: sparse_distill(
+                         lambda hidden, weight, bias: sparse_loss(
                              hidden, weight, teacher_ids, teacher_logprobs, labels, opts,
                              tail=tail, student_bias=bias, backend=backend,
                              chunk_size=chunk_size))
@@ -252,14 +259,14 @@ class FusedKDTrainer(Trainer):
     own forward).
 
     teacher_model: a causal LM (or a path / hub id) sharing the student's tokenizer; it is moved to
-    the student's device, put in eval mode without gradients, and cast to teacher_dtype ("bfloat16",
-    torch.bfloat16, ...; None keeps its dtype). It is not wrapped by accelerate: each process holds
-    the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
+    the student's device, frozen and cast to teacher_dtype ("bfloat16", torch.bfloat16, ...; None
+    keeps its dtype: `fastkd.models.load_teacher`). It is not wrapped by accelerate: each process
+    holds the whole teacher. backend, chunk_size: as in `fastkd.fused_distill_loss`.
 
     teacher_model=None: from a teacher cache, no teacher loaded: train_dataset must be a
     `fastkd.integrations.cache.CacheDataset` (with `cache_collator`), whose batches carry the
     cached targets (teacher_ids, teacher_logprobs), and the loss is `fused_sparse_lm_loss` with
-    cache_tail (default: "ignore" for a sampled cache, "bucket" for a top-k one);
+    cache_tail (default: the cache's own, `fastkd.cache.default_tail`);
     distill_options.temperature must be the cache's.
 
     Every input the collator gives (input_ids, attention_mask, position_ids, ...) goes to both
@@ -270,26 +277,38 @@ class FusedKDTrainer(Trainer):
     Evaluation reports the loss only: no logits are ever formed, so a `compute_metrics` is never
     called (a warning says so). Label smoothing and `compute_loss_func` are refused (the loss is
     fastkd's).
+
+    Several teachers (`fastkd.integrations.multi_teacher`): teacher_model a list of them (or a
+    dict {name: model or path}; `teacher_models=`, TRL PR #7215's name, takes the same), each
+    loaded, placed and checked as the one teacher is. Each row names its teacher in a
+    `teacher_id` column (its position in the list, or its name): every row's tokens distil from
+    that teacher alone, each teacher's model runs on its own rows only, and one routed fused loss
+    takes the batch; the data collator is wrapped to keep each row's teacher (`RoutedCollator`:
+    a packing collator's rows keep theirs per token). teacher_weights (K weights summing to 1,
+    up to 4 teachers) mixes them on every token instead: sum_k w_k D(p_k || q). A list of one is
+    the single-teacher trainer. `self.teacher_model` is then the list of teachers.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the counted tokens of the whole step
+    teacher_routing = None  # several teachers: a `TeacherRouting`; one: None
 
     def __init__(self, model=None, teacher_model=None, args=None, *,
                  distill_options: DistillOptions | None = None,
                  teacher_dtype: torch.dtype | str | None = None, backend: str = "auto",
-                 chunk_size: int | None = None, cache_tail: str | None = None, **kwargs):
+                 chunk_size: int | None = None, cache_tail: str | None = None,
+                 teacher_models=None, teacher_weights=None, **kwargs):
         opts = DistillOptions() if distill_options is None else distill_options
         if not isinstance(opts, DistillOptions):
             raise TypeError(f"distill_options must be a fastkd.DistillOptions, got "
                             f"{type(opts).__name__}")
         if isinstance(teacher_dtype, str):
-            if teacher_dtype not in _DTYPES:
-                raise ValueError(f"teacher_dtype must be one of {sorted(_DTYPES)} or a "
-                                 f"torch.dtype, got {teacher_dtype!r}")
-            teacher_dtype = _DTYPES[teacher_dtype]
+            choice("teacher_dtype", teacher_dtype, TEACHER_DTYPES)
         elif teacher_dtype is not None and not isinstance(teacher_dtype, torch.dtype):
             raise TypeError(f"teacher_dtype must be a str, torch.dtype or None, got "
                             f"{type(teacher_dtype).__name__}")
+        several = several_teachers(teacher_model, teacher_models, teacher_weights)
+        if several is not None:  # one teacher in a list is that teacher
+            teacher_model = several[0][0] if len(several[0]) == 1 else several[0]
         super().__init__(model=model, args=args, **kwargs)
         if self.label_smoother is not None:
             raise ValueError("label_smoothing_factor is not supported: the loss is fastkd's "
@@ -305,6 +324,8 @@ class FusedKDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         student = lm_head(_inner_model(self.model), "student")
         self.backend, self.chunk_size, self.cache_tail = backend, chunk_size, None
+        if several is not None:
+            check_datasets(several[1], self.train_dataset, self.eval_dataset)
         if teacher_model is None:  # from a teacher cache: its targets come with the batches
             self.teacher_model = None
             self.cache_tail = _cache_tail(self.train_dataset, opts, cache_tail)
@@ -315,21 +336,30 @@ class FusedKDTrainer(Trainer):
         if cache_tail is not None:
             raise ValueError("cache_tail applies to training from a teacher cache "
                              "(teacher_model=None)")
-        if isinstance(teacher_model, str):
-            teacher_model = from_pretrained(AutoModelForCausalLM, teacher_model, "teacher")
-        teacher_model = teacher_model.to(device=self.args.device, dtype=teacher_dtype)
-        teacher_model.eval().requires_grad_(False)
-        teacher = lm_head(teacher_model, "teacher")
-        self.teacher_model = teacher_model
+        if isinstance(teacher_model, list):  # several teachers, each its own head settings
+            self.teacher_model = load_teachers(*several, self.args.device, teacher_dtype)
+            check_mixable(several[1], student.vocab_size,
+                          [t.get_output_embeddings() for t in self.teacher_model])
+            self.teacher_routing = several[1]
+            self.distill_options = with_heads(dataclasses.replace(
+                opts, reduction="sum", teacher_softcap=None, teacher_logit_scale=1.0), student)
+            if self.teacher_routing.routed:
+                self.data_collator = RoutedCollator(self.data_collator, self.teacher_routing)
+            return
+        teacher = load_teacher(teacher_model, teacher_dtype, self.args.device)
+        self.teacher_model = teacher.model
         self.distill_options = with_heads(dataclasses.replace(opts, reduction="sum"), student,
                                           teacher)
 
     def _set_signature_columns_if_needed(self):
-        """A cache's targets are batch columns the model's forward does not take: keep them."""
+        """A cache's targets and the rows' teachers are batch columns the model's forward does not
+        take: keep them."""
         super()._set_signature_columns_if_needed()
         if self.teacher_model is None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns,
                                                           *CACHE_COLUMNS]))
+        if self.teacher_routing is not None and self.teacher_routing.routed:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, TEACHER_ID]))
 
     def _tokens_across_processes(self) -> bool:
         return self.args.average_tokens_across_devices and self.args.world_size > 1
@@ -352,7 +382,17 @@ class FusedKDTrainer(Trainer):
         step's count, from get_batch_samples) in training, by the batch's own count otherwise."""
         opts = self.distill_options
         labels = shifted_labels(inputs, opts.ignore_index)
-        if self.teacher_model is None:
+        if self.teacher_routing is not None:  # several teachers: routed or mixed
+            batch = model_inputs(inputs)
+            heads, index, weights = teachers_at(self.teacher_model, self.teacher_routing, batch,
+                                                inputs.get(TEACHER_ID))
+            loss, outputs = _student_loss(model, {**batch, "use_cache": False},
+                                          lambda hidden, weight, bias: multi_teacher_loss(
+                                              hidden, weight, heads, labels, opts,
+                                              teacher_index=index, teacher_weights=weights,
+                                              student_bias=bias, backend=self.backend,
+                                              chunk_size=self.chunk_size))
+        elif self.teacher_model is None:
             missing = [c for c in CACHE_COLUMNS if c not in inputs]
             if missing:
                 raise ValueError(f"FusedKDTrainer without teacher_model trains from a teacher "
@@ -385,6 +425,7 @@ class FusedKDTrainer(Trainer):
 
 def _cache_tail(dataset, opts: DistillOptions, tail: str | None) -> str:
     """The sparse loss's tail for training from a cache, whose temperature must be the run's."""
+    from fastkd.cache import sparse_tail
     from fastkd.integrations.cache import CacheDataset
 
     if not isinstance(dataset, CacheDataset):
@@ -396,26 +437,5 @@ def _cache_tail(dataset, opts: DistillOptions, tail: str | None) -> str:
         raise ValueError(f"distill_options.temperature is {opts.temperature}, the cache "
                          f"{dataset.dir}'s is {dataset.temperature}: its log-probabilities are "
                          "at that temperature")
-    tail = tail or dataset.tail
-    if tail not in reference.SPARSE_TAILS:
-        raise ValueError(f"cache_tail must be one of {reference.SPARSE_TAILS}, got {tail!r}")
-    if tail == "ignore" and opts.divergence != "forward_kl":
-        raise ValueError(f"cache_tail 'ignore' (sampled targets) supports divergence="
-                         f"'forward_kl' only, got {opts.divergence!r}")
-    return tail
+    return sparse_tail(tail, dataset.manifest["mode"], opts.divergence)
 
-
-_warned_old_name = False
-
-
-def __getattr__(name: str):
-    # The former name, which clashed with trl.DistillationTrainer (a different signature)
-    global _warned_old_name
-    if name == "DistillationTrainer":
-        if not _warned_old_name:
-            _warned_old_name = True
-            warnings.warn("fastkd.integrations.transformers.DistillationTrainer is renamed "
-                          "FusedKDTrainer (the old name clashes with trl.DistillationTrainer); "
-                          "it will be removed", FutureWarning, stacklevel=2)
-        return FusedKDTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
 """fastkd's fused loss inside TRL's distillation trainers (tested with TRL 1.16; `pip install
 fastkd[trl]`). Each is a subclass with the same arguments and config as TRL's; only the loss
-changes, to fastkd's fused one with TRL's objective exactly.
+changes, to fastkd's fused one with TRL's objective exactly, but for one deliberate difference: a
+teacher with a LoRA adapter on its output layer is distilled from through its effective head (its
+own logits), where TRL 1.16 reads the base `lm_head.weight` and ignores the adapter.
 
     from fastkd.integrations.trl import FusedDistillationTrainer   # = trl.DistillationTrainer
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher,
@@ -54,14 +56,15 @@ divides `num_items_in_batch` by the number of processes) and ours inherits it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 
 import torch
 
-from fastkd.loss import distill
+from fastkd.checks import choice, positive_int
+from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import head_weight_and_bias, lm_head, logit_scale, with_heads
-from fastkd.options import DistillOptions
-from fastkd.sparse import sparse_distill
+from fastkd.options import BACKENDS, DistillOptions
 
 try:
     import trl.trainer.distillation_trainer as _trl_distillation
@@ -72,7 +75,9 @@ try:
         ServerDistillationTrainer,
     )
 
+    from fastkd.integrations.multi_teacher import several_teachers
     from fastkd.integrations.transformers import _inner_model, fused_lm_loss
+    from fastkd.integrations.trl_teachers import SeveralTeachers, refuse_several
 except ImportError as err:
     raise ImportError(
         f"fastkd.integrations.trl needs TRL 1.16 (trl.DistillationTrainer, "
@@ -89,7 +94,6 @@ __all__ = [
     "fused_divergence_loss",
     "gkd_options",
     "server_sparse_targets",
-    "trl_logit_scale",
 ]
 
 IGNORE_INDEX = -100  # TRL's label mask
@@ -109,11 +113,6 @@ def gkd_options(beta: float, temperature: float = 1.0) -> DistillOptions:
         divergence=divergence, beta=beta if divergence == "jsd" else 0.5,
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
-
-
-# The factor TRL 1.16's DistillationTrainer multiplies a model's logits by (before the softcap),
-# from its text config: the one reader, fastkd.models.logit_scale, under its former name here.
-trl_logit_scale = logit_scale
 
 
 def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -176,10 +175,10 @@ def fused_divergence_loss(
     labels = labels.long().masked_fill(~valid, IGNORE_INDEX)
     w_s, b_s = _same_dtype(student_hidden_states, student_lm_head_weight, student_lm_head_bias)
     w_t, b_t = _same_dtype(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias)
-    out = distill(student_hidden_states, w_s, teacher_hidden_states.detach(), w_t.detach(),
-                  labels, opts, student_bias=b_s,
-                  teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
-                  backend=backend, chunk_size=chunk_size)
+    out = dense_loss(student_hidden_states, w_s, teacher_hidden_states.detach(), w_t.detach(),
+                     labels, opts, student_bias=b_s,
+                     teacher_bias=None if b_t is None else b_t.detach(), return_components=True,
+                     backend=backend, chunk_size=chunk_size)
     loss, entropy_sum = out.loss, out.entropy
     n_valid = valid.sum()
     if num_items_in_batch is None:
@@ -209,6 +208,35 @@ def _check_distill_options(distill_options) -> None:
     if distill_options is not None and not isinstance(distill_options, DistillOptions):
         raise TypeError(f"distill_options must be a fastkd.DistillOptions or None, got "
                         f"{type(distill_options).__name__}")
+
+
+def _check_loss_arguments(backend, chunk_size, args) -> None:
+    """What the fused loss is given, checked when the trainer is built (not at the first loss,
+    after a generation): backend, chunk_size, and the temperature that divides both models'
+    logits (TRL's loss too: 0 is a bare ZeroDivisionError there)."""
+    choice("backend", backend, BACKENDS)
+    positive_int("chunk_size", chunk_size, optional=True)
+    temperature = getattr(args, "temperature", 1.0)
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"args.temperature must be a finite number > 0 (the loss divides both "
+                         f"models' logits by it), got {temperature!r}")
+
+
+def _check_prompts(trainer) -> None:
+    """TRL's on-policy trainers generate from each row's "prompt": a dataset without one is
+    refused when the trainer is built, naming the columns it has (TRL's own fails at the first
+    step with a bare KeyError)."""
+    named = {"train_dataset": trainer.train_dataset}
+    evals = trainer.eval_dataset
+    named.update({f"eval_dataset[{k!r}]": v for k, v in evals.items()} if isinstance(evals, dict)
+                 else {"eval_dataset": evals})
+    for name, dataset in named.items():
+        columns = getattr(dataset, "column_names", None)  # None: a dataset that does not say
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(f"{name} has no \"prompt\" column (the trainer generates the "
+                             f"completions from it); its columns: {list(columns)}. Rename the "
+                             "one that holds the prompts: dataset.rename_column(NAME, \"prompt\")")
 
 
 class _FusedHeads:
@@ -245,7 +273,7 @@ class _FusedHeads:
         return hidden.to(weight.device), weight, bias, unwrapped_student.config.get_text_config()
 
 
-class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
+class FusedDistillationTrainer(_FusedHeads, SeveralTeachers, DistillationTrainer):
     """`trl.DistillationTrainer` (TRL 1.16) whose loss is fastkd's fused loss, with TRL's objective
     (module docstring): same arguments, `trl.DistillationConfig`, logged metrics (the student's
     entropy included), generation (HF generate or vLLM), gradient accumulation, PEFT, DDP/FSDP2.
@@ -254,21 +282,36 @@ class FusedDistillationTrainer(_FusedHeads, DistillationTrainer):
     `distill_options` (a `fastkd.DistillOptions`, default None = TRL's objective) selects fastkd's
     other divergences or mixes in CE on the completion tokens (reduction, ignore_index and softcaps
     are then set by the trainer); backend and chunk_size as in `fastkd.fused_distill_loss`.
-    DeepSpeed ZeRO-3 is refused.
+    DeepSpeed ZeRO-3 is refused. Several teachers (TRL PR #7215's shape): teacher_model (or
+    teacher_models) a list or a dict {name: model or path} and a `teacher_id` column, or
+    teacher_weights mixing them (`fastkd.integrations.trl_teachers`).
     """
 
     def __init__(self, model, teacher_model=None, args=None, *rest,
                  distill_options: DistillOptions | None = None, backend: str = "auto",
-                 chunk_size: int | None = None, **kwargs):
+                 chunk_size: int | None = None, teacher_models=None, teacher_weights=None,
+                 **kwargs):
         _check_distill_options(distill_options)
+        _check_loss_arguments(backend, chunk_size, args)
+        teachers = several_teachers(teacher_model, teacher_models, teacher_weights)
+        if teachers is not None:  # one teacher in a list is that teacher; several: set below
+            teacher_model = teachers[0][0] if len(teachers[0]) == 1 else None
         with _lora_head_allowed():
             super().__init__(model, teacher_model, args, *rest, **kwargs)
         self.distill_options, self.backend, self.chunk_size = distill_options, backend, chunk_size
         self._check_fused()
+        _check_prompts(self)
+        if teachers is not None:
+            self._set_teachers(*teachers)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """TRL's `_compute_loss` (run inside the student wrapper's forward by `compute_loss`) with
         `fused_divergence_loss` for TRL's kernel: (loss, entropy sum, counted tokens)."""
+        if self.teacher_routing is not None:
+            objective = self.distill_options or gkd_options(self.beta, self.temperature)
+            return self._several_teachers_loss(unwrapped_student, inputs, num_items_in_batch, (
+                dataclasses.replace(objective, ignore_index=IGNORE_INDEX, reduction="sum")),
+                _same_dtype)
         input_ids, attention_mask, completion_ids, loss_mask, extra = self._completion_batch(inputs)
         h_s, w_s, b_s, s_config = self._student_side(unwrapped_student, input_ids,
                                                      attention_mask, completion_ids, extra)
@@ -347,10 +390,13 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
 
     def __init__(self, model, args=None, *rest, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
+        _check_loss_arguments(backend, chunk_size, args)
+        refuse_several(self, kwargs.get("teacher_model"), kwargs.get("teacher_models"))
         with _lora_head_allowed():
             super().__init__(model, args, *rest, **kwargs)
         self.backend, self.chunk_size = backend, chunk_size
         self._check_fused()
+        _check_prompts(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -395,9 +441,9 @@ class FusedServerDistillationTrainer(_FusedHeads, ServerDistillationTrainer):
             student_logit_scale=logit_scale(config))
         w_s, b_s = _same_dtype(h_s, w_s, b_s)
         labels = completion_ids.masked_fill(~required, IGNORE_INDEX).to(w_s.device)
-        loss = sparse_distill(h_s, w_s, ids.to(w_s.device), lps.to(w_s.device, h_s.dtype), labels,
-                              opts, tail=tail, student_bias=b_s, backend=self.backend,
-                              chunk_size=self.chunk_size)
+        loss = sparse_loss(h_s, w_s, ids.to(w_s.device), lps.to(w_s.device, h_s.dtype), labels,
+                           opts, tail=tail, student_bias=b_s, backend=self.backend,
+                           chunk_size=self.chunk_size)
         return loss / required.sum().clamp(min=1)
 
 
@@ -411,6 +457,9 @@ class FusedGKDTrainer(GKDTrainer):
 
     def __init__(self, model=None, teacher_model=None, *args, backend: str = "auto",
                  chunk_size: int | None = None, **kwargs):
+        # GKD's loss runs at T = 1 (its temperature only samples): backend and chunk_size
+        _check_loss_arguments(backend, chunk_size, None)
+        refuse_several(self, teacher_model, kwargs.get("teacher_models"))
         # The teacher's 8-token probe runs before accelerate prepares it (after that its forward
         # may autocast, or hold shards); a teacher given by name gets the config checks only.
         teacher = (lm_head(teacher_model, "teacher")

@@ -1,10 +1,10 @@
-"""The fused loss against the float64 plain-torch spec, on both row ops: the chunked torch path and
-the
-Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient are compared.
+"""The fused dense loss against the float64 plain-torch spec, on both row ops: the chunked torch
+path and the Triton kernels (under TRITON_INTERPRET=1, see conftest.py). Loss and every gradient
+are compared.
 
 The bf16 cases through backend="triton" also guard the interpreter's known bf16 `tl.dot` fault
-(Triton
-3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail them.
+(Triton 3.9 returns garbage for bf16 dot operands): any bf16 operand reaching a dot would fail
+them.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def test_module_and_components():
     kw = dict(temperature=2.0, ce_weight=0.3, kd_weight=0.7, divergence="jsd", beta=0.4)
     crit = fastkd.FusedDistillLoss(**kw, return_components=True)
     out = crit(**inputs)
-    loss, ce, kd = out  # three, as before the entropy came
+    loss, ce, kd = out  # unpacks to three; the entropy is an attribute only
     assert (out.loss, out.ce, out.kd) == (loss, ce, kd) and len(out) == 3
     assert not ce.requires_grad and not kd.requires_grad and loss.requires_grad
     assert not out.entropy.requires_grad
@@ -294,7 +294,7 @@ def test_no_grad_mode_returns_the_same_loss():
 def test_kernel_writes_every_output(divergence):
     """Poison the outputs, run the kernel on one chunk, compare row by row with the torch row op."""
     from fastkd.autograd import padded_rows
-    from fastkd.loss import DENSE_ROWS
+    from fastkd.dense import DENSE_ROWS
 
     g = torch.Generator().manual_seed(19)
     n, vocab, shared = 11, 1500, 1400  # not multiples of the block; K < V
@@ -328,10 +328,9 @@ from pathlib import Path
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
-from fastkd.kernels.distill import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
-from fastkd.kernels.distill import distill_rows_kernel as kernel
-from fastkd.kernels.distill import (distill_grad_kernel, distill_partials_kernel,
-                                    distill_stats_kernel)
+from fastkd.kernels.dense import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS
+from fastkd.kernels.dense import dense_rows_kernel as kernel
+from fastkd.kernels.dense import dense_grad_kernel, dense_partials_kernel, dense_stats_kernel
 from fastkd.kernels.sparse import BLOCK_M_DEFAULT, TAIL_IDS, sparse_rows_kernel
 PTXAS = get_ptxas(90).path  # the ptxas Triton itself builds sm_90 with; cuobjdump ships beside it
 CUOBJDUMP = str(Path(PTXAS).with_name("cuobjdump"))
@@ -363,7 +362,15 @@ def analyse(name, types, consts, aligned_names, variant):
     loops = [(int(m.group(1), 16), a) for a, op in code
              if (m := re.search(r"BRA\s+0x([0-9a-f]+)", op)) and int(m.group(1), 16) < a]
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
+    # the instruction mix: SASS opcodes by family (the part before the first dot), in the whole
+    # kernel and inside its loops (where the row's time goes)
+    mix, in_loops = {}, 0
+    for a, op in code:
+        family = re.match(r"(?:@!?\w+\s+)?(\w+)", op).group(1)  # past a predicate (@P0, @!PT)
+        mix[family] = mix.get(family, 0) + 1
+        in_loops += any(lo <= a <= hi for lo, hi in loops)
     return dict(variant=variant, cubin=len(compiled.asm["cubin"]),
+                sass=len(code), sass_in_loops=in_loops, mix=mix,
                 loads=re.findall(r"ld\.global[\w.:]*", ptx),
                 stores=re.findall(r"st\.global[\w.:]*", ptx),
                 regs=int(re.search(r"Used (\d+) registers", info).group(1)),
@@ -385,15 +392,15 @@ for dt, div, labels, caps, grad in itertools.product(("bf16", "fp32"), range(6),
 ptrs = ("s_ptr", "t_ptr", "y_ptr", "scale_ptr", "stride_s", "stride_t")
 for div in range(6):
     caps = dict(HAS_S_CAP=True, HAS_T_CAP=True, BLOCK_V=DEFAULT_BLOCK_V, DIVERGENCE=div)
-    jobs.append(("distill_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
+    jobs.append(("dense_stats_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "i32", "i32", "i64",
                                         "i64", "i32", "i32"] + ["fp32"] * 5
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs[:3] + ptrs[4:],
                  ["tp-stats", div]))
     if div >= 2:
-        jobs.append(("distill_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
+        jobs.append(("dense_partials_kernel", ["*bf16", "*bf16", "*fp32", "*fp32", "i32", "i64",
                                                "i64"] + ["fp32"] * 6
                      + ["constexpr"] * 4, caps, ptrs[:2] + ptrs[4:], ["tp-partials", div]))
-    jobs.append(("distill_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
+    jobs.append(("dense_grad_kernel", ["*bf16", "*bf16", "*i64", "*fp32", "*fp32", "i32", "i32",
                                        "i64", "i64", "i32", "i32"] + ["fp32"] * 8
                  + ["constexpr"] * 5, dict(HAS_LABELS=True, **caps), ptrs, ["tp-grad", div]))
 # the cached-teacher (sparse) kernel: every tail and divergence it takes, bf16 logits, int32 ids
@@ -409,6 +416,23 @@ for tail, div, grad in itertools.product(TAIL_IDS, range(6), flags):
                       BLOCK_M=BLOCK_M_DEFAULT),
                  ("s_ptr", "ids_ptr", "lp_ptr", "y_ptr", "scale_ptr", "out_ptr", "stride_s"),
                  ["sparse", tail, div, grad]))
+# the mixture kernel (several dense teachers), bf16, labels and softcaps: every divergence and the
+# ensemble at 2 and 4 teachers, forward KL and JSD at 1 and 3; without the gradient at 2
+from fastkd.kernels.mixture import block_v_for, mixture_rows_kernel
+mixture_cases = [(n, d, e, True) for n in (2, 4) for d, e in [*((d, False) for d in range(6)),
+                                                             (0, True)]]
+mixture_cases += [(n, d, False, True) for n in (1, 3) for d in (0, 2)]
+mixture_cases += [(2, 0, e, False) for e in flags]
+for num_t, div, ensemble, grad in mixture_cases:
+    block_t = triton.next_power_of_2(num_t)
+    jobs.append(("mixture_rows_kernel", ["*bf16", "*bf16", "*fp32", "*i64", "*fp32", "*fp32",
+                                         "i32", "i32", "i64", "i64", "i64", "i32"]
+                 + ["fp32"] * 14 + ["constexpr"] * 9,
+                 dict(DIVERGENCE=div, ENSEMBLE=ensemble, HAS_LABELS=True, HAS_S_CAP=True,
+                      HAS_T_CAP=True, COMPUTE_GRAD=grad, NUM_T=num_t, BLOCK_T=block_t,
+                      BLOCK_V=block_v_for(block_t)),
+                 ("s_ptr", "t_ptr", "w_ptr", "y_ptr", "scale_ptr", "out_ptr", "stride_s",
+                  "stride_t", "stride_tt"), ["mixture", num_t, div, ensemble, grad]))
 # compile in parallel (fork: the workers inherit the kernels); results in job order
 import multiprocessing, os
 with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
@@ -421,12 +445,14 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
     """The interpreter is lenient; the real compiler is not. Build sm_90 cubins without a GPU,
     specialised as a launch on padded buffers would be, and read the PTX, ptxas's report and the
     SASS: every logit load and store is 128-bit (`.v4`) at V = 50257, and no local-memory access
-    sits inside a loop. Every kernel: the fused row kernel, the vocab-parallel entry points and
-    the cached-teacher (sparse) kernel, whose k-slot gathers and scatters are scalar by nature.
-    (ptxas parks a loop-invariant value or two in local memory in a few variants, stored once
-    before the row loops and loaded once after: 8-32 bytes per program, reported as spill_bytes;
-    the assertion is on what would cost, a spill in the loops.) Passes with Triton 3.9 and with
-    3.6, the version in the GPU machines' image."""
+    sits inside a loop. It also reports each variant's registers and SASS instruction mix (printed
+    with -s), the numbers a kernel change is held to. Every kernel: the fused row kernel, the
+    vocab-parallel entry points, the cached-teacher (sparse) kernel, whose k-slot gathers and
+    scatters are scalar by nature, and the mixture kernel (1 to 4 teachers; its student stores
+    64-bit from 3 teachers on). (ptxas parks a loop-invariant value or two in local memory in a
+    few variants, stored once before the row loops and loaded once after: 8-32 bytes per program,
+    reported as spill_bytes; the assertion is on what would cost, a spill in the loops.) Passes with
+    Triton 3.9 and with 3.6, the version in the GPU machines' image."""
     import json
     import os
     import subprocess
@@ -437,6 +463,21 @@ def test_kernel_compiles_for_hopper_with_vector_accesses_and_no_spills():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in report:  # with -s: what a kernel change must keep (registers, instruction mix)
+        top = sorted(r["mix"].items(), key=lambda kv: -kv[1])[:8]
+        print(r["variant"], f"regs {r['regs']} sass {r['sass']} in loops {r['sass_in_loops']}",
+              " ".join(f"{op} {n}" for op, n in top))
+    mixture = [r for r in report if r["variant"][0] == "mixture"]
+    assert len(mixture) == 2 * 7 + 2 * 2 + 2
+    for r in mixture:  # the teachers' block and the student's row vectorised, no spill in loops
+        num_t, grad = r["variant"][1], r["variant"][4]
+        assert r["cubin"] > 1000 and r["loops"] >= 1, r
+        assert r["local_in_loops"] == 0 and r["spill_bytes"] <= 32 and r["local_ops"] <= 8, r
+        assert any(".v4." in x for x in r["loads"]), (r["variant"], r["loads"])
+        if grad:  # 128-bit up to 2 teachers (kernels/mixture.py, block_v_for), else 64-bit
+            wide = ".v4." if num_t <= 2 else ".v2."
+            assert any(wide in x for x in r["stores"]), (r["variant"], r["stores"])
+    report = [r for r in report if r not in mixture]
     sparse = [r for r in report if r["variant"][0] == "sparse"]
     tp = [r for r in report if str(r["variant"][0]).startswith("tp-")]
     assert len(sparse) == 6 + 6 + 1 + 1

@@ -1,4 +1,4 @@
-"""Row kernel of the fused distillation loss: per-token loss and dloss/dlogits over the vocabulary.
+"""Row kernel of the fused dense loss: per-token loss and dloss/dlogits over the vocabulary.
 
 For one chunk of n tokens the caller has formed, with cuBLAS, the student logits z_s (n, V) and the
 teacher logits z_t (n, K), K = min(V, V_t), bias included. One program handles one row (token) and
@@ -6,7 +6,7 @@ streams it in BLOCK_V tiles with an online max/sum (state m_*, l_*), in fp32 wha
 dtype:
 
     s = c_s tanh(sigma_s z_s / c_s)  (HAS_S_CAP; else sigma_s z_s),  t likewise with sigma_t, c_t
-        (the logit scales sigma multiply each tile as it loads: `_load_row_tile`)
+        (the logit scales sigma multiply each tile as it loads: `load_row_tile`)
     a = s / T,  b = t / T  over v < K;  L_s = lse_{v<V} s,  L_a = lse_{v<K} a,  L_b = lse_{v<K} b
     q = exp(a - L_a),  p = exp(b - L_b)
 
@@ -14,7 +14,7 @@ dtype:
         forward_kl: D = sum_v p_v (b_v - a_v) - L_b + L_a
         reverse_kl: D = sum_v q_v (a_v - b_v) - L_a + L_b
       and beside m_a/l_a the entropy's h_a = sum_v exp(a_v - m_a)(m_a - a_v):
-        H(q) = -sum_v q_v log q_v = log l_a + h_a / l_a  (a sum of terms >= 0, `_online_entropy`)
+        H(q) = -sum_v q_v log q_v = log l_a + h_a / l_a  (a sum of terms >= 0, `online_entropy`)
     pass 2 (the other divergences): D = sum_v d_v and S = E_q[g] = sum_v q_v g_v, g_v = dD/dq_v
         (up to a constant, which cancels below), with mixtures as logaddexps, log mix(u, v; w) =
         log(w u + (1 - w) v), never the log of a sum of small probabilities (`_common.py`):
@@ -35,11 +35,10 @@ dtype:
                         the row's scale r, 0 if ignored), as ds/dz_s = sigma_s (1 - (s / c_s)^2)
     (w_kd T^2 dD/ds = w_kd T dD/da since a = s / T.)
 
-Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D,
-entropy = H(q), all 0 at ignored rows. Each row
-streams its logits 2 (forward/reverse KL) or 3 (the others) times; bytes per row ~
-(passes * (V + K) + V) * itemsize. Row offsets are int64: n * V passes 2^31 for large chunks at
-V = 256k.
+Outputs per row, one (OUTPUTS,) fp32 row each: loss = w_ce CE + w_kd T^2 D, ce = CE, kd = D, entropy
+= H(q), all 0 at ignored rows (`store_row`). Each row streams its logits 2 (forward/reverse KL) or 3
+(the others) times; bytes per row ~ (passes * (V + K) + V) * itemsize. Row offsets are int64: n * V
+passes 2^31 for large chunks at V = 256k.
 
 Teacher ids at -inf (banned or masked ids, p_v = 0) contribute 0 log 0 = 0 wherever p log p
 appears; reverse_kl (and skew_reverse_kl at alpha = 0) is +inf when the student puts mass there,
@@ -57,48 +56,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fastkd.kernels._common import (
-    CE,
     DEFAULT_BLOCK_V,
     DEFAULT_NUM_WARPS,
-    ENTROPY,
     FORWARD_KL,
-    KD,
-    LOSS,
     OUTPUTS,
     REVERSE_KL,
-    _divergence_terms,
-    _entropy,
-    _load_row_tile,
-    _online_entropy,
-    _online_update,
-    _softcap,
+    divergence_terms,
+    entropy,
     launch_meta,
+    load_label,
+    load_row_tile,
+    online_entropy,
+    online_update,
     option_scalars,
+    store_grad_tile,
+    store_row,
 )
 
-__all__ = ["DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "ROW_PARAMS", "STATS", "distill_grad",
-           "distill_partials", "distill_rows", "distill_stats"]
-
-
-@triton.jit
-def _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale, s_cap,
-           HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr):
-    """(valid, y_local, s_y): whether the row counts, its label as a column of this row (may lie
-    outside [0, V) when another rank owns it), and the logit there as the loss sees it (scaled,
-    softcapped; 0 if not here)."""
-    valid = True
-    y_local = -1
-    s_y = 0.0
-    if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        valid = y != ignore_index
-        y_local = y - vocab_start
-        here = valid & (y_local >= 0) & (y_local < V)
-        s_y = tl.load(s_row + tl.where(here, y_local, 0)).to(tl.float32) * s_scale
-        if HAS_S_CAP:
-            s_y = _softcap(s_y, s_cap)
-        s_y = tl.where(here, s_y, 0.0)
-    return valid, y_local, s_y
+__all__ = ["DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "ROW_PARAMS", "STATS", "dense_grad",
+           "dense_partials", "dense_rows", "dense_stats"]
 
 
 @triton.jit
@@ -122,12 +98,12 @@ def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_scale, s_cap, t
     for v0 in range(0, K, BLOCK_V):  # tiles holding shared ids: student and teacher
         offs = v0 + offs0
         in_k = offs < K
-        s = _load_row_tile(s_row, offs, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
-        m_s, l_s, _ = _online_update(m_s, l_s, s)
+        s = load_row_tile(s_row, offs, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
+        m_s, l_s, _ = online_update(m_s, l_s, s)
         a = tl.where(in_k, s * inv_t, float("-inf"))
-        b = _load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
-        m_a, l_a, h_a, alpha_a = _online_entropy(m_a, l_a, h_a, a)
-        m_b, l_b, alpha_b = _online_update(m_b, l_b, b)
+        b = load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
+        m_a, l_a, h_a, alpha_a = online_entropy(m_a, l_a, h_a, a)
+        m_b, l_b, alpha_b = online_update(m_b, l_b, b)
         if DIVERGENCE == FORWARD_KL:  # p_v = 0 (b = -inf, or v >= K) adds 0, not 0 * -inf
             term = tl.where(b > float("-inf"), tl.exp(b - m_b) * (b - a), 0.0)
             acc = acc * alpha_b + tl.sum(term, axis=0)
@@ -135,11 +111,11 @@ def _stats_pass(s_row, t_row, stride_s, stride_t, V, K, inv_t, s_scale, s_cap, t
             term = tl.where(in_k, tl.exp(a - m_a) * (a - b), 0.0)
             acc = acc * alpha_a + tl.sum(term, axis=0)
     for v0 in range(tl.cdiv(K, BLOCK_V) * BLOCK_V, V, BLOCK_V):  # student-only tail, ids >= K
-        s = _load_row_tile(s_row, v0 + offs0, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
-        m_s, l_s, _ = _online_update(m_s, l_s, s)
+        s = load_row_tile(s_row, v0 + offs0, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
+        m_s, l_s, _ = online_update(m_s, l_s, s)
     l_e = l_b if DIVERGENCE == FORWARD_KL else l_a
     e = tl.where(l_e > 0.0, acc / l_e, 0.0)  # a shard without shared ids has no mass: 0
-    return m_s + tl.log(l_s), m_a, tl.log(l_a), m_b, tl.log(l_b), e, _entropy(l_a, h_a)
+    return m_s + tl.log(l_s), m_a, tl.log(l_a), m_b, tl.log(l_b), e, entropy(l_a, h_a)
 
 
 @triton.jit
@@ -154,12 +130,12 @@ def _partials_pass(s_row, t_row, stride_s, stride_t, K, inv_t, m_a, ll_a, m_b, l
     for v0 in range(0, K, BLOCK_V):
         offs = v0 + offs0
         in_k = offs < K
-        a = _load_row_tile(s_row, offs, stride_s, K, s_scale, s_cap, HAS_S_CAP, False) * inv_t
-        b = _load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
+        a = load_row_tile(s_row, offs, stride_s, K, s_scale, s_cap, HAS_S_CAP, False) * inv_t
+        b = load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
         log_q = (a - m_a) - ll_a
         log_p = (b - m_b) - ll_b
         q = tl.exp(log_q)
-        d, g = _divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
+        d, g = divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
         kd += tl.sum(tl.where(in_k, d, 0.0), axis=0)
         sum_qg += tl.sum(tl.where(in_k, q * g, 0.0), axis=0)
     return kd, sum_qg
@@ -177,13 +153,13 @@ def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, m_
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + offs0
         in_k = offs < K
-        s = _load_row_tile(s_row, offs, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
+        s = load_row_tile(s_row, offs, stride_s, V, s_scale, s_cap, HAS_S_CAP, False)
         grad = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_LABELS:  # 1. CE (the label's column may belong to another rank: no -1 here)
             grad = ce_weight * (tl.exp(s - lse_s) - tl.where(offs == y_local, 1.0, 0.0))
         # KD terms; tiles past K load nothing (all masked) and add 0
         log_q = tl.where(in_k, (s * inv_t - m_a) - ll_a, float("-inf"))
-        b = _load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
+        b = load_row_tile(t_row, offs, stride_t, K, t_scale, t_cap, HAS_T_CAP, False) * inv_t
         log_p = (b - m_b) - ll_b
         q = tl.exp(log_q)
         if DIVERGENCE == FORWARD_KL:  # 2.
@@ -191,19 +167,16 @@ def _grad_pass(s_row, t_row, out_row, stride_s, stride_t, V, K, inv_t, lse_s, m_
         elif DIVERGENCE == REVERSE_KL:  # 3. log q - log p - D = (a - b) - E_q[a - b]
             dkd = q * ((s * inv_t - b) - c)
         else:  # 4.
-            _, g = _divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
+            _, g = divergence_terms(log_p, log_q, tl.exp(log_p), q, mix, DIVERGENCE)
             dkd = q * (g - c)
         grad += kd_weight * temperature * tl.where(in_k, dkd, 0.0)
         if HAS_S_CAP:  # 5.
             grad = grad * (1.0 - (s / s_cap) * (s / s_cap))
-        grad = tl.where(offs < V, grad * r, 0.0)  # pad columns [V, stride_s) get 0
-        if HAS_LABELS:  # an ignored row's gradient is exactly 0, whatever its logits hold
-            grad = tl.where(valid, grad, 0.0)
-        tl.store(out_row + offs, grad.to(out_row.dtype.element_ty), mask=offs < stride_s)
+        store_grad_tile(out_row, offs, grad, r, valid, V, stride_s, HAS_LABELS)
 
 
 @triton.jit
-def distill_rows_kernel(
+def dense_rows_kernel(
     # pointers
     s_ptr,  # (n, V) student logits z_s, rows stride_s >= V apart, any float dtype; overwritten
     #         by dloss/dz_s if COMPUTE_GRAD (and 0 in the pad columns [V, stride_s))
@@ -243,8 +216,8 @@ def distill_rows_kernel(
     lse_s, m_a, ll_a, m_b, ll_b, e, ent = _stats_pass(s_row, t_row, stride_s, stride_t, V, K,
                                                       inv_t, s_scale, s_cap, t_scale, t_cap,
                                                       DIVERGENCE, HAS_S_CAP, HAS_T_CAP, BLOCK_V)
-    valid, y_local, s_y = _label(y_ptr, row, s_row, 0, V, ignore_index, s_scale, s_cap,
-                                 HAS_LABELS, HAS_S_CAP)  # after pass 1: fewer live registers
+    valid, y_local, s_y = load_label(y_ptr, row, s_row, 0, V, ignore_index, s_scale, s_cap,
+                                 HAS_LABELS, HAS_S_CAP, True)  # after pass 1: fewer live regs
     ce = lse_s - s_y if HAS_LABELS else 0.0
     c = e  # E_q[a - b] for reverse_kl: the gradient uses it directly, not kd + lse terms
     if DIVERGENCE == FORWARD_KL:  # L_a - L_b summed from the small parts first
@@ -256,17 +229,8 @@ def distill_rows_kernel(
                                mix, s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HAS_S_CAP,
                                HAS_T_CAP, BLOCK_V)
 
-    loss = ce_weight * ce + kd_weight * temperature * temperature * kd
-    if HAS_LABELS:  # ignored rows count for nothing
-        loss = tl.where(valid, loss, 0.0)
-        ce = tl.where(valid, ce, 0.0)
-        kd = tl.where(valid, kd, 0.0)
-        ent = tl.where(valid, ent, 0.0)
-    out = out_ptr + row * OUTPUTS
-    tl.store(out + LOSS, loss)
-    tl.store(out + CE, ce)
-    tl.store(out + KD, kd)
-    tl.store(out + ENTROPY, ent)
+    store_row(out_ptr + row * OUTPUTS, ce, kd, ent, valid, ce_weight, kd_weight, temperature,
+              HAS_LABELS)
     if COMPUTE_GRAD:
         _grad_pass(s_row, t_row, s_row, stride_s, stride_t, V, K, inv_t, lse_s, m_a, ll_a, m_b,
                    ll_b, c, y_local, valid, tl.load(scale_ptr + row), ce_weight, kd_weight,
@@ -276,17 +240,17 @@ def distill_rows_kernel(
 
 # ---- vocab-parallel entry points: the same passes, split around the ranks' all-reduces --------
 # On a rank holding vocabulary ids [vocab_start, vocab_start + V) of the student (K of them shared
-# with the teacher), the caller runs distill_stats_kernel, combines the rows' statistics over the
+# with the teacher), the caller runs dense_stats_kernel, combines the rows' statistics over the
 # ranks (logsumexps, e weighted by each rank's mass, s_y summed, the entropies weighted by each
-# rank's share of q), then for the three-pass divergences distill_partials_kernel and an
-# all-reduce of (D, S), then distill_grad_kernel.
+# rank's share of q), then for the three-pass divergences dense_partials_kernel and an
+# all-reduce of (D, S), then dense_grad_kernel.
 STATS = tl.constexpr(6)  # per row: L_s, L_a, L_b, e, s_y, H (local)
 ROW_PARAMS = tl.constexpr(4)  # per row: L_s, L_a, L_b, c (global)
 
 
 @triton.jit
-def distill_stats_kernel(
-    s_ptr, t_ptr, y_ptr,  # as distill_rows_kernel
+def dense_stats_kernel(
+    s_ptr, t_ptr, y_ptr,  # as dense_rows_kernel
     stats_ptr,  # (n, STATS) fp32 out: this shard's L_s, L_a, L_b, e, s_y (0 if y elsewhere), H
     V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, s_cap, t_cap, s_scale,
     t_scale, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_S_CAP: tl.constexpr,
@@ -299,8 +263,8 @@ def distill_stats_kernel(
                                                       1.0 / temperature, s_scale, s_cap, t_scale,
                                                       t_cap, DIVERGENCE, HAS_S_CAP, HAS_T_CAP,
                                                       BLOCK_V)
-    _, _, s_y = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale, s_cap,
-                       HAS_LABELS, HAS_S_CAP)
+    _, _, s_y = load_label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale, s_cap,
+                           HAS_LABELS, HAS_S_CAP, True)
     out = stats_ptr + row * STATS
     tl.store(out, lse_s)
     tl.store(out + 1, m_a + ll_a)
@@ -311,8 +275,8 @@ def distill_stats_kernel(
 
 
 @triton.jit
-def distill_partials_kernel(
-    s_ptr, t_ptr,  # as distill_rows_kernel
+def dense_partials_kernel(
+    s_ptr, t_ptr,  # as dense_rows_kernel
     params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b (c unused)
     out_ptr,  # (n, 2) fp32 out: this shard's D and S = sum q g
     K, stride_s, stride_t, temperature, mix, s_cap, t_cap, s_scale, t_scale,
@@ -330,8 +294,8 @@ def distill_partials_kernel(
 
 
 @triton.jit
-def distill_grad_kernel(
-    s_ptr, t_ptr, y_ptr, scale_ptr,  # as distill_rows_kernel; G is written over s_ptr
+def dense_grad_kernel(
+    s_ptr, t_ptr, y_ptr, scale_ptr,  # as dense_rows_kernel; G is written over s_ptr
     params_ptr,  # (n, ROW_PARAMS) fp32: global L_s, L_a, L_b and c (E_q[a - b] or S)
     V, K, stride_s, stride_t, vocab_start, ignore_index, temperature, ce_weight, kd_weight, mix,
     s_cap, t_cap, s_scale, t_scale,
@@ -340,8 +304,8 @@ def distill_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
-    valid, y_local, _ = _label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale, s_cap,
-                               HAS_LABELS, HAS_S_CAP)
+    valid, y_local, _ = load_label(y_ptr, row, s_row, vocab_start, V, ignore_index, s_scale,
+                                   s_cap, HAS_LABELS, HAS_S_CAP, True)
     params = params_ptr + row * ROW_PARAMS
     _grad_pass(s_row, t_ptr + row * stride_t, s_row, stride_s, stride_t, V, K, 1.0 / temperature,
                tl.load(params), tl.load(params + 1), 0.0, tl.load(params + 2), 0.0,
@@ -363,7 +327,7 @@ def _teacher_rows(student_logits, teacher_logits):
     return student_logits.as_strided((student_logits.shape[0], 0), (0, 1))
 
 
-def distill_rows(
+def dense_rows(
     student_logits,
     teacher_logits,
     labels,
@@ -383,30 +347,30 @@ def distill_rows(
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_rows_kernel[(n,)](
+    dense_rows_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
         out, vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
-        **option_scalars(opts, distill_rows_kernel), COMPUTE_GRAD=compute_grad,
+        **option_scalars(opts, dense_rows_kernel), COMPUTE_GRAD=compute_grad,
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
 
-def distill_stats(student_logits, teacher_logits, labels, stats_out, vocab_start: int, opts,
+def dense_stats(student_logits, teacher_logits, labels, stats_out, vocab_start: int, opts,
                   block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """This shard's per-row statistics into stats_out (n, STATS), for the vocab-parallel loss."""
     n, vocab = student_logits.shape
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_stats_kernel[(n,)](
+    dense_stats_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else stats_out, stats_out,
         vocab, teacher_logits.shape[1], student_logits.stride(0), teacher_logits.stride(0),
-        vocab_start, **option_scalars(opts, distill_stats_kernel),
+        vocab_start, **option_scalars(opts, dense_stats_kernel),
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
 
 
-def distill_partials(student_logits, teacher_logits, params, out, opts,
+def dense_partials(student_logits, teacher_logits, params, out, opts,
                      block_v: int = DEFAULT_BLOCK_V, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """This shard's (D, S) per row into out (n, 2), given the global params (n, ROW_PARAMS)."""
     n, vocab = student_logits.shape
@@ -415,14 +379,14 @@ def distill_partials(student_logits, teacher_logits, params, out, opts,
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
     meta = _meta(opts, None, vocab, block_v, num_warps)
     del meta["HAS_LABELS"]
-    distill_partials_kernel[(n,)](
+    dense_partials_kernel[(n,)](
         student_logits, teacher_logits, params, out, teacher_logits.shape[1],
         student_logits.stride(0), teacher_logits.stride(0),
-        **option_scalars(opts, distill_partials_kernel), **meta,
+        **option_scalars(opts, dense_partials_kernel), **meta,
     )
 
 
-def distill_grad(student_logits, teacher_logits, labels, row_scale, params, vocab_start: int,
+def dense_grad(student_logits, teacher_logits, labels, row_scale, params, vocab_start: int,
                  opts, block_v: int = DEFAULT_BLOCK_V,
                  num_warps: int = DEFAULT_NUM_WARPS) -> None:
     """G = r dloss/dz_s over student_logits, given the global params (n, ROW_PARAMS)."""
@@ -430,9 +394,9 @@ def distill_grad(student_logits, teacher_logits, labels, row_scale, params, voca
     if n == 0:
         return
     teacher_logits = _teacher_rows(student_logits, teacher_logits)
-    distill_grad_kernel[(n,)](
+    dense_grad_kernel[(n,)](
         student_logits, teacher_logits, labels if labels is not None else row_scale, row_scale,
         params, vocab, teacher_logits.shape[1], student_logits.stride(0),
-        teacher_logits.stride(0), vocab_start, **option_scalars(opts, distill_grad_kernel),
+        teacher_logits.stride(0), vocab_start, **option_scalars(opts, dense_grad_kernel),
         **_meta(opts, labels, vocab, block_v, num_warps),
     )
