@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"heads to sweep over N: comma list of {list(PRESETS)}, 'all' or 'none'")
     p.add_argument("--sweep-n", type=_ints, help="token counts N for every preset (comma list)")
     p.add_argument("--sweep-v", type=_ints,
-                   help="vocab sizes for the V sweep (Llama widths), or 'none' to skip it")
+                   help="vocab sizes for the V sweep (Llama widths), or 'none' to skip it; "
+                        "--grid floor: which of its heads (32000, 128256) to run")
     p.add_argument("--v-sweep-n", type=int, help="tokens N of the V and counted sweeps")
     p.add_argument("--sweep-ignored", type=_percents,
                    help="percent of ignored tokens for the counted sweep (Llama head), or 'none'")
@@ -115,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="output folder (default ./bench-results/<device-slug>/, git-ignored; the "
                         "committed tables live in bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--rounds", type=int,
+                   help="timed rounds at least (default: 3 with --quick or --grid floor, 5 on "
+                        "CPU, 10 on CUDA): fewer where one call takes a minute")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of --out's results.json (same device and dtype) that this "
                         "run does not re-measure: one results folder from several shorter runs")
@@ -150,15 +154,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kind = device.type
     if args.grid == "floor":  # every token counted: N is the tokens each method computes
+        heads = [h for h in FLOOR_HEADS if not args.sweep_v or h.v in args.sweep_v]
         shapes = [Shape(h.name, h.title, n, h.d_s, h.d_t, h.v, h.v_t, h.softcap, ignored=0.0)
-                  for h in FLOOR_HEADS for n in args.sweep_n or FLOOR_N]
+                  for h in heads for n in args.sweep_n or FLOOR_N]
     else:
         shapes = _default_shapes(args, kind)
     all_cases = cases(args.temperature)
     dtype = DTYPES[args.dtype or ("fp32" if kind == "cpu" else "bf16")]
+    fixed = {**(FLOOR_SETTINGS if args.grid == "floor" else {}),
+             **({} if args.rounds is None else {"rounds": args.rounds})}
     return Settings(device, dtype, tuple(all_cases[c] for c in args.cases), tuple(shapes),
                     quick=args.quick, seed=args.seed, modes=tuple(args.modes), grid=args.grid,
-                    **(FLOOR_SETTINGS if args.grid == "floor" else {}))
+                    **fixed)
 
 
 def _default_shapes(args: argparse.Namespace, kind: str) -> list[Shape]:
