@@ -8,7 +8,10 @@ tests/test_sparse.py hold them to the spec end to end.)"""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +270,65 @@ def test_the_build_is_cached_per_source_and_machine():
     stamp = first.stat().st_mtime_ns
     assert cpu_rows.build() == first and first.stat().st_mtime_ns == stamp
     assert first.parent.name == "native" and first.name.startswith("cpu_rows-")
+
+
+_RACER = """
+import ctypes, sys, time
+from pathlib import Path
+from fastkd import cpu_rows
+cpu_rows.SOURCE = Path(sys.argv[1])
+ready, go = Path(sys.argv[3] + ".ready"), Path(sys.argv[4])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+path = cpu_rows.build(Path(sys.argv[2]))
+print(path, ctypes.CDLL(str(path)).fastkd_answer())
+"""
+
+
+def test_concurrent_first_builds_publish_one_complete_library(tmp_path):
+    """Two processes building into an empty cache at once (two trainings' first calls): each
+    compiles in its own temp folder and renames the result into place, so both load the same
+    complete file and no temp folder is left (a shared output path would let one load the
+    other's half-written file). A one-function source keeps the builds short."""
+    source = tmp_path / "tiny.cpp"
+    source.write_text('extern "C" int fastkd_answer() { return 42; }\n')
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(source), str(cache),
+                                str(tmp_path / f"racer{i}"), str(go)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    while not all((tmp_path / f"racer{i}.ready").exists() for i in range(2)):
+        assert all(r.poll() is None for r in racers), [r.communicate() for r in racers]
+    go.touch()  # both start building now
+    outs = [r.communicate(timeout=300) for r in racers]
+    if any("no working C++ compiler" in err for _, err in outs):
+        pytest.skip("no C++ compiler here")
+    assert all(r.returncode == 0 for r in racers), outs
+    (path_a, answer_a), (path_b, answer_b) = (out.split() for out, _ in outs)
+    assert path_a == path_b and answer_a == answer_b == "42"
+    assert [p.name for p in (cache / "native").iterdir()] == [Path(path_a).name]
+
+
+@built
+def test_routed_teachers_run_the_native_row_ops(monkeypatch):
+    """The routed form's dense and sparse members run the native row ops (through the
+    single-teacher forms' torch row ops), and the loss and the student's gradients equal the
+    float64 spec."""
+    from test_multi_teacher import routed_problem, run
+
+    calls = []
+    for name in ("dense_rows", "sparse_rows"):
+        real = getattr(cpu_rows, name)
+        monkeypatch.setattr(cpu_rows, name, lambda *a, real=real, name=name, **k: calls.append(
+            name) or real(*a, **k))
+    problem = routed_problem(lead=(2, 11), seed=4)
+    loss, grads = run(problem, "torch", temperature=1.5, divergence="jsd", chunk_size=6)
+    assert set(calls) == {"dense_rows", "sparse_rows"}
+    want, want_grads = run(problem, "spec", temperature=1.5, divergence="jsd")
+    _close(loss.reshape(1), want.reshape(1), torch.float32, "loss")
+    for name, grad in grads.items():
+        _close(grad, want_grads[name], torch.float32, name)
 
 
 @built
