@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastkd.cli_parser import build_parser, cache_defaults, field_defaults, parse
 from fastkd.config import RUNTIME_FIELDS, DistillConfig
+from fastkd.teacher_set import teacher_fields
 
 
 def _prepare_args(args) -> dict:
@@ -100,8 +101,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     missing = [f"--{f}" for f in required if f not in given]
     if missing:
         parser.error(f"a new run needs {', '.join(missing)} (or --resume RUN_DIR)")
-    given.setdefault("teacher", None)  # --teacher-cache: no teacher model
-    return DistillConfig(**given)
+    teachers = teacher_fields(given.pop("teacher", None), given.pop("teacher_cache", None),
+                              given.pop("teacher_weights", None))
+    return DistillConfig(**given, **teachers)
 
 
 def _finish(results: dict, resume_hint: str) -> int:
