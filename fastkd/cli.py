@@ -114,7 +114,9 @@ def _finish(results: dict, resume_hint: str) -> int:
         return code  # under torchrun, rank 0 speaks for all
     if results.get("report"):
         print(Path(results["report"]["md"]).read_text())
-        print(f"report: {results['report']['md']} (+ report.json, loss_curve.png)")
+        report = results["report"]
+        also = [Path(report[k]).name for k in ("json", "png") if report.get(k)]
+        print(f"report: {report['md']} (+ {', '.join(also)})")
     for phase in ("distill", "baseline"):
         summary = results.get(phase)
         if summary and summary["student_dir"]:

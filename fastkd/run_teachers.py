@@ -8,7 +8,7 @@ Routing is per token (the token store's `teacher` column, fastkd.prepare): a res
 on the rows that hold any of its tokens, and its hidden states fill those rows of a (B, L-1, D_t)
 tensor (the other rows are zeros no token of it reads); a cached teacher's targets are read for
 the batch's rows. A mixture runs every teacher on every row. Each teacher's held-out KL is
-`eval_kd_NAME` in the log and a row of the report: over the tokens routed to it (routing), over
+`eval_kd_NAME` in the log and a column of the report: over the tokens routed to it (routing), over
 every token (a mixture).
 """
 
@@ -26,6 +26,7 @@ from fastkd.cache import CacheRows, TeacherCache, sparse_tail
 from fastkd.cache_format import counted_positions
 from fastkd.config import DistillConfig
 from fastkd.data import Blocks, DiskRows
+from fastkd.report import plot_losses
 from fastkd.teacher_set import check_routing
 from fastkd.teachers import TeacherHead, TeacherLogprobs
 
@@ -154,22 +155,33 @@ def _hidden(module, inputs: dict, mine: torch.Tensor) -> TeacherHead:
                        logit_scale=module.logit_scale)
 
 
-def write_teachers_report(config: DistillConfig, run_dir: Path, history: list[dict]) -> dict:
-    """The report of a run with several teachers: the final held-out KL to each teacher and the
-    student's held-out CE (report.md, report.json)."""
-    final = next(r for r in reversed(history) if "eval_ce" in r)
-    rows = [{"model": "student", "teacher": name, "kl_to_teacher": final.get(f"eval_kd_{name}"),
-             "eval_ce": final["eval_ce"]} for name in config.teacher_names]
+def write_teachers_report(config: DistillConfig, run_dir: Path, results: dict) -> dict:
+    """The report of a run with several teachers: each student's final held-out KL to each
+    teacher and its held-out CE (report.md, report.json: a row per student and teacher), and the
+    loss curves (loss_curve.png, fastkd.report's)."""
+    students = [("distilled student", results["history"])]
+    if results.get("baseline_history"):
+        students.append(("hard-label student (same budget)", results["baseline_history"]))
+    finals = {model: next(r for r in reversed(history) if "eval_ce" in r)
+              for model, history in students}
+    rows = [{"model": model, "teacher": name, "kl_to_teacher": final.get(f"eval_kd_{name}"),
+             "eval_ce": final["eval_ce"]}
+            for model, final in finals.items() for name in config.teacher_names]
+    png = plot_losses(results, None, config.temperature, run_dir / "loss_curve.png")
     lines = ["# fastkd report: several teachers", "",
              f"Held-out KL(teacher || student) at T = {config.temperature:g}, per teacher "
-             "(routing: over its own tokens; a mixture: over every token).", "",
-             "| teacher | held-out KL | student held-out CE |", "|---|---|---|"]
-    lines += [f"| {r['teacher']} | {_number(r['kl_to_teacher'])} | {r['eval_ce']:.4f} |"
-              for r in rows]
+             "(routing: over its own tokens; a mixture: over every token), and the held-out "
+             "cross-entropy.", "",
+             "| model | " + " | ".join(f"KL to {name}" for name in config.teacher_names)
+             + " | held-out CE |", "|---" * (len(config.teacher_names) + 2) + "|"]
+    lines += [f"| {model} | " + " | ".join(_number(final.get(f"eval_kd_{name}"))
+                                           for name in config.teacher_names)
+              + f" | {final['eval_ce']:.4f} |" for model, final in finals.items()]
+    lines += ["", "![loss curves](loss_curve.png)"]
     fsio.atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     fsio.atomic_write_text(run_dir / "report.json", json.dumps({"rows": rows}, indent=2))
     return {"md": str(run_dir / "report.md"), "json": str(run_dir / "report.json"),
-            "png": None, "rows": rows}
+            "png": str(png), "rows": rows}
 
 
 def _number(value: float | None) -> str:

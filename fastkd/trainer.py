@@ -421,7 +421,7 @@ def _write_report(inputs: _Inputs, run_dir: Path, device: torch.device, results:
 
     config, teacher = inputs.config, inputs.teacher
     if config.teacher_names:
-        return write_teachers_report(config, run_dir, results["history"])
+        return write_teachers_report(config, run_dir, results)
     if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads it
         teacher = load_teacher(config.teacher, config.teacher_dtype, device)  # whole, alone
     return write_report(config, run_dir, teacher, inputs.heldout, device, results)

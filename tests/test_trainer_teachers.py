@@ -77,19 +77,29 @@ def test_one_teacher_an_unused_second_and_weight_one_give_the_same_student(asset
 
 def test_routing_by_file_and_by_record_and_a_mixture_train_and_report(assets, tmp_path):
     routed = config(assets, tmp_path / "routed", teachers={"a": assets.a, "b": assets.b},
-                    data=[assets.code + ":b", assets.mixed], report=True, eval_fraction=0.3,
-                    eval_sequences=256)
+                    data=[assets.code + ":b", assets.mixed], report=True, baseline=True,
+                    eval_fraction=0.3, eval_sequences=256)
     result = run_distillation(routed)
     final = result["history"][-1]
     assert final["eval_kd_a"] > 0 and final["eval_kd_b"] > 0
     # the per-teacher KLs are each teacher's own: the total is their token-weighted mean
     assert min(final["eval_kd_a"], final["eval_kd_b"]) <= final["eval_kd"] <= max(
         final["eval_kd_a"], final["eval_kd_b"])
+    # the report: a row per student and teacher, each its final held-out KL to that teacher
     report = json.loads((tmp_path / "routed" / "report.json").read_text())
-    assert [r["teacher"] for r in report["rows"]] == ["a", "b"]
+    assert [(r["model"].split()[0], r["teacher"]) for r in report["rows"]] == [
+        ("distilled", "a"), ("distilled", "b"), ("hard-label", "a"), ("hard-label", "b")]
+    assert [r["kl_to_teacher"] for r in report["rows"]] == [
+        final["eval_kd_a"], final["eval_kd_b"], *(result["baseline_history"][-1][f"eval_kd_{n}"]
+                                                  for n in "ab")]
+    md = (tmp_path / "routed" / "report.md").read_text()
+    assert "| model | KL to a | KL to b | held-out CE |" in md
+    assert f"| distilled student | {final['eval_kd_a']:.4f} | {final['eval_kd_b']:.4f} |" in md
+    assert result["report"]["png"] and (tmp_path / "routed" / "loss_curve.png").stat().st_size
     # routing changes the student: all of code.jsonl to a instead of b gives another one
     other = run_distillation(dataclasses.replace(routed, out=str(tmp_path / "other"),
                                                  data_teachers=None, report=False,
+                                                 baseline=False,
                                                  data=[assets.code + ":a", assets.mixed]))
     assert other["history"][-1]["loss"] != result["history"][-1]["loss"]
     mix = run_distillation(config(assets, tmp_path / "mix", teachers={"a": assets.a,
