@@ -127,26 +127,41 @@ def test_the_ranks_rows_route_differently(assets, one):
     assert all(mine for ranks in per_batch for mine in ranks)  # every row routed somewhere
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_routed_two_processes_equal_one(assets, one, tmp_path, parallel):
-    cfg = config(assets, tmp_path / "two", parallel=parallel, teacher_placement="shard")
-    rc, out, err, _ = torchrun(cli_args(cfg))
+def launch_routed(assets, out: Path, parallel: str) -> tuple[DistillConfig, str]:
+    """The routed run on 2 processes (the resident teacher sharded): (its config, stdout)."""
+    cfg = config(assets, out, parallel=parallel, teacher_placement="shard")
+    rc, stdout, err, _ = torchrun(cli_args(cfg))
     assert_clean(rc, err)
+    return cfg, stdout
+
+
+@pytest.fixture(scope="module")
+def fsdp_two(assets, tmp_path_factory):
+    return launch_routed(assets, tmp_path_factory.mktemp("fsdp") / "two", "fsdp")
+
+
+def assert_equals_one(cfg: DistillConfig, stdout: str, one: dict) -> None:
     history = log_records(cfg.out)
     assert_same_training(weights(cfg.out), weights(one["run_dir"]), history, one["history"],
                          keys=PER_TEACHER)
     assert history[-1]["eval_kd_a"] > 0 and history[-1]["eval_kd_b"] > 0
     assert all(r["grad_norm"] > OPTIONS["clip"] for r in history[1:])  # clipping acted
-    assert out.count("completed in") == 1
+    assert stdout.count("completed in") == 1
 
 
-def test_killed_rank_then_resume_equal_the_uninterrupted_run(assets, tmp_path):
+def test_routed_fsdp_two_processes_equal_one(fsdp_two, one):
+    assert_equals_one(*fsdp_two, one)
+
+
+def test_routed_ddp_two_processes_equal_one(assets, one, tmp_path):
+    assert_equals_one(*launch_routed(assets, tmp_path / "two", "ddp"), one)
+
+
+def test_killed_rank_then_resume_equal_the_uninterrupted_run(fsdp_two):
     """FSDP2, rank 1 killed (SIGKILL) in step 3: the resumed run equals the uninterrupted
     2-process run bit for bit, its log too."""
-    straight = config(assets, tmp_path / "straight", parallel="fsdp", teacher_placement="shard")
-    rc, _, err, _ = torchrun(cli_args(straight))
-    assert_clean(rc, err)
-    cfg = dataclasses.replace(straight, out=str(tmp_path / "killed"))
+    straight = fsdp_two[0]
+    cfg = dataclasses.replace(straight, out=str(Path(straight.out).with_name("killed")))
     rc, _, err, seconds = torchrun(cli_args(cfg), fault="1:3:kill")
     assert rc != 0 and seconds < 120, err[-3000:]
     assert latest_checkpoint(cfg.out).name == "step-00000002"
