@@ -21,7 +21,9 @@ from fastkd.cache import CachedBlocks, Prefetch
 from fastkd.data import Blocks
 from fastkd.loss import dense_loss, sparse_loss
 from fastkd.models import LMHead, head_weight_and_bias
+from fastkd.multi_teacher import multi_teacher_loss
 from fastkd.options import DistillOptions
+from fastkd.run_teachers import TeachersBlocks
 
 
 class StudentLoss(nn.Module):
@@ -44,10 +46,15 @@ class StudentLoss(nn.Module):
         self.model = student.model
         self.opts, self.backend, self.tail = opts, backend, tail
 
-    def forward(self, inputs, labels, teacher=None, cached=None):
+    def forward(self, inputs, labels, teacher=None, cached=None, several=None):
         h_s = self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         # The effective weight: W + (alpha / r) B @ A with a LoRA adapter on the output layer.
         w_s, b_s = head_weight_and_bias(self.model.get_output_embeddings())
+        if several is not None:  # several teachers: (teachers, teacher_index, teacher_weights)
+            heads, index, weights = several
+            return multi_teacher_loss(h_s, w_s, heads, labels, self.opts, teacher_index=index,
+                                      teacher_weights=weights, student_bias=b_s,
+                                      return_components=True, backend=self.backend)
         if cached is not None:  # offline: (ids, logprobs) from a teacher cache
             ids, logprobs = cached
             return sparse_loss(h_s, w_s, ids, logprobs, labels, self.opts, tail=self.tail,
@@ -104,6 +111,8 @@ def batch_loss(student: StudentLoss, teacher: TeacherForward | None, batch: Bloc
         return student(inputs, labels, cached=(ids.to(device), logprobs.to(device)))
     if teacher is None:
         return student(inputs, labels)
+    if isinstance(batch, TeachersBlocks):  # several teachers (fastkd.run_teachers)
+        return student(inputs, labels, several=teacher.heads(batch, inputs, device))
     with torch.no_grad():
         teacher_out = teacher(inputs)
     return student(inputs, labels, teacher_out)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastkd.cli_parser import build_parser, cache_defaults, field_defaults, parse
 from fastkd.config import RUNTIME_FIELDS, DistillConfig
+from fastkd.teacher_set import teacher_fields
 
 
 def _prepare_args(args) -> dict:
@@ -100,8 +101,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     missing = [f"--{f}" for f in required if f not in given]
     if missing:
         parser.error(f"a new run needs {', '.join(missing)} (or --resume RUN_DIR)")
-    given.setdefault("teacher", None)  # --teacher-cache: no teacher model
-    return DistillConfig(**given)
+    teachers = teacher_fields(given.pop("teacher", None), given.pop("teacher_cache", None),
+                              given.pop("teacher_weights", None))
+    return DistillConfig(**given, **teachers)
 
 
 def _finish(results: dict, resume_hint: str) -> int:
@@ -112,7 +114,9 @@ def _finish(results: dict, resume_hint: str) -> int:
         return code  # under torchrun, rank 0 speaks for all
     if results.get("report"):
         print(Path(results["report"]["md"]).read_text())
-        print(f"report: {results['report']['md']} (+ report.json, loss_curve.png)")
+        report = results["report"]
+        also = [Path(report[k]).name for k in ("json", "png") if report.get(k)]
+        print(f"report: {report['md']} (+ {', '.join(also)})")
     for phase in ("distill", "baseline"):
         summary = results.get(phase)
         if summary and summary["student_dir"]:

@@ -115,15 +115,21 @@ def _distill_parser(sub) -> None:
                     "--baseline also trains the same student on hard labels with the same "
                     "budget, for the report's comparison (it doubles the training time).")
     g = p.add_argument_group("models and data")
-    _option(g, "--teacher", "teacher: HF model directory or hub id", metavar="DIR_OR_ID")
+    _option(g, "--teacher", "teacher: HF model directory or hub id; several: NAME=DIR_OR_ID, "
+            "repeated (docs/trainer.md, \"Several teachers\")", metavar="[NAME=]DIR_OR_ID",
+            action="append")
     _option(g, "--student", "initial student: HF model directory or hub id", metavar="DIR_OR_ID")
-    _option(g, "--data", DATA_HELP, nargs="+", metavar="FILE")
+    _option(g, "--data", DATA_HELP + "; FILE:NAME routes FILE's examples to teacher NAME (a "
+            'record\'s "teacher" field routes that record)', nargs="+", metavar="FILE")
     _option(g, "--out", "run directory", metavar="RUN_DIR")
     _option(g, "--resume", "continue the run in RUN_DIR with its saved config", metavar="RUN_DIR")
     _option(g, "--tokenizer", "tokenizer (default: the teacher's)", metavar="DIR_OR_ID")
     _option(g, "--teacher-cache", "train from a `fastkd cache-teacher` directory: no teacher "
-            "loaded, the sparse loss; the report measures KL on the cached held-out rows",
-            metavar="CACHE_DIR")
+            "loaded, the sparse loss; the report measures KL on the cached held-out rows; "
+            "several: NAME=CACHE_DIR, repeated", metavar="[NAME=]CACHE_DIR", action="append")
+    _option(g, "--teacher-weights", "mix the named teachers on every token instead of routing "
+            "examples: sum_k w_k D(p_k || q), weights summing to 1 (resident teachers, at most "
+            "4)", metavar="NAME=W,NAME=W")
     # the sparse loss's tails (fastkd.reference.SPARSE_TAILS, named here: reference loads torch)
     _option(g, "--cache-tail", "the sparse loss's tail for --teacher-cache (default: ignore for "
             "sampled caches, bucket for top-k)", choices=("bucket", "renormalize", "ignore"))

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd import fsio
+from fastkd import fsio, teacher_set
 from fastkd.checks import check_num_proc, check_seq_len, choice, path_list, positive, positive_int
 from fastkd.options import BACKENDS, TRAINER_OPTIONS, DistillOptions
 from fastkd.plans import TEACHER_DTYPES
@@ -38,7 +38,8 @@ REPORT_TO = ("none", "tensorboard")
 RUNTIME_FIELDS = ("out", "resume", "stop_after", "progress", "device", "teacher_placement",
                   "dist_timeout", "report_to", "data_cache", "num_proc")
 # Fields that name local files or directories: stored absolute (a run resumes from any cwd).
-PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache", "data_cache")
+PATH_FIELDS = ("teacher", "student", "tokenizer", "data", "out", "teacher_cache", "data_cache",
+               "teachers", "teacher_caches")
 RUN_MARKER = "fastkd-run.json"  # in every run directory; only fastkd writes it (mark_run_dir)
 RUN_FORMAT = "fastkd-run/1"
 
@@ -122,13 +123,25 @@ class DistillConfig:
     # the run starts; config.json keeps None).
     teacher_cache: str | None = None
     cache_tail: str | None = None
+    # Several teachers (fastkd.teacher_set): {name: model} and {name: cache dir} (a name in both:
+    # that teacher's cache), and either each data path's teacher (None: its records name theirs)
+    # or a mixture's weights {name: w}. One teacher, named or not, is `teacher` / `teacher_cache`.
+    teachers: dict[str, str] | None = None
+    teacher_caches: dict[str, str] | None = None
+    data_teachers: list[str | None] | None = None
+    teacher_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        self.data = [_absolute_data(path) for path in path_list("data", self.data, "data file")]
+        self.data = path_list("data", self.data, "data file")
+        self._resolve_teachers()
+        self.data = [_absolute_data(path) for path in self.data]
         choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
         for name in ("teacher", "student", "tokenizer", "teacher_cache"):
             if getattr(self, name) is not None:
                 setattr(self, name, _absolute(getattr(self, name)))
+        for name in ("teachers", "teacher_caches"):
+            if getattr(self, name) is not None:
+                setattr(self, name, {k: _absolute(v) for k, v in getattr(self, name).items()})
         self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.data_cache is not None:
             self.data_cache = os.path.abspath(os.path.expanduser(self.data_cache))
@@ -162,10 +175,50 @@ class DistillConfig:
             if not self.lora_targets:
                 raise ValueError("lora_targets: name at least one module (or None for all "
                                  "linear layers)")
-        if self.teacher is None and self.teacher_cache is None and (
+        if self.teacher is None and self.teacher_cache is None and not self.teacher_names and (
                 self.kd_weight > 0 or self.baseline or self.report):
             raise ValueError("teacher=None trains on hard labels only: it needs kd_weight=0, "
                              "baseline=False and report=False")
+
+    def _resolve_teachers(self) -> None:
+        """The teachers by name (fastkd.teacher_set's rules): the data's routes split off, the
+        mixture's weights checked; one teacher becomes `teacher` / `teacher_cache`."""
+        online, cached = dict(self.teachers or {}), dict(self.teacher_caches or {})
+        names = list(dict.fromkeys([*online, *cached]))
+        if not names:
+            if self.teacher_weights is not None or self.data_teachers is not None:
+                raise ValueError("teacher_weights and data routes (--data FILE:NAME) need named "
+                                 "teachers (--teacher NAME=PATH)")
+            return
+        if self.teacher is not None or self.teacher_cache is not None:
+            raise ValueError("with named teachers, name each one (--teacher NAME=PATH, "
+                             "--teacher-cache NAME=DIR)")
+        routes = self.data_teachers
+        if routes is None:
+            self.data, routes = teacher_set.split_data(self.data, names)
+        if len(names) == 1:  # one teacher: the single-teacher run, whatever its name
+            if self.teacher_weights not in (None, {names[0]: 1.0}):
+                raise ValueError(f"teacher_weights {self.teacher_weights}: one teacher "
+                                 f"({names[0]!r}) takes weight 1")
+            self.teacher, self.teacher_cache = online.get(names[0]), cached.get(names[0])
+            self.teachers = self.teacher_caches = self.data_teachers = None
+            self.teacher_weights = None
+            return
+        if self.teacher_weights is not None:
+            if any(r is not None for r in routes):
+                raise ValueError("--teacher-weights mixes the teachers on every token: drop the "
+                                 "data routes (FILE:NAME)")
+            self.teacher_weights = teacher_set.check_weights(
+                dict(self.teacher_weights), [n for n in names if n not in cached], list(cached))
+            self.data_teachers = None
+        else:
+            teacher_set.check_routable(self.data, routes)
+            self.data_teachers = list(routes)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names when there are several (in order: models, then caches)."""
+        return list(dict.fromkeys([*(self.teachers or {}), *(self.teacher_caches or {})]))
 
     @property
     def warmup_steps(self) -> int:

@@ -53,6 +53,8 @@ class Blocks:
         and each example's first token.
     position_ids: int64 or None, positions counting from 0 in each packed example (and in the
         padding after the last); None: each row is one sequence (text, or padded examples).
+    teacher: int64 or None, each token's teacher as the token store codes it (0: none, c: the
+        store's c-th routed name; fastkd.teacher_set); None: one teacher, or a mixture.
 
     The model sees `model_inputs()`; the loss sees `labels(ignore_index)`, shifted by the caller
     ([:, 1:]); `count_targets()` counts them. counted and position_ids are keyword-only, so a
@@ -63,10 +65,12 @@ class Blocks:
     attention_mask: torch.Tensor
     counted: torch.Tensor | None = field(default=None, kw_only=True)
     position_ids: torch.Tensor | None = field(default=None, kw_only=True)
+    teacher: torch.Tensor | None = field(default=None, kw_only=True)
 
     @classmethod
     def from_rows(cls, ids: np.ndarray, lengths: np.ndarray, counted: np.ndarray | None = None,
-                  positions: np.ndarray | None = None) -> Blocks:
+                  positions: np.ndarray | None = None, *,
+                  teacher: np.ndarray | None = None) -> Blocks:
         """Blocks of row arrays as the packers and the token store hold them: ids and positions
         (n, seq_len) of any int type, lengths (n,) (the tokens before a row's padding), counted
         (n, seq_len) bool."""
@@ -77,7 +81,9 @@ class Blocks:
                    counted=None if counted is None else torch.from_numpy(
                        np.ascontiguousarray(counted, dtype=bool)),
                    position_ids=None if positions is None else torch.from_numpy(
-                       np.ascontiguousarray(positions, dtype=np.int64)))
+                       np.ascontiguousarray(positions, dtype=np.int64)),
+                   teacher=None if teacher is None else torch.from_numpy(
+                       np.ascontiguousarray(teacher, dtype=np.int64)))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -181,7 +187,9 @@ def cat(parts: list[Blocks], *, counted: bool | None = None,
     return Blocks(torch.cat([p.input_ids for p in parts]),
                   torch.cat([p.attention_mask for p in parts]),
                   counted=torch.cat([p.target_mask() for p in parts]) if counted else None,
-                  position_ids=torch.cat([positions(p) for p in parts]) if packed else None)
+                  position_ids=torch.cat([positions(p) for p in parts]) if packed else None,
+                  teacher=None if parts[0].teacher is None else torch.cat([p.teacher
+                                                                           for p in parts]))
 
 
 # ----------------------------------------------------------------------------------------------

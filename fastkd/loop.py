@@ -305,8 +305,10 @@ def _setup(config: DistillConfig, checkpoint: Path | None, teacher: TeacherForwa
     if config.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
         enable = getattr(head.model, "activation_checkpointing_enable", None)
         (enable or head.model.gradient_checkpointing_enable)({"use_reentrant": False})
-    # the heads' softcaps and logit scales (hard labels only: the student is its own teacher)
-    opts = with_heads(opts, head, head if teacher is None else teacher)
+    # the heads' softcaps and logit scales (hard labels only: the student is its own teacher;
+    # several teachers: each its own, on its TeacherHead)
+    opts = with_heads(opts, head, None if config.teacher_names else
+                      head if teacher is None else teacher)
     student = distributed.wrap_student(StudentLoss(head, opts, config.backend, config.cache_tail),
                                        config.parallel, use_bf16, device)
     student.train()
@@ -399,15 +401,23 @@ def evaluate(student: StudentLoss, teacher: TeacherForward | None, heldout: Bloc
     Under torchrun each rank evaluates its share of the held-out blocks; the sums are all-reduced.
     """
     student.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, counted targets
+    names = config.teacher_names if teacher is not None else []
+    # ce, kd, counted targets, then per teacher (several): its kd and its tokens
+    sums = torch.zeros(3 + 2 * len(names), dtype=torch.float64)
     for batch, counted in distributed.eval_shards(heldout, config.batch_size):
         with autocast:
-            _, ce, kd = batch_loss(student, teacher, batch, device)
+            out = batch_loss(student, teacher, batch, device)
         if counted:  # host syncs, once per eval batch
-            sums += torch.tensor([float(ce), float(kd), count_targets(batch)], dtype=torch.float64)
+            _, ce, kd = out
+            per_teacher = [] if not names else [*out.teacher_kd.tolist(),
+                                                *out.teacher_tokens.tolist()]
+            sums += torch.tensor([float(ce), float(kd), count_targets(batch), *per_teacher],
+                                 dtype=torch.float64)
     student.train()
-    ce_sum, kd_sum, count = distributed.all_reduce_sum(sums.to(device)).tolist()
+    ce_sum, kd_sum, count, *per_teacher = distributed.all_reduce_sum(sums.to(device)).tolist()
     ce_mean = ce_sum / count
+    kd_of = {f"eval_kd_{name}": per_teacher[k] / per_teacher[len(names) + k]
+             if per_teacher[len(names) + k] else None for k, name in enumerate(names)}
     return {"eval_ce": ce_mean, "eval_ppl": math.exp(min(ce_mean, 50.0)),
             "eval_kd": None if teacher is None and not isinstance(heldout, CachedBlocks)
-            else kd_sum / count}
+            else kd_sum / count, **kd_of}

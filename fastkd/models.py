@@ -79,9 +79,10 @@ def head_weight_and_bias(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
     - a PEFT `modules_to_save` wrapper: the active copy's (the one its forward runs).
 
     An FSDP2-sharded weight (a DTensor, outside the wrapper's forward) comes back whole
-    (`full_tensor()`, whose backward reduce-scatters the gradient). Refused with a ValueError,
-    since one (weight, bias) cannot express them: active lora_dropout (dropout on the LoRA branch's
-    input only), DoRA and the other LoRA variants, and any other PEFT tuner on the head.
+    (`full_tensor()`, whose backward averages the gradient over the ranks and keeps the rank's
+    shard). Refused with a ValueError, since one (weight, bias) cannot express them: active
+    lora_dropout (dropout on the LoRA branch's input only), DoRA and the other LoRA variants, and
+    any other PEFT tuner on the head.
     """
     if hasattr(layer, "modules_to_save") and hasattr(layer, "original_module"):
         active = layer.active_adapters
@@ -122,10 +123,16 @@ def head_weight_and_bias(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
 
 
 def _whole(x: torch.Tensor) -> torch.Tensor:
-    """A DTensor (an FSDP2 shard) as one plain tensor; any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
+    """A DTensor (an FSDP2 shard, read outside its unit's forward) as one plain tensor; any other
+    tensor as it is. Each rank's gradient of the whole tensor is its own batch's, so the backward
+    averages it over the mesh before keeping the rank's shard (`Partial("avg")`), as FSDP's own
+    reduce-scatter does for a parameter its forward gathered; a plain `full_tensor()` would keep
+    the rank's own gradient and the ranks' shards would train on different data."""
+    from torch.distributed.tensor import DTensor, Partial
 
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    if not isinstance(x, DTensor):
+        return x
+    return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
 
 
 def lm_head(model: torch.nn.Module, role: str, probe: bool = True) -> LMHead:

@@ -33,12 +33,14 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from fastkd.data import ExamplePacker, Fitter, TextPacker
-from fastkd.readers import DataSpec, iter_records
+from fastkd.readers import DataSpec, expand_data, iter_records
+from fastkd.teacher_set import TEACHER_FIELD
 from fastkd.tokens import Encoder, text_units
 
 FORMAT = "fastkd-token-store/1"
@@ -202,15 +204,24 @@ class Preparation:
         ids = narrowest(max(self.vocab - 1, self.pad_id))
         small = narrowest(spec.seq_len)
         chunk_rows = max(1, CHUNK_BYTES // (spec.seq_len * ids.itemsize))
+        # routed: each token's teacher, a code (0: none; c: routing["names"][c - 1])
+        routed = {"teacher": np.dtype(np.uint8)} if spec.routes is not None else {}
         example_columns = {"input_ids": ids, "length": small, "counted": np.dtype(bool),
-                           **({"position_ids": small} if spec.packing else {})}
+                           **({"position_ids": small} if spec.packing else {}), **routed}
         self.writers = {
-            "text": PartWriter(out / "text.arrow", {"input_ids": ids, "length": small},
+            "text": PartWriter(out / "text.arrow", {"input_ids": ids, "length": small, **routed},
                                spec.seq_len, chunk_rows),
             "examples": PartWriter(out / "examples.arrow", example_columns, spec.seq_len,
                                    chunk_rows)}
         self.text = TextPacker(spec.seq_len, self.pad_id)
         self.examples = ExamplePacker(spec.seq_len, self.pad_id, spec.packing)
+        # the codes packed in step with the tokens (the same cuts: the same lengths)
+        self.text_codes = TextPacker(spec.seq_len, 0)
+        self.example_codes = ExamplePacker(spec.seq_len, 0, spec.packing)
+        self.routing = {"names": [], "first": {}, "unrouted": 0, "unrouted_at": None}
+        self.source_routes = {} if spec.routes is None else {  # each file's route
+            source: route for path, route in zip(spec.paths, spec.routes, strict=True)
+            for source in expand_data([path])}
         self.progress = _Progress(input_bytes(sources), progress)
         self.stats = {"tokenized": 0, "tokens": 0, "targets": 0}
 
@@ -240,7 +251,25 @@ class Preparation:
                 "padding": 1 - self.stats["tokens"] / max(1, rows * self.spec.seq_len),
                 "seconds": seconds, "tokens_per_s": self.stats["tokenized"] / max(seconds, 1e-9),
                 # this process's CPU seconds, every thread's (the tokenizer's too; not workers')
-                "cpu_seconds": time.process_time() - cpu, "num_proc": self.num_proc}
+                "cpu_seconds": time.process_time() - cpu, "num_proc": self.num_proc,
+                **({"routing": self.routing} if self.routed else {})}
+
+    @property
+    def routed(self) -> bool:
+        return self.spec.routes is not None
+
+    def _code(self, where: str, name: str | None) -> int:
+        """A record's teacher as a code, noted in the routing summary (fastkd.teacher_set)."""
+        if name is None:
+            self.routing["unrouted"] += 1
+            self.routing["unrouted_at"] = self.routing["unrouted_at"] or where
+            return 0
+        if name not in self.routing["first"]:
+            if len(self.routing["names"]) == 255:
+                raise ValueError(f"{where}: more than 255 teacher names in the data")
+            self.routing["names"].append(name)
+            self.routing["first"][name] = where
+        return self.routing["names"].index(name) + 1
 
     def _source(self, source: Path, encoder: Encoder) -> None:
         """One data source, streamed: documents onto the text stream, examples fitted and
@@ -249,45 +278,65 @@ class Preparation:
         if fmt == "text":
             records = text_units(records, self.tokenizer)
         fitter = Fitter(self.spec.seq_len, str(source))
-        for items in encoder.map(fmt, str(source), _batches(records, encoder.parallel(fmt))):
+        route = self.source_routes.get(source)
+        codes = deque()  # each batch's records' codes: Encoder.map yields batches in order
+
+        def coded(batches):
+            for batch in batches:
+                if self.routed:
+                    codes.append([self._code(where, record.get(TEACHER_FIELD, route))
+                                  for where, record in batch])
+                yield batch
+
+        for items in encoder.map(fmt, str(source), coded(_batches(records,
+                                                                  encoder.parallel(fmt)))):
+            batch_codes = codes.popleft() if self.routed else None
             tokenized = sum(len(item if isinstance(item, list) else item[0]) for item in items)
             self.stats["tokenized"] += tokenized
             self.progress.add(tokenized)
             if isinstance(items[0], list):  # documents
                 ids = np.fromiter(itertools.chain.from_iterable(items), dtype=np.int64,
                                   count=tokenized)
-                self._text_rows(self.text.add(ids))
+                codes_here = None if batch_codes is None else self.text_codes.add(
+                    np.repeat(batch_codes, [len(i) for i in items]))
+                self._text_rows(self.text.add(ids), codes=codes_here)
                 continue
-            for ids, targets in items:
+            for n, (ids, targets) in enumerate(items):
                 fitted = fitter.fit(ids, targets)
                 if fitted is not None:
-                    self._example_rows(self.examples.add(*fitted))
+                    self._example_rows(self.examples.add(*fitted), None if batch_codes is None
+                                       else self.example_codes.add([batch_codes[n]] *
+                                                                   len(fitted[0]), fitted[1]))
         if fitter.seen:
             fitter.finish()
 
     def _finish(self) -> None:
         """The last text row and the last example row; data of fewer than 2 tokens refused."""
-        last = self.text.finish()
+        last, last_codes = self.text.finish(), self.text_codes.finish()
         if last is not None:
-            self._text_rows(last[0][None], np.array([last[1]]))
-        self._example_rows(self.examples.finish())
+            self._text_rows(last[0][None], np.array([last[1]]),
+                            None if last_codes is None else last_codes[0][None])
+        self._example_rows(self.examples.finish(), self.example_codes.finish())
         if (self.text.tokens or not self.examples.examples) and self.text.tokens < 2:
             raise ValueError(f"data files {list(self.spec.paths)} hold fewer than 2 tokens")
 
-    def _text_rows(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+    def _text_rows(self, rows: np.ndarray, lengths: np.ndarray | None = None,
+                   codes: np.ndarray | None = None) -> None:
         if lengths is None:
             lengths = np.full(len(rows), self.spec.seq_len)
-        self.writers["text"].append(input_ids=rows, length=lengths)
+        self.writers["text"].append(input_ids=rows, length=lengths,
+                                    **({} if codes is None else {"teacher": codes}))
         self.stats["tokens"] += int(lengths.sum())
         self.stats["targets"] += int(np.maximum(lengths - 1, 0).sum())
 
-    def _example_rows(self, rows: list[tuple]) -> None:
+    def _example_rows(self, rows: list[tuple], codes: list[tuple] | None = None) -> None:
         if not rows:
             return
         ids, lengths, counted, positions = (np.stack(column) for column in zip(*rows,
                                                                               strict=True))
+        routed = {} if not self.routed else {"teacher": np.stack([c[0] for c in codes])}
         self.writers["examples"].append(input_ids=ids, length=lengths, counted=counted,
-                                        position_ids=positions)
+                                        position_ids=positions, **routed)
         self.stats["tokens"] += int(lengths.sum())
         self.stats["targets"] += int(counted[:, 1:].sum())
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd.checks import check_seq_len, choice, path_list
+from fastkd.teacher_set import TEACHER_FIELD, record_teacher
 
 UTF8_ERRORS = ("strict", "replace")  # what undecodable bytes get: an error, or U+FFFD
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # what a directory stands for
@@ -186,6 +187,8 @@ def _checked_all(path: Path, fmt: str, raw: Iterator[tuple[str, dict]]):
     kept, masked = 0, None
     for where, record in raw:
         fields = _checked(fmt, record, where)
+        if record.get(TEACHER_FIELD) is not None:
+            fields[TEACHER_FIELD] = record_teacher(record[TEACHER_FIELD], where)
         if fmt == "text" and not fields["text"].strip():
             continue
         if fmt == "tokens":
@@ -329,6 +332,7 @@ def _dataset_rows(path: Path, meter: Meter) -> tuple[str, Iterator]:
                          f"'text' or 'messages'), found columns {names}")
     if fmt == "tokens":
         columns += [c for c in (*MASK_COLUMNS, "attention_mask") if c in names]
+    columns += [TEACHER_FIELD] if TEACHER_FIELD in names else []
     if path.is_dir():
         table = table.select_columns(columns)
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.arrow")))
@@ -476,6 +480,9 @@ class DataSpec:
     seq_len: int
     packing: bool = True
     utf8_errors: str = "strict"
+    # Several teachers, routed (fastkd.teacher_set): each path's teacher (None: its records name
+    # theirs); the store then records each token's teacher. None: no routing recorded.
+    routes: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         given = path_list("data", self.paths, "data file (text, jsonl, json, parquet, a saved "
@@ -484,3 +491,8 @@ class DataSpec:
                                                 for p in given))
         check_seq_len(self.seq_len)
         choice("utf8_errors", self.utf8_errors, UTF8_ERRORS)
+        if self.routes is not None:
+            object.__setattr__(self, "routes", tuple(self.routes))
+            if len(self.routes) != len(self.paths):
+                raise ValueError(f"routes: one a data path ({len(self.paths)}), got "
+                                 f"{len(self.routes)}")

@@ -78,8 +78,10 @@ def store_root(data_cache: str | None) -> Path:
 
 def recipe(spec: DataSpec, tokenizer) -> dict:
     """What a store is made from, and how (its name's digest)."""
-    return {"format": FORMAT, "data": list(spec.paths), "tokenizer": fingerprint(tokenizer),
-            "seq_len": spec.seq_len, "packing": spec.packing, "utf8_errors": spec.utf8_errors}
+    made_of = {"format": FORMAT, "data": list(spec.paths), "tokenizer": fingerprint(tokenizer),
+               "seq_len": spec.seq_len, "packing": spec.packing, "utf8_errors": spec.utf8_errors}
+    # routed: the same rows, each token's teacher besides (a store without routes keeps its name)
+    return made_of if spec.routes is None else {**made_of, "routes": list(spec.routes)}
 
 
 def store_name(spec: DataSpec, made_of: dict) -> str:
@@ -140,10 +142,12 @@ def open_store(spec: DataSpec, tokenizer, options: StoreOptions | None = None) -
 
 def load_blocks(paths: list[str], tokenizer, seq_len: int, eval_fraction: float, *,
                 packing: bool = True, utf8_errors: str = "strict",
-                options: StoreOptions | None = None) -> tuple[StoredRows, StoredRows]:
+                options: StoreOptions | None = None,
+                routes: list[str | None] | None = None) -> tuple[StoredRows, StoredRows]:
     """(train, held-out) rows of the data files, from their token store (`open_store`): the
-    fixed-seed split of fastkd.data.split, on disk."""
-    spec = DataSpec(tuple(paths), seq_len, packing, utf8_errors)
+    fixed-seed split of fastkd.data.split, on disk. routes: `DataSpec.routes`."""
+    spec = DataSpec(tuple(paths), seq_len, packing, utf8_errors,
+                    None if routes is None else tuple(routes))
     return split(open_store(spec, tokenizer, options).rows(), eval_fraction)
 
 
@@ -297,7 +301,8 @@ class TokenStore:
             if chosen.any():
                 got = self.parts[name].take(rows[chosen] - offset)
                 parts.append(Blocks.from_rows(got["input_ids"], got["length"],
-                                              got.get("counted"), got.get("position_ids")))
+                                              got.get("counted"), got.get("position_ids"),
+                                              teacher=got.get("teacher")))
                 order.append(np.nonzero(chosen)[0])
         if not parts:
             empty = np.zeros((0, m["seq_len"]), dtype=np.int64)

@@ -80,15 +80,16 @@ def text_units(records: Iterable[tuple[str, dict]], tokenizer) -> Iterator[tuple
     carry, started = "", False
     for where, record in records:
         text = carry + record["text"]
+        routed = {k: record[k] for k in ("teacher",) if k in record}  # fastkd.teacher_set
         if record.get("more"):
             cut = _safe_cut(text, tokenizer) if text.strip() else 0
             if cut:
-                yield where, {"text": text[:cut], "eos": False}
+                yield where, {"text": text[:cut], "eos": False, **routed}
                 started = True
             carry = text[cut:]
             continue
         if started or text.strip():
-            yield where, {"text": text, "eos": True}
+            yield where, {"text": text, "eos": True, **routed}
         carry, started = "", False
 
 

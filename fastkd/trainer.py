@@ -62,6 +62,7 @@ from fastkd.models import (
     load_tokenizer,
 )
 from fastkd.readers import expand_data
+from fastkd.run_teachers import Teachers, open_caches, teacher_rows, write_teachers_report
 from fastkd.store import StoreOptions, load_blocks
 
 log = logging.getLogger("fastkd")
@@ -222,17 +223,34 @@ def check_inputs(config: DistillConfig) -> None:
     fsio.check_writable(config.out, "out")
     if config.teacher is not None and config.teacher_cache is None:
         check_model_source(config.teacher, "teacher")
+    for name, source in _online(config).items():
+        check_model_source(source, f"teacher {name!r}")
     check_model_source(config.student, "student")
-    tokenizer = config.tokenizer or config.teacher or config.student
+    tokenizer = tokenizer_source(config)
     if Path(tokenizer).is_dir() or tokenizer not in (config.teacher, config.student):
         check_model_source(tokenizer, "tokenizer", files="tokenizer")
     expand_data(config.data)
-    if config.teacher_cache is not None and not Path(config.teacher_cache).is_dir():
-        raise FileNotFoundError(f"teacher_cache: no such directory: {config.teacher_cache}")
+    caches = {"teacher_cache": config.teacher_cache} if config.teacher_cache else {
+        f"teacher cache {name!r}": d for name, d in (config.teacher_caches or {}).items()}
+    for what, directory in caches.items():
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"{what}: no such directory: {directory}")
     if config.report_to == "tensorboard":
         require("tensorboard", "--report-to tensorboard", "tensorboard")
     if config.lora_r is not None:
         require("peft", "LoRA (--lora-r)", "lora")
+
+
+def tokenizer_source(config: DistillConfig) -> str:
+    """The run's tokenizer: --tokenizer, else the (first) teacher model's, else the student's."""
+    return config.tokenizer or config.teacher or next(iter(_online(config).values()),
+                                                      config.student)
+
+
+def _online(config: DistillConfig) -> dict[str, str]:
+    """Several teachers: {name: model} of the resident ones (a name with a cache is cached)."""
+    return {name: source for name, source in (config.teachers or {}).items()
+            if name not in (config.teacher_caches or {})}
 
 
 def require(module: str, feature: str, extra: str) -> None:
@@ -254,7 +272,8 @@ class _Inputs:
     train: DiskRows  # the training rows, on disk: a token store's, or a teacher cache's
     heldout: Blocks  # the held-out rows evaluation and the report use, in memory
     teacher: LMHead | None  # the teacher, whole; None when it is sharded or absent
-    teacher_module: TeacherForward | None  # its forward in the loop, wrapped (FSDP) or replicated
+    # its forward in the loop, wrapped (FSDP) or replicated; several teachers: all of them
+    teacher_module: TeacherForward | Teachers | None
 
 
 def _load_inputs(config: DistillConfig, run_dir: Path, device: torch.device) -> _Inputs:
@@ -263,13 +282,21 @@ def _load_inputs(config: DistillConfig, run_dir: Path, device: torch.device) -> 
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} is the global number of sequences per "
                          f"micro-batch: it must split evenly across the {world} processes")
-    tokenizer_source = config.tokenizer or config.teacher or config.student
-    tokenizer = load_tokenizer(tokenizer_source)
-    check_tokenizers(tokenizer_source, tokenizer, config.student)
+    source = tokenizer_source(config)
+    tokenizer = load_tokenizer(source)
+    check_tokenizers(source, tokenizer, config.student)
     train, heldout, tail = _load_data(config, tokenizer)
+    caches = {}
+    if config.teacher_names:  # several: each token's teacher, the caches' targets beside
+        caches = open_caches(config, tokenizer, train, heldout)
+        train, heldout = teacher_rows(config, train, heldout, caches)
     heldout = heldout.take(torch.arange(min(len(heldout), config.eval_sequences)))
-    teacher, teacher_module = _load_teacher_module(config, tokenizer, device,
-                                                   packed=train.packed)
+    if config.teacher_names:
+        teacher, teacher_module = None, _load_teachers(config, tokenizer, device, train.packed,
+                                                       caches)
+    else:
+        teacher, teacher_module = _load_teacher_module(config, tokenizer, device,
+                                                       packed=train.packed)
     log.info("data: %d training and %d held-out sequences of %d tokens", len(train), len(heldout),
              config.seq_len)
     _warn_small_heldout(heldout)
@@ -293,7 +320,8 @@ def _load_data(config: DistillConfig, tokenizer) -> tuple[DiskRows, DiskRows, st
     train, heldout = load_blocks(config.data, tokenizer, config.seq_len, config.eval_fraction,
                                  packing=config.packing, utf8_errors=config.utf8_errors,
                                  options=StoreOptions(config.data_cache, config.num_proc,
-                                                      config.progress and main, prepare=main))
+                                                      config.progress and main, prepare=main),
+                                 routes=config.data_teachers)
     return train, heldout, None
 
 
@@ -340,6 +368,23 @@ def _load_teacher_module(config: DistillConfig, tokenizer, device: torch.device,
     return (None if shard_teacher else teacher), teacher_module  # sharded: its LMHead holds shards
 
 
+def _load_teachers(config: DistillConfig, tokenizer, device: torch.device, packed: bool,
+                   caches: dict) -> Teachers:
+    """Several teachers: the resident ones loaded, checked and wrapped as the one teacher is
+    (`_load_teacher_module`), the cached ones' tails."""
+    modules = {}
+    for k, name in enumerate(config.teacher_names):
+        if k in caches:
+            continue
+        one = dataclasses.replace(config, teachers=None, teacher_caches=None,
+                                  data_teachers=None, teacher_weights=None,
+                                  teacher=config.teachers[name])
+        modules[k] = _load_teacher_module(one, tokenizer, device, packed)[1]
+    weights = config.teacher_weights
+    return Teachers(modules, {k: tail for k, (_, tail) in caches.items()}, config.teacher_names,
+                    None if weights is None else tuple(weights[n] for n in config.teacher_names))
+
+
 def _run_phases(inputs: _Inputs, run_dir: Path, device: torch.device) -> dict:
     """The distillation, then the baseline: the results (run_distillation's, without the report
     and the time)."""
@@ -375,6 +420,8 @@ def _write_report(inputs: _Inputs, run_dir: Path, device: torch.device, results:
     from fastkd.report import write_report
 
     config, teacher = inputs.config, inputs.teacher
+    if config.teacher_names:
+        return write_teachers_report(config, run_dir, results)
     if teacher is None and config.teacher_cache is None:  # it was sharded: rank 0 loads it
         teacher = load_teacher(config.teacher, config.teacher_dtype, device)  # whole, alone
     return write_report(config, run_dir, teacher, inputs.heldout, device, results)

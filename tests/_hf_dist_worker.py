@@ -5,6 +5,9 @@
 2. fused_lm_loss with the student sharded by FSDP2 (`fully_shard`: decoder layers and root, the
    LM head a shard outside the forward): loss and full gradients against the full-logit reference
    on an unsharded copy; rank 0 writes the errors.
+3. An FSDP2 head read outside its forward (`head_weight_and_bias` on a unit of its own, as TRL's
+   trainers read the student's head when it is one), a different batch on each rank: its
+   gradient is the mean of the ranks' (a plain `full_tensor()` kept each rank's own).
 """
 
 import dataclasses
@@ -26,6 +29,7 @@ from fastkd.integrations.transformers import (
     model_inputs,
     shifted_labels,
 )
+from fastkd.models import head_weight_and_bias
 
 
 def ddp_step(student: Path, teacher: Path, out: Path) -> None:
@@ -68,11 +72,32 @@ def fsdp_loss(student: Path, teacher: Path, out: Path) -> None:
             "sharded_head": sharded_head}))
 
 
+def head_outside_forward(out: Path) -> None:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 12)
+    plain = torch.nn.Linear(8, 12)
+    plain.load_state_dict(head.state_dict())
+    fully_shard(head, mesh=mesh)
+    xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(r))
+          for r in range(dist.get_world_size())]
+    was_dtensor = isinstance(head.weight, DTensor)
+    weight, bias = head_weight_and_bias(head)
+    (xs[dist.get_rank()] @ weight.T + bias).square().mean().backward()
+    (sum((x @ plain.weight.T + plain.bias).square().mean() for x in xs) / len(xs)).backward()
+    err = max((getattr(head, n).grad.full_tensor() - getattr(plain, n).grad).abs().max().item()
+              for n in ("weight", "bias"))
+    if dist.get_rank() == 0:
+        (out / "head.json").write_text(json.dumps({"grad_max_err": err,
+                                                   "dtensor": was_dtensor}))
+
+
 def main() -> None:
     student, teacher, out = map(Path, sys.argv[1:4])
     out.mkdir(parents=True, exist_ok=True)
     ddp_step(student, teacher, out)  # initialises the gloo group (accelerate)
     fsdp_loss(student, teacher, out)
+    head_outside_forward(out)
     dist.barrier()
     dist.destroy_process_group()
 

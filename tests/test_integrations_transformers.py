@@ -253,7 +253,8 @@ def test_compute_metrics_warns(models, tmp_path):
 
 def test_two_processes_match_one(models, tmp_path):
     """torchrun, 2 CPU processes (gloo), 2 sequences each: after one SGD step the student equals
-    the 1-process 4-sequence step; and the fused loss under FSDP2 (fully_shard) matches."""
+    the 1-process 4-sequence step; the fused loss under FSDP2 (fully_shard) matches; and an FSDP2
+    head read outside its forward gets the ranks' mean gradient."""
     one = one_step_params(models, tmp_path / "one", per_device_train_batch_size=4)
     out = tmp_path / "two"
     torchrun_two(Path(__file__).with_name("_hf_dist_worker.py"),
@@ -264,3 +265,5 @@ def test_two_processes_match_one(models, tmp_path):
     fsdp = json.loads((out / "fsdp.json").read_text())
     assert fsdp["loss_rel_err"] < 1e-5 and fsdp["grad_max_err"] < 1e-5, fsdp
     assert fsdp["sharded_head"], fsdp
+    head = json.loads((out / "head.json").read_text())  # the ranks' mean, not each rank's own
+    assert head["dtensor"] and head["grad_max_err"] < 1e-6, head

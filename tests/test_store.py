@@ -108,7 +108,7 @@ def test_trained_weights_equal_the_in_memory_reference_and_a_resume_maps_the_sto
     new = _train(assets, tmp_path / "new", data, packing=packing)
     with monkeypatch.context() as patch:  # the reference path: rows in memory, its batches
         patch.setattr(fastkd.trainer, "load_blocks", lambda paths, tokenizer, seq_len, fraction,
-                      packing, utf8_errors, options: reference.load_blocks(
+                      packing, utf8_errors, options, routes: reference.load_blocks(
                           paths, tokenizer, seq_len, fraction, packing=packing,
                           utf8_errors=utf8_errors))
         patch.setattr(fastkd.loop, "Batches", reference.Batches)
