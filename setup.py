@@ -7,4 +7,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["fastkd", "fastkd.*"]), "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
+    package_data={"fastkd": ["*.cpp"]},  # the CPU row ops' source, compiled at first use
 )

@@ -33,18 +33,8 @@ from fastkd.kernels import dense as kernel
 from triton.testing import do_bench
 
 import fastkd
-from bench.harness import (
-    QUANTILES,
-    _release,
-    _summary,
-    _sync,
-    compare,
-    device_info,
-    fp64_reference,
-    make_inputs,
-    measure_peak,
-    versions,
-)
+from bench.harness import _release, compare, device_info, fp64_reference, make_inputs, versions
+from bench.measure import QUANTILES, _summary, measure_peak, sync
 from bench.methods import Problem
 from bench.shapes import PRESETS, Shape, cases, flop_floor
 from fastkd.autograd import OUTPUTS, ROW_ALIGN, padded_rows
@@ -102,12 +92,12 @@ def breakdown(step, dev: torch.device, iters: int = 3) -> dict:
     operators' self time; the interpreted row kernel counts as "other" there)."""
     cuda = dev.type == "cuda"
     step()
-    _sync(dev)
+    sync(dev)
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(iters):
             step()
-        _sync(dev)
+        sync(dev)
     per_kernel: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         if cuda:

@@ -75,10 +75,12 @@ fi
 if [[ $STEPS == *bench* ]]; then
   stamp "python -m bench (target shapes, fastkd beside the reference and the peers)"
   bench_out=$(mktemp -d)
-  # kd, rkl, jsd: forward KL, reverse KL and JSD alone, where TRL's kernel (trl) runs
+  # kd, rkl, jsd: forward KL, reverse KL and JSD alone, where TRL's kernel (trl) runs; floor:
+  # the GEMMs alone; compile and lce (F.linear_cross_entropy): what a plain-torch user picks
   timeout $(( $(left) * 2 / 3 )) python3 -m bench --quick --out "$bench_out" \
     ${BENCH_ARGS:---preset llama,gemma --sweep-n 8192 --sweep-v none \
-    --cases distill,kd,rkl,jsd,sparse --methods fastkd,reference,liger,liger_kl,trl}
+    --cases distill,kd,rkl,jsd,ce,sparse \
+    --methods floor,fastkd,reference,compile,lce,liger,liger_kl,trl}
   echo "bench exit $?"
   cp "$bench_out/results.json" "$OUT/bench_results.json" 2>/dev/null
   mkdir -p "$OUT/bench" && cp "$bench_out"/* "$OUT/bench/" 2>/dev/null

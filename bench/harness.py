@@ -6,10 +6,15 @@ each method and each mode ("fwd": the loss under no_grad; "fwd_bwd": the loss an
 1. a first call (warm-up: compilation, autotuning, allocator growth), its wall time first_call_ms;
 2. one call under memory accounting: peak memory beyond what was allocated before it (the inputs),
    so the gradients it returns count; in fwd_bwd its loss and gradients are checked against float64;
-3. timed calls after 25 ms of warm-up, for `rep_ms` and at least `min_reps` calls. CUDA: the
-   `triton.testing.do_bench` protocol (CUDA events around each call, the L2 flushed by zeroing a
-   256 MiB buffer before it); CPU: `time.perf_counter` around each call. Reported: quantiles
-   (0.5, 0.2, 0.8) of the per-call times.
+then, every method and mode warmed up for 25 ms,
+3. timed rounds: each round calls every method once, in turn, the order reversed every other
+   round (a shared machine drifts: alternating spreads it over the methods), for `rep_ms` of the
+   slowest method and at least `min_reps` rounds. CUDA: the `triton.testing.do_bench` protocol
+   (CUDA events around each call, the L2 flushed by zeroing a 256 MiB buffer before it); CPU:
+   `time.perf_counter` around each call. Reported: quantiles (0.5, 0.2, 0.8) of the per-call times.
+On CPU a method that holds full N x V logits is skipped where they would need more than half the
+memory free at the start of the problem (`Method.logit_copies`): Linux would rather kill the
+process than fail the allocation.
 
 Peak memory: CUDA `max_memory_allocated` after `reset_peak_memory_stats`, less `memory_allocated`
 before the call. CPU: the process's peak RSS (VmHWM, reset by writing 5 to /proc/self/clear_refs
@@ -23,7 +28,6 @@ sweep are not tried for that method and mode.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import itertools
 import math
@@ -40,11 +44,17 @@ import torch
 import triton
 
 import fastkd
+from bench.measure import (
+    QUANTILES,
+    available_bytes,
+    measure_peak,
+    sync,
+    time_alternating,
+)
 from bench.methods import Inputs, LossFn, Method, Problem, peer_versions
 from bench.shapes import Case, Shape, flop_floor, problem_shape
 from fastkd import DistillOptions, reference
 
-QUANTILES = (0.5, 0.2, 0.8)
 MODES = ("fwd", "fwd_bwd")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,6 +67,10 @@ class Settings:
     shapes: tuple[Shape, ...]
     quick: bool = False
     seed: int = 0
+    modes: tuple[str, ...] = MODES
+    grid: str = "default"  # "floor": the unscaled CPU floor grid (bench.shapes.FLOOR_HEADS)
+    check_max_n: int | None = None  # no float64 check above this N (None: everywhere)
+    rounds: int | None = None  # timed rounds at least (None: 3 with quick, 5 on CPU, 10 on CUDA)
 
     @property
     def cpu(self) -> bool:
@@ -64,6 +78,8 @@ class Settings:
 
     @property
     def min_reps(self) -> int:
+        if self.rounds is not None:
+            return self.rounds
         return 3 if self.quick else (5 if self.cpu else 10)
 
     @property
@@ -123,11 +139,6 @@ def versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "triton": triton.__version__, "fastkd": fastkd.__version__,
             "fastkd_commit": _git_commit(), **peer_versions()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _release(device: torch.device) -> None:
@@ -258,80 +269,6 @@ def compare(loss: torch.Tensor, grads: Sequence[torch.Tensor], ref: Reference) -
             "dw_rel_diff": max_rel_diff(grads[1], ref.dw)}
 
 
-# ---- memory --------------------------------------------------------------------------------------
-
-_LIBC = ctypes.CDLL(None)
-
-
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_cpu_peak() -> bool:
-    gc.collect()
-    if hasattr(_LIBC, "malloc_trim"):  # glibc: hand freed heap back so the baseline is the live set
-        _LIBC.malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-    except OSError:
-        return False
-    return True
-
-
-def measure_peak(fn: Callable[[], object], device: torch.device) -> tuple[object, int | None]:
-    """(fn(), peak bytes allocated during fn beyond what was allocated before it, or None)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        _sync(device)
-        return out, torch.cuda.max_memory_allocated(device) - base
-    if not _reset_cpu_peak():
-        return fn(), None
-    base = _proc_kib("VmRSS")
-    out = fn()
-    return out, max(0, _proc_kib("VmHWM") - base) * 1024
-
-
-# ---- timing --------------------------------------------------------------------------------------
-
-def _summary(times_ms: Sequence[float]) -> dict:
-    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
-                       torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
-
-
-def time_calls(fn: Callable[[], object], device: torch.device, settings: Settings,
-               estimate_ms: float) -> dict:
-    """Quantiles of per-call times after 25 ms of warm-up, over rep_ms of calls (at least
-    min_reps); estimate_ms (one call's time) sizes both."""
-    estimate_ms = max(estimate_ms, 1e-3)
-    reps = max(settings.min_reps, min(1000, int(settings.rep_ms / estimate_ms)))
-    for _ in range(max(1, int(25 / estimate_ms))):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return _summary(times)
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends, strict=True):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    _sync(device)
-    return _summary([start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)])
-
-
 def matmul_rate(settings: Settings) -> dict:
     """The device's own dense-GEMM rate: an n x n x n matmul in the benchmark dtype."""
     dev = settings.device
@@ -339,11 +276,12 @@ def matmul_rate(settings: Settings) -> dict:
     a = torch.randn(n, n, device=dev, dtype=settings.dtype)
     b = torch.randn(n, n, device=dev, dtype=settings.dtype)
     torch.mm(a, b)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     torch.mm(a, b)
-    _sync(dev)
-    stats = time_calls(lambda: torch.mm(a, b), dev, settings, (time.perf_counter() - t0) * 1e3)
+    sync(dev)
+    (stats,) = time_alternating([lambda: torch.mm(a, b)], [(time.perf_counter() - t0) * 1e3],
+                                dev, settings.min_reps, settings.rep_ms)
     return {"n": n, "dtype": str(settings.dtype).removeprefix("torch."), **stats,
             "tflops": 2 * n**3 / (stats["median_ms"] * 1e-3) / 1e12}
 
@@ -366,13 +304,15 @@ def _step(loss_fn: LossFn, mode: str) -> Callable[[Inputs], tuple]:
 def _timed_once(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def measure_mode(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inputs],
-                 ref: Reference | None, rate_tflops: float, settings: Settings) -> dict:
-    """One method in one mode: first call, memory (+ check in fwd_bwd), then timed calls."""
+def first_calls(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inputs],
+                ref: Reference | None) -> tuple[dict, Callable[[], object], float]:
+    """One method in one mode, before the timed rounds: the first call, then one call under
+    memory accounting (+ check in fwd_bwd). Returns (its figures so far, the step to time,
+    rotating through the copies, one call's time in ms)."""
     dev = problem.device
     step = _step(loss_fn, mode)
     feeds = [c.detached() for c in copies] if mode == "fwd" else copies
@@ -383,14 +323,20 @@ def measure_mode(loss_fn: LossFn, mode: str, problem: Problem, copies: list[Inpu
     check = compare(loss, grads, ref) if mode == "fwd_bwd" and ref is not None else None
     del loss, grads
     rotation = itertools.cycle(feeds)
-    stats = time_calls(lambda: step(next(rotation)), dev, settings, estimate_ms)
+    figures = {"status": "ok", "first_call_ms": first_ms,
+               "peak_mib": None if peak is None else peak / 2**20, "check": check}
+    return figures, lambda: step(next(rotation)), estimate_ms
+
+
+def with_times(figures: dict, stats: dict, problem: Problem, mode: str,
+               rate_tflops: float) -> dict:
+    """figures with the timed quantiles, the FLOP floor and the time against it."""
     flops = flop_floor(problem.shape, backward=mode == "fwd_bwd",
                        teacher=problem.case.teacher_gemm)
     floor_ms = flops / (rate_tflops * 1e12) * 1e3
-    return {"status": "ok", **stats, "first_call_ms": first_ms,
-            "peak_mib": None if peak is None else peak / 2**20, "flops": flops,
+    return {**figures, **stats, "flops": flops,
             "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
-            "x_floor": stats["median_ms"] / floor_ms, "check": check}
+            "x_floor": stats["median_ms"] / floor_ms}
 
 
 def _failure(err: BaseException, shape: Shape) -> dict:
@@ -407,33 +353,56 @@ def _row(method: Method, problem: Problem) -> dict:
             "check": None}
 
 
-def measure_method(method: Method, problem: Problem, copies: list[Inputs], ref: Reference | None,
-                   rate_tflops: float, settings: Settings, oom_at: dict) -> dict:
-    """Every figure of one method on one problem; a failure becomes the row's status."""
+def _too_big(method: Method, problem: Problem) -> str | None:
+    """Why a method holding full logits is not run here (CPU: half the free memory), or None."""
+    if method.logit_copies is None or problem.device.type != "cpu":
+        return None
+    s = problem.shape
+    need = method.logit_copies * s.n * (s.v + min(s.v, s.v_t)) * 4
+    free = available_bytes()
+    if free is None or need <= free / 2:
+        return None
+    return (f"its full N x V logits need about {need / 2**30:.1f} GiB, more than half the "
+            f"{free / 2**30:.1f} GiB free")
+
+
+def start_method(method: Method, problem: Problem, copies: list[Inputs], ref: Reference | None,
+                 settings: Settings, oom_at: dict) -> tuple[dict, list[tuple[str, Callable,
+                                                                                float]]]:
+    """One method's row with its first calls done, and what to time: (mode, step, estimate ms)
+    per mode that ran. A failure becomes the mode's (and the row's) status."""
     row = _row(method, problem)
-    if (reason := method.skip(problem)) is not None:
-        return {**row, "status": "skipped", "reason": reason}
+    if (reason := method.skip(problem) or _too_big(method, problem)) is not None:
+        return {**row, "status": "skipped", "reason": reason}, []
     try:
         loss_fn = method.build(problem)
     except Exception as err:  # an optional peer that fails to import or construct is a result
-        return {**row, "status": "error", "reason": f"build: {type(err).__name__}: {err}"[:400]}
-    for mode in MODES:
+        return {**row, "status": "error", "reason": f"build: {type(err).__name__}: {err}"[:400]}, []
+    timed = []
+    for mode in settings.modes:
         key = (method.name, problem.case.name, problem.shape.sweep, mode)
         if problem.shape.x > oom_at.get(key, problem.shape.x):
             row[mode] = {"status": "skipped",
                          "reason": f"OOM at {problem.shape.x_name}={oom_at[key]}, larger not run"}
             continue
         try:
-            row[mode] = measure_mode(loss_fn, mode, problem, copies, ref, rate_tflops, settings)
+            row[mode], step, estimate = first_calls(loss_fn, mode, problem, copies,
+                                                    ref if method.loss else None)
+            timed.append((mode, step, estimate))
         except Exception as err:  # OOM is a result; so is any other failure, reported as an error
             row[mode] = _failure(err, problem.shape)
         _release(problem.device)
         if row[mode]["status"] == "oom":
             oom_at[key] = problem.shape.x
         row["check"] = row["check"] or row[mode].pop("check", None)
-    statuses = {row[mode]["status"] for mode in MODES}
+    return row, timed
+
+
+def finish_row(row: dict, settings: Settings) -> dict:
+    """The row's status and reason from its modes'."""
+    statuses = {row[mode]["status"] for mode in settings.modes}
     row["status"] = next((s for s in ("error", "oom", "skipped") if s in statuses), "ok")
-    reasons = [f"{m}: {row[m]['reason']}" for m in MODES if row[m].get("reason")]
+    reasons = [f"{m}: {row[m]['reason']}" for m in settings.modes if row[m].get("reason")]
     row["reason"] = "; ".join(reasons) or None
     return row
 
@@ -452,22 +421,38 @@ def run_problem(problem: Problem, methods: Sequence[Method], rate_tflops: float,
         _release(problem.device)
         reason = f"inputs do not fit at {problem.shape.x_name}={problem.shape.x}"
         return [{**_row(m, problem), "status": "oom", "reason": reason} for m in methods]
-    ref_note = None
-    try:
-        ref = fp64_reference(copies[0], problem.opts)
-    except Exception as err:
-        if not is_oom(err):
-            raise
-        ref, ref_note = None, f"float64 reference OOM at {problem.shape.x_name}={problem.shape.x}"
+    ref, ref_note = None, None
+    if settings.check_max_n is not None and problem.shape.n > settings.check_max_n:
+        ref_note = f"no float64 check above N={settings.check_max_n} (minutes per case on a CPU)"
+    else:
+        try:
+            ref = fp64_reference(copies[0], problem.opts)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            ref_note = f"float64 reference OOM at {problem.shape.x_name}={problem.shape.x}"
     _release(problem.device)
-    rows = []
+    rows, timed = [], []  # timed: (row, mode, step, estimate)
     for method in methods:
-        row = measure_method(method, problem, copies, ref, rate_tflops, settings, oom_at)
+        row, steps = start_method(method, problem, copies, ref, settings, oom_at)
         if ref_note is not None:
             row["check_note"] = ref_note
-        log(_log_line(row, problem))
         rows.append(row)
-    del copies, ref
+        timed += [(row, *step) for step in steps]
+    try:
+        stats = time_alternating([step for _, _, step, _ in timed],
+                                 [estimate for *_, estimate in timed], problem.device,
+                                 settings.min_reps, settings.rep_ms)
+    except Exception as err:  # a failure in the timed rounds (OOM from drift, ...) spoils them all
+        stats = [_failure(err, problem.shape)] * len(timed)
+    for (row, mode, _, _), fig in zip(timed, stats, strict=True):
+        row[mode] = (with_times(row[mode], fig, problem, mode, rate_tflops) if "median_ms" in fig
+                     else fig)
+    for row in rows:
+        if any(row[mode] is not None for mode in settings.modes):
+            finish_row(row, settings)
+        log(_log_line(row, problem))
+    del copies, ref, timed
     _release(problem.device)
     return rows
 
@@ -477,8 +462,8 @@ def _log_line(row: dict, problem: Problem) -> str:
     if row["status"] == "skipped" and row["fwd"] is None:
         return f"{head} {row['method']}: skipped ({row['reason']})"
     parts = []
-    for mode in MODES:
-        fig = row[mode] or {}
+    for mode in (m for m in MODES if row[m] is not None):
+        fig = row[mode]
         parts.append(f"{mode} {fig['median_ms']:.3g} ms" if fig.get("status") == "ok"
                      else f"{mode} {fig.get('status', row['status'])}")
     peak = (row["fwd_bwd"] or {}).get("peak_mib")
@@ -502,6 +487,7 @@ def header(settings: Settings, methods: Sequence[Method], rate: dict) -> dict:
         "versions": versions(),
         "dtype": str(settings.dtype).removeprefix("torch."),
         "quick": settings.quick,
+        "grid": settings.grid,
         "quantiles": list(QUANTILES),
         "cases": {c.name: {"title": c.title, "options": asdict(c.opts)} for c in settings.cases},
         "methods": {m.name: m.description for m in methods},

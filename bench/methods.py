@@ -21,6 +21,15 @@ Every adapter computes the loss `fastkd.reference` specifies, so one float64 gro
              JSD with the same beta ("jsd"), on logits / T without T^2, so its mean over the
              counted tokens (gathered first, as TRL's trainer does) is multiplied by
              kd_weight T^2. It gets W_t[:V] (one vocabulary).
+- lce:       torch's `F.linear_cross_entropy` with `LinearCrossEntropyOptions()` (chunked over
+             tokens): CE on the labels ("ce"), and forward KL as CE against the teacher's
+             probabilities softmax(h_t W_t[:V]^T / T) on h_s / T ("kd"), minus the teacher's
+             entropy (which does not depend on the student), times kd_weight T^2. Soft targets
+             are outside its chunked path: torch runs its unchunked reference path instead (with
+             a warning), which is what a user gets.
+- floor:     not a loss: the GEMMs no method can skip, alone (S = H_s W_s^T, T = H_t W_t[:K]^T,
+             and with the backward dH = S W_s, dW_s = S^T H_s, S standing in for the gradient),
+             over the counted tokens in chunks of 1024: the measured floor in the same run.
 In the "sparse" case fastkd is `fastkd.sparse_distill` (the fused sparse loss) and reference its
 spec with full logits; the teacher's top-k targets are inputs, formed before any timing.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,6 +108,10 @@ class Method:
     build: Callable[[Problem], LossFn]
     skip: Callable[[Problem], str | None]
     package: str | None = None  # distribution name of an optional peer
+    loss: bool = True  # computes the loss (its results are checked against float64)
+    # about how many fp32 N x (V + K) logit tensors the method holds at its peak (None: chunked,
+    # flat in N); the harness skips it on CPU where that would not fit in half the free memory
+    logit_copies: float | None = None
 
 
 def _never(problem: Problem) -> str | None:
@@ -272,6 +286,90 @@ def _build_trl(problem: Problem) -> LossFn:
     return loss
 
 
+def _skip_lce(problem: Problem) -> str | None:
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no LinearCrossEntropyOptions"
+    opts = problem.opts
+    if problem.case.sparse_k is not None:
+        return "dense teacher only"
+    if opts.student_softcap is not None:
+        return "linear_cross_entropy has no logit softcap"
+    if opts.kd_weight == 0 or (opts.ce_weight == 0 and opts.divergence == "forward_kl"):
+        return None if problem.shape.v <= problem.shape.v_t else "needs the teacher's V ids"
+    return "CE, or forward KL as CE on soft targets: runs in the ce and kd cases"
+
+
+def _build_lce(problem: Problem) -> LossFn:
+    import torch.nn.functional as F
+
+    opts, vocab = problem.opts, problem.shape.v
+    chunked = torch.nn.LinearCrossEntropyOptions()
+    if opts.kd_weight == 0:
+        return lambda x: opts.ce_weight * F.linear_cross_entropy(
+            x.h_s, x.w_s, x.labels, ignore_index=opts.ignore_index, options=chunked)
+    temp, scale = opts.temperature, opts.kd_weight * opts.temperature**2
+
+    def loss(x: Inputs) -> torch.Tensor:
+        valid = x.labels != opts.ignore_index
+        with torch.no_grad():  # the teacher's probabilities: the N x V input this API needs
+            log_p = torch.log_softmax(torch.mm(x.h_t[valid], x.w_t[:vocab].t()).div_(temp), -1)
+            p = log_p.exp()
+            entropy = -(p * log_p).sum() / p.shape[0]
+            del log_p
+        with warnings.catch_warnings():  # "options ignored": soft targets are not chunked
+            warnings.simplefilter("ignore", UserWarning)
+            ce = F.linear_cross_entropy(x.h_s[valid] / temp, x.w_s, p, options=chunked)
+        return (ce - entropy) * scale
+
+    return loss
+
+
+class _GemmsAlone(torch.autograd.Function):
+    """The floor's GEMMs in the loop a fused loss runs: per chunk of counted tokens S = H_s W_s^T
+    and T = H_t W_t^T (no teacher: T skipped), and when gradients are wanted dH = S W_s and
+    dW += S^T H_s in fp32, S standing in for dloss/dS; backward hands them out."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t):
+        n, rows = h_s.shape[0], min(1024, max(h_s.shape[0], 1))
+        grads = any(ctx.needs_input_grad[:2])
+        dh = torch.empty_like(h_s) if grads else None
+        dw = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if grads else None
+        s_buf = h_s.new_empty(rows, w_s.shape[0])
+        t_buf = None if w_t is None else h_t.new_empty(rows, w_t.shape[0])
+        for i0 in range(0, n, rows):
+            h = h_s[i0:i0 + rows]
+            s = torch.mm(h, w_s.t(), out=s_buf[:h.shape[0]])
+            if w_t is not None:
+                torch.mm(h_t[i0:i0 + rows], w_t.t(), out=t_buf[:h.shape[0]])
+            if grads:
+                torch.mm(s, w_s, out=dh[i0:i0 + rows])
+                if s.dtype == torch.float32:
+                    dw.addmm_(s.t(), h)
+                else:
+                    dw += torch.mm(s.t(), h).float()
+        ctx.save_for_backward(dh, dw)
+        return h_s.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad, (dw * grad).to(dh.dtype), None, None
+
+
+def _build_floor(problem: Problem) -> LossFn:
+    opts, shared = problem.opts, min(problem.shape.v, problem.shape.v_t)
+    teacher = problem.case.teacher_gemm
+
+    def gemms(x: Inputs) -> torch.Tensor:
+        valid = (x.labels != opts.ignore_index).nonzero().squeeze(1)
+        h_t = x.h_t.index_select(0, valid) if teacher else None
+        return _GemmsAlone.apply(x.h_s.index_select(0, valid), x.w_s, h_t,
+                                 x.w_t[:shared] if teacher else None)
+
+    return gemms
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -280,16 +378,21 @@ def _version(package: str) -> str | None:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("fastkd", "fastkd.distill, backend='auto' (Triton on CUDA, chunked torch on CPU)",
-           _build_fastkd, _never),
-    Method("reference", "fastkd.reference: full N x V logits in the benchmark dtype",
-           _build_reference, _never),
+    Method("floor", "the GEMMs alone (both heads' logits, dH, dW_s), chunks of 1024 tokens",
+           _build_floor, _never, loss=False),
+    Method("fastkd", "fastkd.distill, backend='auto' (Triton on CUDA, fused chunked row op on "
+           "CPU)", _build_fastkd, _never),
+    Method("reference", "fastkd.reference: full N x V logits in the benchmark dtype (plain "
+           "PyTorch)", _build_reference, _never, logit_copies=5),
     Method("compile", "torch.compile(fastkd.reference.distill_loss), default options",
-           _build_compile, _dense_only),
+           _build_compile, _dense_only, logit_copies=3),
+    Method("lce", "torch F.linear_cross_entropy, LinearCrossEntropyOptions() (ce; kd: CE on "
+           "the teacher's probabilities, unchunked by torch)", _build_lce, _skip_lce,
+           logit_copies=3),
     Method("liger", "liger_kernel LigerFusedLinearJSDLoss (beta 0 = forward KL, soft weight x T^2)",
            _build_liger, _skip_liger, "liger-kernel"),
     Method("liger_kl", "liger_kernel LigerFusedLinearKLDivLoss on softmax(teacher logits / T)",
-           _build_liger_kl, _skip_liger_kl, "liger-kernel"),
+           _build_liger_kl, _skip_liger_kl, "liger-kernel", logit_copies=1),
     Method("cce", "cut_cross_entropy.linear_cross_entropy (CE only)",
            _build_cce, _skip_cce, "cut-cross-entropy"),
     Method("trl", "trl.kernels.chunked_divergence.ChunkedDivergenceFunction (divergence only, "

@@ -25,9 +25,11 @@ loss and dH, dW_s, median [20th, 80th percentile]. **TFLOP/s**: the fwd+bwd FLOP
 K = min(V, V_t) = V and no token is ignored; no teacher term in the CE-only and sparse cases:
 2·N_c·V·3·D_s) over the median
 time. **× floor**: the median time over the time the measured matmul
-rate needs for that floor (1.0 is the hardware's limit). **peak MiB**: peak memory of one fwd+bwd
-call beyond the inputs (the returned gradients included). **loss / dH / dW rel err**: against
-fastkd.reference in float64 over all N tokens; loss |Δ|/|ref|, gradients max|Δ|/max|ref|."""
+rate needs for that floor (1.0 is the hardware's limit). **× GEMMs**: the median time over the
+`floor` method's, the same GEMMs timed alone in the same run (where it ran). **peak MiB**: peak
+memory of one fwd+bwd call beyond the inputs (the returned gradients included). **loss / dH / dW
+rel err**: against fastkd.reference in float64 over all N tokens; loss |Δ|/|ref|, gradients
+max|Δ|/max|ref|."""
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -45,16 +47,71 @@ def _time_cell(fig: dict | None, spread: bool) -> str:
     return cell + (f" [{fig['p20_ms']:.4g}, {fig['p80_ms']:.4g}]" if spread else "")
 
 
-def _row_cells(row: dict) -> list[str]:
-    fb = row["fwd_bwd"] if row["fwd_bwd"] and row["fwd_bwd"]["status"] == "ok" else {}
+def _ok(row: dict, mode: str = "fwd_bwd") -> dict:
+    """The row's figures in mode if they ran, else {}."""
+    fig = row.get(mode)
+    return fig if fig and fig["status"] == "ok" else {}
+
+
+def _x_gemms(row: dict, floors: dict, key: str = "median_ms") -> float | None:
+    """fwd+bwd median (of `key`: wall or CPU time) over the floor method's at the same case and
+    shape."""
+    floor = floors.get((row["case"], row["sweep"], row["x"]))
+    mine = _ok(row).get(key)
+    return None if floor is None or mine is None or key not in floor else mine / floor[key]
+
+
+def _floors(doc: dict) -> dict:
+    return {(r["case"], r["sweep"], r["x"]): _ok(r) for r in doc["results"]
+            if r["method"] == "floor" and _ok(r)}
+
+
+def _row_cells(row: dict, floors: dict) -> list[str]:
+    fb = _ok(row)
     check = row["check"] or {}
     return [
         str(row["x"]), row["method"],
         _time_cell(row["fwd"], spread=False), _time_cell(row["fwd_bwd"], spread=True),
         _num(fb.get("tflops"), ".3g"), _num(fb.get("x_floor"), ".3g"),
-        _num(fb.get("peak_mib"), ".4g"),
+        _num(_x_gemms(row, floors), ".3g"), _num(fb.get("peak_mib"), ".4g"),
         *(_num(check.get(k), ".1e") for k in ("loss_rel_diff", "dh_rel_diff", "dw_rel_diff")),
     ]
+
+
+def summary(doc: dict, key: str = "median_ms") -> list[str]:
+    """One line per case and shape: the GEMMs' time, then per method its fwd+bwd time over the
+    GEMMs' and its peak memory (the CPU floor grid's headline table); key "cpu_median_ms": the
+    same by the process's CPU time."""
+    floors = _floors(doc)
+    if not floors or not any(key in f for f in floors.values()):
+        return []
+    methods = [m for m in dict.fromkeys(r["method"] for r in doc["results"]) if m != "floor"]
+    methods = [m for m in methods if any(r["method"] == m and _ok(r) for r in doc["results"])]
+    title = ("## Summary: fwd+bwd time over the GEMMs alone (× GEMMs), and peak MiB"
+             if key == "median_ms" else
+             "## The same by CPU time: the process's CPU time a call over the GEMMs'")
+    lines = [title, "", "| case | V | N | GEMMs ms | " + " | ".join(methods) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(methods)]
+    rows = {(r["case"], r["sweep"], r["x"], r["method"]): r for r in doc["results"]}
+    for case, sweep, x in sorted(floors, key=lambda k: (
+            list(doc["cases"]).index(k[0]), rows[(*k, "floor")]["v"], k[2])):
+        cells = []
+        for method in methods:
+            row = rows.get((case, sweep, x, method))
+            ratio = None if row is None else _x_gemms(row, floors, key)
+            if ratio is None:
+                cells.append("—")
+                continue
+            peak = _ok(row).get("peak_mib") if key == "median_ms" else None
+            cells.append(f"{ratio:.2f}×" + ("" if peak is None else f", {peak:.0f}"))
+        floor_row = rows[(case, sweep, x, "floor")]
+        lines.append(f"| {case} | {floor_row['v']} | {x} | {floors[case, sweep, x][key]:.4g} | "
+                     + " | ".join(cells) + " |")
+    note = ("A dash: the method does not compute that loss, or was not run there (see the case's "
+            "table below for why)." if key == "median_ms" else
+            "CPU time counts every thread of the process, spin-waits included: steadier than the "
+            "wall time where other work shares the cores, and no substitute for it.")
+    return [*lines, "", note, ""]
 
 
 def _sections(doc: dict) -> list[tuple[str, str, list[dict]]]:
@@ -106,7 +163,10 @@ def markdown(doc: dict) -> str:
     peers = ", ".join(f"{k} {v or 'not installed'}" for k, v in ver.items()
                       if k not in ("python", "torch", "triton", "fastkd", "fastkd_commit"))
     lines = [f"# fastkd benchmark: {dev['name']}, {doc['dtype']}", ""]
-    if doc["cpu"]:
+    if doc["cpu"] and doc.get("grid") == "floor":
+        lines += ["**CPU numbers, not GPU.** The CPU floor grid: heads as they are (not scaled "
+                  "down), every method beside the GEMMs alone, timed in alternating rounds.", ""]
+    elif doc["cpu"]:
         lines += ["**CPU numbers, not GPU.** CPU-sized shapes (heads scaled down), for the harness "
                   "and CI; they say nothing about GPU speed.", ""]
     lines += [
@@ -119,10 +179,11 @@ def markdown(doc: dict) -> str:
         f"{'/'.join(str(q) for q in doc['quantiles'])} over the timed calls",
         f"- Matmul rate (the floor's yardstick): {mm['tflops']:.3g} TFLOP/s, {mm['n']}^3 "
         f"{mm['dtype']} GEMM, median of {mm['reps']}",
-        "", COLUMNS, "",
+        "", *summary(doc), *summary(doc, "cpu_median_ms"), COLUMNS, "",
     ]
-    header = ["method", "fwd ms", "fwd+bwd ms [p20, p80]", "TFLOP/s", "× floor", "peak MiB",
-              "loss rel err", "dH rel err", "dW rel err"]
+    header = ["method", "fwd ms", "fwd+bwd ms [p20, p80]", "TFLOP/s", "× floor", "× GEMMs",
+              "peak MiB", "loss rel err", "dH rel err", "dW rel err"]
+    floors = _floors(doc)
     case_shown = None
     for case, sweep, rows in _sections(doc):
         if case != case_shown:
@@ -138,7 +199,7 @@ def markdown(doc: dict) -> str:
             if row["status"] == "skipped" and row["fwd"] is None:
                 skipped[row["method"]] = row["reason"]
                 continue
-            lines.append("| " + " | ".join(_row_cells(row)) + " |")
+            lines.append("| " + " | ".join(_row_cells(row, floors)) + " |")
             if row["status"] == "error":
                 notes[f"{row['method']} at {x_name}={row['x']}: {row['reason']}"] = None
             if row.get("check_note"):

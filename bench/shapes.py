@@ -14,7 +14,8 @@ over the N_c counted tokens (ignored ones need nothing):
     forward+backward:  2 N_c (3 V D_s + K D_t)        plus dH = G W_s and dW_s = G^T H_s
 With K = V that is the familiar 2 N V (3 D_s + D_t). The CE-only case has no teacher term, nor
 has the sparse case (`fastkd.fused_sparse_distill_loss` on the teacher's top-k ids, as a teacher
-cache holds them: no teacher GEMM, floor 2 N_c V 3 D_s).
+cache holds them: no teacher GEMM, floor 2 N_c V 3 D_s). The `floor` method times those GEMMs
+alone in the same run, the measured floor the CPU tables divide by.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ PRESETS: dict[str, Head] = {
                   softcap=30.0),
 }
 CPU_D_DIV, CPU_V_DIV = 16, 32  # CPU heads: D <= 256, V <= 8000
+
+# The CPU floor grid (`--grid floor`, issue 31): heads as they are (no scaling), D_s = 256,
+# D_t = 512 (Llama-3's widths / 8), Llama-2's and Llama-3's vocabularies, three token counts;
+# every divergence alone, CE alone and the sparse loss, forward + backward.
+FLOOR_HEADS = (Head("v32k", "D_s 256, D_t 512, V 32000", d_s=256, d_t=512, v=32000, v_t=32000),
+               Head("v128k", "D_s 256, D_t 512, V 128256", d_s=256, d_t=512, v=128256,
+                    v_t=128256))
+FLOOR_N = (512, 2048, 8192)
+FLOOR_CASES = ("kd", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce", "sparse")
 
 # Default sweeps per device type, (full, quick).
 N_SWEEP = {
@@ -126,8 +136,9 @@ class Case:
 def cases(temperature: float) -> dict[str, Case]:
     """distill: the headline loss; kd: distillation only, forward KL (Liger's fused-linear KL);
     rkl, jsd: distillation only, reverse KL and JSD (beta 0.5), TRL's DistillationTrainer
-    divergences beside its kernel; ce: CE only; sparse: the headline loss's sparse form, on the
-    teacher's top SPARSE_K ids (tail "bucket")."""
+    divergences beside its kernel; skew_fkl, skew_rkl, tvd: the other divergences alone; ce: CE
+    only; sparse: the headline loss's sparse form, on the teacher's top SPARSE_K ids (tail
+    "bucket")."""
     t = f"{temperature:g}"
     kd_only = {"temperature": temperature, "ce_weight": 0.0, "kd_weight": 1.0}
     return {
@@ -138,6 +149,12 @@ def cases(temperature: float) -> dict[str, Case]:
                     DistillOptions(**kd_only, divergence="reverse_kl")),
         "jsd": Case("jsd", f"T^2 JSD, beta 0.5 (m = (p + q) / 2), T={t}",
                     DistillOptions(**kd_only, divergence="jsd", beta=0.5)),
+        "skew_fkl": Case("skew_fkl", f"T^2 skew KL(p || 0.1 p + 0.9 q), T={t}",
+                         DistillOptions(**kd_only, divergence="skew_forward_kl", skew=0.1)),
+        "skew_rkl": Case("skew_rkl", f"T^2 skew KL(q || 0.9 p + 0.1 q), T={t}",
+                         DistillOptions(**kd_only, divergence="skew_reverse_kl", skew=0.1)),
+        "tvd": Case("tvd", f"T^2 TVD (1/2 sum |p - q|), T={t}",
+                    DistillOptions(**kd_only, divergence="tvd")),
         "ce": Case("ce", "CE only (kd_weight=0; a width-1 teacher fills the teacher arguments)",
                    DistillOptions(ce_weight=1.0, kd_weight=0.0)),
         "sparse": Case("sparse", f"0.5 CE + 0.5 T^2 KL over the teacher's top-{SPARSE_K} ids + "

@@ -45,14 +45,21 @@ CPU_CHUNK_BUDGET = 256 * 2**20  # bytes of the buffers and the torch row op's te
 # rows of its accumulation dtype per token at its peak, the buffers included: 5.5 to 9 measured
 # for jsd, the largest (tests/test_loss_api.py checks the peak against the budget).
 CPU_ROW_OP_COPIES = 10
+# The native CPU row op (`fastkd.cpu_rows`) holds the two logit buffers alone: they get the whole
+# budget, up to 512 rows, where the GEMMs run within a few % of their rate on 2048 (D_s = 256,
+# D_t = 512, 2 threads: 128 rows cost them 40% more, 256 rows 15%); more rows would add memory
+# and little speed.
+CPU_NATIVE_MAX_ROWS = 512
 
 
 def default_chunk_size(
-    n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device
+    n_tokens: int, vocab: int, shared: int, itemsize: int, device: torch.device,
+    native: bool = False,
 ) -> int:
     """Tokens per chunk so a chunk's memory fits a budget: on GPU the two logit buffers in 512
-    MiB; on CPU the buffers and the row op's temporaries in 256 MiB. `shared`: the teacher side's
-    width per token (the dense teacher's K logits).
+    MiB; on CPU the buffers and the row op's temporaries in 256 MiB (`native`: the native CPU row
+    op, which has none; at most CPU_NATIVE_MAX_ROWS). `shared`: the teacher side's width per token
+    (the dense teacher's K logits).
 
     Each chunk re-reads and re-writes the fp32 dW accumulator (V x D_s), so fewer, larger chunks
     cost less traffic; 512 MiB gives 1024-token chunks at V = 128k in bf16 (unmeasured on a GPU).
@@ -60,7 +67,10 @@ def default_chunk_size(
     if device.type == "cuda":
         rows = GPU_CHUNK_BUDGET // ((vocab + shared) * itemsize)
     else:
-        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * CPU_ROW_OP_COPIES)
+        copies = 1 if native else CPU_ROW_OP_COPIES
+        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * copies)
+        if native:
+            rows = min(rows, CPU_NATIVE_MAX_ROWS)
     rows = max(1, rows)
     if rows >= 128:
         rows -= rows % 128  # keep the GEMM's M dimension a multiple of the tile size
@@ -162,19 +172,21 @@ def chunk_loop(h_s, w_s, b_s, labels, row_scale, teacher: tuple, plan: Plan, gra
 def op_args(plan: Plan) -> tuple:
     """The plan as the custom op's trailing arguments (its schema's `_PLAN` part, then every
     DistillOptions field)."""
-    return (plan.form.op_key(), plan.backend, plan.chunk, *plan.dtypes,
+    return (plan.form.op_key(), plan.backend, plan.chunk, *plan.dtypes, plan.components,
             *options.op_args(plan.opts))
 
 
-def from_op_args(form: str, backend: str, chunk: int, s_dtype, t_dtype, *option_values) -> Plan:
+def from_op_args(form: str, backend: str, chunk: int, s_dtype, t_dtype, components: bool,
+                 *option_values) -> Plan:
     """The plan again from `op_args`."""
     return Plan(FORMS[form.split(":")[0]].from_op_key(form), options.from_op_args(option_values),
-                backend, chunk, (s_dtype, t_dtype))
+                backend, chunk, (s_dtype, t_dtype), components)
 
 
 _TENSORS = ("Tensor h_s, Tensor w_s, Tensor? b_s, Tensor? labels, Tensor row_scale, "
             "Tensor?[] teacher")
-_PLAN = "str form, str backend, int chunk, ScalarType s_dtype, ScalarType t_dtype"
+_PLAN = ("str form, str backend, int chunk, ScalarType s_dtype, ScalarType t_dtype, "
+         "bool components")
 
 
 # The chunk loop as one custom op: opaque to torch.compile (its buffers, out= GEMMs and kernel
@@ -192,7 +204,7 @@ def _chunk_loop_op(h_s, w_s, b_s, labels, row_scale, teacher, grads, *plan_args)
 
 @_chunk_loop_op.register_fake
 def _(h_s, w_s, b_s, labels, row_scale, teacher, grads, form, backend, chunk, s_dtype, t_dtype,
-      *option_values):
+      components, *option_values):
     acc = accumulator_dtype((s_dtype, t_dtype))
     n, (vocab, d_s) = h_s.shape[0], w_s.shape
     columns = len(OUTPUTS) + FORMS[form.split(":")[0]].from_op_key(form).extra_outputs

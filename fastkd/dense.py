@@ -3,26 +3,33 @@
 Per chunk of tokens the chunk loop forms the student's logits S; this form forms the teacher's,
 T = H_t W_t[:K]^T + b_t over the K = min(V, V_t) shared ids, into a reused buffer, in the
 teacher's own compute dtype; then the row op (the Triton kernel of `fastkd.kernels.dense`, or on
-CPU the spec's closed form, `torch_rows`) writes the per-token losses and G = dloss/dS over S.
-FLOPs 2 N V (3 D_s + D_t), the floor: the teacher's logits are formed once.
+CPU `torch_rows`: the native loop of `fastkd.cpu_rows`, else the spec's closed form) writes the
+per-token losses and G = dloss/dS over S. FLOPs 2 N V (3 D_s + D_t), the floor: the teacher's
+logits are formed once.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from fastkd import reference
+from fastkd import cpu_rows, reference
 from fastkd.autograd import cast_or_none, linear_into, padded_rows
 from fastkd.backends import RowOp
 from fastkd.forms import Plan, TeacherForm, register
 from fastkd.frontend import check_bias, check_devices, check_tensor, model_dtype
 
 
-def torch_rows(s, t, labels, row_scale, out, opts, compute_grad):
-    """CPU row op: the spec's `token_losses` (and its closed-form logit gradient) on one chunk in
-    fp32 (fp64 for fp64 logits)."""
+def torch_rows(s, t, labels, row_scale, out, opts, compute_grad, components=True):
+    """CPU row op: the native loop (`fastkd.cpu_rows.dense_rows`), else the spec's `token_losses`
+    (and its closed-form logit gradient) on one chunk in fp32 (fp64 for fp64 logits). t is None
+    when the KD term is skipped (kd_weight=0, components not wanted)."""
+    if cpu_rows.dense_rows(s, t, labels, row_scale, out, opts, compute_grad, components):
+        return
+    if t is None:  # the student stands in for the skipped teacher: its KD term, weighted 0
+        t = s
     acc = out.dtype
     s_acc, t_acc = s.to(acc), t.to(acc)
     if compute_grad:
@@ -44,6 +51,7 @@ class DenseTeacher(TeacherForm):
     chunk, in its own compute dtype."""
 
     name = "dense"
+    native_rows = True
 
     def check(self, teacher, h_s, vocab, opts):
         h_t, w_t, b_t = teacher
@@ -93,12 +101,21 @@ class DenseTeacher(TeacherForm):
         h_t = h_t.detach().reshape(-1, h_t.shape[-1]).to(t_dtype)
         w_t = w_t.detach()[:k].to(t_dtype)
         b_t = None if b_t is None else b_t.detach()[:k].to(t_dtype)
-        t_buf = padded_rows(plan.chunk, k, t_dtype, h_t.device) if t_buf is None else t_buf[:, :k]
         row_op = self.row_op(plan.backend)
+        lean = plan.backend == "torch" and self.native_rows and not plan.components
+        if lean:  # a zero-weighted term may be skipped
+            row_op = functools.partial(row_op, components=False)
+        if lean and plan.opts.kd_weight == 0:
+            t_buf = None  # the row op skips the KD term (t=None): no teacher GEMM either
+        elif t_buf is None:
+            t_buf = padded_rows(plan.chunk, k, t_dtype, h_t.device)
+        else:
+            t_buf = t_buf[:, :k]
 
         def rows(i0, i1, s):
-            t = t_buf[: i1 - i0]
-            linear_into(h_t[i0:i1], w_t, b_t, t)
+            t = None if t_buf is None else t_buf[: i1 - i0]
+            if t is not None:
+                linear_into(h_t[i0:i1], w_t, b_t, t)
             row_labels = None if labels is None else labels[i0:i1]
             row_op(s, t, row_labels, row_scale[i0:i1], out[i0:i1], plan.opts, grads)
 

@@ -54,6 +54,9 @@ class Plan:
     backend: str  # resolved: "torch", "triton" (or "reference", which runs no chunk loop)
     chunk: int  # tokens per chunk of the loop
     dtypes: tuple[torch.dtype, torch.dtype]  # the (student, teacher) compute dtypes
+    # Whether every term's per-token values are wanted (return_components); if not, the CPU's
+    # native row ops skip a term whose weight is 0 (`fastkd.cpu_rows`).
+    components: bool = True
 
     @property
     def acc(self) -> torch.dtype:
@@ -71,6 +74,8 @@ class TeacherForm(ABC):
     unused_options: ClassVar[tuple[str, ...]] = ()  # DistillOptions fields this form does not take
     reference_backend: ClassVar[bool] = True  # whether backend="reference" applies
     collective: ClassVar[bool] = False  # whether the ranks of a process group run it together
+    # whether its torch row op runs natively (`fastkd.cpu_rows`: no temporaries, larger chunks)
+    native_rows: ClassVar[bool] = False
 
     def op_key(self) -> str | None:
         """The form as the custom op's `form` string (None: run the chunk loop eagerly)."""

@@ -11,10 +11,11 @@ reduction's shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from fastkd import cpu_rows
 from fastkd.autograd import FusedLossFunction, cast_or_none, default_chunk_size, forward_only
 from fastkd.backends import resolve_backend
 from fastkd.checks import positive_int
@@ -163,9 +164,10 @@ def prepare(form: TeacherForm, student: tuple, teacher: tuple, labels, opts: Dis
     n_counted, label_range = (_read_values(deferred, flat, n, opts) if check_labels
                               else (None, None))
     rows = n if n_counted is None else n_counted  # the chunk loop's tokens
+    native = backend == "torch" and form.native_rows and cpu_rows.native(dtypes)
     chunk = min(chunk_size or default_chunk_size(
         rows, w_s.shape[0], form.width(teacher, w_s.shape[0], h_s.device),
-        max(d.itemsize for d in dtypes), h_s.device), max(rows, 1))
+        max(d.itemsize for d in dtypes), h_s.device, native), max(rows, 1))
     grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (h_s, w_s, b_s))
     return Call(Plan(form, opts, backend, chunk, dtypes), teacher, h_s.reshape(-1, h_s.shape[-1]),
@@ -186,6 +188,8 @@ def fused_loss(form: TeacherForm, student: tuple, teacher: tuple, labels, opts: 
         call = form.agree(call)
     else:
         call = prepare(form, student, teacher, labels, opts, backend, chunk_size, check_labels)
+    if not return_components:  # a zero-weighted term's values are not wanted: it may be skipped
+        call = replace(call, plan=replace(call.plan, components=False))
     if call.label_range is not None:
         lo, hi = call.label_range
         if lo < 0 or hi >= call.vocab:

@@ -66,8 +66,8 @@ class Member:
 
     def plan(self, plan: Plan) -> Plan:
         """The member's plan under the routed form's."""
-        return Plan(self.form, self.options(plan.opts), plan.backend, plan.chunk,
-                    (plan.dtypes[0], self.dtype or plan.dtypes[0]))
+        return replace(plan, form=self.form, opts=self.options(plan.opts),
+                       dtypes=(plan.dtypes[0], self.dtype or plan.dtypes[0]))
 
     def describe(self, tensors: tuple, dtype: torch.dtype):
         """The member as a public description (for the spec), a dense head cast to `dtype`."""
@@ -169,6 +169,10 @@ class RoutedTeachers(TeacherForm):
     @property
     def collective(self) -> bool:
         return any(m.form.collective for m in self.members)
+
+    @property
+    def native_rows(self) -> bool:
+        return all(m.form.native_rows for m in self.members)
 
     @property
     def extra_outputs(self) -> int:

@@ -3,19 +3,21 @@
 The public loss (`fastkd.loss.fused_sparse_distill_loss`) runs the shared front-end and chunk
 loop with this form: per chunk of tokens the student GEMM into a reused (chunk, V) buffer, then a
 row op that computes the per-token loss and writes dloss/dlogits over the buffer (the Triton
-kernel of `fastkd.kernels.sparse`, or on CPU the spec's closed form, `torch_rows`), then dH, dW,
+kernel of `fastkd.kernels.sparse`, or on CPU `torch_rows`: the native loop of `fastkd.cpu_rows`,
+else the spec's closed form), then dH, dW,
 db. FLOPs 2 N V 3 D_s; memory beyond the inputs: one chunk of logits, flat in N. The spec and the
 tail modes' math: `fastkd.reference.sparse_token_losses`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from fastkd import reference
+from fastkd import cpu_rows, reference
 from fastkd.backends import RowOp
 from fastkd.checks import choice
 from fastkd.forms import Deferred, Plan, TeacherForm, register
@@ -23,9 +25,14 @@ from fastkd.frontend import check_devices, check_int_tensor, check_tensor
 from fastkd.reference import SPARSE_TAILS
 
 
-def torch_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad):
-    """CPU row op: the spec's `sparse_token_losses` (and its closed-form logit gradient) on one
-    chunk, in fp32 (fp64 for fp64 logits)."""
+def torch_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad,
+               components=True):
+    """CPU row op: the native loop (`fastkd.cpu_rows.sparse_rows`), else the spec's
+    `sparse_token_losses` (and its closed-form logit gradient) on one chunk, in fp32 (fp64 for
+    fp64 logits)."""
+    if cpu_rows.sparse_rows(s, ids, logprobs, labels, row_scale, out, opts, tail, compute_grad,
+                            components):
+        return
     acc = out.dtype
     s_acc, lp_acc = s.to(acc), logprobs.to(acc)
     if compute_grad:
@@ -76,6 +83,7 @@ class SparseTeacher(TeacherForm):
     name = "sparse"
     # the teacher comes as log-probabilities (its head's scale and softcap already applied)
     unused_options = ("teacher_softcap", "teacher_logit_scale")
+    native_rows = True
     tail: str = "bucket"
 
     def __post_init__(self) -> None:
@@ -129,6 +137,8 @@ class SparseTeacher(TeacherForm):
         ids = ids.reshape(-1, k).contiguous()
         logprobs = logprobs.detach().reshape(-1, k).contiguous()
         row_op = SPARSE_ROWS.on(plan.backend)
+        if plan.backend == "torch" and not plan.components:  # a zero-weighted term may be skipped
+            row_op = functools.partial(row_op, components=False)
 
         def rows(i0, i1, s):
             row_labels = None if labels is None else labels[i0:i1]

@@ -52,6 +52,7 @@ class VocabParallelTeacher(DenseTeacher):
     vocab_start + V_t,r). Runs eagerly (its collectives stay outside any compiled graph)."""
 
     name = "vocab-parallel"
+    native_rows = False  # its own row passes, around all-reduces
     reference_backend = False
     collective = True
     group: dist.ProcessGroup

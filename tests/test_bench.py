@@ -15,6 +15,7 @@ from _bench import REPO, import_bench
 from fastkd import reference
 
 harness = import_bench("harness")
+measure = import_bench("measure")
 methods = import_bench("methods")
 shapes = import_bench("shapes")
 
@@ -250,3 +251,62 @@ def test_gpu_session_script_rehearsed_on_cpu(tmp_path):
         names = {n.removeprefix("./") for n in tgz.getnames()}
     assert {"session.log", "profile.json", "profile.md", "pytest_cuda.xml", "bench_results.json",
             "bench/results.md"} <= names
+
+
+def test_timed_rounds_alternate_the_methods_order():
+    """Every round calls each method once, the order reversed every other round, after each is
+    warmed up: a shared machine's drift spreads over the methods instead of landing on one."""
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    stats = measure.time_alternating(fns, [1.0, 1.0], torch.device("cpu"), 3, 100.0)
+    rounds = stats[0]["reps"]
+    assert rounds == stats[1]["reps"] == 100
+    assert calls[:50] == ["a"] * 25 + ["b"] * 25  # 25 ms of warm-up each, at 1 ms a call
+    assert calls[50:] == ["a", "b", "b", "a"] * (rounds // 2)
+
+
+def test_floor_grid_is_the_issue_shapes():
+    """--grid floor: D_s 256, D_t 512, V 32000 and 128256 as they are (not scaled for the CPU),
+    N 512, 2048, 8192 with every token counted; every divergence alone, CE and the sparse loss;
+    fwd+bwd only."""
+    main = import_bench("__main__")
+    settings = main.settings_from(main.parse_args(["--grid", "floor", "--device", "cpu"]))
+    assert [(s.v, s.n) for s in settings.shapes] == [
+        (v, n) for v in (32000, 128256) for n in (512, 2048, 8192)]
+    assert {(s.d_s, s.d_t, s.v_t - s.v, s.n_ignored) for s in settings.shapes} == {(256, 512, 0, 0)}
+    assert [c.name for c in settings.cases] == list(shapes.FLOOR_CASES)
+    divergences = {c.opts.divergence for c in settings.cases if c.opts.kd_weight > 0}
+    assert divergences == {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                           "skew_reverse_kl", "tvd"}
+    assert settings.modes == ("fwd_bwd",) and settings.grid == "floor"
+
+
+def test_the_floor_and_torch_linear_cross_entropy_beside_fastkd(monkeypatch):
+    """The floor method (the GEMMs alone) is timed, not checked, and each method's time over it is
+    the summary's headline; torch's linear_cross_entropy computes the ce case and forward KL (as
+    CE on soft targets, less the teacher's entropy) to float64 accuracy; a method whose full
+    logits would not fit in half the free memory is skipped, saying so."""
+    settings = replace(_tiny_settings(n_sweep=(16,)), modes=("fwd_bwd",),
+                       cases=tuple(shapes.cases(2.0)[c] for c in ("kd", "ce")))
+    chosen = [methods.METHODS[m] for m in ("floor", "lce")]
+    hungry = replace(methods.METHODS["reference"], name="hungry", logit_copies=1e9)
+    monkeypatch.setattr(harness, "matmul_rate", lambda settings: {  # not what this test checks
+        "n": 1, "dtype": "float32", "median_ms": 1.0, "reps": 1, "tflops": 1e-3})
+    doc = harness.run(settings, [*chosen, hungry], log=lambda line: None)
+    for row in _rows(doc, "floor"):
+        assert row["status"] == "ok" and row["check"] is None and row["fwd"] is None
+    for case in ("kd", "ce"):
+        (row,) = _rows(doc, "lce", case)
+        assert row["status"] == "ok", row
+        assert row["check"]["loss_rel_diff"] < 1e-5 and row["check"]["dw_rel_diff"] < 1e-5
+    jsd = methods.Problem(shapes.cases(2.0)["jsd"], settings.shapes[0], torch.float32,
+                          torch.device("cpu"))
+    assert "ce and kd cases" in methods.METHODS["lce"].skip(jsd)
+    assert all("GiB free" in r["reason"] for r in _rows(doc, "hungry"))
+    table = import_bench("report").markdown(doc)
+    summary = table[table.index("## Summary"):table.index("## The same by CPU time")]
+    assert summary.count("| kd |") == summary.count("| ce |") == 1
+    assert "| GEMMs ms | lce |" in summary and "×, " in summary
+    by_cpu = table[table.index("## The same by CPU time"):table.index("Columns:")]
+    assert by_cpu.count("| kd |") == 1 and all(
+        r["fwd_bwd"]["cpu_median_ms"] > 0 for r in _rows(doc, "lce") if r["status"] == "ok")

@@ -33,6 +33,8 @@ def test_wheel_holds_and_imports_every_module(tmp_path):
     (wheel,) = wheels.glob("fastkd-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         files = {name for name in zf.namelist() if name.endswith(".py")}
+        # the CPU row ops' C++ source, compiled at first use (without it the CPU path falls back)
+        assert "fastkd/cpu_rows.cpp" in zf.namelist()
     in_wheel = set()
     for name in files:
         parts = name[: -len(".py")].split("/")
