@@ -307,8 +307,10 @@ def _dataset_rows(path: Path, meter: Meter) -> tuple[str, Iterator]:
         raise ValueError(f"{path}: the dataset is empty (0 rows)")
     try:
         if path.is_dir():
-            import datasets
-
+            try:
+                import datasets
+            except ModuleNotFoundError:
+                raise ValueError(f"{path}: a saved dataset needs `pip install datasets`") from None
             table = datasets.load_from_disk(str(path))
         else:
             import pyarrow.parquet as pq
