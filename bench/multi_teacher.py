@@ -232,15 +232,13 @@ def render(doc: dict) -> str:
             lines.append(f"| {c['case']} | {widths if name != 'floor (GEMMs alone)' else '-'} | "
                          f"{name} | {m[f'{clock}_median_ms']:.1f} | {m['wall_median_ms']:.1f} | "
                          f"{m['us_per_token']:.1f} | {ratio} | {target} |")
-    lines += ["", "At the default chunk sizes (a memory budget: here every token in one chunk) "
-              "routing hands the CPU row op one teacher's segment of the chunk at a time, so its "
-              "temporaries are smaller and stay closer in cache: it comes in under one teacher, "
-              "in time and in memory. At one chunk size for both (the control) routing costs what "
-              "more, smaller row-op calls cost (a chunk that spans two teachers' segments runs "
-              "two; profiled: about 2% more CPU time in routed-4), within the target. The mixture "
-              "on CPU runs the spec's closed form once per teacher plus once for the "
-              "cross-entropy (its Triton kernel streams the K teachers in one pass, not measured "
-              "here)."]
+    lines += ["", "What routing adds over one teacher: per chunk, one row-op call and one teacher "
+              "GEMM for each teacher's segment instead of one for all (smaller calls, and one host "
+              "sync to split the rows); at these scaled-down CPU widths a call takes tens of "
+              "milliseconds, so that fixed cost weighs more than at real widths, and more with "
+              "more teachers. The mixture on CPU runs the spec's closed form once per teacher "
+              "plus once for the cross-entropy (the native CPU row ops take one teacher; the "
+              "Triton kernel streams the K teachers in one pass, not measured here)."]
     if doc["memory"]:
         lines += ["", "Peak memory of one fwd+bwd beyond its inputs (least of 3):", "",
                   "| case | peak MiB | over one teacher MiB | teachers' weights MiB (inputs) |",
@@ -255,6 +253,10 @@ def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # one thread, as the docstring says: calls of tens of ms at these widths, where a
+        # thread pool's hand-offs are noise the ratio would carry
+        torch.set_num_threads(1)
     info = device_info(device)
     out = args.out or Path.cwd() / "bench-results" / f"{info['slug']}-multi-teacher"
     rounds = 3 if args.quick else 15
