@@ -107,14 +107,8 @@ def _data_options(option, note: str = "") -> None:
     option("--num-proc", NUM_PROC_HELP, type=int, metavar="N")
 
 
-def _distill_parser(sub) -> None:
-    p = sub.add_parser(
-        "distill", help="distil a Hugging Face teacher into a student", formatter_class=_Help,
-        description="Distil --teacher into --student on --data; writes checkpoints, the student "
-                    "and a report under --out. `--resume RUN_DIR` continues a run exactly. "
-                    "--baseline also trains the same student on hard labels with the same "
-                    "budget, for the report's comparison (it doubles the training time).")
-    g = p.add_argument_group("models and data")
+def _models_and_data(g) -> None:
+    """distill's models, teachers (one or several) and data options."""
     _option(g, "--teacher", "teacher: HF model directory or hub id; several: NAME=DIR_OR_ID, "
             "repeated (docs/trainer.md, \"Several teachers\")", metavar="[NAME=]DIR_OR_ID",
             action="append")
@@ -137,6 +131,16 @@ def _distill_parser(sub) -> None:
     _option(g, "--eval-fraction", "fraction of the sequences held out", type=float)
     _option(g, "--eval-sequences", "held-out sequences used for evaluation and the report",
             type=int)
+
+
+def _distill_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a Hugging Face teacher into a student", formatter_class=_Help,
+        description="Distil --teacher into --student on --data; writes checkpoints, the student "
+                    "and a report under --out. `--resume RUN_DIR` continues a run exactly. "
+                    "--baseline also trains the same student on hard labels with the same "
+                    "budget, for the report's comparison (it doubles the training time).")
+    _models_and_data(p.add_argument_group("models and data"))
     g = p.add_argument_group("loss")
     for name, text in TRAINER_OPTIONS.items():  # the DistillOptions fields a trainer's user sets
         kind = ({"choices": CHOICES[name]} if name in CHOICES

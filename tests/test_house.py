@@ -1,12 +1,13 @@
 """The package's shape (docs: README "Layout"): no import circles among fastkd's modules and the
 kernels, counting imports inside functions too (a lazy import hides a circle, it does not remove
-it), and no module in fastkd/ over 500 lines."""
+it), no module in fastkd/ over 500 lines and no function there over 80."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 500
+MAX_FUNCTION_LINES = 80
 
 
 def _modules() -> dict[str, Path]:
@@ -92,3 +93,14 @@ def test_no_module_over_500_lines():
              for p in (ROOT / "fastkd").rglob("*.py")}
     assert len(sizes) > 30
     assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_no_function_over_80_lines():
+    long = {}
+    for path in (ROOT / "fastkd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
+    assert long == {}
