@@ -21,6 +21,13 @@ TESTS = Path(__file__).parent
 # what each step and evaluation logs, compared between the runs
 LOGGED = ("loss", "ce", "kd", "grad_norm", "eval_ce", "eval_kd", "tokens")
 
+# 4 optimizer steps of 2 micro-batches of 4 sequences (2 per rank); clip 0.05 < every step's
+# gradient norm, so clipping acts on each step; 5 held-out sequences split 3 + 2 over the ranks.
+OPTIONS = {"steps": 4, "batch_size": 4, "grad_accum": 2, "seq_len": 32, "lr": 1e-2, "warmup": 1,
+           "clip": 0.05, "eval_every": 2, "save_every": 2, "eval_sequences": 5, "seed": 0,
+           "device": "cpu", "baseline": False, "report": False, "progress": False,
+           "dist_timeout": 60.0}
+
 
 def _descendants(pid: int) -> list[int]:
     """Processes under pid (torchrun starts its workers in sessions of their own)."""

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _torchrun import (
+    OPTIONS,
     assert_clean,
     assert_ended_without_abort,
     assert_same_training,
@@ -46,13 +47,6 @@ from fastkd.checkpoint import latest_checkpoint
 from fastkd.config import DistillConfig
 from fastkd.plans import CachePlan
 from fastkd.trainer import run_distillation
-
-# 4 optimizer steps of 2 micro-batches of 4 sequences (2 per rank); clip 0.05 < every step's
-# gradient norm, so clipping acts on each step; 5 held-out sequences split 3 + 2 over the ranks.
-OPTIONS = {"steps": 4, "batch_size": 4, "grad_accum": 2, "seq_len": 32, "lr": 1e-2, "warmup": 1,
-           "clip": 0.05, "eval_every": 2, "save_every": 2, "eval_sequences": 5, "seed": 0,
-           "device": "cpu", "baseline": False, "report": False, "progress": False,
-           "dist_timeout": 60.0}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from _torchrun import (
     LOGGED,
+    OPTIONS,
     assert_clean,
     assert_same_training,
     log_records,
@@ -37,12 +38,6 @@ from fastkd.models import load_tokenizer
 from fastkd.store import load_blocks
 from fastkd.trainer import run_distillation
 
-# 4 optimizer steps of 2 micro-batches of 4 sequences (2 per rank), clipped: as
-# tests/test_distributed.py; 5 held-out sequences split 3 + 2 over the ranks.
-OPTIONS = {"steps": 4, "batch_size": 4, "grad_accum": 2, "seq_len": 32, "lr": 1e-2, "warmup": 1,
-           "clip": 0.05, "eval_every": 2, "save_every": 2, "eval_sequences": 5, "seed": 0,
-           "device": "cpu", "baseline": False, "report": False, "progress": False,
-           "dist_timeout": 60.0}
 PER_TEACHER = (*LOGGED, "eval_kd_a", "eval_kd_b")
 
 
