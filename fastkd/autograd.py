@@ -67,10 +67,10 @@ def default_chunk_size(
     if device.type == "cuda":
         rows = GPU_CHUNK_BUDGET // ((vocab + shared) * itemsize)
     else:
-        copies = 1 if native else CPU_ROW_OP_COPIES
-        rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * copies)
-        if native:
-            rows = min(rows, CPU_NATIVE_MAX_ROWS)
+        if native:  # the logit buffers in their own dtype, no temporaries
+            rows = min(CPU_CHUNK_BUDGET // ((vocab + shared) * itemsize), CPU_NATIVE_MAX_ROWS)
+        else:
+            rows = CPU_CHUNK_BUDGET // ((vocab + shared) * max(itemsize, 4) * CPU_ROW_OP_COPIES)
     rows = max(1, rows)
     if rows >= 128:
         rows -= rows % 128  # keep the GEMM's M dimension a multiple of the tile size
@@ -127,14 +127,38 @@ def _fp32_addmm_works(device: torch.device) -> bool:
     return _FP32_ADDMM[device]
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 and a, b possibly half precision."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif _fp32_addmm_works(acc.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # fp32 C in the GEMM epilogue
-    else:
-        acc += torch.mm(a, b).float()  # one (V, D) half-precision temporary per chunk
+class MatmulAccumulator:
+    """acc += a @ b, acc fp32 (or fp64) and a, b possibly half precision, called once a chunk.
+
+    Where the GEMM cannot write fp32 from half-precision operands (CPU: oneDNN's bf16 GEMM writes
+    bf16), the product goes to a (V, D) half-precision buffer and is added into acc through a
+    fp32 slab of SLAB rows, both allocated once and reused by every chunk: a fresh product and a
+    fresh fp32 copy each chunk cost more than the GEMM at V = 128256 (page faults on 200 MB),
+    and torch's mixed-dtype add_ runs at a tenth of the memory's bandwidth."""
+
+    SLAB = 8192
+
+    def __init__(self, acc: torch.Tensor):
+        self.acc, self.product, self.slab = acc, None, None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        acc = self.acc
+        if a.dtype == acc.dtype:
+            acc.addmm_(a, b)
+            return
+        if _fp32_addmm_works(acc.device):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # fp32 C in the epilogue
+            return
+        if self.product is None:
+            self.product = torch.empty(acc.shape, dtype=a.dtype, device=acc.device)
+            self.slab = torch.empty(min(self.SLAB, acc.shape[0]), *acc.shape[1:],
+                                    dtype=acc.dtype, device=acc.device)
+        torch.mm(a, b, out=self.product)
+        for r0 in range(0, acc.shape[0], self.SLAB):
+            r1 = min(r0 + self.SLAB, acc.shape[0])
+            slab = self.slab[: r1 - r0]
+            slab.copy_(self.product[r0:r1])
+            acc[r0:r1].add_(slab)
 
 
 # ---- the chunk loop, the custom op ------------------------------------------------------------
@@ -154,6 +178,7 @@ def chunk_loop(h_s, w_s, b_s, labels, row_scale, teacher: tuple, plan: Plan, gra
     dh = torch.empty(n, d_s, device=dev, dtype=dtype) if grads else None
     dw = torch.zeros(vocab, d_s, device=dev, dtype=acc) if grads else None
     db = torch.zeros(vocab, device=dev, dtype=acc) if grads and b_s is not None else None
+    accumulate_dw = MatmulAccumulator(dw) if grads else None
     for i0 in range(0, n, chunk):
         i1 = min(i0 + chunk, n)
         s, hs = s_buf[: i1 - i0], h_s[i0:i1]
@@ -161,7 +186,7 @@ def chunk_loop(h_s, w_s, b_s, labels, row_scale, teacher: tuple, plan: Plan, gra
         rows(i0, i1, s)
         if grads:  # s now holds G = dloss/dS for this chunk
             torch.mm(s, w_s, out=dh[i0:i1])
-            _accumulate_mm(dw, s.t(), hs)
+            accumulate_dw(s.t(), hs)
             if db is not None:
                 db += s.sum(0, dtype=acc)
     if dh is not None:

@@ -11,6 +11,9 @@
 //      entropy's h = sum exp(a - m_a)(m_a - a) (H = log l_a + h / l_a), and for the KLs the
 //      expectation of u = (a - m_a) - (b - m_b):
 //        KL(p||q) = E_p[-u] - log l_b + log l_a,   KL(q||p) = E_q[u] - log l_a + log l_b
+//      Each exponential is taken once and kept for the passes after: exp(a - m_a) in z (or, for
+//      CE alone, exp(s - m_s)), exp(b - m_b) in y (forward KL: b is not needed again) or in e
+//      (the three-pass divergences).
 //   C. (jsd, skew KLs, tvd) D = sum d_v and S = E_q[g] from log q = (a - m_a) - log l_a,
 //      log p likewise and the mixture m (`terms`); g_v is kept in y for the last pass
 //   G. the gradient over x, then x back over the row in the buffer's dtype:
@@ -274,14 +277,15 @@ void ignored_row(float* out, void* s_row, int64_t V, int32_t dtype, bool grad) {
 }
 
 // One dense row through the passes (see the file's header); x (V) and y (K) are fp32 scratch,
-// padded with -inf past their width.
+// padded with -inf past their width; z (V) and e (K) keep the exponentials of pass B.
 template <int DIV>
 struct DenseRow {
   static constexpr bool KD = DIV != NONE;
+  static constexpr bool THREE = DIV >= JSD && DIV < NONE;  // pass C
   const Options& o;
-  float *x, *y;
+  float *x, *y, *z, *e_b;
   int64_t V, K, nk, label;
-  bool ce, ent, share;
+  bool ce, ent, share, z_ce = false;  // z_ce: z holds exp(s - m_s) over V (CE alone)
   float inv_t, s_label = 0.0f, m_s = 0.0f, m_a = 0.0f, m_b = 0.0f;
   double l_s = 0, l_a = 0, l_b = 0, h = 0, e = 0;    // B's sums
   double log_la = 0, log_lb = 0, kd = 0, s_kd = 0;  // S = E_q[g] (three-pass); e_q (reverse KL)
@@ -308,6 +312,7 @@ struct DenseRow {
     m_a = m_sk * inv_t;
     m_b = hmax(mb);
     share = ce && inv_t == 1.0f && K == V;  // then exp(s - m_s) = exp(a - m_a)
+    z_ce = ce && !KD && !share;
   }
 
   vf load_x(int64_t j) const { return ::load(x + j * W); }
@@ -324,8 +329,13 @@ struct DenseRow {
           ea = vexp0(a - m_a);
           la.v += ea;
           hs.v += zero_unless(ea > 0.0f, ea * (m_a - a));
+          if (KD || share) store(z + j * W, ea);  // q's numerators, for C and G
         }
-        if (ce) ls.v += share ? ea : vexp0(xs - m_s);
+        if (ce) {
+          vf es_ = share ? ea : vexp0(xs - m_s);
+          ls.v += es_;
+          if (z_ce) store(z + j * W, es_);
+        }
         if (!KD) continue;
         vf b = ::load(y + j * W), eb = vexp0(b - m_b);
         lb.v += eb;
@@ -335,12 +345,16 @@ struct DenseRow {
           store(y + j * W, eb);  // p's numerators, for the gradient
         }
         if (DIV == REVERSE_KL) es.v += zero_unless(ea > 0.0f, ea * u);
+        if (THREE) store(e_b + j * W, eb);  // p's numerators, for C
       }
       ls.flush(); la.flush(); lb.flush(); hs.flush(); es.flush();
     }
     for (int64_t v0 = K; ce && v0 < V; v0 += W * BLOCK) {
-      for (int64_t v = v0; v < std::min(v0 + W * BLOCK, V); v += W)
-        ls.v += vexp0(::load(x + v) - m_s);
+      for (int64_t v = v0; v < std::min(v0 + W * BLOCK, V); v += W) {
+        vf es_ = vexp0(::load(x + v) - m_s);
+        ls.v += es_;
+        if (z_ce) store(z + v, es_);
+      }
       ls.flush();
     }
     l_s = ls.total; l_a = la.total; l_b = lb.total; h = hs.total; e = es.total;
@@ -359,7 +373,7 @@ struct DenseRow {
     for (int64_t j0 = 0; j0 < nk; j0 += BLOCK) {
       for (int64_t j = j0; j < std::min(j0 + BLOCK, nk); ++j) {
         vf a = a_at(j), b = ::load(y + j * W);
-        vf q = vexp0(a - m_a) * inv_la, p = vexp0(b - m_b) * inv_lb;
+        vf q = ::load(z + j * W) * inv_la, p = ::load(e_b + j * W) * inv_lb;
         Terms tm = terms<DIV>((a - m_a) - lla, (b - m_b) - llb, q, p, w);
         d_sum.v += tm.d;
         s_sum.v += zero_unless(q != 0.0f, q * tm.g);
@@ -394,7 +408,7 @@ struct DenseRow {
       vf xs = load_x(j), g = splat(0.0f), ea = splat(0.0f), a = splat(-INF);
       if ((KD || share) && j < nk) {
         a = a_at(j);
-        ea = vexp0(a - m_a);
+        ea = ::load(z + j * W);
       }
       if (KD && j < nk) {
         vf q = ea * inv_la, yj = ::load(y + j * W), k;
@@ -403,7 +417,7 @@ struct DenseRow {
         else k = zero_unless(q > 0.0f, q * (yj - big_s));
         g = c_kd * k;
       }
-      if (ce) g += c_ce * (share && j < nk ? ea : vexp0(xs - m_s));
+      if (ce) g += c_ce * (share && j < nk ? ea : z_ce ? ::load(z + j * W) : vexp0(xs - m_s));
       if (inv_cap > 0) {
         vf z = xs * inv_cap;
         g *= 1.0f - z * z;
@@ -418,7 +432,7 @@ struct DenseRow {
 };
 
 template <int DIV>
-void dense_row(const Dense& c, int64_t i, float* x, float* y) {
+void dense_row(const Dense& c, int64_t i, float* x, float* y, float* z, float* e) {
   const Options& o = *c.o;
   float* out = c.out + 4 * i;
   const bool labelled = c.labels != nullptr;
@@ -427,13 +441,13 @@ void dense_row(const Dense& c, int64_t i, float* x, float* y) {
   if (labelled && label == o.ignore_index) return ignored_row(out, s_row, c.V, c.s_dtype, o.grad);
   constexpr bool KD = DIV != NONE;
   const bool ce = labelled && o.ce;
-  DenseRow<DIV> row{o, x, y, c.V, c.K, (c.K + W - 1) / W, label, ce, KD || o.values, false,
-                    float(1.0 / o.temperature)};
+  DenseRow<DIV> row{o, x, y, z, e, c.V, c.K, (c.K + W - 1) / W, label, ce, KD || o.values,
+                    false, false, float(1.0 / o.temperature)};
   const void* t_row = KD ? static_cast<const char*>(c.t) + i * c.ld_t * itemsize(c.t_dtype)
                          : nullptr;
   row.load(s_row, c.s_dtype, t_row, c.t_dtype);
   row.sums();
-  if (DIV >= JSD && DIV < NONE) row.three_pass();
+  if (DenseRow<DIV>::THREE) row.three_pass();
   row.values(out, labelled);
   if (!o.grad) return;
   row.gradient(c.row_scale[i]);
@@ -686,16 +700,16 @@ float* scratch(int64_t n) {  // n floats, 64-byte aligned, or null
 
 // Rows [0, n) over `threads` threads (the caller's included), each taking the next row as it
 // finishes one: a thread the OS preempts on a shared machine holds up one row, not a block of
-// them. Each thread gets two scratch arrays of width_x and width_y floats.
+// them. Each thread gets `width` floats of scratch (64-byte aligned).
 template <typename Body>
-int parallel_rows(int64_t n, int threads, int64_t width_x, int64_t width_y, Body body) {
+int parallel_rows(int64_t n, int threads, int64_t width, Body body) {
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
   std::vector<int> failed(threads, 0);
   std::atomic<int64_t> next{0};
   auto work = [&](int part) {
-    float* buf = scratch(width_x + width_y);
+    float* buf = scratch(width);
     if (buf == nullptr) { failed[part] = 1; return; }
-    for (int64_t i = next++; i < n; i = next++) body(i, buf, buf + width_x);
+    for (int64_t i = next++; i < n; i = next++) body(i, buf);
     std::free(buf);
   };
   std::vector<std::thread> pool;
@@ -729,9 +743,11 @@ extern "C" int fastkd_dense_rows(void* s, int64_t ld_s, int32_t s_dtype, int64_t
                                  int64_t n, const Options* o, int32_t threads) {
   const Dense c{s, ld_s, s_dtype, V, t, ld_t, t_dtype, K, labels, row_scale, out, o};
   const int32_t div = t != nullptr && o->kd ? o->divergence : NONE;
+  // x, z: V (+ pad) floats; y, e: K (+ pad); every array starts on a 64-byte boundary
+  const int64_t wv = (V + 2 * W + 15) / 16 * 16, wk = (K + 2 * W + 15) / 16 * 16;
   return dispatch(div, [&](auto d) {
-    return parallel_rows(n, threads, V + 2 * W, V + 2 * W, [&](int64_t i, float* x, float* y) {
-      dense_row<decltype(d)::value>(c, i, x, y);
+    return parallel_rows(n, threads, 2 * wv + 2 * wk, [&](int64_t i, float* buf) {
+      dense_row<decltype(d)::value>(c, i, buf, buf + wv, buf + wv + wk, buf + 2 * wv + wk);
     });
   });
 }
@@ -744,8 +760,9 @@ extern "C" int fastkd_sparse_rows(void* s, int64_t ld_s, int32_t s_dtype, int64_
   const Sparse c{s, ld_s, s_dtype, V, ids, lp, k, labels, row_scale, out, o};
   const int64_t kp = (k + 1 + W - 1) / W * W;
   return dispatch(o->kd ? o->divergence : NONE, [&](auto d) {
-    return parallel_rows(n, threads, V + 2 * W, 5 * kp, [&](int64_t i, float* x, float* w) {
-      sparse_row<decltype(d)::value>(c, i, x, w);
+    const int64_t wv = (V + 2 * W + 15) / 16 * 16;
+    return parallel_rows(n, threads, wv + 5 * kp, [&](int64_t i, float* buf) {
+      sparse_row<decltype(d)::value>(c, i, buf, buf + wv);
     });
   });
 }

@@ -6,7 +6,9 @@ spec's ten or so V-wide tensor ops (each a trip through memory).
 ops of `fastkd.dense` and `fastkd.sparse` call them, and so do the routed teachers' members),
 with the arguments of the Triton launchers `dense_rows` and `sparse_rows`. The loops are C++
 (cpu_rows.cpp, beside this file; its header lists the passes, docs/math.md derives them): fp32
-arithmetic with double accumulators, exp, log and tanh as vector polynomials, the rows dealt
+arithmetic with double accumulators, exp, log and tanh as vector polynomials, each exponential
+taken once a token and id and kept in the thread's scratch (4 rows of V floats) for the later
+passes, the rows dealt
 out to torch's CPU thread count (`torch.get_num_threads()`), each thread taking the next row when
 it finishes one (a thread preempted on a shared machine holds up one row, not a block). bf16 and
 fp16 logit buffers are read and written in place; float64 runs the spec (the native loop is

@@ -528,9 +528,13 @@ def test_half_precision_dw_accumulates_in_fp32():
     a = torch.randn(64, 24, generator=g).bfloat16().to(DEVICE)
     b = torch.randn(24, 16, generator=g).bfloat16().to(DEVICE)
     acc = torch.full((64, 16), 1e4, device=DEVICE)  # a bf16 accumulator would round it away
-    autograd._accumulate_mm(acc, a, b)
-    assert acc.dtype == torch.float32
-    torch.testing.assert_close(acc, 1e4 + a.double().matmul(b.double()).float(), rtol=0, atol=0.05)
+    accumulate = autograd.MatmulAccumulator(acc)
+    accumulate.SLAB = 24  # rows 0:24, 24:48 and a short last slab 48:64
+    want = 1e4 + 3 * a.double().matmul(b.double())
+    for _ in range(3):  # its buffers reused
+        accumulate(a, b)
+    assert acc.dtype == torch.float32  # a bf16 one's ulp at 1e4 is 64; each product rounds to
+    torch.testing.assert_close(acc.double(), want, rtol=0, atol=3 * 0.05)  # bf16 (|ab| < 25)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
