@@ -48,6 +48,7 @@ import torch
 import fastkd
 from bench.shapes import Case, Shape, options
 from fastkd import DistillOptions, reference
+from fastkd.autograd import MatmulAccumulator
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,10 @@ def _build_lce(problem: Problem) -> LossFn:
 class _GemmsAlone(torch.autograd.Function):
     """The floor's GEMMs in the loop a fused loss runs: per chunk of counted tokens S = H_s W_s^T
     and T = H_t W_t^T (no teacher: T skipped), and when gradients are wanted dH = S W_s and
-    dW += S^T H_s in fp32, S standing in for dloss/dS; backward hands them out."""
+    dW += S^T H_s in fp32, S standing in for dloss/dS; backward hands them out. A half-precision
+    dW goes through `fastkd.autograd.MatmulAccumulator` (a reused product buffer and fp32 slab),
+    the cheapest fp32 accumulation of a CPU bf16 GEMM we know: `dw += mm(...).float()` costs
+    more than the GEMM itself at V = 128256, which would flatter every method over the floor."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t):
@@ -335,6 +339,7 @@ class _GemmsAlone(torch.autograd.Function):
         grads = any(ctx.needs_input_grad[:2])
         dh = torch.empty_like(h_s) if grads else None
         dw = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if grads else None
+        accumulate_dw = MatmulAccumulator(dw) if grads else None
         s_buf = h_s.new_empty(rows, w_s.shape[0])
         t_buf = None if w_t is None else h_t.new_empty(rows, w_t.shape[0])
         for i0 in range(0, n, rows):
@@ -344,10 +349,7 @@ class _GemmsAlone(torch.autograd.Function):
                 torch.mm(h_t[i0:i0 + rows], w_t.t(), out=t_buf[:h.shape[0]])
             if grads:
                 torch.mm(s, w_s, out=dh[i0:i0 + rows])
-                if s.dtype == torch.float32:
-                    dw.addmm_(s.t(), h)
-                else:
-                    dw += torch.mm(s.t(), h).float()
+                accumulate_dw(s.t(), h)
         ctx.save_for_backward(dh, dw)
         return h_s.new_zeros(())
 

@@ -213,6 +213,66 @@ void head(float* x, int64_t n, float scale, float cap, float post) {
   }
 }
 
+typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+typedef _Float16 vf16 __attribute__((vector_size(W * sizeof(_Float16))));
+
+// W values of a buffer from index v on, as fp32 (bf16: a 16-bit shift)
+inline vf load_as_float(const void* src, int32_t dtype, int64_t v) {
+  if (dtype == F32) return load(static_cast<const float*>(src) + v);
+  if (dtype == BF16) {
+    vh h;
+    std::memcpy(&h, static_cast<const uint16_t*>(src) + v, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  vf16 h;
+  std::memcpy(&h, static_cast<const _Float16*>(src) + v, sizeof h);
+  return __builtin_convertvector(h, vf);
+}
+
+// W fp32 values into a buffer from index v on, rounded as `narrow` rounds
+inline void store_as(void* dst, int32_t dtype, int64_t v, vf x) {
+  if (dtype == F32) {
+    store(static_cast<float*>(dst) + v, x);
+  } else if (dtype == BF16) {
+    vu u;
+    std::memcpy(&u, &x, sizeof u);
+    const vu bits = (x != x) ? ((u >> 16) | 0x40u) : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vh h = __builtin_convertvector(bits, vh);
+    std::memcpy(static_cast<uint16_t*>(dst) + v, &h, sizeof h);
+  } else {
+    const vf16 h = __builtin_convertvector(x, vf16);
+    std::memcpy(static_cast<_Float16*>(dst) + v, &h, sizeof h);
+  }
+}
+
+// x[0:n) = head(src[0:n)) in one pass (`widen`, then `head`, with the same roundings); returns
+// their maximum (a NaN or +inf makes it NaN or +inf)
+float load_row(const void* src, int32_t dtype, float* x, int64_t n, float scale, float cap,
+               float post) {
+  const bool capped = cap > 0, scaled = !capped && scale * post != 1.0f;
+  const float inv = capped ? scale / cap : scale, out = cap * post;
+  vf m = splat(-INF);
+  int64_t v = 0;
+  for (; v + W <= n; v += W) {
+    vf val = load_as_float(src, dtype, v);
+    if (capped) val = vtanh(val * inv) * out;
+    else if (scaled) val = val * inv * post;
+    store(x + v, val);
+    m = nanmax(m, val);
+  }
+  float top = hmax(m);
+  if (v < n) {
+    widen(static_cast<const char*>(src) + v * itemsize(dtype), dtype, x + v, n - v);
+    head(x + v, n - v, scale, cap, post);
+    for (; v < n; ++v) top = nanmax(top, x[v]);
+  }
+  return top;
+}
+
 // ---- options, divergence terms ------------------------------------------------------------
 
 enum Divergence : int32_t { FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD,
@@ -292,25 +352,19 @@ struct DenseRow {
 
   // A. load and transform the rows into x, y; the maxima
   void load(const void* s_row, int32_t s_dtype, const void* t_row, int32_t t_dtype) {
-    widen(s_row, s_dtype, x, V);
-    head(x, V, float(o.s_scale), float(o.s_cap), 1.0f);
+    const float scale = float(o.s_scale), cap = float(o.s_cap);
+    const float m_sk = load_row(s_row, s_dtype, x, K, scale, cap, 1.0f);  // the shared ids
+    const float m_r = load_row(static_cast<const char*>(s_row) + K * itemsize(s_dtype), s_dtype,
+                               x + K, V - K, scale, cap, 1.0f);
     std::fill(x + V, x + V + 2 * W, -INF);
+    m_b = -INF;
     if (KD) {
-      widen(t_row, t_dtype, y, K);
-      head(y, K, float(o.t_scale), float(o.t_cap), inv_t);
+      m_b = load_row(t_row, t_dtype, y, K, float(o.t_scale), float(o.t_cap), inv_t);
       std::fill(y + K, y + K + 2 * W, -INF);
     }
     if (ce) s_label = x[label];
-    vf mk = splat(-INF), mr = splat(-INF), mb = splat(-INF);
-    for (int64_t j = 0; j < nk; ++j) {
-      mk = nanmax(mk, below(j * W, K) ? load_x(j) : splat(-INF));
-      if (KD) mb = nanmax(mb, ::load(y + j * W));
-    }
-    for (int64_t v = K; v < V; v += W) mr = nanmax(mr, ::load(x + v));
-    const float m_sk = hmax(mk);
-    m_s = nanmax(m_sk, hmax(mr));
+    m_s = nanmax(m_sk, m_r);
     m_a = m_sk * inv_t;
-    m_b = hmax(mb);
     share = ce && inv_t == 1.0f && K == V;  // then exp(s - m_s) = exp(a - m_a)
     z_ce = ce && !KD && !share;
   }
@@ -395,14 +449,16 @@ struct DenseRow {
     out[3] = ent ? float(log_la + h / l_a) : NAN;
   }
 
-  // G. the gradient over x in place: r sigma (w_ce softmax(s) + w_kd T k) (1 - (s / c)^2), the
-  // label's -w_ce after
-  void gradient(double row_scale) {
+  // G. the gradient, r sigma (w_ce (softmax(s) - [v = y]) + w_kd T k) (1 - (s / c)^2), written
+  // over the row in its dtype
+  void gradient(double row_scale, void* s_row, int32_t dtype) {
     const double r = row_scale * o.s_scale;
     const float c_ce = float(r * o.ce_weight / l_s), c_kd = float(r * o.kd_weight * o.temperature);
     const float inv_cap = o.s_cap > 0 ? float(1.0 / o.s_cap) : 0.0f;
     const float inv_la = float(1.0 / l_a), inv_lb = float(1.0 / l_b);
     const float e_q = float(e / l_a), big_s = float(s_kd);
+    const float z_label = s_label * inv_cap;  // the label's -r w_ce, through the softcap
+    const float c_label = float(r * o.ce_weight) * (1.0f - z_label * z_label);
     const int64_t nv = (V + W - 1) / W;
     for (int64_t j = 0; j < nv; ++j) {
       vf xs = load_x(j), g = splat(0.0f), ea = splat(0.0f), a = splat(-INF);
@@ -422,11 +478,14 @@ struct DenseRow {
         vf z = xs * inv_cap;
         g *= 1.0f - z * z;
       }
-      store(x + j * W, g);
-    }
-    if (ce) {
-      const float z = s_label * inv_cap;
-      x[label] -= float(r * o.ce_weight) * (1.0f - z * z);
+      if (ce) g = (LANE + int32_t(j * W)) == int32_t(label) ? g - c_label : g;
+      if ((j + 1) * W <= V) {
+        store_as(s_row, dtype, j * W, g);
+      } else {  // the row's last, partial vector
+        alignas(64) float tail[W];
+        store(tail, g);
+        narrow(tail, static_cast<char*>(s_row) + j * W * itemsize(dtype), dtype, V - j * W);
+      }
     }
   }
 };
@@ -450,8 +509,7 @@ void dense_row(const Dense& c, int64_t i, float* x, float* y, float* z, float* e
   if (DenseRow<DIV>::THREE) row.three_pass();
   row.values(out, labelled);
   if (!o.grad) return;
-  row.gradient(c.row_scale[i]);
-  narrow(x, s_row, c.s_dtype, c.V);
+  row.gradient(c.row_scale[i], s_row, c.s_dtype);
 }
 
 // ---- the sparse row ------------------------------------------------------------------------
